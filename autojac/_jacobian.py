@@ -1,0 +1,304 @@
+"""The public entry points `jacobian` and `plan`: check arguments, plan (or reuse a plan), run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._cache import PlanCache
+from ._errors import InputError, InputTypeError, MemoryBudgetError, PlanMismatchError, StrictError, UnsupportedFunctionError
+from ._execute import METHODS, run_method
+from ._memory import free_memory, parse_budget
+from ._method import MODES, VECTORIZATIONS, Method, call, grad_inputs
+from ._plan import Cost, Plan
+from ._planner import NoMethodError, choose
+from ._probe import probe
+from ._problem import Signature, check_inputs, describe
+
+logger = logging.getLogger("autojac")
+
+PRUNE_RATIO = 8
+"""In auto mode, a mode that needs this many times more passes than the other is measured only if nothing else fits."""
+PROGRESS_AFTER_SECONDS = 10.0
+
+_cache = PlanCache()
+
+
+def clear_cache() -> None:
+    """Forget every cached plan (for example after freeing a lot of memory)."""
+    _cache.clear()
+
+
+def _check_options(mode: object, vectorize: object, chunk_size: object, who: str) -> None:
+    if mode not in ("auto", *MODES):
+        raise InputError(f"{who}: `mode` must be one of 'auto', 'reverse', 'forward', 'forward-trick', but got {mode!r}.")
+    if vectorize not in ("auto", *VECTORIZATIONS):
+        raise InputError(f"{who}: `vectorize` must be one of 'auto', 'vmap', 'repeat', 'loop', but got {vectorize!r}.")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise InputTypeError(f"{who}: `chunk_size` must be None or a positive int, but got {type(chunk_size).__name__} {chunk_size!r}.")
+        if chunk_size <= 0:
+            raise InputError(f"{who}: `chunk_size` must be a positive int (basis vectors per pass), but got {chunk_size}. Use 1 for the least memory, or None to let autojac choose.")
+
+
+def _check_callable(f: object, who: str) -> None:
+    if not callable(f):
+        raise InputTypeError(f"{who}: `f` must be callable (a function or an nn.Module), but got {type(f).__name__}.")
+
+
+def _candidates(mode: str, vectorize: str, n_in: int, n_out: int) -> list[Method]:
+    """Allowed methods in order of preference: fewer passes first, forward before the trick, vmap > repeat > loop."""
+    forward_first = n_in < n_out
+    modes = ["forward", "forward-trick", "reverse"] if forward_first else ["reverse", "forward", "forward-trick"]
+    if mode != "auto":
+        modes = [mode]
+    vectorizations = list(VECTORIZATIONS) if vectorize == "auto" else [vectorize]
+    return [METHODS[(m, v)] for m in modes for v in vectorizations]
+
+
+def plan(
+    f: Callable,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    mode: str = "auto",
+    vectorize: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+    create_graph: bool = False,
+    strict: bool = False,
+    cache: bool = True,
+) -> Plan:
+    """Decide how `jacobian(f, inputs, ...)` would run, without computing the Jacobian.
+
+    Takes the same options as `jacobian`; the rules are in its docstring. The
+    returned `Plan` prints as one readable paragraph and can be passed back as
+    `jacobian(f, inputs, plan=plan)`.
+    """
+    _check_options(mode, vectorize, chunk_size, "plan")
+    _check_callable(f, "plan")
+    xs, signature = check_inputs(inputs, "plan")
+    return _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_graph, cache, "plan")
+
+
+def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_graph, cache, who) -> Plan:
+    key = (signature, mode, vectorize, chunk_size, memory_budget, create_graph)
+    if cache:
+        cached = _cache.get(f, key)
+        if cached is not None:
+            return cached
+    free = free_memory(signature.device)
+    budget_bytes = parse_budget(memory_budget, free.free_bytes, who)
+    problem = describe(f, xs, signature, who)
+    methods = _candidates(mode, vectorize, problem.n_in, problem.n_out)
+    fixed = len(methods) == 1 and chunk_size is not None and memory_budget is None
+    fewest = min(m.basis_size(problem) for m in methods)
+    first = [m for m in methods if m.basis_size(problem) <= PRUNE_RATIO * max(fewest, 1)]
+    later = [m for m in methods if m not in first]
+    costs = [probe(m, f, xs, problem, create_graph, measure=not fixed, chunk_size=chunk_size) for m in first]
+    skipped = [
+        Cost(m.mode, m.vectorize, m.basis_size(problem),
+             dropped=f"not measured: {m.basis_size(problem)} passes against {fewest}")
+        for m in later
+    ]
+    budget = None if fixed else budget_bytes
+    try:
+        result = _choose(problem, costs + skipped, budget, chunk_size, mode, vectorize)
+    except (UnsupportedFunctionError, MemoryBudgetError):
+        if not later:
+            raise
+        costs += [probe(m, f, xs, problem, create_graph, chunk_size=chunk_size) for m in later]
+        result = _choose(problem, costs, budget, chunk_size, mode, vectorize)
+    logger.debug("%s", result)
+    if cache:
+        _cache.put(f, key, result)
+    return result
+
+
+def _choose(problem, costs, budget, chunk_size, mode, vectorize) -> Plan:
+    try:
+        return choose(problem, costs, budget, chunk_size)
+    except NoMethodError as exc:
+        raise _unsupported(mode, vectorize, exc.candidates) from None
+
+
+def _unsupported(mode: str, vectorize: str, candidates) -> UnsupportedFunctionError:
+    reasons = "; ".join(f"{c.name}: {c.cost.dropped}" for c in candidates)
+    if mode != "auto" or vectorize != "auto":
+        advice = "Leave `mode` and `vectorize` at 'auto' to let autojac try every method"
+        if mode == "forward":
+            advice += ", or use mode='forward-trick' (needs only backward formulas) or mode='reverse'"
+        if vectorize in ("vmap", "repeat"):
+            advice += ", or use vectorize='loop' (works wherever torch.autograd does)"
+    else:
+        advice = "Check that `f` is differentiable with torch.autograd (no .detach(), .numpy() or .item() on the path from inputs to outputs)"
+    return UnsupportedFunctionError(f"jacobian: no method could differentiate `f` with mode={mode!r}, vectorize={vectorize!r}. {reasons}. {advice}.")
+
+
+def jacobian(
+    f: Callable,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    mode: str = "auto",
+    vectorize: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+    create_graph: bool = False,
+    strict: bool = False,
+    plan: Plan | None = None,
+    cache: bool = True,
+    progress: bool | None = None,
+):
+    """The full Jacobian of `f` at `inputs`, by the fastest method that fits in memory.
+
+    The result has the structure of `torch.autograd.functional.jacobian(f, inputs)`:
+    for one input and one output a tensor of shape `f(x).shape + x.shape`; for
+    tuples, a tuple per output of (a tuple per input of) blocks. Blocks have the
+    dtype and device of their input.
+
+    Args:
+        f: a function or `nn.Module` taking the input tensors and returning a
+            tensor or a tuple of tensors. Module parameters are not differentiated.
+        inputs: a floating-point tensor or a tuple of them, all on one device.
+            They are never modified.
+        mode: "reverse" (one VJP per output element), "forward" (one native JVP
+            per input element), "forward-trick" (JVPs from the double-VJP trick:
+            needs only backward formulas and double backward), or "auto".
+        vectorize: "vmap" (`torch.func.vmap` / `is_grads_batched` over a chunk of
+            basis vectors), "repeat" (the repeat trick: `f` runs once on k copies
+            of the input; needs a batch-aware `f`), "loop" (one basis vector at a
+            time through `torch.autograd`), or "auto".
+        chunk_size: basis vectors per batched pass, honoured exactly (balanced:
+            `ceil(n / ceil(n / chunk_size))` each); None lets the planner choose.
+            A chunk of 1 never uses vmap. With "loop" it only sets how many basis
+            vectors are built at a time.
+        memory_budget: bytes this call may allocate, the result included: None
+            (half the free memory of the inputs' device), an int, a string such as
+            "512MiB" or "2GB", or a float in (0, 1] (that share of free memory).
+        create_graph: return a differentiable Jacobian (for higher derivatives).
+        strict: raise `StrictError` if an output does not depend on an input;
+            otherwise that block is zeros.
+        plan: a `Plan` from `autojac.plan(...)` to run instead of planning.
+        cache: reuse the plan made for the same function, input signature and
+            options (default); False plans afresh and stores nothing.
+        progress: a tqdm bar on stderr; None shows it when the plan's estimate
+            exceeds 10 s and stderr is a terminal.
+
+    How autojac chooses (mode and vectorize "auto"):
+
+    - It evaluates `f` once to learn the output shapes; `f`'s own errors propagate.
+    - Candidates are every allowed (mode, vectorize) pair. A mode needing over 8x
+      more passes than the best (e.g. forward with 1000 inputs, 1 output) is not
+      measured unless nothing else fits.
+    - Each candidate is probed on chunks of 2 and 16 basis vectors (4 for loop):
+      a failure drops it, with the reason kept in `plan.candidates`; repeat is
+      dropped unless `f` passes a batch-independence check; a vmap that falls
+      back to per-sample loops is kept with a note, its measured slowdown counted.
+    - The probes give time and peak memory as lines in the chunk size: a fixed
+      part (forward pass, retained graph) and a part per basis vector. Memory is
+      measured, not guessed: CUDA allocator peaks, or live storages on the CPU.
+    - Per candidate, the chunk size is the largest whose estimated peak (x1.15,
+      plus the result) fits the budget, balanced across chunks.
+    - The candidate with the lowest estimated total time wins; ties go to fewer
+      passes, then vmap over repeat over loop.
+    - If nothing fits, `MemoryBudgetError` says what the smallest plan needs,
+      before any Jacobian work is done.
+    - At run time, an out-of-memory chunk is retried at half the size (down to 1);
+      a method that still fails, or fails otherwise, hands over to the next
+      feasible candidate by estimated time. `plan.history` records this.
+    - Plans are cached per function, input signature and options.
+
+    Raises:
+        InputError / InputTypeError: bad arguments (also ValueError / TypeError).
+        UnsupportedFunctionError: no allowed method can differentiate `f`.
+        MemoryBudgetError: nothing fits in `memory_budget` (also MemoryError).
+        PlanMismatchError: `plan` was made for other input shapes or dtypes.
+        StrictError: with `strict=True`, an output is independent of an input.
+
+    Example:
+        >>> import torch, autojac
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> autojac.jacobian(lambda x: x ** 2, x)
+        tensor([[2., 0.],
+                [0., 4.]], dtype=torch.float64)
+    """
+    _check_options(mode, vectorize, chunk_size, "jacobian")
+    _check_callable(f, "jacobian")
+    xs, signature = check_inputs(inputs, "jacobian")
+    if plan is not None:
+        _check_plan(plan, signature, mode, vectorize, chunk_size, memory_budget)
+        chosen = plan
+    else:
+        chosen = _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_graph, cache, "jacobian")
+    if strict:
+        _check_strict(f, xs)
+    return _execute(chosen, f, xs, create_graph, progress)
+
+
+def _check_plan(plan: object, signature: Signature, mode, vectorize, chunk_size, memory_budget) -> None:
+    if not isinstance(plan, Plan):
+        raise InputTypeError(f"jacobian: `plan` must be an autojac.Plan from `autojac.plan(...)`, but got {type(plan).__name__}.")
+    if (mode, vectorize, chunk_size, memory_budget) != ("auto", "auto", None, None):
+        raise InputError("jacobian: `plan` already fixes the method, chunk size and budget, but `mode`, `vectorize`, `chunk_size` or `memory_budget` was also given. Pass those to `autojac.plan(...)` instead.")
+    rows = plan.signature.mismatches(signature)
+    if rows:
+        raise PlanMismatchError("jacobian: `plan` was made for other inputs; it cannot be reused here:\n  " + "\n  ".join(rows) + "\nMake a new plan with `autojac.plan(f, inputs)`.")
+
+
+def _check_strict(f: Callable, xs: Sequence[torch.Tensor]) -> None:
+    """Raise StrictError if some output's graph does not reach some input."""
+    leaves = grad_inputs(xs, create_graph=False)
+    with torch.enable_grad():
+        ys = call(f, leaves)
+    for i, y in enumerate(ys):
+        reached = (
+            torch.autograd.grad(y, leaves, torch.ones_like(y), retain_graph=True, allow_unused=True)
+            if y.requires_grad else (None,) * len(leaves)
+        )
+        for j, g in enumerate(reached):
+            if g is None:
+                raise StrictError(f"jacobian: with strict=True every output must depend on every input, but output {i} is independent of input {j}. Pass strict=False to get zeros for that block.")
+
+
+def _execute(plan: Plan, f: Callable, xs: Sequence[torch.Tensor], create_graph: bool, progress: bool | None):
+    order = [(plan.mode, plan.vectorize, plan.chunk_size)] + [
+        (c.cost.mode, c.cost.vectorize, c.chunk_size or 1) for c in plan.fallbacks
+    ]
+    failures: list[tuple[str, BaseException]] = []
+    for mode, vectorize, chunk_size in order:
+        method = METHODS[(mode, vectorize)]
+        bar = _progress_bar(plan, method, progress)
+        try:
+            return run_method(method, f, xs, plan.problem, chunk_size, create_graph, plan.history,
+                              None if bar is None else bar.update)
+        except Exception as exc:
+            failure = exc
+        finally:
+            if bar is not None:
+                bar.close()
+        # Outside the except block, so that an error of `f` itself propagates unchanged.
+        problem = describe(f, xs, plan.signature)
+        if problem != plan.problem:
+            raise PlanMismatchError(f"jacobian: `f` now returns outputs of shapes {list(problem.out_shapes)}, but the plan was made when it returned {list(plan.problem.out_shapes)}. Pass cache=False, or make a new plan.") from failure
+        failures.append((method.name, failure))
+        plan.history.append(f"{method.name} failed ({type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''})")
+        logger.debug(plan.history[-1])
+    name, last = failures[-1]
+    tried = "; ".join(f"{n}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for n, e in failures)
+    if isinstance(last, UnsupportedFunctionError) and len(failures) == 1:
+        raise last
+    advice = _unsupported(plan.mode, plan.vectorize, ()).args[0].split(". ", 1)[1] if len(order) == 1 else "Every feasible method was tried."
+    raise UnsupportedFunctionError(f"jacobian: {name} could not differentiate `f`: {tried}. {advice}") from last
+
+
+def _progress_bar(plan: Plan, method: Method, progress: bool | None):
+    show = progress if progress is not None else (
+        (plan.estimated_seconds or 0.0) > PROGRESS_AFTER_SECONDS and sys.stderr.isatty()
+    )
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=method.basis_size(plan.problem), desc=f"autojac {method.name}", unit="vec", file=sys.stderr)

@@ -1,0 +1,141 @@
+"""The shared shape of the nine methods: prepare once, then push chunks of basis vectors."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ._errors import NotBatchAwareError
+from ._problem import Problem, check_outputs
+
+MODES = ("reverse", "forward", "forward-trick")
+VECTORIZATIONS = ("vmap", "repeat", "loop")
+
+Parts = tuple[torch.Tensor | None, ...]
+
+
+class Method(abc.ABC):
+    """One way to compute a Jacobian: a mode (which products) and a vectorization (how batched).
+
+    `prepare` does the work shared by all chunks (for example the forward pass
+    whose graph every VJP reuses); `chunk` turns k basis vectors into k rows
+    (reverse) or k columns (forward modes) of the Jacobian.
+    """
+
+    mode: ClassVar[str]
+    vectorize: ClassVar[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}/{self.vectorize}"
+
+    @property
+    def by_rows(self) -> bool:
+        return self.mode == "reverse"
+
+    def basis_size(self, problem: Problem) -> int:
+        """How many basis vectors (passes) the whole Jacobian needs."""
+        return problem.n_out if self.by_rows else problem.n_in
+
+    def basis_layout(self, problem: Problem) -> tuple[Sequence, Sequence[int], Sequence[torch.dtype]]:
+        if self.by_rows:
+            return problem.out_shapes, problem.out_sizes, problem.out_dtypes
+        return problem.inputs.shapes, problem.in_sizes, problem.inputs.dtypes
+
+    @abc.abstractmethod
+    def prepare(self, f: Callable, xs: Sequence[torch.Tensor], problem: Problem, create_graph: bool) -> Any:
+        """Work shared by every chunk of one Jacobian."""
+
+    @abc.abstractmethod
+    def chunk(self, state: Any, basis: Sequence[torch.Tensor]) -> Parts:
+        """Push basis vectors (one tensor per part, leading dim k) through; one result per other side."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def grad_inputs(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
+    """Inputs to differentiate: detached leaves, or views that keep the caller's graph.
+
+    As in `torch.autograd.functional`, with `create_graph=True` an input that
+    already requires grad stays connected so the Jacobian can be differentiated.
+    """
+    return tuple(
+        x.view_as(x) if (create_graph and x.requires_grad) else x.detach().requires_grad_()
+        for x in xs
+    )
+
+
+def plain_inputs(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
+    """Inputs for forward-mode passes: no backward graph unless one was asked for."""
+    return tuple(x.view_as(x) if (create_graph and x.requires_grad) else x.detach() for x in xs)
+
+
+def call(f: Callable, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return check_outputs(f(*xs))[0]
+
+
+def vjp(
+    ys: Sequence[torch.Tensor],
+    xs: Sequence[torch.Tensor],
+    cotangents: Sequence[torch.Tensor],
+    *,
+    create_graph: bool,
+    batched: bool = False,
+) -> Parts:
+    """`torch.autograd.grad` that treats outputs without a graph as independent (None)."""
+    pairs = [(y, v) for y, v in zip(ys, cotangents) if y is not None and y.requires_grad]
+    if not pairs:
+        return (None,) * len(xs)
+    return torch.autograd.grad(
+        [y for y, _ in pairs],
+        list(xs),
+        [v for _, v in pairs],
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
+        is_grads_batched=batched,
+    )
+
+
+def stack_parts(rows: Sequence[Parts]) -> Parts:
+    """Stack per-vector results into per-part chunks; a part that is None in every row stays None."""
+    out: list[torch.Tensor | None] = []
+    for q in range(len(rows[0])):
+        column = [row[q] for row in rows]
+        if all(c is None for c in column):
+            out.append(None)
+            continue
+        like = next(c for c in column if c is not None)
+        out.append(torch.stack([torch.zeros_like(like) if c is None else c for c in column]))
+    return tuple(out)
+
+
+def batched_copies(xs: Sequence[torch.Tensor], k: int) -> tuple[torch.Tensor, ...]:
+    """k copies of each input along a new leading dimension (the seed's repeat trick)."""
+    return tuple(x.unsqueeze(0).repeat(k, *([1] * x.dim())) for x in xs)
+
+
+def check_batched_outputs(ys: Sequence[torch.Tensor], problem: Problem, k: int) -> None:
+    expected = [(k, *s) for s in problem.out_shapes]
+    got = [tuple(y.shape) for y in ys]
+    if got != expected:
+        raise NotBatchAwareError(
+            f"jacobian: vectorize='repeat' needs `f` to map inputs with a leading batch dimension of {k} "
+            f"to outputs of shapes {expected}, but got {got}. Use vectorize='vmap' or 'loop', "
+            "or make `f` accept a batch."
+        )
+
+
+@dataclass
+class BatchState:
+    """What a repeat-trick chunk needs: it reruns `f` on every chunk, so nothing is precomputed."""
+
+    f: Callable
+    xs: tuple[torch.Tensor, ...]
+    problem: Problem
+    create_graph: bool

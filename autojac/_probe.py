@@ -1,0 +1,188 @@
+"""Capability and cost probes: run each candidate method on small chunks and measure it.
+
+The results (`Cost`) are the planner's inputs. A method that fails on a probe
+chunk is dropped with the reason kept; one whose vmap fell back to a per-sample
+loop keeps running but carries a note, and its measured cost shows the slowdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._basis import basis_chunk
+from ._errors import NotBatchAwareError
+from ._measure import measure_peak_bytes, timed
+from ._method import Method, call
+from ._plan import Cost
+from ._problem import Problem
+
+logger = logging.getLogger("autojac")
+
+PROBE_SMALL = 2
+"""Vectors in the small probe chunk: 2, not 1, because a chunk of one bypasses vmap."""
+PROBE_LARGE = 16
+"""Vectors in the large probe chunk of vectorized methods; the line through both gives the slope."""
+PROBE_LARGE_LOOP = 4
+"""A loop costs the same per vector at any chunk size, so fewer vectors tell as much."""
+
+
+def check_batch_aware(f: Callable, xs: Sequence[torch.Tensor], problem: Problem) -> None:
+    """Raise NotBatchAwareError unless f maps a batch of 2 inputs to the 2 matching outputs.
+
+    The batch holds the input and a perturbed copy; each output row must match f
+    on that row alone, which catches functions that mix rows (reductions over
+    dim 0, batch norm in training mode) as well as ones that reject the shape.
+    """
+    generator = torch.Generator(device=xs[0].device).manual_seed(0)
+    others = [x.detach() + 0.5 * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) for x in xs]
+    batch = [torch.stack([x.detach(), o]) for x, o in zip(xs, others)]
+    with torch.no_grad():
+        alone = [call(f, [x.detach().clone() for x in xs]), call(f, others)]
+        try:
+            together = call(f, batch)
+        except Exception as exc:
+            raise NotBatchAwareError(
+                "jacobian: vectorize='repeat' needs `f` to accept inputs with an extra leading batch "
+                f"dimension, but `f` raised {type(exc).__name__} on a batch of 2. Use vectorize='vmap' or 'loop'."
+            ) from exc
+    expected = [(2, *s) for s in problem.out_shapes]
+    got = [tuple(y.shape) for y in together]
+    if got != expected:
+        raise NotBatchAwareError(
+            f"jacobian: vectorize='repeat' needs `f` to map a batch of 2 inputs to outputs of shapes {expected}, "
+            f"but got {got}. Use vectorize='vmap' or 'loop', or make `f` batch-aware."
+        )
+    for row in range(2):
+        for y_batch, y_alone in zip(together, alone[row]):
+            scale = 1e-5 * (1 + float(y_alone.detach().abs().nan_to_num(0, 0, 0).max()) if y_alone.numel() else 1)
+            if not torch.allclose(y_batch[row], y_alone, rtol=1e-3, atol=scale, equal_nan=True):
+                raise NotBatchAwareError(
+                    "jacobian: vectorize='repeat' needs the rows of a batch to be independent, but `f` on a batch "
+                    f"of 2 gave row {row} different from `f` on that input alone (does `f` reduce over the first "
+                    "dimension, or use batch statistics?). Use vectorize='vmap' or 'loop'."
+                )
+
+
+def check_trick_consistent(method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Problem) -> None:
+    """Raise unless the double-VJP trick agrees with a plain VJP on one random pair of vectors.
+
+    For any u and w, w . (J u) must equal (J^T w) . u. A backward formula that is
+    not differentiable but does not say so (it detaches, or goes through Python
+    numbers) makes the trick return zeros; this catches it before it is used.
+    """
+    from ._method import grad_inputs, vjp
+    from ._reverse import ReverseLoop
+
+    generator = torch.Generator(device=problem.inputs.device).manual_seed(1)
+    device = problem.inputs.device
+    u = [torch.randn((1, *s), generator=generator, dtype=d, device=device) for s, d in zip(problem.inputs.shapes, problem.inputs.dtypes)]
+    w = [torch.randn((1, *s), generator=generator, dtype=d, device=device) for s, d in zip(problem.out_shapes, problem.out_dtypes)]
+    Ju = method.chunk(method.prepare(f, xs, problem, False), u)
+    JTw = ReverseLoop().chunk(ReverseLoop().prepare(f, xs, problem, False), w)
+    left = sum(float((wi * ji).sum()) for wi, ji in zip(w, Ju) if ji is not None)
+    right = sum(float((ui * gi).sum()) for ui, gi in zip(u, JTw) if gi is not None)
+    tolerance = 1e-3 * (abs(left) + abs(right)) + 1e-6
+    if not abs(left - right) <= tolerance:  # also catches NaN
+        raise ValueError(
+            f"the double-VJP trick gave w.(J u) = {left:.6g} but the VJP gives (J^T w).u = {right:.6g}: "
+            "a backward formula of `f` is not differentiable (it detaches or leaves torch)"
+        )
+
+
+def _run(method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Problem, create_graph: bool, k: int) -> None:
+    shapes, sizes, dtypes = method.basis_layout(problem)
+    state = method.prepare(f, xs, problem, create_graph)
+    method.chunk(state, basis_chunk(0, k, shapes, sizes, dtypes, problem.inputs.device))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def probe(
+    method: Method,
+    f: Callable,
+    xs: Sequence[torch.Tensor],
+    problem: Problem,
+    create_graph: bool,
+    measure: bool = True,
+    repeats: int = 2,
+    chunk_size: int | None = None,
+) -> Cost:
+    """Check that `method` runs on `f`, and (if `measure`) fit its time and memory lines.
+
+    A fixed `chunk_size` caps the capability probe, so chunk_size=1 with vmap is
+    judged by what it runs: no vmap at all.
+    """
+    n = method.basis_size(problem)
+    device = problem.inputs.device
+    small = min(n, PROBE_SMALL, chunk_size or PROBE_SMALL)
+    try:
+        if method.vectorize == "repeat":
+            check_batch_aware(f, xs, problem)
+        if n == 0:
+            return Cost(method.mode, method.vectorize, n, seconds_fixed=0.0, seconds_per_chunk=0.0,
+                        seconds_per_vector=0.0, bytes_fixed=0, bytes_per_vector=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _run(method, f, xs, problem, create_graph, small)
+        if method.mode == "forward-trick":
+            check_trick_consistent(method, f, xs, problem)
+    except Exception as exc:
+        logger.debug("%s dropped: %s", method.name, exc)
+        return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc))
+    note = ""
+    if any("batching rule" in str(w.message) or "performance drop" in str(w.message) for w in caught):
+        note = "vmap fell back to a per-sample loop for some ops"
+    if not measure:
+        return Cost(method.mode, method.vectorize, n, note=note)
+
+    large = min(n, PROBE_LARGE_LOOP if method.vectorize == "loop" else PROBE_LARGE)
+    shapes, sizes, dtypes = method.basis_layout(problem)
+
+    def chunk_seconds(k: int) -> tuple[float, float]:
+        """(prepare seconds, chunk seconds), the fastest of `repeats` runs."""
+        best_prep = best_chunk = float("inf")
+        for _ in range(repeats):
+            prep, state = timed(lambda: method.prepare(f, xs, problem, create_graph), device)
+            basis = basis_chunk(0, k, shapes, sizes, dtypes, device)
+            seconds, _ = timed(lambda: method.chunk(state, basis), device)
+            best_prep, best_chunk = min(best_prep, prep), min(best_chunk, seconds)
+        return best_prep, best_chunk
+
+    def peak(k: int) -> int:
+        return measure_peak_bytes(lambda: _run(method, f, xs, problem, create_graph, k), device)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            prep, t_small = chunk_seconds(small)
+            m_small = peak(small)
+            if large > small:
+                _, t_large = chunk_seconds(large)
+                m_large = peak(large)
+            else:
+                t_large, m_large = t_small, m_small
+        except Exception as exc:
+            logger.debug("%s dropped while measuring: %s", method.name, exc)
+            return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc))
+    if large > small:
+        per_vector = max((t_large - t_small) / (large - small), 0.0)
+        per_chunk = max(t_small - per_vector * small, 0.0)
+        bytes_per_vector = max((m_large - m_small) / (large - small), 0.0)
+        bytes_fixed = max(m_small - bytes_per_vector * small, 0.0)
+    else:  # the whole basis fits in one probe chunk: the probe is the run
+        per_vector, per_chunk = t_small / max(small, 1), 0.0
+        bytes_per_vector, bytes_fixed = m_small / max(small, 1), 0.0
+    cost = Cost(
+        method.mode, method.vectorize, n,
+        seconds_fixed=prep, seconds_per_chunk=per_chunk, seconds_per_vector=per_vector,
+        bytes_fixed=int(bytes_fixed), bytes_per_vector=int(bytes_per_vector + 0.5), note=note,
+    )
+    logger.debug("%s measured: %s", method.name, cost)
+    return cost

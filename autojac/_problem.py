@@ -1,0 +1,136 @@
+"""Checking the user's inputs and outputs, and the facts about them a plan depends on."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._errors import InputError, InputTypeError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The shapes, dtypes and device of the inputs: what a plan is valid for."""
+
+    shapes: tuple[Shape, ...]
+    dtypes: tuple[torch.dtype, ...]
+    device: torch.device
+    is_tuple: bool
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    def mismatches(self, other: Signature) -> list[str]:
+        """One line per field that differs, the planned value beside the given one."""
+        rows = []
+        for name in ("is_tuple", "shapes", "dtypes", "device"):
+            planned, given = getattr(self, name), getattr(other, name)
+            if planned != given:
+                rows.append(f"{name}: plan has {_show(planned)}, call has {_show(given)}")
+        return rows
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return "(" + ", ".join(str(tuple(s)) for s in value) + ")"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything about one Jacobian that does not depend on how it is computed."""
+
+    inputs: Signature
+    out_shapes: tuple[Shape, ...]
+    out_dtypes: tuple[torch.dtype, ...]
+    outputs_tuple: bool
+
+    @property
+    def in_sizes(self) -> tuple[int, ...]:
+        return self.inputs.sizes
+
+    @property
+    def out_sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.out_shapes)
+
+    @property
+    def n_in(self) -> int:
+        return sum(self.in_sizes)
+
+    @property
+    def n_out(self) -> int:
+        return sum(self.out_sizes)
+
+    @property
+    def result_bytes(self) -> int:
+        """Bytes of the returned Jacobian: one block per (output, input) pair."""
+        return sum(
+            m * n * torch.empty((), dtype=dt).element_size()
+            for m in self.out_sizes
+            for n, dt in zip(self.in_sizes, self.inputs.dtypes)
+        )
+
+
+def check_inputs(inputs: object, who: str = "jacobian") -> tuple[tuple[torch.Tensor, ...], Signature]:
+    """Return the inputs as a tuple, or raise a clear error before any work is done."""
+    is_tuple = isinstance(inputs, (tuple, list))
+    xs = tuple(inputs) if is_tuple else (inputs,)
+    if is_tuple and not xs:
+        raise InputError(f"{who}: `inputs` must hold at least one tensor, but got an empty {type(inputs).__name__}. Pass a Tensor or a non-empty tuple of Tensors.")
+    for i, x in enumerate(xs):
+        where = f"`inputs[{i}]`" if is_tuple else "`inputs`"
+        if not isinstance(x, torch.Tensor):
+            raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(x).__name__}. Convert it with `torch.as_tensor(..., dtype=torch.float64)`.")
+        if x.is_complex():
+            raise InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {x.dtype}; complex Jacobians are not supported. Split it into real and imaginary parts with `torch.view_as_real`.")
+        if not x.is_floating_point():
+            raise InputTypeError(f"{who}: {where} must be a floating-point tensor, but got dtype {x.dtype}; only floating-point inputs have derivatives. Convert it with `.double()` or `.float()`.")
+    devices = {x.device for x in xs}
+    if len(devices) > 1:
+        listed = ", ".join(str(x.device) for x in xs)
+        raise InputError(f"{who}: all inputs must be on one device, but got inputs on {listed}. Move them with `.to(device)` first.")
+    signature = Signature(
+        shapes=tuple(tuple(x.shape) for x in xs),
+        dtypes=tuple(x.dtype for x in xs),
+        device=xs[0].device,
+        is_tuple=is_tuple,
+    )
+    return xs, signature
+
+
+def check_outputs(out: object, who: str = "jacobian") -> tuple[tuple[torch.Tensor, ...], bool]:
+    """Return what `f` returned as a tuple of tensors, or raise a clear error."""
+    is_tuple = isinstance(out, (tuple, list))
+    ys = tuple(out) if is_tuple else (out,)
+    if is_tuple and not ys:
+        raise InputTypeError(f"{who}: `f` must return a Tensor or a non-empty tuple of Tensors, but it returned an empty {type(out).__name__}.")
+    for i, y in enumerate(ys):
+        where = f"output {i} of `f`" if is_tuple else "`f`'s output"
+        if not isinstance(y, torch.Tensor):
+            raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(y).__name__}. Make `f` return a Tensor or a tuple of Tensors.")
+        if y.is_complex() or not y.is_floating_point():
+            raise InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {y.dtype}. Return a float tensor (integer and complex outputs have no real Jacobian).")
+    return ys, is_tuple
+
+
+def describe(f: Callable, xs: Sequence[torch.Tensor], signature: Signature, who: str = "jacobian") -> Problem:
+    """Evaluate `f` once, without autograd, to learn the output shapes.
+
+    `f` sees copies, so a function that writes into its inputs cannot change the
+    user's tensors; its own exceptions propagate unchanged.
+    """
+    with torch.no_grad():
+        out = f(*[x.detach().clone() for x in xs])
+    ys, outputs_tuple = check_outputs(out, who)
+    return Problem(
+        inputs=signature,
+        out_shapes=tuple(tuple(y.shape) for y in ys),
+        out_dtypes=tuple(y.dtype for y in ys),
+        outputs_tuple=outputs_tuple,
+    )
