@@ -125,7 +125,7 @@ def _choose(problem, costs, budget, chunk_size, mode, vectorize) -> Plan:
 
 
 def _unsupported(mode: str, vectorize: str, candidates) -> UnsupportedFunctionError:
-    reasons = "; ".join(f"{c.name}: {c.cost.dropped}" for c in candidates)
+    reasons = "; ".join(f"{c.name}: {(c.cost.dropped or '').rstrip('.')}" for c in candidates)
     if mode != "auto" or vectorize != "auto":
         advice = "Leave `mode` and `vectorize` at 'auto' to let autojac try every method"
         if mode == "forward":

@@ -79,14 +79,14 @@ class Problem:
 
 def check_inputs(inputs: object, who: str = "jacobian") -> tuple[tuple[torch.Tensor, ...], Signature]:
     """Return the inputs as a tuple, or raise a clear error before any work is done."""
-    is_tuple = isinstance(inputs, (tuple, list))
-    xs = tuple(inputs) if is_tuple else (inputs,)
+    is_tuple = isinstance(inputs, tuple)
+    xs = inputs if is_tuple else (inputs,)
     if is_tuple and not xs:
-        raise InputError(f"{who}: `inputs` must hold at least one tensor, but got an empty {type(inputs).__name__}. Pass a Tensor or a non-empty tuple of Tensors.")
+        raise InputError(f"{who}: `inputs` must hold at least one tensor, but got an empty tuple. Pass a Tensor or a non-empty tuple of Tensors.")
     for i, x in enumerate(xs):
         where = f"`inputs[{i}]`" if is_tuple else "`inputs`"
         if not isinstance(x, torch.Tensor):
-            raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(x).__name__}. Convert it with `torch.as_tensor(..., dtype=torch.float64)`.")
+            raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(x).__name__}. Pass a Tensor or a tuple of Tensors; convert data with `torch.as_tensor(..., dtype=torch.float64)`.")
         if x.is_complex():
             raise InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {x.dtype}; complex Jacobians are not supported. Split it into real and imaginary parts with `torch.view_as_real`.")
         if not x.is_floating_point():
@@ -106,14 +106,14 @@ def check_inputs(inputs: object, who: str = "jacobian") -> tuple[tuple[torch.Ten
 
 def check_outputs(out: object, who: str = "jacobian") -> tuple[tuple[torch.Tensor, ...], bool]:
     """Return what `f` returned as a tuple of tensors, or raise a clear error."""
-    is_tuple = isinstance(out, (tuple, list))
-    ys = tuple(out) if is_tuple else (out,)
+    is_tuple = isinstance(out, tuple)
+    ys = out if is_tuple else (out,)
     if is_tuple and not ys:
-        raise InputTypeError(f"{who}: `f` must return a Tensor or a non-empty tuple of Tensors, but it returned an empty {type(out).__name__}.")
+        raise InputTypeError(f"{who}: `f` must return a Tensor or a non-empty tuple of Tensors, but it returned an empty tuple.")
     for i, y in enumerate(ys):
         where = f"output {i} of `f`" if is_tuple else "`f`'s output"
         if not isinstance(y, torch.Tensor):
-            raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(y).__name__}. Make `f` return a Tensor or a tuple of Tensors.")
+            raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(y).__name__}. Make `f` return a Tensor or a tuple (not a list) of Tensors.")
         if y.is_complex() or not y.is_floating_point():
             raise InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {y.dtype}. Return a float tensor (integer and complex outputs have no real Jacobian).")
     return ys, is_tuple

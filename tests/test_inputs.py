@@ -1,0 +1,175 @@
+"""Bad input gets a clear autojac error before any work; odd but valid input gets the right answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE
+from reference import assert_same_structure_and_close, reference
+
+import autojac
+
+
+def x64(*shape):
+    return torch.randn(*shape, dtype=torch.float64, device=DEVICE)
+
+
+def test_non_tensor_input_is_a_type_error():
+    with pytest.raises(autojac.InputTypeError, match="must be a torch.Tensor, but got list"):
+        autojac.jacobian(torch.sin, [[1.0, 2.0]])
+    with pytest.raises(TypeError):  # also the builtin
+        autojac.jacobian(torch.sin, 3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_and_bool_inputs_are_refused(dtype):
+    with pytest.raises(autojac.InputTypeError, match="floating-point"):
+        autojac.jacobian(lambda x: x * 2, torch.ones(3, dtype=dtype, device=DEVICE))
+
+
+def test_complex_inputs_are_refused_with_advice():
+    with pytest.raises(autojac.InputTypeError, match="view_as_real"):
+        autojac.jacobian(lambda x: x * 2, torch.ones(3, dtype=torch.complex64, device=DEVICE))
+
+
+def test_complex_output_is_refused():
+    with pytest.raises(autojac.InputTypeError, match="real floating-point"):
+        autojac.jacobian(lambda x: x * 1j, x64(3))
+
+
+def test_empty_input_gives_empty_jacobian_of_the_right_shape():
+    x = torch.empty(0, 3, dtype=torch.float64, device=DEVICE)
+    got = autojac.jacobian(lambda x: x.sum(0), x)
+    assert got.shape == (3, 0, 3)
+    got = autojac.jacobian(lambda x: x * 2, x)
+    assert got.shape == (0, 3, 0, 3)
+
+
+def test_empty_output_gives_empty_jacobian():
+    x = x64(4)
+    got = autojac.jacobian(lambda x: x[:0] * 2, x)
+    assert got.shape == (0, 4) and got.dtype == torch.float64  # torch's own jacobian raises here
+
+
+def test_zero_dim_input_and_output():
+    s = torch.tensor(1.3, dtype=torch.float64, device=DEVICE)
+    got = autojac.jacobian(lambda s: s.sin() * s, s)
+    assert got.shape == ()
+    torch.testing.assert_close(got, torch.cos(s) * s + torch.sin(s))
+
+
+@pytest.mark.parametrize("bad", [None, 3.0, "y", [torch.ones(2)]])
+def test_f_returning_a_non_tensor_is_a_type_error(bad):
+    with pytest.raises(autojac.InputTypeError, match="must be a torch.Tensor|must return"):
+        autojac.jacobian(lambda x: bad, x64(2))
+
+
+def test_f_returning_an_integer_tensor_is_refused():
+    with pytest.raises(autojac.InputTypeError, match="floating-point"):
+        autojac.jacobian(lambda x: x.argmax(), x64(3))
+
+
+class Boom(Exception):
+    pass
+
+
+def test_f_raising_propagates_its_own_exception_unchanged():
+    def f(x):
+        raise Boom("from f")
+
+    with pytest.raises(Boom, match="from f"):
+        autojac.jacobian(f, x64(2))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"mode": "backward"}, "`mode` must be one of"),
+    ({"vectorize": "batch"}, "`vectorize` must be one of"),
+    ({"chunk_size": 0}, "positive int"),
+    ({"chunk_size": -3}, "positive int"),
+    ({"chunk_size": 2.0}, "must be None or a positive int"),
+    ({"chunk_size": True}, "must be None or a positive int"),
+])
+def test_bad_options_are_refused_before_f_runs(kw, match):
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        return x
+
+    with pytest.raises(autojac.AutojacError, match=match):
+        autojac.jacobian(f, x64(2), **kw)
+    assert calls == []
+
+
+def test_non_callable_f():
+    with pytest.raises(autojac.InputTypeError, match="must be callable"):
+        autojac.jacobian(3, x64(2))
+
+
+def test_empty_tuple_of_inputs():
+    with pytest.raises(autojac.InputError, match="at least one tensor"):
+        autojac.jacobian(lambda: torch.ones(1), ())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs two devices")
+def test_inputs_on_different_devices():
+    with pytest.raises(autojac.InputError, match="one device"):
+        autojac.jacobian(lambda a, b: a, (torch.ones(2), torch.ones(2, device="cuda")))
+
+
+def test_inputs_on_different_devices_with_meta():
+    # A meta tensor stands in for a second device where no GPU exists.
+    with pytest.raises(autojac.InputError, match="one device, but got inputs on cpu, meta"):
+        autojac.jacobian(lambda a, b: a, (torch.ones(2), torch.ones(2, device="meta")))
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "forward-trick", "auto"])
+def test_nan_and_inf_propagate(mode):
+    x = torch.tensor([1.0, math.nan, math.inf, 2.0], dtype=torch.float64, device=DEVICE)
+    got = autojac.jacobian(lambda x: x * x, x, mode=mode)
+    want = reference(lambda x: x * x, x)
+    # Where a NaN lands off the diagonal depends on the mode (0 * nan in a row or a column),
+    # so compare the diagonal and the block of finite inputs.
+    torch.testing.assert_close(got.diagonal(), want.diagonal(), equal_nan=True)
+    finite = [0, 3]
+    torch.testing.assert_close(got[finite][:, finite], want[finite][:, finite])
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "forward-trick"])
+@pytest.mark.parametrize("vectorize", ["vmap", "repeat", "loop"])
+def test_user_tensors_are_never_modified(mode, vectorize):
+    x = x64(5)
+    x.requires_grad_()
+    before = x.detach().clone()
+    autojac.jacobian(lambda t: t.exp() * 3, x, mode=mode, vectorize=vectorize, chunk_size=2)
+    assert torch.equal(x.detach(), before)
+    assert x.grad is None
+
+
+def test_a_function_that_writes_into_its_input_cannot_change_the_users_tensor():
+    x = x64(3)
+    before = x.clone()
+
+    def f(t):
+        t.mul_(2)  # in place on what it was given
+        return t
+
+    for vectorize in ("vmap", "repeat", "loop"):
+        try:
+            autojac.jacobian(f, x, mode="reverse", vectorize=vectorize)
+        except autojac.UnsupportedFunctionError:  # autograd refuses in-place on a leaf that requires grad
+            pass
+        assert torch.equal(x, before)
+
+
+def test_module_parameters_are_not_differentiated_or_modified():
+    net = torch.nn.Linear(3, 2).double().to(DEVICE)
+    params = [p.detach().clone() for p in net.parameters()]
+    x = x64(3)
+    got = autojac.jacobian(net, x)
+    torch.testing.assert_close(got, net.weight.detach())
+    for p, before in zip(net.parameters(), params):
+        assert torch.equal(p.detach(), before)
+        assert p.grad is None
