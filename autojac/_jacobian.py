@@ -11,7 +11,7 @@ import torch
 from ._cache import PlanCache
 from ._errors import InputError, InputTypeError, MemoryBudgetError, PlanMismatchError, StrictError, UnsupportedFunctionError
 from ._execute import METHODS, run_method
-from ._memory import free_memory, parse_budget
+from ._memory import free_memory, parse_budget, untracked_reserve
 from ._method import MODES, VECTORIZATIONS, Method, call, grad_inputs
 from ._plan import Cost, Plan
 from ._planner import NoMethodError, choose
@@ -118,8 +118,9 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
 
 
 def _choose(problem, costs, budget, chunk_size, mode, vectorize) -> Plan:
+    reserve = untracked_reserve(problem.inputs.device) if budget is not None else 0
     try:
-        return choose(problem, costs, budget, chunk_size)
+        return choose(problem, costs, budget, chunk_size, reserve)
     except NoMethodError as exc:
         raise _unsupported(mode, vectorize, exc.candidates) from None
 
@@ -199,8 +200,9 @@ def jacobian(
     - The probes give time and peak memory as lines in the chunk size: a fixed
       part (forward pass, retained graph) and a part per basis vector. Memory is
       measured, not guessed: CUDA allocator peaks, or live storages on the CPU.
-    - Per candidate, the chunk size is the largest whose estimated peak (x1.15,
-      plus the result) fits the budget, balanced across chunks.
+    - Per candidate, the chunk size is the largest whose estimated peak (measured
+      x1.15, plus the result, plus 8 MiB on the CPU for BLAS workspaces the probes
+      cannot see) fits the budget, balanced across chunks.
     - The candidate with the lowest estimated total time wins; ties go to fewer
       passes, then vmap over repeat over loop.
     - If nothing fits, `MemoryBudgetError` says what the smallest plan needs,

@@ -75,24 +75,35 @@ def assess(cost: Cost, budget_bytes: int | None, result_bytes: int, chunk_size: 
     return candidate
 
 
-def choose(problem: Problem, costs: Sequence[Cost], budget_bytes: int | None, chunk_size: int | None = None) -> Plan:
+def choose(
+    problem: Problem,
+    costs: Sequence[Cost],
+    budget_bytes: int | None,
+    chunk_size: int | None = None,
+    reserve_bytes: int = 0,
+) -> Plan:
     """Pick the candidate with the lowest estimated time whose estimated peak fits the budget.
+
+    `reserve_bytes` is memory the device needs that the probes cannot see (see
+    `_memory.untracked_reserve`); like the result, it is added to every estimate.
 
     Candidates are listed in the caller's order of preference, which breaks ties
     and orders unmeasured candidates. Raises MemoryBudgetError if something
     could run but nothing fits; UnsupportedFunctionError is the caller's job.
     """
-    candidates = tuple(assess(c, budget_bytes, problem.result_bytes, chunk_size) for c in costs)
+    fixed_bytes = problem.result_bytes + reserve_bytes
+    candidates = tuple(assess(c, budget_bytes, fixed_bytes, chunk_size) for c in costs)
     feasible = [c for c in candidates if c.feasible]
     if not feasible:
         runnable = [c for c in candidates if c.cost.dropped is None]
         if runnable:
-            smallest = min(runnable, key=lambda c: estimate_peak(c.cost, 1, problem.result_bytes) or 0)
-            need = estimate_peak(smallest.cost, 1, problem.result_bytes) or 0
+            smallest = min(runnable, key=lambda c: estimate_peak(c.cost, 1, fixed_bytes) or 0)
+            need = estimate_peak(smallest.cost, 1, fixed_bytes) or 0
             raise MemoryBudgetError(
                 f"jacobian: the memory budget is {format_bytes(budget_bytes or 0)}, but the smallest plan "
                 f"({smallest.name}, one vector at a time) needs ~{format_bytes(need)}, of which the result "
-                f"itself is {format_bytes(problem.result_bytes)}. Raise `memory_budget` or free memory."
+                f"itself is {format_bytes(problem.result_bytes)} and the workspace reserve {format_bytes(reserve_bytes)}. "
+                "Raise `memory_budget` or free memory."
             )
         raise NoMethodError(candidates)
     order = {id(c): i for i, c in enumerate(candidates)}

@@ -1,0 +1,173 @@
+"""Memory facts from psutil / pynvml / torch.cuda (with fakes), and every form of `memory_budget`."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import autojac
+from autojac._measure import LiveStorageTracker, measure_peak_bytes
+from autojac._memory import DEFAULT_BUDGET_SHARE, _nvml_index, cpu_free_bytes, cuda_free_bytes, parse_budget
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("budget, expected", [
+    (None, int(8 * GiB * DEFAULT_BUDGET_SHARE)),
+    (123456, 123456),
+    ("512MiB", 512 * 2**20),
+    ("2GB", 2 * 10**9),
+    ("1.5 GiB", int(1.5 * GiB)),
+    ("100kb", 100_000),
+    ("64M", 64 * 2**20),
+    ("4096", 4096),
+    (0.25, 2 * GiB),
+    (1.0, 8 * GiB),
+])
+def test_budget_forms(budget, expected):
+    assert parse_budget(budget, free_bytes=8 * GiB) == expected
+
+
+@pytest.mark.parametrize("budget, error, match", [
+    (0, autojac.InputError, "must be positive"),
+    (-5, autojac.InputError, "must be positive"),
+    (0.0, autojac.InputError, r"in \(0, 1\]"),
+    (1.5, autojac.InputError, r"in \(0, 1\]"),
+    ("lots", autojac.InputError, "number and a unit"),
+    ("12 parsecs", autojac.InputError, "number and a unit"),
+    ("0MiB", autojac.InputError, "must be positive"),
+    (True, autojac.InputTypeError, "must be None"),
+    ([1], autojac.InputTypeError, "must be None"),
+])
+def test_bad_budgets(budget, error, match):
+    with pytest.raises(error, match=match):
+        parse_budget(budget, free_bytes=GiB)
+
+
+def test_bad_budget_is_refused_before_f_runs():
+    calls = []
+    with pytest.raises(autojac.InputError):
+        autojac.jacobian(lambda x: calls.append(1) or x, torch.ones(2), memory_budget="much")
+    assert calls == []
+
+
+def test_cpu_free_bytes_is_psutil_available(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=12345))
+    assert cpu_free_bytes().free_bytes == 12345
+
+
+@pytest.mark.parametrize("visible, torch_index, expected", [
+    (None, 0, 0),
+    ("", 1, 1),
+    ("3,1", 0, 3),
+    ("3,1", 1, 1),
+    ("GPU-8d5a,2", 0, "GPU-8d5a"),
+])
+def test_nvml_index_follows_cuda_visible_devices(visible, torch_index, expected):
+    assert _nvml_index(torch_index, visible) == expected
+
+
+class FakeNvml:
+    def __init__(self, free_by_index, uuids=()):
+        self.free = free_by_index
+        self.uuids = list(uuids)
+        self.asked = []
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.free)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        self.asked.append(i)
+        return i
+
+    def nvmlDeviceGetUUID(self, handle):
+        return self.uuids[handle]
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(free=self.free[handle])
+
+
+class FakeCuda:
+    def __init__(self, free, reserved=0, allocated=0):
+        self.free, self.reserved, self.allocated = free, reserved, allocated
+
+    def current_device(self):
+        return 0
+
+    def memory_reserved(self, i):
+        return self.reserved
+
+    def memory_allocated(self, i):
+        return self.allocated
+
+    def mem_get_info(self, i):
+        return (self.free, 80 * GiB)
+
+
+def test_cuda_free_uses_the_smaller_reading_plus_torch_cache(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    nvml = FakeNvml([10 * GiB, 11 * GiB, 5 * GiB])
+    facts = cuda_free_bytes(torch.device("cuda:0"), pynvml=nvml, cuda=FakeCuda(free=6 * GiB, reserved=3 * GiB, allocated=1 * GiB))
+    assert nvml.asked == [2]  # torch's cuda:0 is NVML's device 2
+    assert facts.free_bytes == 5 * GiB + 2 * GiB
+    assert "pynvml" in facts.source
+
+
+def test_cuda_free_by_uuid(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")
+    nvml = FakeNvml([1 * GiB, 4 * GiB], uuids=["GPU-aaaa-1", "GPU-bbbb-2"])
+    facts = cuda_free_bytes(torch.device("cuda:0"), pynvml=nvml, cuda=FakeCuda(free=9 * GiB))
+    assert facts.free_bytes == 4 * GiB
+
+
+def test_cuda_free_falls_back_to_torch_without_noise(monkeypatch, caplog):
+    class Broken(FakeNvml):
+        def nvmlInit(self):
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with caplog.at_level("WARNING", logger="autojac"):
+        facts = cuda_free_bytes(torch.device("cuda:0"), pynvml=Broken([0]), cuda=FakeCuda(free=6 * GiB, reserved=GiB))
+    assert facts.free_bytes == 7 * GiB and "torch.cuda" in facts.source
+    assert caplog.records == []
+
+
+def test_tracker_counts_live_bytes_not_the_sum_of_allocations():
+    def work():
+        for _ in range(10):
+            a = torch.ones(1000, dtype=torch.float64)  # 8000 bytes, freed each round
+            b = a * 2
+            del a, b
+        return torch.zeros(500, dtype=torch.float64)
+
+    peak, kept = measure_peak_bytes(work, torch.device("cpu"))
+    assert 16_000 <= peak < 20_000
+    assert kept.shape == (500,)
+
+
+def test_tracker_does_not_count_views_of_existing_tensors():
+    x = torch.ones(10_000)
+    tracker = LiveStorageTracker()
+    with tracker:
+        y = x.view(100, 100).t()[:5]
+        x.add_(1)
+    assert tracker.peak == 0 and y.shape == (5, 100)
+
+
+def test_tracker_sees_the_backward_pass():
+    x = torch.randn(1000, requires_grad=True)
+    W = torch.randn(500, 1000)
+    y = torch.tanh(W @ x)
+    V = torch.eye(500)[:64]
+    peak, _ = measure_peak_bytes(lambda: torch.autograd.grad(y, x, V, is_grads_batched=True, retain_graph=True), torch.device("cpu"))
+    assert peak >= 64 * 1000 * 4  # at least the batched gradient itself

@@ -1,0 +1,190 @@
+"""Plans at run time: reuse, mismatch, caching, out-of-memory retries and fallback to the next method."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from reference import assert_same_structure_and_close, reference
+
+import autojac
+from autojac import _execute
+
+W = torch.randn(30, 8, dtype=torch.float64)
+
+
+def f(x):
+    return torch.tanh(x @ W.T)
+
+
+def test_plan_then_run_the_plan():
+    x = torch.randn(8, dtype=torch.float64)
+    p = autojac.plan(f, x)
+    assert isinstance(p, autojac.Plan)
+    assert {c.name for c in p.candidates} >= {"forward/vmap", "reverse/vmap"}
+    assert p.estimated_seconds > 0 and p.estimated_peak_bytes > 0 and p.budget_bytes > 0
+    assert_same_structure_and_close(autojac.jacobian(f, x, plan=p), reference(f, x))
+
+
+def test_plan_reused_with_other_shapes_lists_each_mismatch():
+    p = autojac.plan(f, torch.randn(8, dtype=torch.float64))
+    with pytest.raises(autojac.PlanMismatchError) as info:
+        autojac.jacobian(f, torch.randn(2, 8, dtype=torch.float32), plan=p)
+    text = str(info.value)
+    assert "shapes: plan has ((8,)), call has ((2, 8))" in text
+    assert "dtypes: plan has (torch.float64,), call has (torch.float32,)" in text
+    assert isinstance(info.value, ValueError)
+
+
+def test_plan_together_with_options_is_refused():
+    x = torch.randn(8, dtype=torch.float64)
+    p = autojac.plan(f, x)
+    with pytest.raises(autojac.InputError, match="already fixes"):
+        autojac.jacobian(f, x, plan=p, mode="reverse")
+
+
+def test_plans_are_cached_per_function_and_signature(monkeypatch):
+    x = torch.randn(8, dtype=torch.float64)
+    p1 = autojac.plan(f, x)
+    assert autojac.plan(f, x) is p1
+    assert autojac.plan(f, torch.randn(4, 8, dtype=torch.float64).sum(0)) is p1  # same signature
+    assert autojac.plan(f, x, memory_budget="1GiB") is not p1
+    assert autojac.plan(f, x, cache=False) is not p1
+
+    probes = []
+    real = autojac._jacobian.probe
+    monkeypatch.setattr(autojac._jacobian, "probe", lambda *a, **k: probes.append(1) or real(*a, **k))
+    autojac.jacobian(f, x)
+    assert probes == []  # the cached plan was used
+
+
+def test_cache_follows_bound_methods_and_modules():
+    net = torch.nn.Linear(3, 2).double()
+    x = torch.randn(3, dtype=torch.float64)
+    assert autojac.plan(net, x) is autojac.plan(net, x)
+    assert autojac.plan(net.forward, x) is autojac.plan(net.forward, x)
+
+
+def test_out_of_memory_halves_the_chunk_and_keeps_the_result(monkeypatch):
+    x = torch.randn(8, dtype=torch.float64)
+    method = _execute.METHODS[("reverse", "vmap")]
+    real = type(method).chunk
+    sizes = []
+
+    def chunk_that_runs_out_above_4(self, state, basis):
+        sizes.append(basis[0].shape[0])
+        if basis[0].shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, state, basis)
+
+    monkeypatch.setattr(type(method), "chunk", chunk_that_runs_out_above_4)
+    p = autojac.plan(f, x, mode="reverse", vectorize="vmap", chunk_size=30)
+    sizes.clear()  # forget the capability probe's chunk
+    got = autojac.jacobian(f, x, plan=p)
+    assert_same_structure_and_close(got, reference(f, x))
+    assert sizes[:3] == [30, 15, 6]  # 30 fails, 15 fails, 7 balances to 6 and fails
+    assert all(k <= 4 for k in sizes[3:]) and sum(sizes[3:]) == 30
+    assert any("out of memory at chunk size 30" in h for h in p.history)
+
+
+def test_cpu_allocator_error_counts_as_out_of_memory():
+    assert _execute.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 800000000000 bytes."))
+    assert not _execute.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_a_method_that_fails_at_run_time_hands_over_to_the_next(monkeypatch):
+    x = torch.randn(8, dtype=torch.float64)
+    p = autojac.plan(f, x, mode="reverse")
+    chosen = _execute.METHODS[(p.mode, p.vectorize)]
+
+    def broken(self, state, basis):
+        raise RuntimeError("something the probe did not see")
+
+    monkeypatch.setattr(type(chosen), "chunk", broken)
+    got = autojac.jacobian(f, x, plan=p)
+    assert_same_structure_and_close(got, reference(f, x))
+    assert p.history[0].startswith(f"{p.mode}/{p.vectorize} failed (RuntimeError: something the probe did not see")
+
+
+def test_explicit_method_that_fails_at_run_time_says_what_to_do(monkeypatch):
+    x = torch.randn(8, dtype=torch.float64)
+    p = autojac.plan(f, x, mode="forward", vectorize="vmap", chunk_size=4)
+    monkeypatch.setattr(type(_execute.METHODS[("forward", "vmap")]), "chunk",
+                        lambda self, s, b: (_ for _ in ()).throw(RuntimeError("vmap: no batching rule")))
+    with pytest.raises(autojac.UnsupportedFunctionError, match="forward/vmap could not differentiate") as info:
+        autojac.jacobian(f, x, plan=p)
+    assert "forward-trick" in str(info.value) and "loop" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_f_failing_later_with_its_own_error_propagates_unchanged():
+    x = torch.randn(8, dtype=torch.float64)
+    state = {"fail": False}
+
+    def g(t):
+        if state["fail"]:
+            raise KeyError("g's own")
+        return torch.tanh(t @ W.T)
+
+    autojac.jacobian(g, x)
+    state["fail"] = True
+    with pytest.raises(KeyError, match="g's own"):
+        autojac.jacobian(g, x)
+
+
+def test_nothing_fits_is_raised_before_the_work():
+    x = torch.randn(64, dtype=torch.float64)
+    with pytest.raises(autojac.MemoryBudgetError, match="the result itself is 32.0 KiB and the workspace reserve 8.0 MiB"):
+        autojac.jacobian(lambda t: t.sin() * 2, x, memory_budget=1000)
+
+
+def test_debug_log_tells_the_decision(caplog):
+    with caplog.at_level("DEBUG", logger="autojac"):
+        autojac.jacobian(f, torch.randn(8, dtype=torch.float64))
+    assert any(r.getMessage().startswith("Plan: ") for r in caplog.records)
+
+
+def test_progress_bar_when_asked(capsys):
+    autojac.jacobian(f, torch.randn(8, dtype=torch.float64), progress=True, mode="reverse", vectorize="loop", chunk_size=3)
+    assert "autojac reverse/loop" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset the peak RSS")
+def test_cpu_budget_is_kept_in_a_fresh_process():
+    """Peak RSS of a subprocess stays within the budget although the unchunked vmap needs 10x more."""
+    script = textwrap.dedent("""
+        import json, gc, torch, autojac
+        torch.manual_seed(0)
+        W1 = torch.randn(4096, 256); W2 = torch.randn(4096, 4096); W3 = torch.randn(2048, 4096)
+        f = lambda x: torch.tanh(torch.tanh(torch.tanh(x @ W1.T) @ W2.T) @ W3.T)   # 256 -> 2048
+        x = torch.randn(256)
+        budget = 11 * 2**20
+        p = autojac.plan(f, x, memory_budget=budget, mode="reverse", vectorize="vmap")
+        cost = p.candidates[0].cost
+        unchunked = cost.bytes_fixed + cost.bytes_per_vector * 2048 + 2048 * 256 * 4
+        gc.collect()
+        def status(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        before = status("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")   # reset the peak (VmHWM) to the current RSS
+        J = autojac.jacobian(f, x, plan=p)
+        print(json.dumps({"extra": status("VmHWM") - before, "budget": budget, "unchunked": unchunked,
+                          "chunk": p.chunk_size, "shape": list(J.shape)}))
+    """)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts["shape"] == [2048, 256]
+    assert facts["unchunked"] >= 10 * facts["budget"]  # a budget that really forces chunking
+    assert facts["chunk"] < 2048
+    print(facts)
+    assert facts["extra"] <= facts["budget"], facts
