@@ -265,11 +265,8 @@ def _check_strict(f: Callable, xs: Sequence[torch.Tensor]) -> None:
 
 
 def _execute(plan: Plan, f: Callable, xs: Sequence[torch.Tensor], create_graph: bool, progress: bool | None):
-    order = [(plan.mode, plan.vectorize, plan.chunk_size)] + [
-        (c.cost.mode, c.cost.vectorize, c.chunk_size or 1) for c in plan.fallbacks
-    ]
     failures: list[tuple[str, BaseException]] = []
-    for mode, vectorize, chunk_size in order:
+    for mode, vectorize, chunk_size in _attempts(plan):
         method = METHODS[(mode, vectorize)]
         bar = _progress_bar(plan, method, progress)
         try:
@@ -291,8 +288,15 @@ def _execute(plan: Plan, f: Callable, xs: Sequence[torch.Tensor], create_graph: 
     tried = "; ".join(f"{n}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for n, e in failures)
     if isinstance(last, UnsupportedFunctionError) and len(failures) == 1:
         raise last
-    advice = _unsupported(plan.mode, plan.vectorize, ()).args[0].split(". ", 1)[1] if len(order) == 1 else "Every feasible method was tried."
+    advice = _unsupported(plan.mode, plan.vectorize, ()).args[0].split(". ", 1)[1] if len(failures) == 1 else "Every feasible method was tried."
     raise UnsupportedFunctionError(f"jacobian: {name} could not differentiate `f`: {tried}. {advice}") from last
+
+
+def _attempts(plan: Plan):
+    """The chosen method, then (only if it fails) the fallbacks: lazily, to keep cached calls cheap."""
+    yield plan.mode, plan.vectorize, plan.chunk_size
+    for c in plan.fallbacks:
+        yield c.cost.mode, c.cost.vectorize, c.chunk_size or 1
 
 
 def _progress_bar(plan: Plan, method: Method, progress: bool | None):

@@ -1,0 +1,7 @@
+"""`python -m autojac` is the `autojac` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The benchmark suite behind `autojac bench`: problems, contestants, measurement, report."""

@@ -1,0 +1,162 @@
+"""Measuring contestants side by side: interleaved median times, peak extra memory, correctness."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import autojac
+from autojac._measure import measure_peak_bytes
+
+from .contestants import BY_NAME as CONTESTANTS_BY_NAME
+from .problems import BY_NAME as PROBLEMS_BY_NAME
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _flat(jac):
+    if isinstance(jac, torch.Tensor):
+        return [jac]
+    return [t for item in jac for t in _flat(item)]
+
+
+def check(got, want) -> str | None:
+    """None if got matches the reference in structure and (float32) value, else what is wrong."""
+    g, w = _flat(got), _flat(want)
+    if len(g) != len(w):
+        return f"wrong structure: {len(g)} blocks, expected {len(w)}"
+    for a, b in zip(g, w):
+        if a.shape != b.shape:
+            return f"wrong shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        scale = float(b.abs().max()) if b.numel() else 1.0
+        if not torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-4 * max(scale, 1e-6)):
+            return "wrong values"
+    return None
+
+
+def unchunked_need(f, inputs) -> tuple[int, int]:
+    """(bytes the fastest unbudgeted plan would need all at once, bytes the smallest plan needs)."""
+    from autojac._memory import untracked_reserve
+    from autojac._planner import estimate_peak
+
+    p = autojac.plan(f, inputs, cache=False, memory_budget=1.0)
+    extra = p.problem.result_bytes + untracked_reserve(p.problem.inputs.device)
+    feasible = [c for c in p.candidates if c.feasible and c.cost.measured]
+    best = min(feasible, key=lambda c: c.estimated_seconds)
+    full = estimate_peak(best.cost, best.cost.n_vectors, extra)
+    smallest = min(estimate_peak(c.cost, 1, extra) for c in feasible)
+    return full, smallest
+
+
+def time_problem(problem, size, names, device, repeats=5, slow_seconds=5.0):
+    """Rows of facts for each contestant on one problem: time (median of interleaved runs), errors."""
+    f, inputs = problem.build(size, device)
+    want = torch.autograd.functional.jacobian(f, inputs)
+    need, smallest = unchunked_need(f, inputs)
+    rows, runners = {}, {}
+    for name in names:
+        c = CONTESTANTS_BY_NAME[name]
+        row = {"problem": problem.name, "size": size, "contestant": name, "group": c.group}
+        rows[name] = row
+        budget = None
+        if c.budget_share is not None:
+            budget = int(need * c.budget_share)
+            row["budget_bytes"] = budget
+            if budget < smallest:
+                row["error"] = f"budget below the smallest plan ({smallest} bytes)"
+                continue
+        autojac.clear_cache()
+        try:
+            _sync(device)
+            start = time.perf_counter()
+            got = c.run(f, inputs, budget)
+            _sync(device)
+            row["first_seconds"] = time.perf_counter() - start
+        except Exception as exc:  # a contestant that cannot run is a result, not a crash
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            continue
+        wrong = check(got, want)
+        if wrong:
+            row["error"] = wrong
+            continue
+        if budget is not None or name == "autojac":
+            plan = autojac.plan(f, inputs, memory_budget=budget)
+            row["plan"] = f"{plan.mode}/{plan.vectorize} x{plan.chunk_size}"
+        runners[name] = lambda c=c, budget=budget: c.run(f, inputs, budget)
+    times = {name: [] for name in runners}
+    for r in range(repeats):
+        for name, run in runners.items():
+            if r > 0 and times[name] and times[name][0] > slow_seconds:
+                continue  # one timing is enough for a method this slow
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    for name, ts in times.items():
+        rows[name]["seconds"] = statistics.median(ts)
+        rows[name]["runs"] = len(ts)
+    return list(rows.values())
+
+
+def tracked_peak(problem, size, name, device, budget=None) -> int:
+    """Peak extra bytes of a warm call, in process (storage tracker on CPU, allocator on CUDA)."""
+    f, inputs = problem.build(size, device)
+    run = CONTESTANTS_BY_NAME[name].run
+    run(f, inputs, budget)
+    gc.collect()
+    return measure_peak_bytes(lambda: run(f, inputs, budget), device)[0]
+
+
+def rss_peak(problem_name, size, name, device, budget=None, timeout=600) -> int | None:
+    """Peak extra RSS of a warm call in a fresh subprocess (CPU, Linux), or None if it failed."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    args = [sys.executable, "-m", "autojac._bench.measure", problem_name, size, name, str(device), str(budget or "")]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _child(problem_name, size, name, device, budget):
+    """In a fresh process: build, warm up (planning happens here), then measure one call's peak RSS."""
+    device = torch.device(device)
+    f, inputs = PROBLEMS_BY_NAME[problem_name].build(size, device)
+    run = CONTESTANTS_BY_NAME[name].run
+    budget = int(budget) if budget else None
+    run(f, inputs, budget)
+    gc.collect()
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run(f, inputs, budget)
+        extra = torch.cuda.max_memory_allocated(device) - before
+    else:
+        before = _status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak RSS to the current RSS
+        run(f, inputs, budget)
+        extra = _status("VmHWM") - before
+    print(json.dumps({"extra_bytes": extra}))
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:6])
