@@ -10,28 +10,33 @@ from ._problem import Problem
 
 
 class Assembler:
-    """Owns one preallocated block per (output, input) pair and fills it chunk by chunk.
+    """Collects one block per (output, input) pair, chunk by chunk.
 
     Reverse-mode chunks are rows of the Jacobian: one tensor per input, of shape
     (k, *input_shape). Forward-mode chunks are columns: one tensor per output, of
-    shape (k, *output_shape). Each block is its own contiguous tensor, so the
-    result needs no copy at the end and matches `torch.autograd.functional.jacobian`.
+    shape (k, *output_shape). A block is allocated when a chunk first writes to
+    it, except when one chunk covers the whole basis: then the chunk's rows are
+    the block already (a view, no copy), or its columns are copied once,
+    transposed. Blocks nothing wrote to are zeros (outputs independent of inputs).
     """
 
     def __init__(self, problem: Problem, by_rows: bool):
         self.problem = problem
         self.by_rows = by_rows
-        device = problem.inputs.device
-        self.blocks = [
-            [torch.zeros(m, n, dtype=dt, device=device) for n, dt in zip(problem.in_sizes, problem.inputs.dtypes)]
-            for m in problem.out_sizes
-        ]
+        self.n_basis = problem.n_out if by_rows else problem.n_in
+        self.blocks: list[list[torch.Tensor | None]] = [[None] * len(problem.in_sizes) for _ in problem.out_sizes]
+
+    def _block(self, i: int, j: int) -> torch.Tensor:
+        if self.blocks[i][j] is None:
+            p = self.problem
+            self.blocks[i][j] = torch.zeros(p.out_sizes[i], p.in_sizes[j], dtype=p.inputs.dtypes[j], device=p.inputs.device)
+        return self.blocks[i][j]
 
     def add(self, start: int, stop: int, parts: Sequence[torch.Tensor | None]) -> None:
         """Store basis vectors start..stop; `parts` has one entry per input (rows) or output (columns)."""
         p = self.problem
         k = stop - start
-        # The basis runs over outputs (rows) or inputs (columns); `parts` over the other side.
+        whole = start == 0 and stop == self.n_basis
         basis_sizes = p.out_sizes if self.by_rows else p.in_sizes
         offset = 0
         for b, size in enumerate(basis_sizes):
@@ -41,10 +46,14 @@ class Assembler:
                     if part is None:  # independent: the block stays zero
                         continue
                     flat = part.reshape(k, -1)[lo - start : hi - start]
-                    if self.by_rows:
-                        self.blocks[b][q][lo - offset : hi - offset].copy_(flat)
+                    i, j = (b, q) if self.by_rows else (q, b)
+                    dtype = p.inputs.dtypes[j]
+                    if whole:
+                        self.blocks[i][j] = flat.to(dtype) if self.by_rows else flat.T.to(dtype, memory_format=torch.contiguous_format)
+                    elif self.by_rows:
+                        self._block(i, j)[lo - offset : hi - offset].copy_(flat)
                     else:
-                        self.blocks[q][b][:, lo - offset : hi - offset].copy_(flat.T)
+                        self._block(i, j)[:, lo - offset : hi - offset].copy_(flat.T)
             offset += size
 
     def result(self) -> object:
@@ -52,10 +61,10 @@ class Assembler:
         p = self.problem
         rows = [
             tuple(
-                block.view(out_shape + in_shape)
-                for block, in_shape in zip(row, p.inputs.shapes)
+                self._block(i, j).reshape(out_shape + in_shape)
+                for j, in_shape in enumerate(p.inputs.shapes)
             )
-            for row, out_shape in zip(self.blocks, p.out_shapes)
+            for i, out_shape in enumerate(p.out_shapes)
         ]
         per_output = [row if p.inputs.is_tuple else row[0] for row in rows]
         return tuple(per_output) if p.outputs_tuple else per_output[0]

@@ -15,7 +15,7 @@ from ._memory import free_memory, parse_budget, untracked_reserve
 from ._method import MODES, VECTORIZATIONS, Method, call, grad_inputs
 from ._plan import Cost, Plan
 from ._planner import NoMethodError, choose
-from ._probe import probe
+from ._probe import probe, refine
 from ._problem import Signature, check_inputs, describe
 
 logger = logging.getLogger("autojac")
@@ -23,6 +23,10 @@ logger = logging.getLogger("autojac")
 PRUNE_RATIO = 8
 """In auto mode, a mode that needs this many times more passes than the other is measured only if nothing else fits."""
 PROGRESS_AFTER_SECONDS = 10.0
+REFINE_WITHIN = 2.0
+"""Candidates estimated within this factor of the best are re-timed at their real chunk size."""
+REFINE_MAX_SECONDS = 1.0
+"""...if their whole Jacobian is estimated to take less than this."""
 
 _cache = PlanCache()
 
@@ -111,10 +115,33 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
             raise
         costs += [probe(m, f, xs, problem, create_graph, chunk_size=chunk_size) for m in later]
         result = _choose(problem, costs, budget, chunk_size, mode, vectorize)
+    if not fixed:
+        result = _refined(result, f, xs, create_graph, budget, chunk_size, mode, vectorize)
     logger.debug("%s", result)
     if cache:
         _cache.put(f, key, result)
     return result
+
+
+def _refined(plan: Plan, f, xs, create_graph, budget, chunk_size, mode, vectorize) -> Plan:
+    """Re-time the close contenders at their planned chunk sizes, then choose again.
+
+    Contenders are feasible candidates estimated within REFINE_WITHIN of the best
+    whose whole Jacobian is estimated under REFINE_MAX_SECONDS, so refining costs
+    at most a few Jacobians and only where extrapolation could flip the choice.
+    """
+    best = plan.estimated_seconds
+    if best is None:
+        return plan
+    costs = []
+    for c in plan.candidates:
+        close = c.feasible and c.estimated_seconds is not None and c.estimated_seconds <= REFINE_WITHIN * best
+        if close and c.estimated_seconds <= REFINE_MAX_SECONDS and c.cost.measured:
+            method = METHODS[(c.cost.mode, c.cost.vectorize)]
+            costs.append(refine(c.cost, method, f, xs, plan.problem, create_graph, c.chunk_size))
+        else:
+            costs.append(c.cost)
+    return _choose(plan.problem, costs, budget, chunk_size, mode, vectorize)
 
 
 def _choose(problem, costs, budget, chunk_size, mode, vectorize) -> Plan:
@@ -203,6 +230,9 @@ def jacobian(
     - Per candidate, the chunk size is the largest whose estimated peak (measured
       x1.15, plus the result, plus 8 MiB on the CPU for BLAS workspaces the probes
       cannot see) fits the budget, balanced across chunks.
+    - Candidates estimated within 2x of the best (and under 1 s in all) are timed
+      again at that chunk size, since small probes extrapolate poorly; then the
+      choice is made again.
     - The candidate with the lowest estimated total time wins; ties go to fewer
       passes, then vmap over repeat over loop.
     - If nothing fits, `MemoryBudgetError` says what the smallest plan needs,

@@ -28,6 +28,8 @@ class Cost:
     bytes_fixed: int | None = None
     bytes_per_vector: int | None = None
     note: str = ""
+    seconds_at: tuple[tuple[int, float], ...] = ()
+    """The measured (chunk size, seconds per chunk) points the time line was drawn through."""
 
     @property
     def name(self) -> str:

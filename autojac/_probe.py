@@ -7,6 +7,7 @@ loop keeps running but carries a note, and its measured cost shows the slowdown.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -101,6 +102,56 @@ def _run(method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Probl
     method.chunk(state, basis_chunk(0, k, shapes, sizes, dtypes, problem.inputs.device))
 
 
+def _chunk_seconds(method, f, xs, problem, create_graph, k, repeats) -> tuple[float, float]:
+    """(prepare seconds, chunk seconds) at chunk size k, each the fastest of 2 to `repeats` runs.
+
+    Cheap probes are repeated more (up to `repeats`, while under 50 ms in all):
+    their noise is what decides between near-equal candidates on small problems.
+    """
+    device = problem.inputs.device
+    shapes, sizes, dtypes = method.basis_layout(problem)
+    best_prep = best_chunk = float("inf")
+    spent, runs = 0.0, 0
+    while runs < 2 or (runs < repeats and spent < 0.05):
+        prep, state = timed(lambda: method.prepare(f, xs, problem, create_graph), device)
+        basis = basis_chunk(0, k, shapes, sizes, dtypes, device)
+        seconds, _ = timed(lambda: method.chunk(state, basis), device)
+        best_prep, best_chunk = min(best_prep, prep), min(best_chunk, seconds)
+        spent, runs = spent + prep + seconds, runs + 1
+    return best_prep, best_chunk
+
+
+def _time_line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(seconds per chunk, seconds per vector) through the smallest and largest measured chunk."""
+    (k0, t0), (k1, t1) = min(points), max(points)
+    if k1 == k0:
+        return 0.0, t0 / max(k0, 1)
+    per_vector = max((t1 - t0) / (k1 - k0), 0.0)
+    return max(t0 - per_vector * k0, 0.0), per_vector
+
+
+def refine(cost: Cost, method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Problem,
+           create_graph: bool, chunk_size: int, repeats: int = 3) -> Cost:
+    """Time `method` at the chunk size the plan would use, and redraw its time line through that point.
+
+    The probes' small chunks extrapolate poorly to chunks of hundreds (caches,
+    BLAS blocking); one measurement at the real size makes close calls right.
+    """
+    if not cost.seconds_at or chunk_size in [k for k, _ in cost.seconds_at]:
+        return cost
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            _, seconds = _chunk_seconds(method, f, xs, problem, create_graph, chunk_size, repeats)
+        except Exception as exc:  # e.g. out of memory at the full size: keep the extrapolation
+            logger.debug("%s not refined at chunk %d: %s", method.name, chunk_size, exc)
+            return cost
+    points = (min(cost.seconds_at), (chunk_size, seconds))
+    per_chunk, per_vector = _time_line(points)
+    return dataclasses.replace(cost, seconds_per_chunk=per_chunk, seconds_per_vector=per_vector,
+                               seconds_at=cost.seconds_at + ((chunk_size, seconds),))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -113,7 +164,7 @@ def probe(
     problem: Problem,
     create_graph: bool,
     measure: bool = True,
-    repeats: int = 2,
+    repeats: int = 5,
     chunk_size: int | None = None,
 ) -> Cost:
     """Check that `method` runs on `f`, and (if `measure`) fit its time and memory lines.
@@ -148,14 +199,7 @@ def probe(
     shapes, sizes, dtypes = method.basis_layout(problem)
 
     def chunk_seconds(k: int) -> tuple[float, float]:
-        """(prepare seconds, chunk seconds), the fastest of `repeats` runs."""
-        best_prep = best_chunk = float("inf")
-        for _ in range(repeats):
-            prep, state = timed(lambda: method.prepare(f, xs, problem, create_graph), device)
-            basis = basis_chunk(0, k, shapes, sizes, dtypes, device)
-            seconds, _ = timed(lambda: method.chunk(state, basis), device)
-            best_prep, best_chunk = min(best_prep, prep), min(best_chunk, seconds)
-        return best_prep, best_chunk
+        return _chunk_seconds(method, f, xs, problem, create_graph, k, repeats)
 
     def peak(k: int) -> int:
         return measure_peak_bytes(lambda: _run(method, f, xs, problem, create_graph, k), device)[0]
@@ -173,18 +217,17 @@ def probe(
         except Exception as exc:
             logger.debug("%s dropped while measuring: %s", method.name, exc)
             return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc))
+    per_chunk, per_vector = _time_line([(small, t_small), (large, t_large)])
     if large > small:
-        per_vector = max((t_large - t_small) / (large - small), 0.0)
-        per_chunk = max(t_small - per_vector * small, 0.0)
         bytes_per_vector = max((m_large - m_small) / (large - small), 0.0)
         bytes_fixed = max(m_small - bytes_per_vector * small, 0.0)
     else:  # the whole basis fits in one probe chunk: the probe is the run
-        per_vector, per_chunk = t_small / max(small, 1), 0.0
         bytes_per_vector, bytes_fixed = m_small / max(small, 1), 0.0
     cost = Cost(
         method.mode, method.vectorize, n,
         seconds_fixed=prep, seconds_per_chunk=per_chunk, seconds_per_vector=per_vector,
         bytes_fixed=int(bytes_fixed), bytes_per_vector=int(bytes_per_vector + 0.5), note=note,
+        seconds_at=((small, t_small), (large, t_large)),
     )
     logger.debug("%s measured: %s", method.name, cost)
     return cost

@@ -64,6 +64,7 @@ def time_problem(problem, size, names, device, repeats=5, slow_seconds=5.0):
     want = torch.autograd.functional.jacobian(f, inputs)
     need, smallest = unchunked_need(f, inputs)
     rows, runners = {}, {}
+    autojac.clear_cache()  # every autojac contestant plans on its first call below; keys differ, so plans coexist
     for name in names:
         c = CONTESTANTS_BY_NAME[name]
         row = {"problem": problem.name, "size": size, "contestant": name, "group": c.group}
@@ -75,7 +76,6 @@ def time_problem(problem, size, names, device, repeats=5, slow_seconds=5.0):
             if budget < smallest:
                 row["error"] = f"budget below the smallest plan ({smallest} bytes)"
                 continue
-        autojac.clear_cache()
         try:
             _sync(device)
             start = time.perf_counter()
@@ -93,6 +93,15 @@ def time_problem(problem, size, names, device, repeats=5, slow_seconds=5.0):
             plan = autojac.plan(f, inputs, memory_budget=budget)
             row["plan"] = f"{plan.mode}/{plan.vectorize} x{plan.chunk_size}"
         runners[name] = lambda c=c, budget=budget: c.run(f, inputs, budget)
+    # Sub-millisecond calls are timed in batches of `inner` calls (like timeit's autorange), so one
+    # scheduler hiccup on a small machine does not decide a ratio.
+    inner = {}
+    for name, run in runners.items():
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        inner[name] = max(1, min(200, int(0.01 / max(time.perf_counter() - start, 1e-6))))
     times = {name: [] for name in runners}
     for r in range(repeats):
         for name, run in runners.items():
@@ -100,9 +109,10 @@ def time_problem(problem, size, names, device, repeats=5, slow_seconds=5.0):
                 continue  # one timing is enough for a method this slow
             _sync(device)
             start = time.perf_counter()
-            run()
+            for _ in range(inner[name]):
+                run()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / inner[name])
     for name, ts in times.items():
         rows[name]["seconds"] = statistics.median(ts)
         rows[name]["runs"] = len(ts)

@@ -107,7 +107,7 @@ def per_sample_mlp(size, device):
 @_seeded
 def loss_wrt_weights(size, device):
     """A scalar loss w.r.t. a weight matrix: wide in, one out."""
-    out_f, in_f = (32, 64) if size == "small" else (128, 256)
+    out_f, in_f = (32, 64) if size == "small" else (64, 128)
     data, target = torch.randn(100, in_f, device=device), torch.randn(100, out_f, device=device)
 
     def f(W):
