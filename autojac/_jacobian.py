@@ -149,7 +149,8 @@ def _choose(problem, costs, budget, chunk_size, mode, vectorize) -> Plan:
     try:
         return choose(problem, costs, budget, chunk_size, reserve)
     except NoMethodError as exc:
-        raise _unsupported(mode, vectorize, exc.candidates) from None
+        cause = next((c.cost.error for c in exc.candidates if c.cost.error is not None), None)
+        raise _unsupported(mode, vectorize, exc.candidates) from cause
 
 
 def _unsupported(mode: str, vectorize: str, candidates) -> UnsupportedFunctionError:

@@ -30,6 +30,8 @@ class Cost:
     note: str = ""
     seconds_at: tuple[tuple[int, float], ...] = ()
     """The measured (chunk size, seconds per chunk) points the time line was drawn through."""
+    error: BaseException | None = field(default=None, compare=False, repr=False)
+    """The exception that dropped this method, kept so errors can chain it."""
 
     @property
     def name(self) -> str:

@@ -188,7 +188,7 @@ def probe(
             check_trick_consistent(method, f, xs, problem)
     except Exception as exc:
         logger.debug("%s dropped: %s", method.name, exc)
-        return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc))
+        return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc), error=exc)
     note = ""
     if any("batching rule" in str(w.message) or "performance drop" in str(w.message) for w in caught):
         note = "vmap fell back to a per-sample loop for some ops"
@@ -216,7 +216,7 @@ def probe(
                 t_large, m_large = t_small, m_small
         except Exception as exc:
             logger.debug("%s dropped while measuring: %s", method.name, exc)
-            return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc))
+            return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc), error=exc)
     per_chunk, per_vector = _time_line([(small, t_small), (large, t_large)])
     if large > small:
         bytes_per_vector = max((m_large - m_small) / (large - small), 0.0)

@@ -71,11 +71,9 @@ def time_problem(problem, size, names, device, repeats=5, slow_seconds=5.0):
         rows[name] = row
         budget = None
         if c.budget_share is not None:
-            budget = int(need * c.budget_share)
-            row["budget_bytes"] = budget
-            if budget < smallest:
-                row["error"] = f"budget below the smallest plan ({smallest} bytes)"
-                continue
+            # A share of the unchunked need, but never below what the smallest plan needs (+5%).
+            budget = max(int(need * c.budget_share), int(smallest * 1.05))
+            row.update(budget_bytes=budget, unchunked_bytes=need, smallest_bytes=smallest)
         try:
             _sync(device)
             start = time.perf_counter()

@@ -62,7 +62,7 @@ def robot_arm(size, device):
 @_seeded
 def transformer(size, device):
     """A transformer encoder layer w.r.t. its tokens: square."""
-    seq, d = (8, 32) if size == "small" else (16, 64)
+    seq, d = (8, 32) if size == "small" else (32, 64)
     layer = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=2 * d, dropout=0.0, batch_first=True).to(device).eval()
     return (lambda tokens: layer(tokens)), torch.randn(seq, d, device=device)
 

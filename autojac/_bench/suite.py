@@ -122,6 +122,43 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def budget_table(rows: list[dict]) -> str:
+    """Budgeted autojac runs: the budget, the measured peak, whether it held, and the time cost."""
+    lines = ["| problem | size | budget | unchunked need / budget | plan | peak extra memory | within budget | time | time without budget |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("budget_bytes") is None or r["group"] != "autojac":
+            continue
+        base = next((x for x in rows if (x["problem"], x["size"], x["contestant"]) == (r["problem"], r["size"], "autojac")), {})
+        peak = r.get("peak_bytes")
+        held = "–" if peak is None else ("yes" if peak <= r["budget_bytes"] else "**no**")
+        ratio = r["unchunked_bytes"] / r["budget_bytes"]
+        lines.append(f"| {r['problem']} | {r['size']} | {_fmt_b(r['budget_bytes'])} | {ratio:.1f}x | {r.get('plan') or r.get('error', '')} | "
+                     f"{_fmt_b(peak)} | {held} | {_fmt_s(r.get('seconds'))} | {_fmt_s(base.get('seconds'))} |")
+    return "\n".join(lines)
+
+
+def overhead_text(rows: list[dict]) -> str:
+    tiny = {r["contestant"]: r for r in rows if r["problem"] == "tiny" and r["size"] == "small" and "seconds" in r}
+    if "autojac" not in tiny:
+        return "(not measured)"
+    direct = [tiny[n] for n in ("func.jacrev", "func.jacfwd") if n in tiny]
+    if not direct:
+        return "(torch.func not measured)"
+    best = min(direct, key=lambda r: r["seconds"])
+    return (f"A cached autojac call took {_fmt_s(tiny['autojac']['seconds'])} against {_fmt_s(best['seconds'])} "
+            f"for the faster direct torch.func call ({best['contestant']}): "
+            f"{tiny['autojac']['seconds'] / best['seconds']:.2f}x.")
+
+
+def regenerate(json_path: Path) -> None:
+    """Rewrite the markdown and plots from a results JSON (after changing the report, not the measurements)."""
+    data = json.loads(json_path.read_text())
+    stem = json_path.stem
+    (json_path.parent / f"{stem}.md").write_text(markdown(data["rows"], data["meta"]))
+    plot(data["rows"], json_path.parent, stem)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     parts = [
         f"# autojac benchmark results{' (quick)' if meta['quick'] else ''}",
@@ -137,6 +174,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "## Summary",
         "",
         summary_table(rows),
+        "",
+        "## Memory budgets",
+        "",
+        budget_table(rows),
+        "",
+        "## Overhead on the 3 -> 3 function",
+        "",
+        overhead_text(rows),
         "",
         "## Every contestant",
     ]
