@@ -11,7 +11,7 @@ from ._assemble import Assembler
 from ._basis import balanced_chunks, basis_chunk
 from ._forward import ForwardLoop, ForwardRepeat, ForwardVmap
 from ._forward_trick import ForwardTrickLoop, ForwardTrickRepeat, ForwardTrickVmap
-from ._method import Method
+from ._method import Method, grad_mode
 from ._problem import Problem
 from ._reverse import ReverseLoop, ReverseRepeat, ReverseVmap
 
@@ -55,7 +55,8 @@ def run_method(
     """
     n = method.basis_size(problem)
     shapes, sizes, dtypes = method.basis_layout(problem)
-    state = method.prepare(f, xs, problem, create_graph)
+    with grad_mode(create_graph):
+        state = method.prepare(f, xs, problem, create_graph)
     assembler = Assembler(problem, by_rows=method.by_rows)
     done = 0
     while done < n:
@@ -64,11 +65,14 @@ def run_method(
             start, stop = start + offset, stop + offset
             try:
                 basis = basis_chunk(start, stop, shapes, sizes, dtypes, problem.inputs.device)
-                assembler.add(start, stop, method.chunk(state, basis))
+                with grad_mode(create_graph):
+                    parts = method.chunk(state, basis)
+                assembler.add(start, stop, parts)
+                parts = None
             except Exception as exc:
                 if not is_out_of_memory(exc) or stop - start == 1:
                     raise
-                basis = None  # drop this chunk's tensors before retrying
+                basis = parts = None  # drop this chunk's tensors before retrying
                 _release_cached_memory(problem.inputs.device)
                 chunk_size = max(1, (stop - start) // 2)
                 events.append(f"{method.name}: out of memory at chunk size {stop - start}; retried at {chunk_size}")

@@ -77,9 +77,10 @@ def plan(
 ) -> Plan:
     """Decide how `jacobian(f, inputs, ...)` would run, without computing the Jacobian.
 
-    Takes the same options as `jacobian`; the rules are in its docstring. The
-    returned `Plan` prints as one readable paragraph and can be passed back as
-    `jacobian(f, inputs, plan=plan)`.
+    Takes the same options as `jacobian`; the rules are in its docstring
+    (`strict` is accepted so the same options can be passed, and is checked when
+    the plan runs). The returned `Plan` prints as one readable paragraph and can
+    be passed back as `jacobian(f, inputs, plan=plan)`.
     """
     _check_options(mode, vectorize, chunk_size, "plan")
     _check_callable(f, "plan")
@@ -88,6 +89,8 @@ def plan(
 
 
 def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_graph, cache, who) -> Plan:
+    if memory_budget is not None:
+        parse_budget(memory_budget, 2**40, who)  # a bad budget is refused before anything else, cached or not
     key = (signature, mode, vectorize, chunk_size, memory_budget, create_graph)
     if cache:
         cached = _cache.get(f, key)
@@ -153,17 +156,21 @@ def _choose(problem, costs, budget, chunk_size, mode, vectorize) -> Plan:
         raise _unsupported(mode, vectorize, exc.candidates) from cause
 
 
+def _advice(mode: str, vectorize: str) -> str:
+    """What to try instead when the allowed methods failed."""
+    if mode == "auto" and vectorize == "auto":
+        return "Check that `f` is differentiable with torch.autograd (no .detach(), .numpy() or .item() on the path from inputs to outputs)."
+    advice = "Leave `mode` and `vectorize` at 'auto' to let autojac try every method"
+    if mode == "forward":
+        advice += ", or use mode='forward-trick' (needs only backward formulas) or mode='reverse'"
+    if vectorize in ("vmap", "repeat"):
+        advice += ", or use vectorize='loop' (works wherever torch.autograd does)"
+    return advice + "."
+
+
 def _unsupported(mode: str, vectorize: str, candidates) -> UnsupportedFunctionError:
     reasons = "; ".join(f"{c.name}: {(c.cost.dropped or '').rstrip('.')}" for c in candidates)
-    if mode != "auto" or vectorize != "auto":
-        advice = "Leave `mode` and `vectorize` at 'auto' to let autojac try every method"
-        if mode == "forward":
-            advice += ", or use mode='forward-trick' (needs only backward formulas) or mode='reverse'"
-        if vectorize in ("vmap", "repeat"):
-            advice += ", or use vectorize='loop' (works wherever torch.autograd does)"
-    else:
-        advice = "Check that `f` is differentiable with torch.autograd (no .detach(), .numpy() or .item() on the path from inputs to outputs)"
-    return UnsupportedFunctionError(f"jacobian: no method could differentiate `f` with mode={mode!r}, vectorize={vectorize!r}. {reasons}. {advice}.")
+    return UnsupportedFunctionError(f"jacobian: no method could differentiate `f` with mode={mode!r}, vectorize={vectorize!r}. {reasons}. {_advice(mode, vectorize)}")
 
 
 def jacobian(
@@ -319,7 +326,7 @@ def _execute(plan: Plan, f: Callable, xs: Sequence[torch.Tensor], create_graph: 
     tried = "; ".join(f"{n}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for n, e in failures)
     if isinstance(last, UnsupportedFunctionError) and len(failures) == 1:
         raise last
-    advice = _unsupported(plan.mode, plan.vectorize, ()).args[0].split(". ", 1)[1] if len(failures) == 1 else "Every feasible method was tried."
+    advice = _advice(plan.mode, plan.vectorize) if len(failures) == 1 else "Every feasible method was tried."
     raise UnsupportedFunctionError(f"jacobian: {name} could not differentiate `f`: {tried}. {advice}") from last
 
 

@@ -58,6 +58,21 @@ class Method(abc.ABC):
         return f"{type(self).__name__}()"
 
 
+def grad_mode(create_graph: bool):
+    """The grad mode every prepare and chunk runs under.
+
+    NOTE: [Why chunks run under no_grad]
+    Without `create_graph`, nothing outside a method should record a graph. But
+    `f`'s own parameters (an nn.Module's weights) require grad, so torch.func and
+    forward-AD results would carry a graph back to them; copying each chunk into
+    the result then kept every chunk's intermediates alive (measured: 1.6 MiB per
+    chunk of 16 on a transformer layer, 209 MiB over a 2048-row Jacobian). Under
+    no_grad, torch.func transforms and forward AD still work, and the methods
+    that need a graph of their own build it under `torch.enable_grad()`.
+    """
+    return torch.enable_grad() if create_graph else torch.no_grad()
+
+
 def grad_inputs(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
     """Inputs to differentiate: detached leaves, or views that keep the caller's graph.
 

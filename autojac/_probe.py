@@ -18,9 +18,10 @@ import torch
 from ._basis import basis_chunk
 from ._errors import NotBatchAwareError
 from ._measure import measure_peak_bytes, timed
-from ._method import Method, call
+from ._method import Method, call, grad_mode
 from ._plan import Cost
 from ._problem import Problem
+from ._reverse import ReverseLoop
 
 logger = logging.getLogger("autojac")
 
@@ -76,15 +77,13 @@ def check_trick_consistent(method: Method, f: Callable, xs: Sequence[torch.Tenso
     not differentiable but does not say so (it detaches, or goes through Python
     numbers) makes the trick return zeros; this catches it before it is used.
     """
-    from ._method import grad_inputs, vjp
-    from ._reverse import ReverseLoop
-
     generator = torch.Generator(device=problem.inputs.device).manual_seed(1)
     device = problem.inputs.device
     u = [torch.randn((1, *s), generator=generator, dtype=d, device=device) for s, d in zip(problem.inputs.shapes, problem.inputs.dtypes)]
     w = [torch.randn((1, *s), generator=generator, dtype=d, device=device) for s, d in zip(problem.out_shapes, problem.out_dtypes)]
-    Ju = method.chunk(method.prepare(f, xs, problem, False), u)
-    JTw = ReverseLoop().chunk(ReverseLoop().prepare(f, xs, problem, False), w)
+    with grad_mode(False):
+        Ju = method.chunk(method.prepare(f, xs, problem, False), u)
+        JTw = ReverseLoop().chunk(ReverseLoop().prepare(f, xs, problem, False), w)
     left = sum(float((wi * ji).sum()) for wi, ji in zip(w, Ju) if ji is not None)
     right = sum(float((ui * gi).sum()) for ui, gi in zip(u, JTw) if gi is not None)
     if not (math.isfinite(left) and math.isfinite(right)):
@@ -98,8 +97,9 @@ def check_trick_consistent(method: Method, f: Callable, xs: Sequence[torch.Tenso
 
 def _run(method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Problem, create_graph: bool, k: int) -> None:
     shapes, sizes, dtypes = method.basis_layout(problem)
-    state = method.prepare(f, xs, problem, create_graph)
-    method.chunk(state, basis_chunk(0, k, shapes, sizes, dtypes, problem.inputs.device))
+    with grad_mode(create_graph):
+        state = method.prepare(f, xs, problem, create_graph)
+        method.chunk(state, basis_chunk(0, k, shapes, sizes, dtypes, problem.inputs.device))
 
 
 def _chunk_seconds(method, f, xs, problem, create_graph, k, repeats) -> tuple[float, float]:
@@ -113,9 +113,10 @@ def _chunk_seconds(method, f, xs, problem, create_graph, k, repeats) -> tuple[fl
     best_prep = best_chunk = float("inf")
     spent, runs = 0.0, 0
     while runs < 2 or (runs < repeats and spent < 0.05):
-        prep, state = timed(lambda: method.prepare(f, xs, problem, create_graph), device)
-        basis = basis_chunk(0, k, shapes, sizes, dtypes, device)
-        seconds, _ = timed(lambda: method.chunk(state, basis), device)
+        with grad_mode(create_graph):
+            prep, state = timed(lambda: method.prepare(f, xs, problem, create_graph), device)
+            basis = basis_chunk(0, k, shapes, sizes, dtypes, device)
+            seconds, _ = timed(lambda: method.chunk(state, basis), device)
         best_prep, best_chunk = min(best_prep, prep), min(best_chunk, seconds)
         spent, runs = spent + prep + seconds, runs + 1
     return best_prep, best_chunk

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
-from reference import assert_same_structure_and_close, reference
+from reference import reference
 
 import autojac
 
@@ -173,3 +173,13 @@ def test_module_parameters_are_not_differentiated_or_modified():
     for p, before in zip(net.parameters(), params):
         assert torch.equal(p.detach(), before)
         assert p.grad is None
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "forward-trick"])
+@pytest.mark.parametrize("vectorize", ["vmap", "repeat", "loop"])
+def test_module_jacobian_carries_no_graph_to_the_parameters(mode, vectorize):
+    # A graph back to the weights would keep every chunk's intermediates alive (see grad_mode).
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double().to(DEVICE)
+    got = autojac.jacobian(net, x64(6), mode=mode, vectorize=vectorize, chunk_size=2)
+    assert not got.requires_grad and got.grad_fn is None
+
