@@ -158,6 +158,21 @@ def tuple_inputs(size, device):
     return f, (torch.randn(d, device=device), torch.randn(d, device=device))
 
 
+@_seeded
+def wide_mlp(size, device):
+    """256 -> 256 through 4 residual blocks 32768 wide: each basis vector carries wide activations,
+    so the vectorized Jacobian needs far more memory than its result. For budget sweeps."""
+    width = 32768 if size == "large" else 2048
+    blocks = [(torch.randn(width, 256, device=device) / 16, torch.randn(256, width, device=device) / width ** 0.5) for _ in range(4)]
+
+    def f(x):
+        for W1, W2 in blocks:
+            x = x + torch.tanh(x @ W1.T) @ W2.T
+        return x
+
+    return f, torch.randn(256, device=device)
+
+
 PROBLEMS = [
     Problem("classifier", "conv, wide in / narrow out", classifier),
     Problem("decoder", "narrow in / wide out", decoder),
@@ -172,4 +187,6 @@ PROBLEMS = [
     Problem("tuple_inputs", "tuple inputs and outputs", tuple_inputs),
 ]
 
-BY_NAME = {p.name: p for p in PROBLEMS}
+BUDGET_PROBLEMS = [Problem("wide_mlp", "256 -> 256 through four 32768-wide residual blocks", wide_mlp)]
+
+BY_NAME = {p.name: p for p in PROBLEMS + BUDGET_PROBLEMS}
