@@ -27,9 +27,10 @@ def demo(say=print) -> None:
     f, x = BY_NAME["tiny"].build("small", device)
     J = autojac.jacobian(f, x)
     say(f"tiny 3 -> 3 at x = {[round(v, 3) for v in x.tolist()]}:\n{J}\n")
+    plans = {}
     for name in ("decoder", "classifier", "custom_function", "transformer"):
         f, x = BY_NAME[name].build("small", device)
-        plan = autojac.plan(f, x)
+        plan = plans[name] = autojac.plan(f, x)
         ours = _best_time(lambda: autojac.jacobian(f, x))
         line = f"{name:16s} {plan.problem.n_out:5d} x {plan.problem.n_in:<5d} autojac {plan.mode}/{plan.vectorize} " \
                f"(chunk {plan.chunk_size}): {ours * 1e3:7.2f} ms"
@@ -41,5 +42,4 @@ def demo(say=print) -> None:
                 line += f" | {label} fails ({type(exc).__name__})"
         say(line)
     say("\nWhy, for the decoder:")
-    f, x = BY_NAME["decoder"].build("small", device)
-    say(str(autojac.plan(f, x)))
+    say(str(plans["decoder"]))
