@@ -13,7 +13,7 @@ from typing import final
 
 import torch
 
-from ._method import BatchState, Method, Parts, batched_copies, call, check_batched_outputs, grad_inputs, stack_parts, vjp
+from ._method import BatchState, Method, Parts, call, call_on_copies, grad_inputs, stack_parts, vjp
 from ._problem import Problem
 
 
@@ -83,10 +83,7 @@ class ForwardTrickRepeat(Method):
         return BatchState(f, grad_inputs(xs, create_graph), problem, create_graph)
 
     def chunk(self, state: BatchState, basis: Sequence[torch.Tensor]) -> Parts:
-        k = basis[0].shape[0]
+        copies, ys = call_on_copies(state, basis[0].shape[0])
         with torch.enable_grad():
-            copies = batched_copies(state.xs, k)
-            ys = call(state.f, copies)
-            check_batched_outputs(ys, state.problem, k)
             linear = _linearize(ys, copies, state.create_graph)
         return _jvp(linear, basis, batched=False)

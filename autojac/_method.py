@@ -154,3 +154,12 @@ class BatchState:
     xs: tuple[torch.Tensor, ...]
     problem: Problem
     create_graph: bool
+
+
+def call_on_copies(state: BatchState, k: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The repeat trick's forward pass: `f` on k copies of the inputs, with a graph; (copies, outputs)."""
+    with torch.enable_grad():
+        copies = batched_copies(state.xs, k)
+        ys = call(state.f, copies)
+    check_batched_outputs(ys, state.problem, k)
+    return copies, ys
