@@ -127,7 +127,7 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
 
 
 def _refined(plan: Plan, f, xs, create_graph, budget, chunk_size, mode, vectorize) -> Plan:
-    """Re-time the close contenders at their planned chunk sizes, then choose again.
+    """Time a whole run of each close contender at its planned chunk size, then choose again.
 
     Contenders are feasible candidates estimated within REFINE_WITHIN of the best
     whose whole Jacobian is estimated under REFINE_MAX_SECONDS, so refining costs
@@ -238,9 +238,10 @@ def jacobian(
     - Per candidate, the chunk size is the largest whose estimated peak (measured
       x1.15, plus the result, plus 8 MiB on the CPU for BLAS workspaces the probes
       cannot see) fits the budget, balanced across chunks.
-    - Candidates estimated within 2x of the best (and under 1 s in all) are timed
-      again at that chunk size, since small probes extrapolate poorly; then the
-      choice is made again.
+    - Candidates estimated within 2x of the best (and under 1 s in all) compute
+      the whole Jacobian at their chunk size, timed, since small probes
+      extrapolate poorly; the measured time replaces the estimate and the choice
+      is made again.
     - The candidate with the lowest estimated total time wins; ties go to fewer
       passes, then vmap over repeat over loop.
     - If nothing fits, `MemoryBudgetError` says what the smallest plan needs,

@@ -30,6 +30,8 @@ class Cost:
     note: str = ""
     seconds_at: tuple[tuple[int, float], ...] = ()
     """The measured (chunk size, seconds per chunk) points the time line was drawn through."""
+    measured_run: tuple[int, float] | None = None
+    """(chunk size, seconds) of a whole Jacobian timed at that chunk size; it beats the model there."""
     error: BaseException | None = field(default=None, compare=False, repr=False)
     """The exception that dropped this method, kept so errors can chain it."""
 

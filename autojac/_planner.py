@@ -20,6 +20,8 @@ SAFETY = 1.15
 
 
 def estimate_seconds(cost: Cost, chunk_size: int) -> float | None:
+    if cost.measured_run is not None and cost.measured_run[0] == chunk_size:
+        return cost.measured_run[1]
     if cost.seconds_per_vector is None:
         return None
     n = cost.n_vectors

@@ -17,6 +17,7 @@ import torch
 
 from ._basis import basis_chunk
 from ._errors import NotBatchAwareError
+from ._execute import run_method
 from ._measure import measure_peak_bytes, timed
 from ._method import Method, call, grad_mode
 from ._plan import Cost
@@ -132,25 +133,26 @@ def _time_line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
 
 
 def refine(cost: Cost, method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Problem,
-           create_graph: bool, chunk_size: int, repeats: int = 3) -> Cost:
-    """Time `method` at the chunk size the plan would use, and redraw its time line through that point.
+           create_graph: bool, chunk_size: int, repeats: int = 5) -> Cost:
+    """Time a whole Jacobian by `method` at the chunk size the plan would use.
 
     The probes' small chunks extrapolate poorly to chunks of hundreds (caches,
-    BLAS blocking); one measurement at the real size makes close calls right.
+    BLAS blocking), and leave out building the basis and assembling the result;
+    for close calls between cheap candidates, the real run is what should decide.
+    The fastest of 2 to `repeats` runs (more while under 0.1 s in all) is kept.
     """
-    if not cost.seconds_at or chunk_size in [k for k, _ in cost.seconds_at]:
-        return cost
+    device = problem.inputs.device
+    best, spent, runs = float("inf"), 0.0, 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            _, seconds = _chunk_seconds(method, f, xs, problem, create_graph, chunk_size, repeats)
-        except Exception as exc:  # e.g. out of memory at the full size: keep the extrapolation
+            while runs < 2 or (runs < repeats and spent < 0.1):
+                seconds, _ = timed(lambda: run_method(method, f, xs, problem, chunk_size, create_graph, []), device)
+                best, spent, runs = min(best, seconds), spent + seconds, runs + 1
+        except Exception as exc:  # e.g. out of memory at the full size: keep the model's estimate
             logger.debug("%s not refined at chunk %d: %s", method.name, chunk_size, exc)
             return cost
-    points = (min(cost.seconds_at), (chunk_size, seconds))
-    per_chunk, per_vector = _time_line(points)
-    return dataclasses.replace(cost, seconds_per_chunk=per_chunk, seconds_per_vector=per_vector,
-                               seconds_at=cost.seconds_at + ((chunk_size, seconds),))
+    return dataclasses.replace(cost, measured_run=(chunk_size, best))
 
 
 def _first_line(exc: BaseException) -> str:
