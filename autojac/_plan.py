@@ -28,8 +28,6 @@ class Cost:
     bytes_fixed: int | None = None
     bytes_per_vector: int | None = None
     note: str = ""
-    seconds_at: tuple[tuple[int, float], ...] = ()
-    """The measured (chunk size, seconds per chunk) points the time line was drawn through."""
     measured_run: tuple[int, float] | None = None
     """(chunk size, seconds) of a whole Jacobian timed at that chunk size; it beats the model there."""
     error: BaseException | None = field(default=None, compare=False, repr=False)

@@ -123,13 +123,15 @@ def _chunk_seconds(method, f, xs, problem, create_graph, k, repeats) -> tuple[fl
     return best_prep, best_chunk
 
 
-def _time_line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
-    """(seconds per chunk, seconds per vector) through the smallest and largest measured chunk."""
-    (k0, t0), (k1, t1) = min(points), max(points)
+def _line(k0: int, y0: float, k1: int, y1: float) -> tuple[float, float]:
+    """(intercept, slope) through two probe measurements, neither negative.
+
+    With one probe size (the whole basis fit in it), the probe is the run: all per vector.
+    """
     if k1 == k0:
-        return 0.0, t0 / max(k0, 1)
-    per_vector = max((t1 - t0) / (k1 - k0), 0.0)
-    return max(t0 - per_vector * k0, 0.0), per_vector
+        return 0.0, y0 / max(k0, 1)
+    slope = max((y1 - y0) / (k1 - k0), 0.0)
+    return max(y0 - slope * k0, 0.0), slope
 
 
 def refine(cost: Cost, method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Problem,
@@ -199,7 +201,6 @@ def probe(
         return Cost(method.mode, method.vectorize, n, note=note)
 
     large = min(n, PROBE_LARGE_LOOP if method.vectorize == "loop" else PROBE_LARGE)
-    shapes, sizes, dtypes = method.basis_layout(problem)
 
     def chunk_seconds(k: int) -> tuple[float, float]:
         return _chunk_seconds(method, f, xs, problem, create_graph, k, repeats)
@@ -220,17 +221,12 @@ def probe(
         except Exception as exc:
             logger.debug("%s dropped while measuring: %s", method.name, exc)
             return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc), error=exc)
-    per_chunk, per_vector = _time_line([(small, t_small), (large, t_large)])
-    if large > small:
-        bytes_per_vector = max((m_large - m_small) / (large - small), 0.0)
-        bytes_fixed = max(m_small - bytes_per_vector * small, 0.0)
-    else:  # the whole basis fits in one probe chunk: the probe is the run
-        bytes_per_vector, bytes_fixed = m_small / max(small, 1), 0.0
+    per_chunk, per_vector = _line(small, t_small, large, t_large)
+    bytes_fixed, bytes_per_vector = _line(small, m_small, large, m_large)
     cost = Cost(
         method.mode, method.vectorize, n,
         seconds_fixed=prep, seconds_per_chunk=per_chunk, seconds_per_vector=per_vector,
         bytes_fixed=int(bytes_fixed), bytes_per_vector=int(bytes_per_vector + 0.5), note=note,
-        seconds_at=((small, t_small), (large, t_large)),
     )
     logger.debug("%s measured: %s", method.name, cost)
     return cost
