@@ -127,24 +127,35 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
 
 
 def _refined(plan: Plan, f, xs, create_graph, budget, chunk_size, mode, vectorize) -> Plan:
-    """Time a whole run of each close contender at its planned chunk size, then choose again.
+    """Time whole runs of the close contenders at their planned chunk sizes, then choose again.
 
     Contenders are feasible candidates estimated within REFINE_WITHIN of the best
     whose whole Jacobian is estimated under REFINE_MAX_SECONDS, so refining costs
     at most a few Jacobians and only where extrapolation could flip the choice.
+    The best alone is timed too: if its real run is slower than extrapolated and
+    that brings candidates that were not timed within reach, a second pass times
+    them together with it.
     """
-    best = plan.estimated_seconds
-    if best is None:
-        return plan
-    costs = []
-    for c in plan.candidates:
-        close = c.feasible and c.estimated_seconds is not None and c.estimated_seconds <= REFINE_WITHIN * best
-        if close and c.estimated_seconds <= REFINE_MAX_SECONDS and c.cost.measured:
-            method = METHODS[(c.cost.mode, c.cost.vectorize)]
-            costs.append(refine(c.cost, method, f, xs, plan.problem, create_graph, c.chunk_size))
-        else:
-            costs.append(c.cost)
-    return _choose(plan.problem, costs, budget, chunk_size, mode, vectorize)
+    timed_ones: set[tuple[str, str]] = set()
+    for _ in range(2):
+        best = plan.estimated_seconds
+        if best is None:
+            return plan
+        contenders, where = [], []
+        for i, c in enumerate(plan.candidates):
+            close = c.feasible and c.estimated_seconds is not None and c.estimated_seconds <= REFINE_WITHIN * best
+            if close and c.estimated_seconds <= REFINE_MAX_SECONDS and c.cost.measured:
+                contenders.append((c.cost, METHODS[(c.cost.mode, c.cost.vectorize)], c.chunk_size))
+                where.append(i)
+        names = {(c.mode, c.vectorize) for c, _, _ in contenders}
+        if names <= timed_ones:
+            return plan  # every contender has been timed: the choice stands
+        timed_ones |= names
+        costs = [c.cost for c in plan.candidates]
+        for i, cost in zip(where, refine(contenders, f, xs, plan.problem, create_graph)):
+            costs[i] = cost
+        plan = _choose(plan.problem, costs, budget, chunk_size, mode, vectorize)
+    return plan
 
 
 def _choose(problem, costs, budget, chunk_size, mode, vectorize) -> Plan:

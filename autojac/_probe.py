@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -134,27 +135,60 @@ def _line(k0: int, y0: float, k1: int, y1: float) -> tuple[float, float]:
     return max(y0 - slope * k0, 0.0), slope
 
 
-def refine(cost: Cost, method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Problem,
-           create_graph: bool, chunk_size: int, repeats: int = 5) -> Cost:
-    """Time a whole Jacobian by `method` at the chunk size the plan would use.
+REFINE_ROUNDS = (3, 9)
+"""Interleaved rounds of whole runs when refining: at least 3 (1 if they are slow), at most 9..."""
+REFINE_SECONDS = 0.3
+"""...adding rounds while the rounds so far took less than this (3 rounds while under 3 times this)."""
+
+
+def refine(contenders: Sequence[tuple[Cost, Method, int]], f: Callable, xs: Sequence[torch.Tensor],
+           problem: Problem, create_graph: bool) -> list[Cost]:
+    """Time whole Jacobians of close contenders, each at the chunk size the plan would use.
 
     The probes' small chunks extrapolate poorly to chunks of hundreds (caches,
-    BLAS blocking), and leave out building the basis and assembling the result;
-    for close calls between cheap candidates, the real run is what should decide.
-    The fastest of 2 to `repeats` runs (more while under 0.1 s in all) is kept.
+    BLAS blocking, fresh pages for large buffers), and leave out building the
+    basis and assembling the result; for close calls between cheap candidates
+    the real run is what should decide. Each contender runs once to warm up
+    (not counted), then all run in interleaved rounds, so a burst of noise on
+    a busy machine hits every contender alike; the median of the rounds is kept.
+    A contender that fails at its full chunk (for example out of memory) keeps
+    its extrapolated estimate.
     """
     device = problem.inputs.device
-    best, spent, runs = float("inf"), 0.0, 0
+    alive: dict[int, list[float]] = {}
+
+    def run(i: int) -> float | None:
+        cost, method, chunk_size = contenders[i]
+        try:
+            seconds, _ = timed(lambda: run_method(method, f, xs, problem, chunk_size, create_graph, []), device)
+        except Exception as exc:
+            logger.debug("%s not refined at chunk %d: %s", method.name, chunk_size, exc)
+            alive.pop(i, None)
+            return None
+        return seconds
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            while runs < 2 or (runs < repeats and spent < 0.1):
-                seconds, _ = timed(lambda: run_method(method, f, xs, problem, chunk_size, create_graph, []), device)
-                best, spent, runs = min(best, seconds), spent + seconds, runs + 1
-        except Exception as exc:  # e.g. out of memory at the full size: keep the model's estimate
-            logger.debug("%s not refined at chunk %d: %s", method.name, chunk_size, exc)
-            return cost
-    return dataclasses.replace(cost, measured_run=(chunk_size, best))
+        for i in range(len(contenders)):
+            alive[i] = []
+            run(i)
+        spent, rounds = 0.0, 0
+        while alive and rounds < REFINE_ROUNDS[1] and (
+            rounds == 0 or spent < REFINE_SECONDS or (rounds < REFINE_ROUNDS[0] and spent < 3 * REFINE_SECONDS)
+        ):
+            order = list(alive)
+            order = order[rounds % len(order):] + order[:rounds % len(order)]  # rotate who goes first
+            for i in order:
+                seconds = run(i)
+                if seconds is not None:
+                    alive[i].append(seconds)
+                    spent += seconds
+            rounds += 1
+    refined = []
+    for i, (cost, _, chunk_size) in enumerate(contenders):
+        times = alive.get(i)
+        refined.append(dataclasses.replace(cost, measured_run=(chunk_size, statistics.median(times))) if times else cost)
+    return refined
 
 
 def _first_line(exc: BaseException) -> str:

@@ -188,3 +188,35 @@ def test_cpu_budget_is_kept_in_a_fresh_process():
     assert facts["chunk"] < 3072
     print(facts)
     assert facts["extra"] <= facts["budget"], facts
+
+
+def test_refine_interleaves_contenders_skips_the_warm_up_and_keeps_the_median(monkeypatch):
+    from autojac import _probe
+
+    x = torch.randn(8, dtype=torch.float64)
+    p = autojac.plan(f, x, mode="reverse", cache=False)
+    costs = {(c.cost.mode, c.cost.vectorize): c.cost for c in p.candidates}
+    names = ["reverse/vmap", "reverse/loop", "reverse/repeat"]
+    contenders = [(costs[tuple(n.split("/"))], _execute.METHODS[tuple(n.split("/"))], 8) for n in names]
+    script = {  # seconds per run, the warm-up first; reverse/repeat fails at its second timed run
+        "reverse/vmap": iter([9.0, 0.15, 0.05, 0.1]),
+        "reverse/loop": iter([9.0, 0.25, 0.2, 0.3]),
+        "reverse/repeat": iter([9.0, 0.05, "out of memory"]),
+    }
+    calls = []
+
+    def fake_run_method(method, *args):
+        calls.append(method.name)
+        seconds = next(script[method.name])
+        if isinstance(seconds, str):
+            raise RuntimeError(seconds)
+        return seconds
+
+    monkeypatch.setattr(_probe, "run_method", fake_run_method)
+    monkeypatch.setattr(_probe, "timed", lambda work, device: (work(), None))
+    refined = _probe.refine(contenders, f, (x,), p.problem, False)
+    # warm-ups in order, then rounds that rotate who goes first; 3 rounds, as they took over REFINE_SECONDS
+    assert calls == names + names + ["reverse/loop", "reverse/repeat", "reverse/vmap"] + ["reverse/vmap", "reverse/loop"]
+    assert refined[0].measured_run == (8, 0.1)
+    assert refined[1].measured_run == (8, 0.25)
+    assert refined[2] is contenders[2][0]  # failed at full size: keeps its extrapolated estimate
