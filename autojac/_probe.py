@@ -158,7 +158,7 @@ def refine(contenders: Sequence[tuple[Cost, Method, int]], f: Callable, xs: Sequ
     alive: dict[int, list[float]] = {}
 
     def run(i: int) -> float | None:
-        cost, method, chunk_size = contenders[i]
+        _, method, chunk_size = contenders[i]
         try:
             seconds, _ = timed(lambda: run_method(method, f, xs, problem, chunk_size, create_graph, []), device)
         except Exception as exc:
