@@ -27,6 +27,8 @@ REFINE_WITHIN = 2.0
 """Candidates estimated within this factor of the best are re-timed at their real chunk size."""
 REFINE_MAX_SECONDS = 1.0
 """...if their whole Jacobian is estimated to take less than this."""
+REFINE_PASSES = 3
+"""Timing passes at most: a pass whose runs bring untimed candidates within reach calls for another."""
 
 _cache = PlanCache()
 
@@ -132,25 +134,27 @@ def _refined(plan: Plan, f, xs, create_graph, budget, chunk_size, mode, vectoriz
     Contenders are feasible candidates estimated within REFINE_WITHIN of the best
     whose whole Jacobian is estimated under REFINE_MAX_SECONDS, so refining costs
     at most a few Jacobians and only where extrapolation could flip the choice.
-    The best alone is timed too: if its real run is slower than extrapolated and
-    that brings candidates that were not timed within reach, a second pass times
-    them together with it.
+    The best alone is timed too. If the timed runs bring candidates that were not
+    timed within reach, another pass times them together with those timed before
+    (up to REFINE_PASSES passes), so the final choice is between timed runs.
     """
     timed_ones: set[tuple[str, str]] = set()
-    for _ in range(2):
+    for _ in range(REFINE_PASSES):
         best = plan.estimated_seconds
         if best is None:
             return plan
-        contenders, where = [], []
+        contenders, where, new = [], [], False
         for i, c in enumerate(plan.candidates):
+            name = (c.cost.mode, c.cost.vectorize)
             close = c.feasible and c.estimated_seconds is not None and c.estimated_seconds <= REFINE_WITHIN * best
-            if close and c.estimated_seconds <= REFINE_MAX_SECONDS and c.cost.measured:
-                contenders.append((c.cost, METHODS[(c.cost.mode, c.cost.vectorize)], c.chunk_size))
+            close = close and c.estimated_seconds <= REFINE_MAX_SECONDS and c.cost.measured
+            if close or (name in timed_ones and c.feasible):
+                contenders.append((c.cost, METHODS[name], c.chunk_size))
                 where.append(i)
-        names = {(c.mode, c.vectorize) for c, _, _ in contenders}
-        if names <= timed_ones:
+                new = new or name not in timed_ones
+        if not new:
             return plan  # every contender has been timed: the choice stands
-        timed_ones |= names
+        timed_ones |= {(c.mode, c.vectorize) for c, _, _ in contenders}
         costs = [c.cost for c in plan.candidates]
         for i, cost in zip(where, refine(contenders, f, xs, plan.problem, create_graph)):
             costs[i] = cost

@@ -22,6 +22,7 @@ from ._execute import run_method
 from ._measure import measure_peak_bytes, timed
 from ._method import Method, call, grad_mode
 from ._plan import Cost
+from ._planner import estimate_seconds
 from ._problem import Problem
 from ._reverse import ReverseLoop
 
@@ -138,7 +139,9 @@ def _line(k0: int, y0: float, k1: int, y1: float) -> tuple[float, float]:
 REFINE_ROUNDS = (3, 9)
 """Interleaved rounds of whole runs when refining: at least 3 (1 if they are slow), at most 9..."""
 REFINE_SECONDS = 0.3
-"""...adding rounds while the rounds so far took less than this (3 rounds while under 3 times this)."""
+"""...adding rounds while the rounds so far took less than this (3 rounds while under 3 times this).
+A contender estimated under a third of this runs once first to warm up; slower runs need no warm-up
+(first-run costs such as tracing and fresh pages are small beside them) and would double the cost."""
 
 
 def refine(contenders: Sequence[tuple[Cost, Method, int]], f: Callable, xs: Sequence[torch.Tensor],
@@ -148,8 +151,8 @@ def refine(contenders: Sequence[tuple[Cost, Method, int]], f: Callable, xs: Sequ
     The probes' small chunks extrapolate poorly to chunks of hundreds (caches,
     BLAS blocking, fresh pages for large buffers), and leave out building the
     basis and assembling the result; for close calls between cheap candidates
-    the real run is what should decide. Each contender runs once to warm up
-    (not counted), then all run in interleaved rounds, so a burst of noise on
+    the real run is what should decide. Each cheap contender runs once to warm
+    up (not counted), then all run in interleaved rounds, so a burst of noise on
     a busy machine hits every contender alike; the median of the rounds is kept.
     A contender that fails at its full chunk (for example out of memory) keeps
     its extrapolated estimate.
@@ -169,9 +172,11 @@ def refine(contenders: Sequence[tuple[Cost, Method, int]], f: Callable, xs: Sequ
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for i in range(len(contenders)):
+        for i, (cost, _, chunk_size) in enumerate(contenders):
             alive[i] = []
-            run(i)
+            estimate = estimate_seconds(cost, chunk_size)
+            if estimate is None or estimate < REFINE_SECONDS / 3:
+                run(i)
         spent, rounds = 0.0, 0
         while alive and rounds < REFINE_ROUNDS[1] and (
             rounds == 0 or spent < REFINE_SECONDS or (rounds < REFINE_ROUNDS[0] and spent < 3 * REFINE_SECONDS)

@@ -220,3 +220,27 @@ def test_refine_interleaves_contenders_skips_the_warm_up_and_keeps_the_median(mo
     assert refined[0].measured_run == (8, 0.1)
     assert refined[1].measured_run == (8, 0.25)
     assert refined[2] is contenders[2][0]  # failed at full size: keeps its extrapolated estimate
+
+
+def test_a_best_slower_than_extrapolated_brings_the_others_into_further_timed_passes(monkeypatch):
+    import dataclasses
+
+    from autojac import _jacobian
+
+    x = torch.randn(8, dtype=torch.float64)
+    passes = []
+
+    def fake_refine(contenders, f, xs, problem, create_graph):
+        passes.append({m.name for _, m, _ in contenders})
+        # Every pass's runs take longer than the last's, and far longer than extrapolated.
+        return [dataclasses.replace(c, measured_run=(k, float(len(passes)))) for c, _, k in contenders]
+
+    monkeypatch.setattr(_jacobian, "REFINE_WITHIN", 1.0)
+    monkeypatch.setattr(_jacobian, "REFINE_MAX_SECONDS", 10.0)
+    monkeypatch.setattr(_jacobian, "refine", fake_refine)
+    p = autojac.plan(f, x, mode="reverse", cache=False)
+    # Only the extrapolated best is close at first (within 1x of itself); each timed run brings
+    # the next-best extrapolation within reach, which is timed together with those timed before.
+    assert [len(names) for names in passes] == [1, 2, 3]
+    assert passes[0] < passes[1] < passes[2] == {"reverse/vmap", "reverse/repeat", "reverse/loop"}
+    assert p.estimated_seconds == 3.0  # the choice is between the last pass's timed runs
