@@ -160,17 +160,18 @@ def tuple_inputs(size, device):
 
 @_seeded
 def wide_mlp(size, device):
-    """256 -> 256 through 4 residual blocks 32768 wide: each basis vector carries wide activations,
+    """512 -> 512 through 4 residual blocks 32768 wide: each basis vector carries wide activations,
     so the vectorized Jacobian needs far more memory than its result. For budget sweeps."""
-    width = 32768 if size == "large" else 2048
-    blocks = [(torch.randn(width, 256, device=device) / 16, torch.randn(256, width, device=device) / width ** 0.5) for _ in range(4)]
+    width, dim = (32768, 512) if size == "large" else (2048, 64)
+    blocks = [(torch.randn(width, dim, device=device) / dim ** 0.5, torch.randn(dim, width, device=device) / width ** 0.5)
+              for _ in range(4)]
 
     def f(x):
         for W1, W2 in blocks:
             x = x + torch.tanh(x @ W1.T) @ W2.T
         return x
 
-    return f, torch.randn(256, device=device)
+    return f, torch.randn(dim, device=device)
 
 
 PROBLEMS = [
@@ -187,6 +188,6 @@ PROBLEMS = [
     Problem("tuple_inputs", "tuple inputs and outputs", tuple_inputs),
 ]
 
-BUDGET_PROBLEMS = [Problem("wide_mlp", "256 -> 256 through four 32768-wide residual blocks", wide_mlp)]
+BUDGET_PROBLEMS = [Problem("wide_mlp", "512 -> 512 through four 32768-wide residual blocks", wide_mlp)]
 
 BY_NAME = {p.name: p for p in PROBLEMS + BUDGET_PROBLEMS}
