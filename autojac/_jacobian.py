@@ -253,10 +253,11 @@ def jacobian(
     - Per candidate, the chunk size is the largest whose estimated peak (measured
       x1.15, plus the result, plus 8 MiB on the CPU for BLAS workspaces the probes
       cannot see) fits the budget, balanced across chunks.
-    - Candidates estimated within 2x of the best (and under 1 s in all) compute
-      the whole Jacobian at their chunk size, timed, since small probes
-      extrapolate poorly; the measured time replaces the estimate and the choice
-      is made again.
+    - Candidates estimated within 2x of the best (and under 1 s in all), the
+      best included, compute the whole Jacobian at their chunk size, timed in
+      interleaved rounds, since small probes extrapolate poorly; the median
+      replaces the estimate. If that brings untimed candidates within 2x of the
+      new best, they are timed with the others (3 passes at most).
     - The candidate with the lowest estimated total time wins; ties go to fewer
       passes, then vmap over repeat over loop.
     - If nothing fits, `MemoryBudgetError` says what the smallest plan needs,
