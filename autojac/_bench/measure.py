@@ -58,8 +58,12 @@ def unchunked_need(f, inputs) -> tuple[int, int]:
     return full, smallest
 
 
-def time_problem(problem, size, names, device, repeats=5, slow_seconds=5.0):
-    """Rows of facts for each contestant on one problem: time (median of interleaved runs), errors."""
+def time_problem(problem, size, names, device, repeats=9, slow_seconds=5.0, few_seconds=0.1, few=5):
+    """Rows of facts for each contestant on one problem: time (median of interleaved runs), errors.
+
+    `repeats` rounds for calls under `few_seconds` (their noise is what decides close ratios),
+    `few` for slower ones, one for calls over `slow_seconds`.
+    """
     f, inputs = problem.build(size, device)
     want = torch.autograd.functional.jacobian(f, inputs)
     need, smallest = unchunked_need(f, inputs)
@@ -105,6 +109,8 @@ def time_problem(problem, size, names, device, repeats=5, slow_seconds=5.0):
         for name, run in runners.items():
             if r > 0 and times[name] and times[name][0] > slow_seconds:
                 continue  # one timing is enough for a method this slow
+            if r >= few and times[name] and times[name][0] > few_seconds:
+                continue
             _sync(device)
             start = time.perf_counter()
             for _ in range(inner[name]):
