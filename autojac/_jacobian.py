@@ -106,7 +106,12 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
     fewest = min(m.basis_size(problem) for m in methods)
     first = [m for m in methods if m.basis_size(problem) <= PRUNE_RATIO * max(fewest, 1)]
     later = [m for m in methods if m not in first]
-    costs = [probe(m, f, xs, problem, create_graph, measure=not fixed, chunk_size=chunk_size) for m in first]
+    room = None if fixed else max(budget_bytes - untracked_reserve(signature.device), 0)
+    costs = []
+    for m in first:  # in order of preference, so the usual winner sets the time to beat early
+        beat = None if fixed else _time_to_beat(problem, costs, budget_bytes, chunk_size)
+        costs.append(probe(m, f, xs, problem, create_graph, measure=not fixed, chunk_size=chunk_size,
+                           room_bytes=room, beat_seconds=beat))
     skipped = [
         Cost(m.mode, m.vectorize, m.basis_size(problem),
              dropped=f"not measured: {m.basis_size(problem)} passes against {fewest}")
@@ -118,7 +123,7 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
     except (UnsupportedFunctionError, MemoryBudgetError):
         if not later:
             raise
-        costs += [probe(m, f, xs, problem, create_graph, chunk_size=chunk_size) for m in later]
+        costs += [probe(m, f, xs, problem, create_graph, chunk_size=chunk_size, room_bytes=room) for m in later]
         result = _choose(problem, costs, budget, chunk_size, mode, vectorize)
     if not fixed:
         result = _refined(result, f, xs, create_graph, budget, chunk_size, mode, vectorize)
@@ -126,6 +131,15 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
     if cache:
         _cache.put(f, key, result)
     return result
+
+
+def _time_to_beat(problem, costs, budget, chunk_size) -> float | None:
+    """REFINE_WITHIN times the best estimate among the candidates probed so far; None if none is feasible."""
+    try:
+        best = _choose(problem, costs, budget, chunk_size, "auto", "auto").estimated_seconds
+    except (UnsupportedFunctionError, MemoryBudgetError):
+        return None
+    return None if best is None else REFINE_WITHIN * best
 
 
 def _refined(plan: Plan, f, xs, create_graph, budget, chunk_size, mode, vectorize) -> Plan:
@@ -247,6 +261,9 @@ def jacobian(
       a failure drops it, with the reason kept in `plan.candidates`; repeat is
       dropped unless `f` passes a batch-independence check; a vmap that falls
       back to per-sample loops is kept with a note, its measured slowdown counted.
+      Under a budget the larger probe is cut to what surely fits; a candidate
+      whose 2-vector chunk takes longer than 2x the best whole Jacobian so far
+      is not timed at the larger chunk (it cannot win), only measured for memory.
     - The probes give time and peak memory as lines in the chunk size: a fixed
       part (forward pass, retained graph) and a part per basis vector. Memory is
       measured, not guessed: CUDA allocator peaks, or live storages on the CPU.

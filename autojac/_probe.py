@@ -22,7 +22,7 @@ from ._execute import run_method
 from ._measure import measure_peak_bytes, timed
 from ._method import Method, call, grad_mode
 from ._plan import Cost
-from ._planner import estimate_seconds
+from ._planner import SAFETY, estimate_seconds
 from ._problem import Problem
 from ._reverse import ReverseLoop
 
@@ -144,6 +144,20 @@ A contender estimated under a third of this runs once first to warm up; slower r
 (first-run costs such as tracing and fresh pages are small beside them) and would double the cost."""
 
 
+def _large_within(room_bytes: int | None, small: int, peak_small: int, large: int) -> int:
+    """The largest probe chunk up to `large` whose peak surely fits in `room_bytes`.
+
+    Peak memory is a + b*k with a, b >= 0, so for k >= small it is at most
+    peak_small * k / small: charging the whole small peak to its vectors bounds
+    the larger chunk from above. If not even one more vector fits, the large
+    probe is skipped (the memory line is then all per-vector: pessimistic).
+    """
+    if room_bytes is None or peak_small <= 0:
+        return large
+    fits = int(room_bytes / SAFETY * small / peak_small)
+    return max(small, min(large, fits))
+
+
 def refine(contenders: Sequence[tuple[Cost, Method, int]], f: Callable, xs: Sequence[torch.Tensor],
            problem: Problem, create_graph: bool) -> list[Cost]:
     """Time whole Jacobians of close contenders, each at the chunk size the plan would use.
@@ -196,6 +210,10 @@ def refine(contenders: Sequence[tuple[Cost, Method, int]], f: Callable, xs: Sequ
     return refined
 
 
+def _and(note: str, more: str) -> str:
+    return f"{note}; {more}" if note else more
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -210,11 +228,19 @@ def probe(
     measure: bool = True,
     repeats: int = 5,
     chunk_size: int | None = None,
+    room_bytes: int | None = None,
+    beat_seconds: float | None = None,
 ) -> Cost:
     """Check that `method` runs on `f`, and (if `measure`) fit its time and memory lines.
 
     A fixed `chunk_size` caps the capability probe, so chunk_size=1 with vmap is
-    judged by what it runs: no vmap at all.
+    judged by what it runs: no vmap at all. With `room_bytes` (what a memory
+    budget leaves to the probes), the large probe chunk is cut to what surely
+    fits, judged from the small probe's peak: see `_large_within`. If the small
+    chunk alone takes longer than `beat_seconds` (what the best candidate so
+    far needs for the whole Jacobian, with a margin), this method cannot win on
+    time, so its time is not measured at the large chunk; its memory still is,
+    as it may be the one that fits a tight budget.
     """
     n = method.basis_size(problem)
     device = problem.inputs.device
@@ -227,7 +253,7 @@ def probe(
                         seconds_per_vector=0.0, bytes_fixed=0, bytes_per_vector=0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _run(method, f, xs, problem, create_graph, small)
+            m_small = measure_peak_bytes(lambda: _run(method, f, xs, problem, create_graph, small), device)[0]
         if method.mode == "forward-trick":
             check_trick_consistent(method, f, xs, problem)
     except Exception as exc:
@@ -251,9 +277,16 @@ def probe(
         warnings.simplefilter("ignore")
         try:
             prep, t_small = chunk_seconds(small)
-            m_small = peak(small)
+            capped = _large_within(room_bytes, small, m_small, large)
+            if capped < large:
+                note = _and(note, f"probed at {capped} vectors, not {large}, to stay within the budget")
+                large = capped
             if large > small:
-                _, t_large = chunk_seconds(large)
+                if beat_seconds is not None and t_small > beat_seconds:
+                    note = _and(note, f"{small} vectors took longer than the best whole Jacobian: timed at one size")
+                    t_large = t_small * large / small  # all per vector: pessimistic, and it cannot win anyway
+                else:
+                    _, t_large = chunk_seconds(large)
                 m_large = peak(large)
             else:
                 t_large, m_large = t_small, m_small

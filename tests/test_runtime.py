@@ -244,3 +244,55 @@ def test_a_best_slower_than_extrapolated_brings_the_others_into_further_timed_pa
     assert [len(names) for names in passes] == [1, 2, 3]
     assert passes[0] < passes[1] < passes[2] == {"reverse/vmap", "reverse/repeat", "reverse/loop"}
     assert p.estimated_seconds == 3.0  # the choice is between the last pass's timed runs
+
+
+def test_the_large_probe_chunk_is_cut_to_what_surely_fits_the_budget():
+    from autojac._probe import _large_within
+    from autojac._planner import SAFETY
+
+    assert _large_within(None, 2, 10**9, 16) == 16  # no budget: the usual probe
+    assert _large_within(10**9, 2, 1000, 16) == 16  # plenty of room
+    # 2 vectors peaked at 1 MiB: at most 0.5 MiB per vector, so 3 MiB of room surely holds 6 / SAFETY vectors.
+    assert _large_within(3 * 2**20, 2, 2**20, 16) == int(6 / SAFETY)
+    assert _large_within(2**20, 2, 2**20, 16) == 2  # no room for more: the large probe is skipped
+
+
+def test_first_call_with_planning_keeps_a_cpu_budget_in_a_fresh_process():
+    """The probes count too: planning from scratch under a budget far below the unchunked need."""
+    script = textwrap.dedent("""
+        import json, gc, torch, autojac
+        torch.manual_seed(0)
+        W1 = torch.randn(8192, 128) / 11; W2 = torch.randn(128, 8192) / 90
+        def f(x):                                   # 128 -> 128, 8192-wide hidden layer
+            for _ in range(3):
+                x = x + torch.tanh(x @ W1.T) @ W2.T
+            return x
+        x = torch.randn(128)
+        budget = 12 * 2**20
+        autojac.jacobian(torch.sin, torch.randn(3))  # torch's own one-time set-up is not the call's
+        gc.collect()
+        def status(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        before = status("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")   # reset the peak (VmHWM) to the current RSS
+        J = autojac.jacobian(f, x, memory_budget=budget)
+        extra = status("VmHWM") - before
+        p = autojac.plan(f, x, memory_budget=budget)
+        costs = [c.cost for c in p.candidates if c.cost.measured and c.cost.vectorize == "vmap"]
+        unchunked = min(c.bytes_fixed + c.bytes_per_vector * 128 for c in costs)
+        print(json.dumps({"extra": extra, "budget": budget, "unchunked": unchunked, "shape": list(J.shape),
+                          "notes": [c.cost.note for c in p.candidates]}))
+    """)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    print(facts)
+    assert facts["shape"] == [128, 128]
+    assert facts["unchunked"] >= 5 * facts["budget"]
+    assert any("to stay within the budget" in n for n in facts["notes"])  # some large probe was cut
+    assert facts["extra"] <= facts["budget"], facts

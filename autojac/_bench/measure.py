@@ -58,6 +58,19 @@ def unchunked_need(f, inputs) -> tuple[int, int]:
     return full, smallest
 
 
+def vmap_need(f, inputs) -> tuple[int, int]:
+    """(the least bytes any vmap method needs for the whole Jacobian at once, bytes the smallest plan needs)."""
+    from autojac._memory import untracked_reserve
+    from autojac._planner import estimate_peak
+
+    p = autojac.plan(f, inputs, cache=False, memory_budget=1.0)
+    extra = p.problem.result_bytes + untracked_reserve(p.problem.inputs.device)
+    feasible = [c for c in p.candidates if c.feasible and c.cost.measured]
+    need = min(estimate_peak(c.cost, c.cost.n_vectors, extra) for c in feasible if c.cost.vectorize == "vmap")
+    smallest = min(estimate_peak(c.cost, 1, extra) for c in feasible)
+    return need, smallest
+
+
 def time_problem(problem, size, names, device, repeats=9, slow_seconds=5.0, few_seconds=0.1, few=5):
     """Rows of facts for each contestant on one problem: time (median of interleaved runs), errors.
 
@@ -132,10 +145,12 @@ def tracked_peak(problem, size, name, device, budget=None) -> int:
     return measure_peak_bytes(lambda: run(f, inputs, budget), device)[0]
 
 
-def rss_peak(problem_name, size, name, device, budget=None, timeout=600) -> int | None:
-    """Peak extra RSS of a warm call in a fresh subprocess (CPU, Linux), or None if it failed."""
+def rss_peak(problem_name, size, name, device, budget=None, timeout=600, cold=False) -> int | None:
+    """Peak extra RSS of a warm call (`cold`: of the first call, planning included) in a fresh
+    subprocess (CPU, Linux), or None if it failed."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    args = [sys.executable, "-m", "autojac._bench.measure", problem_name, size, name, str(device), str(budget or "")]
+    args = [sys.executable, "-m", "autojac._bench.measure", problem_name, size, name, str(device), str(budget or ""),
+            "cold" if cold else "warm"]
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
     if out.returncode != 0:
         return None
@@ -150,13 +165,15 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def _child(problem_name, size, name, device, budget):
-    """In a fresh process: build, warm up (planning happens here), then measure one call's peak RSS."""
+def _child(problem_name, size, name, device, budget, when="warm"):
+    """In a fresh process: build, warm up (planning happens here) unless `when` is "cold",
+    then measure one call's peak extra memory."""
     device = torch.device(device)
     f, inputs = PROBLEMS_BY_NAME[problem_name].build(size, device)
     run = CONTESTANTS_BY_NAME[name].run
     budget = int(budget) if budget else None
-    run(f, inputs, budget)
+    if when != "cold":
+        run(f, inputs, budget)
     gc.collect()
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
@@ -173,4 +190,4 @@ def _child(problem_name, size, name, device, budget):
 
 
 if __name__ == "__main__":
-    _child(*sys.argv[1:6])
+    _child(*sys.argv[1:7])
