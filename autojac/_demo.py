@@ -32,7 +32,7 @@ def demo(say=print) -> None:
         f, x = BY_NAME[name].build("small", device)
         plan = plans[name] = autojac.plan(f, x)
         ours = _best_time(lambda: autojac.jacobian(f, x))
-        line = f"{name:16s} {plan.problem.n_out:5d} x {plan.problem.n_in:<5d} autojac {plan.mode}/{plan.vectorize} " \
+        line = f"{name:16s} {plan.problem.n_out:5d} x {plan.problem.n_in:<5d} autojac {plan.name} " \
                f"(chunk {plan.chunk_size}): {ours * 1e3:7.2f} ms"
         for label, transform in (("jacrev", torch.func.jacrev), ("jacfwd", torch.func.jacfwd)):
             try:

@@ -17,14 +17,23 @@ from ._reverse import ReverseLoop, ReverseRepeat, ReverseVmap
 
 logger = logging.getLogger("autojac")
 
-METHODS: dict[tuple[str, str], Method] = {
-    (m.mode, m.vectorize): m
+METHODS: dict[tuple[str, str, str], Method] = {
+    (m.mode, m.vectorize, m.engine): m
     for m in (
-        ReverseVmap(), ReverseRepeat(), ReverseLoop(),
+        ReverseVmap(), ReverseVmap("autograd"), ReverseRepeat(), ReverseLoop(),
         ForwardVmap(), ForwardRepeat(), ForwardLoop(),
         ForwardTrickVmap(), ForwardTrickRepeat(), ForwardTrickLoop(),
     )
 }
+
+
+def method(mode: str, vectorize: str, engine: str = "") -> Method:
+    return METHODS[(mode, vectorize, engine)]
+
+
+def engines(mode: str, vectorize: str) -> list[Method]:
+    """Every engine of one (mode, vectorize), the default first."""
+    return [m for key, m in METHODS.items() if key[:2] == (mode, vectorize)]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -10,7 +10,7 @@ import torch
 
 from ._cache import PlanCache
 from ._errors import InputError, InputTypeError, MemoryBudgetError, PlanMismatchError, StrictError, UnsupportedFunctionError
-from ._execute import METHODS, run_method
+from ._execute import engines, method, run_method
 from ._memory import free_memory, parse_budget, untracked_reserve
 from ._method import MODES, VECTORIZATIONS, Method, call, grad_inputs
 from ._plan import Cost, Plan
@@ -62,7 +62,7 @@ def _candidates(mode: str, vectorize: str, n_in: int, n_out: int) -> list[Method
     if mode != "auto":
         modes = [mode]
     vectorizations = list(VECTORIZATIONS) if vectorize == "auto" else [vectorize]
-    return [METHODS[(m, v)] for m in modes for v in vectorizations]
+    return [e for m in modes for v in vectorizations for e in engines(m, v)]
 
 
 def plan(
@@ -102,7 +102,9 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
     budget_bytes = parse_budget(memory_budget, free.free_bytes, who)
     problem = describe(f, xs, signature, who)
     methods = _candidates(mode, vectorize, problem.n_in, problem.n_out)
-    fixed = len(methods) == 1 and chunk_size is not None and memory_budget is None
+    fixed = len({(m.mode, m.vectorize) for m in methods}) == 1 and chunk_size is not None and memory_budget is None
+    if fixed:
+        methods = methods[:1]  # nothing is measured, so there is nothing to choose an engine by: the default
     fewest = min(m.basis_size(problem) for m in methods)
     first = [m for m in methods if m.basis_size(problem) <= PRUNE_RATIO * max(fewest, 1)]
     later = [m for m in methods if m not in first]
@@ -113,7 +115,7 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
         costs.append(probe(m, f, xs, problem, create_graph, measure=not fixed, chunk_size=chunk_size,
                            room_bytes=room, beat_seconds=beat))
     skipped = [
-        Cost(m.mode, m.vectorize, m.basis_size(problem),
+        Cost(m.mode, m.vectorize, m.basis_size(problem), engine=m.engine,
              dropped=f"not measured: {m.basis_size(problem)} passes against {fewest}")
         for m in later
     ]
@@ -152,23 +154,23 @@ def _refined(plan: Plan, f, xs, create_graph, budget, chunk_size, mode, vectoriz
     timed within reach, another pass times them together with those timed before
     (up to REFINE_PASSES passes), so the final choice is between timed runs.
     """
-    timed_ones: set[tuple[str, str]] = set()
+    timed_ones: set[tuple[str, str, str]] = set()
     for _ in range(REFINE_PASSES):
         best = plan.estimated_seconds
         if best is None:
             return plan
         contenders, where, new = [], [], False
         for i, c in enumerate(plan.candidates):
-            name = (c.cost.mode, c.cost.vectorize)
+            name = (c.cost.mode, c.cost.vectorize, c.cost.engine)
             close = c.feasible and c.estimated_seconds is not None and c.estimated_seconds <= REFINE_WITHIN * best
             close = close and c.estimated_seconds <= REFINE_MAX_SECONDS and c.cost.measured
             if close or (name in timed_ones and c.feasible):
-                contenders.append((c.cost, METHODS[name], c.chunk_size))
+                contenders.append((c.cost, method(*name), c.chunk_size))
                 where.append(i)
                 new = new or name not in timed_ones
         if not new:
             return plan  # every contender has been timed: the choice stands
-        timed_ones |= {(c.mode, c.vectorize) for c, _, _ in contenders}
+        timed_ones |= {(c.mode, c.vectorize, c.engine) for c, _, _ in contenders}
         costs = [c.cost for c in plan.candidates]
         for i, cost in zip(where, refine(contenders, f, xs, plan.problem, create_graph)):
             costs[i] = cost
@@ -338,11 +340,10 @@ def _check_strict(f: Callable, xs: Sequence[torch.Tensor]) -> None:
 
 def _execute(plan: Plan, f: Callable, xs: Sequence[torch.Tensor], create_graph: bool, progress: bool | None):
     failures: list[tuple[str, BaseException]] = []
-    for mode, vectorize, chunk_size in _attempts(plan):
-        method = METHODS[(mode, vectorize)]
-        bar = _progress_bar(plan, method, progress)
+    for chosen, chunk_size in _attempts(plan):
+        bar = _progress_bar(plan, chosen, progress)
         try:
-            return run_method(method, f, xs, plan.problem, chunk_size, create_graph, plan.history,
+            return run_method(chosen, f, xs, plan.problem, chunk_size, create_graph, plan.history,
                               None if bar is None else bar.update)
         except Exception as exc:
             failure = exc
@@ -353,8 +354,8 @@ def _execute(plan: Plan, f: Callable, xs: Sequence[torch.Tensor], create_graph: 
         problem = describe(f, xs, plan.signature)
         if problem != plan.problem:
             raise PlanMismatchError(f"jacobian: `f` now returns outputs of shapes {list(problem.out_shapes)}, but the plan was made when it returned {list(plan.problem.out_shapes)}. Pass cache=False, or make a new plan.") from failure
-        failures.append((method.name, failure))
-        plan.history.append(f"{method.name} failed ({type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''})")
+        failures.append((chosen.name, failure))
+        plan.history.append(f"{chosen.name} failed ({type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''})")
         logger.debug(plan.history[-1])
     name, last = failures[-1]
     tried = "; ".join(f"{n}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for n, e in failures)
@@ -366,9 +367,9 @@ def _execute(plan: Plan, f: Callable, xs: Sequence[torch.Tensor], create_graph: 
 
 def _attempts(plan: Plan):
     """The chosen method, then (only if it fails) the fallbacks: lazily, to keep cached calls cheap."""
-    yield plan.mode, plan.vectorize, plan.chunk_size
+    yield method(plan.mode, plan.vectorize, plan.engine), plan.chunk_size
     for c in plan.fallbacks:
-        yield c.cost.mode, c.cost.vectorize, c.chunk_size or 1
+        yield method(c.cost.mode, c.cost.vectorize, c.cost.engine), c.chunk_size or 1
 
 
 def _progress_bar(plan: Plan, method: Method, progress: bool | None):

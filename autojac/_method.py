@@ -18,6 +18,10 @@ VECTORIZATIONS = ("vmap", "repeat", "loop")
 Parts = tuple[torch.Tensor | None, ...]
 
 
+def method_name(mode: str, vectorize: str, engine: str = "") -> str:
+    return f"{mode}/{vectorize}" + (f" [{engine}]" if engine else "")
+
+
 class Method(abc.ABC):
     """One way to compute a Jacobian: a mode (which products) and a vectorization (how batched).
 
@@ -28,10 +32,12 @@ class Method(abc.ABC):
 
     mode: ClassVar[str]
     vectorize: ClassVar[str]
+    engine: str = ""
+    """Which machinery a method with more than one runs on ("" for its default); see ReverseVmap."""
 
     @property
     def name(self) -> str:
-        return f"{self.mode}/{self.vectorize}"
+        return method_name(self.mode, self.vectorize, self.engine)
 
     @property
     def by_rows(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._memory import format_bytes
+from ._method import method_name
 from ._problem import Problem, Signature
 
 
@@ -30,12 +31,14 @@ class Cost:
     note: str = ""
     measured_run: tuple[int, float] | None = None
     """(chunk size, seconds) of a whole Jacobian timed at that chunk size; it beats the model there."""
+    engine: str = ""
+    """The method's engine, where it has more than one (see `_reverse.ReverseVmap`)."""
     error: BaseException | None = field(default=None, compare=False, repr=False)
     """The exception that dropped this method, kept so errors can chain it."""
 
     @property
     def name(self) -> str:
-        return f"{self.mode}/{self.vectorize}"
+        return method_name(self.mode, self.vectorize, self.engine)
 
     @property
     def measured(self) -> bool:
@@ -95,7 +98,13 @@ class Plan:
     candidates: tuple[Candidate, ...]
     reason: str
     problem: Problem
+    engine: str = ""
+    """For reverse/vmap: "" (torch.func) or "autograd" (is_grads_batched); see `_reverse.ReverseVmap`."""
     history: list[str] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return method_name(self.mode, self.vectorize, self.engine)
 
     @property
     def signature(self) -> Signature:
@@ -104,13 +113,13 @@ class Plan:
     @property
     def fallbacks(self) -> tuple[Candidate, ...]:
         """The other feasible candidates, fastest first: tried in this order if the chosen one fails."""
-        rest = [c for c in self.candidates if c.feasible and c.name != f"{self.mode}/{self.vectorize}"]
+        rest = [c for c in self.candidates if c.feasible and c.name != self.name]
         return tuple(sorted(rest, key=lambda c: c.estimated_seconds if c.estimated_seconds is not None else float("inf")))
 
     def __str__(self) -> str:
         p = self.problem
         head = (
-            f"Plan: {self.mode}/{self.vectorize} in {self.n_chunks} chunk(s) of {self.chunk_size} "
+            f"Plan: {self.name} in {self.n_chunks} chunk(s) of {self.chunk_size} "
             f"for a {p.n_out} x {p.n_in} Jacobian"
         )
         facts = []
@@ -121,7 +130,7 @@ class Plan:
         if self.budget_bytes is not None:
             facts.append(f"budget {format_bytes(self.budget_bytes)}")
         text = head + (f" ({', '.join(facts)})" if facts else "") + f". {self.reason}"
-        others = [c.describe() for c in self.candidates if c.name != f"{self.mode}/{self.vectorize}"]
+        others = [c.describe() for c in self.candidates if c.name != self.name]
         if others:
             text += " Other candidates: " + "; ".join(others) + "."
         if self.history:

@@ -121,6 +121,7 @@ def choose(
         candidates=candidates,
         reason=_reason(best, feasible, budget_bytes),
         problem=problem,
+        engine=best.cost.engine,
     )
 
 

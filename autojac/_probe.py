@@ -249,7 +249,7 @@ def probe(
         if method.vectorize == "repeat":
             check_batch_aware(f, xs, problem)
         if n == 0:
-            return Cost(method.mode, method.vectorize, n, seconds_fixed=0.0, seconds_per_chunk=0.0,
+            return Cost(method.mode, method.vectorize, n, engine=method.engine, seconds_fixed=0.0, seconds_per_chunk=0.0,
                         seconds_per_vector=0.0, bytes_fixed=0, bytes_per_vector=0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -258,12 +258,12 @@ def probe(
             check_trick_consistent(method, f, xs, problem)
     except Exception as exc:
         logger.debug("%s dropped: %s", method.name, exc)
-        return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc), error=exc)
+        return Cost(method.mode, method.vectorize, n, engine=method.engine, dropped=_first_line(exc), error=exc)
     note = ""
     if any("batching rule" in str(w.message) or "performance drop" in str(w.message) for w in caught):
         note = "vmap fell back to a per-sample loop for some ops"
     if not measure:
-        return Cost(method.mode, method.vectorize, n, note=note)
+        return Cost(method.mode, method.vectorize, n, engine=method.engine, note=note)
 
     large = min(n, PROBE_LARGE_LOOP if method.vectorize == "loop" else PROBE_LARGE)
 
@@ -292,11 +292,11 @@ def probe(
                 t_large, m_large = t_small, m_small
         except Exception as exc:
             logger.debug("%s dropped while measuring: %s", method.name, exc)
-            return Cost(method.mode, method.vectorize, n, dropped=_first_line(exc), error=exc)
+            return Cost(method.mode, method.vectorize, n, engine=method.engine, dropped=_first_line(exc), error=exc)
     per_chunk, per_vector = _line(small, t_small, large, t_large)
     bytes_fixed, bytes_per_vector = _line(small, m_small, large, m_large)
     cost = Cost(
-        method.mode, method.vectorize, n,
+        method.mode, method.vectorize, n, engine=method.engine,
         seconds_fixed=prep, seconds_per_chunk=per_chunk, seconds_per_vector=per_vector,
         bytes_fixed=int(bytes_fixed), bytes_per_vector=int(bytes_per_vector + 0.5), note=note,
     )

@@ -55,24 +55,39 @@ class _FuncVjp:
 
 # NOTE: [Two engines for reverse/vmap]
 # `torch.func.vjp` + `vmap` (what `jacrev` does) was 1.1x to 2.4x faster than
-# `torch.autograd.grad(..., is_grads_batched=True)` on every benchmark problem,
-# but torch.func refuses old-style `autograd.Function`s (no `setup_context`),
-# which `is_grads_batched` handles. So the method prepares with torch.func and,
-# only if torch.func refuses `f`, builds a plain autograd graph instead. Both
-# push the same chunk of cotangents through one vectorized backward pass.
+# `torch.autograd.grad(..., is_grads_batched=True)` (what
+# `torch.autograd.functional.jacobian(vectorize=True)` does) on most benchmark
+# problems, but 2x slower on a small convolutional classifier; and torch.func
+# refuses old-style `autograd.Function`s (no `setup_context`), which
+# `is_grads_batched` handles. So reverse/vmap comes in two engines, probed and
+# timed as two candidates: the default prepares with torch.func (and, only if
+# torch.func refuses `f`, builds a plain autograd graph instead); "autograd"
+# always builds the graph. Both push the same chunk of cotangents through one
+# vectorized backward pass.
 @final
 class ReverseVmap(Method):
-    """Rows in chunks, reverse mode: one vectorized backward pass per chunk (`torch.func.vjp` + `vmap`)."""
+    """Rows in chunks, reverse mode: one vectorized backward pass per chunk.
+
+    Engine "" (default): `torch.func.vjp` + `vmap`; engine "autograd":
+    `torch.autograd.grad(..., is_grads_batched=True)` on a plain graph.
+    """
 
     mode = "reverse"
     vectorize = "vmap"
+    ENGINES = ("", "autograd")
+
+    def __init__(self, engine: str = "") -> None:
+        if engine not in self.ENGINES:
+            raise ValueError(f"reverse/vmap has no engine {engine!r}")
+        self.engine = engine
 
     def prepare(self, f: Callable, xs: Sequence[torch.Tensor], problem: Problem, create_graph: bool) -> _FuncVjp | _Graph:
-        primals = tuple(x.view_as(x) if (create_graph and x.requires_grad) else x.detach() for x in xs)
-        try:
-            return _FuncVjp(torch.func.vjp(lambda *a: call(f, a), *primals)[1])
-        except Exception as exc:  # torch.func refuses f (e.g. an old-style autograd.Function)
-            logger.debug("reverse/vmap: torch.func.vjp refused f (%s); using is_grads_batched", exc)
+        if not self.engine:
+            primals = tuple(x.view_as(x) if (create_graph and x.requires_grad) else x.detach() for x in xs)
+            try:
+                return _FuncVjp(torch.func.vjp(lambda *a: call(f, a), *primals)[1])
+            except Exception as exc:  # torch.func refuses f (e.g. an old-style autograd.Function)
+                logger.debug("reverse/vmap: torch.func.vjp refused f (%s); using is_grads_batched", exc)
         xs = grad_inputs(xs, create_graph)
         with torch.enable_grad():
             return _Graph(xs, call(f, xs), create_graph)

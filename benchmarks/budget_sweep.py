@@ -57,7 +57,7 @@ def main() -> None:
         peak = rss_peak(problem.name, "large", "autojac", device, budget)
         cold = rss_peak(problem.name, "large", "autojac", device, budget, cold=True)
         row = {"share": share, "budget_bytes": budget, "unchunked_bytes": need, "smallest_bytes": smallest,
-               "plan": f"{plan.mode}/{plan.vectorize} x{plan.chunk_size} ({plan.n_chunks} chunks)",
+               "plan": f"{plan.name} x{plan.chunk_size} ({plan.n_chunks} chunks)",
                "estimated_peak_bytes": plan.estimated_peak_bytes, "peak_bytes": peak, "first_call_peak_bytes": cold, "seconds": statistics.median(times)}
         rows.append(row)
         print(row, flush=True)

@@ -52,3 +52,24 @@ def _close_in_float32(got, want):
         return
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("engine", ["", "autograd"], ids=["func", "autograd"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_both_reverse_vmap_engines_match_torch(case, engine, chunk):
+    """reverse/vmap's two engines (torch.func and is_grads_batched) are two candidates; both must be right."""
+    from autojac._execute import method, run_method
+    from autojac._problem import check_inputs, describe
+
+    f, x = case.build(torch.float64)
+    want = reference(f, x)
+    xs, signature = check_inputs(x, "test")
+    problem = describe(f, xs, signature, "test")
+    chunk_size = {"n": max(problem.n_out, 1), "n+5": problem.n_out + 5}.get(chunk) or int(chunk)
+    run = lambda: run_method(method("reverse", "vmap", engine), f, xs, problem, chunk_size, False, [])  # noqa: E731
+    if case.refused("reverse", "vmap", chunk_size):
+        with pytest.raises(Exception):  # noqa: B017 (the engines fail in their own words; the planner names them)
+            run()
+        return
+    assert_same_structure_and_close(run(), want)

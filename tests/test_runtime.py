@@ -71,7 +71,7 @@ def test_cache_follows_bound_methods_and_modules():
 
 def test_out_of_memory_halves_the_chunk_and_keeps_the_result(monkeypatch):
     x = torch.randn(8, dtype=torch.float64)
-    method = _execute.METHODS[("reverse", "vmap")]
+    method = _execute.method("reverse", "vmap")
     real = type(method).chunk
     sizes = []
 
@@ -99,7 +99,7 @@ def test_cpu_allocator_error_counts_as_out_of_memory():
 def test_a_method_that_fails_at_run_time_hands_over_to_the_next(monkeypatch):
     x = torch.randn(8, dtype=torch.float64)
     p = autojac.plan(f, x, mode="reverse")
-    chosen = _execute.METHODS[(p.mode, p.vectorize)]
+    chosen = _execute.method(p.mode, p.vectorize, p.engine)
 
     def broken(self, state, basis):
         raise RuntimeError("something the probe did not see")
@@ -113,7 +113,7 @@ def test_a_method_that_fails_at_run_time_hands_over_to_the_next(monkeypatch):
 def test_explicit_method_that_fails_at_run_time_says_what_to_do(monkeypatch):
     x = torch.randn(8, dtype=torch.float64)
     p = autojac.plan(f, x, mode="forward", vectorize="vmap", chunk_size=4)
-    monkeypatch.setattr(type(_execute.METHODS[("forward", "vmap")]), "chunk",
+    monkeypatch.setattr(type(_execute.method("forward", "vmap")), "chunk",
                         lambda self, s, b: (_ for _ in ()).throw(RuntimeError("vmap: no batching rule")))
     with pytest.raises(autojac.UnsupportedFunctionError, match="forward/vmap could not differentiate") as info:
         autojac.jacobian(f, x, plan=p)
@@ -197,7 +197,7 @@ def test_refine_interleaves_contenders_skips_the_warm_up_and_keeps_the_median(mo
     p = autojac.plan(f, x, mode="reverse", cache=False)
     costs = {(c.cost.mode, c.cost.vectorize): c.cost for c in p.candidates}
     names = ["reverse/vmap", "reverse/loop", "reverse/repeat"]
-    contenders = [(costs[tuple(n.split("/"))], _execute.METHODS[tuple(n.split("/"))], 8) for n in names]
+    contenders = [(costs[tuple(n.split("/"))], _execute.method(*n.split("/")), 8) for n in names]
     script = {  # seconds per run, the warm-up first; reverse/repeat fails at its second timed run
         "reverse/vmap": iter([9.0, 0.15, 0.05, 0.1]),
         "reverse/loop": iter([9.0, 0.25, 0.2, 0.3]),
@@ -238,11 +238,11 @@ def test_a_best_slower_than_extrapolated_brings_the_others_into_further_timed_pa
     monkeypatch.setattr(_jacobian, "REFINE_WITHIN", 1.0)
     monkeypatch.setattr(_jacobian, "REFINE_MAX_SECONDS", 10.0)
     monkeypatch.setattr(_jacobian, "refine", fake_refine)
-    p = autojac.plan(f, x, mode="reverse", cache=False)
+    p = autojac.plan(f, x, mode="forward", cache=False)  # 3 candidates: vmap, repeat, loop
     # Only the extrapolated best is close at first (within 1x of itself); each timed run brings
     # the next-best extrapolation within reach, which is timed together with those timed before.
     assert [len(names) for names in passes] == [1, 2, 3]
-    assert passes[0] < passes[1] < passes[2] == {"reverse/vmap", "reverse/repeat", "reverse/loop"}
+    assert passes[0] < passes[1] < passes[2] == {"forward/vmap", "forward/repeat", "forward/loop"}
     assert p.estimated_seconds == 3.0  # the choice is between the last pass's timed runs
 
 

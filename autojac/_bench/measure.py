@@ -106,7 +106,7 @@ def time_problem(problem, size, names, device, repeats=9, slow_seconds=5.0, few_
             continue
         if budget is not None or name == "autojac":
             plan = autojac.plan(f, inputs, memory_budget=budget)
-            row["plan"] = f"{plan.mode}/{plan.vectorize} x{plan.chunk_size}"
+            row["plan"] = f"{plan.name} x{plan.chunk_size}"
         runners[name] = lambda c=c, budget=budget: c.run(f, inputs, budget)
     # Sub-millisecond calls are timed in batches of `inner` calls (like timeit's autorange), so one
     # scheduler hiccup on a small machine does not decide a ratio.
