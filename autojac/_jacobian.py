@@ -256,7 +256,8 @@ def jacobian(
     How autojac chooses (mode and vectorize "auto"):
 
     - It evaluates `f` once to learn the output shapes; `f`'s own errors propagate.
-    - Candidates are every allowed (mode, vectorize) pair. A mode needing over 8x
+    - Candidates are every allowed (mode, vectorize) pair, reverse/vmap twice
+      (torch.func and autograd engines). A mode needing over 8x
       more passes than the best (e.g. forward with 1000 inputs, 1 output) is not
       measured unless nothing else fits.
     - Each candidate is probed on chunks of 2 and 16 basis vectors (4 for loop):
