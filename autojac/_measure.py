@@ -20,6 +20,9 @@ class LiveStorageTracker(TorchDispatchMode):
     A weak reference to each storage fires when the storage dies, so `peak` is
     the true high-water mark of live bytes, not a sum of allocations. Outputs
     that share storage with an op's inputs (views, in-place ops) are not new.
+
+    Buffers a kernel allocates inside itself never pass through here; the one
+    large kind is modelled: see `_blas_copy_bytes`.
     """
 
     def __init__(self) -> None:
@@ -33,6 +36,7 @@ class LiveStorageTracker(TorchDispatchMode):
             self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inside = _blas_copy_bytes(func, args)
         out = func(*args, **(kwargs or {}))
         seen = {_data_ptr(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
@@ -49,8 +53,37 @@ class LiveStorageTracker(TorchDispatchMode):
             nbytes = storage.nbytes()
             self._refs[key] = weakref.ref(storage, lambda _, key=key, n=nbytes: self._freed(key, n))
             self.live += nbytes
-            self.peak = max(self.peak, self.live)
+        self.peak = max(self.peak, self.live + inside)
         return out
+
+
+# NOTE: [Copies inside matrix kernels]
+# CPU mm/mv kernels copy an operand that BLAS cannot read in place (one with a
+# zero stride, i.e. expanded) into a contiguous temporary, below the dispatcher.
+# Forward-mode AD hits this on every matrix product with a weight that has no
+# tangent: the weight's zero tangent is an expanded scalar, and mm copies it to
+# a full weight-sized buffer (pytorch/pytorch#69687: ZeroTensor products are not
+# O(1) yet). Measured: 64 MiB of peak RSS per 64 MiB weight that the live-storage
+# count alone missed, so forward-mode plans could exceed a CPU budget by that.
+_MATRIX_OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "mv": (0, 1), "addmv": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
+
+
+def _blas_copy_bytes(func, args) -> int:
+    """Bytes of the temporaries a CPU matrix kernel makes of operands BLAS cannot read in place."""
+    operands = _MATRIX_OPERANDS.get(getattr(func, "__name__", "").split(".")[0])
+    if operands is None:
+        return 0
+    total = 0
+    for i in operands:
+        t = args[i] if i < len(args) else None
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not _blas_readable(t):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _blas_readable(t: torch.Tensor) -> bool:
+    """Whether the last one or two dims have a layout BLAS takes as is (no zero stride on a real dim)."""
+    return all(stride != 0 or size == 1 for size, stride in zip(t.shape[-2:], t.stride()[-2:]))
 
 
 def _data_ptr(t: torch.Tensor) -> int | None:

@@ -21,7 +21,9 @@ CPU_WORKSPACE_RESERVE = 8 * 2**20
 """Host memory kept back for BLAS/OpenMP per-thread workspaces, which the CPU probes cannot see.
 
 NOTE: [Why a CPU reserve]
-On the CPU, probes count tensor storages (see `_measure.LiveStorageTracker`).
+On the CPU, probes count tensor storages (see `_measure.LiveStorageTracker`),
+plus the copies matrix kernels make of expanded operands (forward mode's zero
+tangents; see NOTE: [Copies inside matrix kernels]).
 Matrix kernels also allocate packing buffers of their own, per thread, on first
 use of a shape; in a fresh process the first Jacobian's peak RSS was measured
 5-9 MiB above the tracked peak on a 2-core machine (benchmarks/). CUDA probes

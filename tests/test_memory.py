@@ -172,3 +172,21 @@ def test_tracker_sees_the_backward_pass():
     V = torch.eye(500)[:64]
     peak, _ = measure_peak_bytes(lambda: torch.autograd.grad(y, x, V, is_grads_batched=True, retain_graph=True), torch.device("cpu"))
     assert peak >= 64 * 1000 * 4  # at least the batched gradient itself
+
+
+def test_tracker_counts_the_copy_a_matrix_kernel_makes_of_an_expanded_operand():
+    # Forward-mode AD hands mm the zero tangent of a weight as an expanded scalar; the CPU
+    # kernel copies it to a full buffer (64 MiB of peak RSS for a 64 MiB weight, measured).
+    a = torch.randn(4, 512)
+    zero_weight = torch.zeros(()).expand(512, 2048)
+    peak, _ = measure_peak_bytes(lambda: a @ zero_weight, torch.device("cpu"))
+    assert peak >= 512 * 2048 * 4 + 4 * 2048 * 4  # the copy, alive with the output
+
+
+def test_tracker_counts_no_copy_of_operands_blas_reads_in_place():
+    a, W, zero_bias = torch.randn(4, 512), torch.randn(2048, 512), torch.zeros(()).expand(4, 2048)
+    out_bytes = 4 * 2048 * 4
+    transposed, _ = measure_peak_bytes(lambda: a @ W.T, torch.device("cpu"))
+    bias, _ = measure_peak_bytes(lambda: torch.addmm(zero_bias, a, W.T), torch.device("cpu"))
+    batched, _ = measure_peak_bytes(lambda: torch.bmm(a.expand(3, 4, 512), W.T.expand(3, 512, 2048)), torch.device("cpu"))
+    assert transposed == out_bytes and bias == out_bytes and batched == 3 * out_bytes
