@@ -269,7 +269,8 @@ def jacobian(
       is not timed at the larger chunk (it cannot win), only measured for memory.
     - The probes give time and peak memory as lines in the chunk size: a fixed
       part (forward pass, retained graph) and a part per basis vector. Memory is
-      measured, not guessed: CUDA allocator peaks, or live storages on the CPU.
+      measured, not guessed: CUDA allocator peaks, or on the CPU live storages
+      plus the copies matrix kernels make of expanded operands.
     - Per candidate, the chunk size is the largest whose estimated peak (measured
       x1.15, plus the result, plus 8 MiB on the CPU for BLAS workspaces the probes
       cannot see) fits the budget, balanced across chunks.
