@@ -118,8 +118,12 @@ def time_problem(problem, size, names, device, repeats=9, slow_seconds=5.0, few_
         _sync(device)
         inner[name] = max(1, min(200, int(0.01 / max(time.perf_counter() - start, 1e-6))))
     times = {name: [] for name in runners}
+    names = list(runners)
     for r in range(repeats):
-        for name, run in runners.items():
+        # Rotate who goes first: in a fixed order, the contestant after the slowest one always
+        # starts on caches that one evicted (30 us of 0.4 ms on the classifier, measured).
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = runners[name]
             if r > 0 and times[name] and times[name][0] > slow_seconds:
                 continue  # one timing is enough for a method this slow
             if r >= few and times[name] and times[name][0] > few_seconds:
