@@ -48,8 +48,9 @@ class Assembler:
                     flat = part.reshape(k, -1)[lo - start : hi - start]
                     i, j = (b, q) if self.by_rows else (q, b)
                     dtype = p.inputs.dtypes[j]
-                    if whole:
-                        self.blocks[i][j] = flat.to(dtype) if self.by_rows else flat.T.to(dtype, memory_format=torch.contiguous_format)
+                    if whole:  # `contiguous`: a method may return an expanded view (a stride of 0)
+                        block = flat if self.by_rows else flat.T
+                        self.blocks[i][j] = block.to(dtype, memory_format=torch.contiguous_format).contiguous()
                     elif self.by_rows:
                         self._block(i, j)[lo - offset : hi - offset].copy_(flat)
                     else:

@@ -49,11 +49,13 @@ def basis_chunk(
     parts = []
     offset = 0
     for shape, size, dtype in zip(shapes, sizes, dtypes):
-        part = torch.zeros(k, size, dtype=dtype, device=device)
-        lo, hi = max(start, offset), min(stop, offset + size)
-        if lo < hi:
-            part[lo - start : hi - start, lo - offset : hi - offset].fill_diagonal_(1)
+        # Row r has its one at column start + r - offset of this part: the
+        # diagonal at that offset, clipped to the part by `diagonal` itself.
+        if start == offset:
+            part = torch.eye(k, size, dtype=dtype, device=device)  # one op: the common whole-basis case
+        else:
+            part = torch.zeros(k, size, dtype=dtype, device=device)
+            part.diagonal(start - offset).fill_(1)
         parts.append(part.view(k, *shape))
         offset += size
     return tuple(parts)
-

@@ -125,6 +125,8 @@ def vjp(
 
 def stack_parts(rows: Sequence[Parts]) -> Parts:
     """Stack per-vector results into per-part chunks; a part that is None in every row stays None."""
+    if len(rows) == 1:  # a view, not a copy
+        return tuple(None if r is None else r.unsqueeze(0) for r in rows[0])
     out: list[torch.Tensor | None] = []
     for q in range(len(rows[0])):
         column = [row[q] for row in rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -22,7 +23,7 @@ class Signature:
     device: torch.device
     is_tuple: bool
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.shapes)
 
@@ -51,23 +52,23 @@ class Problem:
     out_dtypes: tuple[torch.dtype, ...]
     outputs_tuple: bool
 
-    @property
+    @cached_property
     def in_sizes(self) -> tuple[int, ...]:
         return self.inputs.sizes
 
-    @property
+    @cached_property
     def out_sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.out_shapes)
 
-    @property
+    @cached_property
     def n_in(self) -> int:
         return sum(self.in_sizes)
 
-    @property
+    @cached_property
     def n_out(self) -> int:
         return sum(self.out_sizes)
 
-    @property
+    @cached_property
     def result_bytes(self) -> int:
         """Bytes of the returned Jacobian: one block per (output, input) pair."""
         return sum(

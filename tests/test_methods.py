@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cases import CASES
 from reference import assert_same_structure_and_close, reference
 
 import autojac
+from autojac._basis import balanced_chunks, basis_chunk
 
 MODES = ["reverse", "forward", "forward-trick"]
 VECTORIZATIONS = ["vmap", "repeat", "loop"]
@@ -73,3 +78,27 @@ def test_both_reverse_vmap_engines_match_torch(case, engine, chunk):
             run()
         return
     assert_same_structure_and_close(run(), want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_basis_chunks_are_rows_of_the_identity_cut_into_parts(sizes, data):
+    n = sum(sizes)
+    start = data.draw(st.integers(0, n - 1))
+    stop = data.draw(st.integers(start + 1, n))
+    shapes = [(s,) if s % 2 else (s // 2, 2) if s > 1 else () for s in sizes]
+    shapes = [sh if math.prod(sh) == s else (s,) for sh, s in zip(shapes, sizes)]
+    parts = basis_chunk(start, stop, shapes, sizes, [torch.float64] * len(sizes), torch.device("cpu"))
+    got = torch.cat([p.reshape(stop - start, -1) for p in parts], dim=1)
+    assert torch.equal(got, torch.eye(n, dtype=torch.float64)[start:stop])
+    assert [tuple(p.shape[1:]) for p in parts] == [tuple(sh) for sh in shapes]
+
+
+@pytest.mark.parametrize(("n", "chunk", "sizes"), [(10, 8, [5, 5]), (10, 10, [10]), (7, 3, [3, 3, 1]), (9, 4, [3, 3, 3]), (1, 5, [1]), (0, 3, [])])
+def test_balanced_chunks_cover_the_basis_in_near_equal_sizes(n, chunk, sizes):
+    chunks = balanced_chunks(n, chunk)
+    assert [b - a for a, b in chunks] == sizes
+    assert all(a == b for (_, a), (b, _) in zip(chunks, chunks[1:]))

@@ -89,3 +89,26 @@ def test_random_shapes_and_chunks(in_shape, out_len, combo, chunk, seed):
         assert got.shape == (out_len, *in_shape)
         return
     assert_same_structure_and_close(got, reference(f, x))
+
+
+def _batch_sum(x):  # batch-aware: output rows are the sum of x, repeated (its VJP is an expanded tensor)
+    return x.sum(-1, keepdim=True) * torch.ones(3, dtype=x.dtype, device=x.device)
+
+
+def _passthrough(x):  # the Jacobian is the identity: VJPs and JVPs are the basis vectors themselves
+    return x + 0
+
+
+@pytest.mark.parametrize("chunk", [1, None])
+@pytest.mark.parametrize("f", [_batch_sum, _passthrough], ids=["sum", "identity"])
+@pytest.mark.parametrize("mode, vectorize", COMBOS)
+def test_result_is_a_fresh_contiguous_tensor_the_user_may_write_to(mode, vectorize, f, chunk):
+    x = torch.randn(5, dtype=torch.float64, device=DEVICE)
+    first = autojac.jacobian(f, x, mode=mode, vectorize=vectorize, chunk_size=chunk)
+    assert first.is_contiguous()
+    want = first.clone()
+    first.add_(1.0)  # fails on an expanded view; must not leak into the next call's result
+    second = autojac.jacobian(f, x, mode=mode, vectorize=vectorize, chunk_size=chunk)
+    assert second.is_contiguous()
+    torch.testing.assert_close(second, want)
+    assert_same_structure_and_close(second, reference(f, x))
