@@ -45,12 +45,16 @@ class Assembler:
                 for q, part in enumerate(parts):
                     if part is None:  # independent: the block stays zero
                         continue
-                    flat = part.reshape(k, -1)[lo - start : hi - start]
+                    flat = part.reshape(k, -1)
+                    if hi - lo != k:
+                        flat = flat[lo - start : hi - start]
                     i, j = (b, q) if self.by_rows else (q, b)
                     dtype = p.inputs.dtypes[j]
-                    if whole:  # `contiguous`: a method may return an expanded view (a stride of 0)
+                    if whole:
                         block = flat if self.by_rows else flat.T
-                        self.blocks[i][j] = block.to(dtype, memory_format=torch.contiguous_format).contiguous()
+                        if block.dtype != dtype or not block.is_contiguous():  # e.g. an expanded view (stride 0)
+                            block = torch.empty(block.shape, dtype=dtype, device=block.device).copy_(block)
+                        self.blocks[i][j] = block
                     elif self.by_rows:
                         self._block(i, j)[lo - offset : hi - offset].copy_(flat)
                     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import weakref
 from collections.abc import Callable, Hashable
 
@@ -22,10 +23,8 @@ class PlanCache:
 
     @staticmethod
     def _split(f: Callable) -> tuple[object, Hashable]:
-        owner = getattr(f, "__self__", None)
-        func = getattr(f, "__func__", None)
-        if owner is not None and func is not None:
-            return owner, func
+        if isinstance(f, types.MethodType):  # not getattr: an nn.Module's __getattr__ is slow to fail
+            return f.__self__, f.__func__
         return f, None
 
     def _table(self, owner: object, create: bool) -> dict | None:

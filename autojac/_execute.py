@@ -62,10 +62,14 @@ def run_method(
     the size (down to 1) and the chunks already done are kept. Each halving is
     appended to `events`.
     """
+    with grad_mode(create_graph):  # once for the whole run: entering it costs microseconds
+        return _run(method, f, xs, problem, chunk_size, create_graph, events, progress)
+
+
+def _run(method, f, xs, problem, chunk_size, create_graph, events, progress):
     n = method.basis_size(problem)
     shapes, sizes, dtypes = method.basis_layout(problem)
-    with grad_mode(create_graph):
-        state = method.prepare(f, xs, problem, create_graph)
+    state = method.prepare(f, xs, problem, create_graph)
     assembler = Assembler(problem, by_rows=method.by_rows)
     done = 0
     while done < n:
@@ -74,8 +78,7 @@ def run_method(
             start, stop = start + offset, stop + offset
             try:
                 basis = basis_chunk(start, stop, shapes, sizes, dtypes, problem.inputs.device)
-                with grad_mode(create_graph):
-                    parts = method.chunk(state, basis)
+                parts = method.chunk(state, basis)
                 assembler.add(start, stop, parts)
                 parts = None
             except Exception as exc:

@@ -88,9 +88,9 @@ def check_inputs(inputs: object, who: str = "jacobian") -> tuple[tuple[torch.Ten
         where = f"`inputs[{i}]`" if is_tuple else "`inputs`"
         if not isinstance(x, torch.Tensor):
             raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(x).__name__}. Pass a Tensor or a tuple of Tensors; convert data with `torch.as_tensor(..., dtype=torch.float64)`.")
-        if x.is_complex():
+        if x.dtype.is_complex:
             raise InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {x.dtype}; complex Jacobians are not supported. Split it into real and imaginary parts with `torch.view_as_real`.")
-        if not x.is_floating_point():
+        if not x.dtype.is_floating_point:
             raise InputTypeError(f"{who}: {where} must be a floating-point tensor, but got dtype {x.dtype}; only floating-point inputs have derivatives. Convert it with `.double()` or `.float()`.")
     devices = {x.device for x in xs}
     if len(devices) > 1:
@@ -115,7 +115,7 @@ def check_outputs(out: object, who: str = "jacobian") -> tuple[tuple[torch.Tenso
         where = f"output {i} of `f`" if is_tuple else "`f`'s output"
         if not isinstance(y, torch.Tensor):
             raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(y).__name__}. Make `f` return a Tensor or a tuple (not a list) of Tensors.")
-        if y.is_complex() or not y.is_floating_point():
+        if not y.dtype.is_floating_point:  # complex dtypes are not floating point
             raise InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {y.dtype}. Return a float tensor (integer and complex outputs have no real Jacobian).")
     return ys, is_tuple
 
