@@ -85,24 +85,27 @@ def check_inputs(inputs: object, who: str = "jacobian") -> tuple[tuple[torch.Ten
     if is_tuple and not xs:
         raise InputError(f"{who}: `inputs` must hold at least one tensor, but got an empty tuple. Pass a Tensor or a non-empty tuple of Tensors.")
     for i, x in enumerate(xs):
-        where = f"`inputs[{i}]`" if is_tuple else "`inputs`"
-        if not isinstance(x, torch.Tensor):
-            raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(x).__name__}. Pass a Tensor or a tuple of Tensors; convert data with `torch.as_tensor(..., dtype=torch.float64)`.")
-        if x.dtype.is_complex:
-            raise InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {x.dtype}; complex Jacobians are not supported. Split it into real and imaginary parts with `torch.view_as_real`.")
-        if not x.dtype.is_floating_point:
-            raise InputTypeError(f"{who}: {where} must be a floating-point tensor, but got dtype {x.dtype}; only floating-point inputs have derivatives. Convert it with `.double()` or `.float()`.")
-    devices = {x.device for x in xs}
-    if len(devices) > 1:
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:  # complex is not floating point
+            raise _bad_input(x, f"`inputs[{i}]`" if is_tuple else "`inputs`", who)
+    device = xs[0].device
+    if len(xs) > 1 and any(x.device != device for x in xs):
         listed = ", ".join(str(x.device) for x in xs)
         raise InputError(f"{who}: all inputs must be on one device, but got inputs on {listed}. Move them with `.to(device)` first.")
     signature = Signature(
         shapes=tuple(tuple(x.shape) for x in xs),
         dtypes=tuple(x.dtype for x in xs),
-        device=xs[0].device,
+        device=device,
         is_tuple=is_tuple,
     )
     return xs, signature
+
+
+def _bad_input(x: object, where: str, who: str) -> InputTypeError:
+    if not isinstance(x, torch.Tensor):
+        return InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(x).__name__}. Pass a Tensor or a tuple of Tensors; convert data with `torch.as_tensor(..., dtype=torch.float64)`.")
+    if x.dtype.is_complex:
+        return InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {x.dtype}; complex Jacobians are not supported. Split it into real and imaginary parts with `torch.view_as_real`.")
+    return InputTypeError(f"{who}: {where} must be a floating-point tensor, but got dtype {x.dtype}; only floating-point inputs have derivatives. Convert it with `.double()` or `.float()`.")
 
 
 def check_outputs(out: object, who: str = "jacobian") -> tuple[tuple[torch.Tensor, ...], bool]:
