@@ -276,8 +276,8 @@ def jacobian(
       cannot see) fits the budget, balanced across chunks.
     - Candidates estimated within 2x of the best (and under 1 s in all), the
       best included, compute the whole Jacobian at their chunk size, timed in
-      interleaved rounds, since small probes extrapolate poorly; the median
-      replaces the estimate. If that brings untimed candidates within 2x of the
+      interleaved rounds, since small probes extrapolate poorly; the fastest
+      round replaces the estimate. If that brings untimed candidates within 2x of the
       new best, they are timed with the others (3 passes at most).
     - The candidate with the lowest estimated total time wins; ties go to fewer
       passes, then vmap over repeat over loop.
