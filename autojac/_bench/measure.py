@@ -72,11 +72,13 @@ def vmap_need(f, inputs) -> tuple[int, int]:
     return need, smallest
 
 
-def time_problem(problem, size, names, device, repeats=9, slow_seconds=5.0, few_seconds=0.1, few=5):
+def time_problem(problem, size, names, device, repeats=21, slow_seconds=5.0, few_seconds=0.1, few=5):
     """Rows of facts for each contestant on one problem: time (median of interleaved runs), errors.
 
-    `repeats` rounds for calls under `few_seconds` (their noise is what decides close ratios),
-    `few` for slower ones, one for calls over `slow_seconds`.
+    `repeats` rounds for calls under `few_seconds` (their noise is what decides close ratios: with 9
+    rounds, bursts of machine noise lasting a few rounds moved the ratio between autojac and the
+    identical explicit method by up to 16% on millisecond problems), `few` for slower ones, one for
+    calls over `slow_seconds`.
     """
     f, inputs = problem.build(size, device)
     want = torch.autograd.functional.jacobian(f, inputs)

@@ -43,7 +43,7 @@ def run_suite(quick: bool, device: torch.device, out_dir: Path, memory: str = "a
     for problem in problems:
         for size in sizes:
             say(f"{problem.name} ({size}) ...")
-            found = time_problem(problem, size, names, device, repeats=3 if quick else 9,
+            found = time_problem(problem, size, names, device, repeats=3 if quick else 21,
                                  slow_seconds=1.0 if quick else 5.0)
             for row in found:
                 if "seconds" not in row:
