@@ -76,8 +76,8 @@ def time_problem(problem, size, names, device, repeats=21, slow_seconds=5.0, few
     """Rows of facts for each contestant on one problem: time (median of interleaved runs), errors.
 
     `repeats` rounds for calls under `few_seconds` (their noise is what decides close ratios: with 9
-    rounds, bursts of machine noise lasting a few rounds moved the ratio between autojac and the
-    identical explicit method by up to 16% on millisecond problems), `few` for slower ones, one for
+    rounds, bursts of machine noise lasting a few rounds moved the ratio between autojac and its own
+    explicit run of the same method by up to 16% on millisecond problems), `few` for slower ones, one for
     calls over `slow_seconds`.
     """
     f, inputs = problem.build(size, device)
