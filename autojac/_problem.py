@@ -114,13 +114,16 @@ def check_outputs(out: object, who: str = "jacobian") -> tuple[tuple[torch.Tenso
     ys = out if is_tuple else (out,)
     if is_tuple and not ys:
         raise InputTypeError(f"{who}: `f` must return a Tensor or a non-empty tuple of Tensors, but it returned an empty tuple.")
-    for i, y in enumerate(ys):
-        where = f"output {i} of `f`" if is_tuple else "`f`'s output"
-        if not isinstance(y, torch.Tensor):
-            raise InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(y).__name__}. Make `f` return a Tensor or a tuple (not a list) of Tensors.")
-        if not y.dtype.is_floating_point:  # complex dtypes are not floating point
-            raise InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {y.dtype}. Return a float tensor (integer and complex outputs have no real Jacobian).")
+    for i, y in enumerate(ys):  # runs on every pass of `f`: error text only when raising
+        if not isinstance(y, torch.Tensor) or not y.dtype.is_floating_point:  # complex is not floating point
+            raise _bad_output(y, f"output {i} of `f`" if is_tuple else "`f`'s output", who)
     return ys, is_tuple
+
+
+def _bad_output(y: object, where: str, who: str) -> InputTypeError:
+    if not isinstance(y, torch.Tensor):
+        return InputTypeError(f"{who}: {where} must be a torch.Tensor, but got {type(y).__name__}. Make `f` return a Tensor or a tuple (not a list) of Tensors.")
+    return InputTypeError(f"{who}: {where} must be a real floating-point tensor, but got dtype {y.dtype}. Return a float tensor (integer and complex outputs have no real Jacobian).")
 
 
 def describe(f: Callable, xs: Sequence[torch.Tensor], signature: Signature, who: str = "jacobian") -> Problem:
