@@ -37,13 +37,33 @@ def test_budget_forms(budget, expected):
     (1.5, autojac.InputError, r"in \(0, 1\]"),
     ("lots", autojac.InputError, "number and a unit"),
     ("12 parsecs", autojac.InputError, "number and a unit"),
-    ("0MiB", autojac.InputError, "must be positive"),
+    ("0MiB", autojac.InputError, "at least 1 byte"),
+    ("0.5", autojac.InputError, "has no unit.*float 0.5"),
+    ("1.5", autojac.InputError, "has no unit.*'1.5GiB'"),
+    ("0.0001kb", autojac.InputError, "at least 1 byte"),
     (True, autojac.InputTypeError, "must be None"),
     ([1], autojac.InputTypeError, "must be None"),
 ])
 def test_bad_budgets(budget, error, match):
     with pytest.raises(error, match=match):
         parse_budget(budget, free_bytes=GiB)
+
+
+def test_every_spelling_of_a_size_is_one_budget_and_one_cache_entry():
+    from autojac._memory import normalize_budget
+
+    assert {normalize_budget(b) for b in ("1 GiB", "1gib", "1GiB", " 1 G ", 2**30, "1073741824")} == {2**30}
+    f = lambda t: torch.tanh(t) * 2  # noqa: E731
+    x = torch.randn(4, dtype=torch.float64)
+    assert autojac.plan(f, x, memory_budget="1 GiB") is autojac.plan(f, x, memory_budget=2**30)
+
+
+def test_a_budget_above_the_whole_memory_is_refused():
+    from autojac._memory import total_bytes
+
+    too_much = 2 * total_bytes(torch.device("cpu"))
+    with pytest.raises(autojac.InputError, match="the device has only"):
+        autojac.jacobian(torch.sin, torch.randn(3), memory_budget=too_much)
 
 
 @pytest.mark.parametrize("budget", ["much", [1], -1.0])
