@@ -1,12 +1,11 @@
-"""Plans remembered per function, so that probing is paid once per input signature."""
+"""Plans (and what the safety net learnt) remembered per function, so that probing is paid once per input signature."""
 
 from __future__ import annotations
 
 import types
 import weakref
 from collections.abc import Callable, Hashable
-
-from ._plan import Plan
+from typing import Any
 
 
 class PlanCache:
@@ -42,12 +41,12 @@ class PlanCache:
             table = entry[1]
         return table
 
-    def get(self, f: Callable, key: Hashable) -> Plan | None:
+    def get(self, f: Callable, key: Hashable) -> Any:
         owner, func = self._split(f)
         table = self._table(owner, create=False)
         return None if table is None else table.get((func, key))
 
-    def put(self, f: Callable, key: Hashable, plan: Plan) -> None:
+    def put(self, f: Callable, key: Hashable, plan: Any) -> None:
         owner, func = self._split(f)
         table = self._table(owner, create=True)
         table[(func, key)] = plan

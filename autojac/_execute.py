@@ -55,18 +55,20 @@ def run_method(
     create_graph: bool,
     events: list[str],
     progress: Callable[[int], None] | None = None,
+    check: Callable[[Method, object, object], None] | None = None,
 ) -> object:
     """Compute the whole Jacobian with `method`, `chunk_size` basis vectors at a time.
 
     If a chunk runs out of memory, the rest of the basis is re-chunked at half
     the size (down to 1) and the chunks already done are kept. Each halving is
-    appended to `events`.
+    appended to `events`. `check(method, state, result)` runs on the result
+    before it is returned, with the method's state still alive (see `_verify`).
     """
     with grad_mode(create_graph):  # once for the whole run: entering it costs microseconds
-        return _run(method, f, xs, problem, chunk_size, create_graph, events, progress)
+        return _run(method, f, xs, problem, chunk_size, create_graph, events, progress, check)
 
 
-def _run(method, f, xs, problem, chunk_size, create_graph, events, progress):
+def _run(method, f, xs, problem, chunk_size, create_graph, events, progress, check):
     n = method.basis_size(problem)
     shapes, sizes, dtypes = method.basis_layout(problem)
     state = method.prepare(f, xs, problem, create_graph)
@@ -93,7 +95,10 @@ def _run(method, f, xs, problem, chunk_size, create_graph, events, progress):
             done = stop
             if progress is not None:
                 progress(stop - start)
-    return assembler.result()
+    result = assembler.result()
+    if check is not None:
+        check(method, state, result)
+    return result
 
 
 def _release_cached_memory(device: torch.device) -> None:

@@ -8,13 +8,15 @@ from typing import final
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._method import BatchState, Method, Parts, batched_copies, call, check_batched_outputs, plain_inputs, stack_parts
+from ._method import (
+    BatchState, Method, Parts, batched_copies, call, check_batched_outputs, forward_ad_lock, plain_inputs, stack_parts,
+)
 from ._problem import Problem
 
 
 def _dual_pass(f: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], Parts]:
     """One forward-AD pass with dual numbers; returns the outputs and their tangents."""
-    with fwAD.dual_level():
+    with forward_ad_lock, fwAD.dual_level():
         ys = call(f, [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
         unpacked = [fwAD.unpack_dual(y) for y in ys]
         return tuple(u.primal for u in unpacked), tuple(u.tangent for u in unpacked)
@@ -55,7 +57,8 @@ class ForwardVmap(_ForwardOnInputs):
         def push(*tangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return torch.func.jvp(lambda *a: call(state.f, a), state.xs, tangents)[1]
 
-        return tuple(torch.func.vmap(push)(*basis))
+        with forward_ad_lock:
+            return tuple(torch.func.vmap(push)(*basis))
 
 
 @final

@@ -24,12 +24,14 @@ class _Linear:
     vs: tuple[torch.Tensor, ...]
     gs: tuple[torch.Tensor | None, ...]
     create_graph: bool
+    ys: tuple[torch.Tensor, ...]
+    xs: tuple[torch.Tensor, ...]
 
 
 def _linearize(ys: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], create_graph: bool) -> _Linear:
     vs = tuple(torch.zeros_like(y).requires_grad_() for y in ys)
     gs = vjp(ys, xs, vs, create_graph=True)
-    return _Linear(vs, gs, create_graph)
+    return _Linear(vs, gs, create_graph, tuple(ys), tuple(xs))
 
 
 def _jvp(linear: _Linear, tangents: Sequence[torch.Tensor], batched: bool) -> Parts:
@@ -43,11 +45,15 @@ class _TrickOnGraph(Method):
     """Abstract: one forward and one differentiable backward pass build g; every chunk differentiates g."""
 
     mode = "forward-trick"
+    evaluates_once = True
 
     def prepare(self, f: Callable, xs: Sequence[torch.Tensor], problem: Problem, create_graph: bool) -> _Linear:
         xs = grad_inputs(xs, create_graph)
         with torch.enable_grad():
             return _linearize(call(f, xs), xs, create_graph)
+
+    def same_realization_vjp(self, state: _Linear, cotangents: Sequence[torch.Tensor]) -> Parts:
+        return vjp(state.ys, state.xs, cotangents, create_graph=False)
 
 
 @final

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -9,14 +11,17 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ._cache import PlanCache
+from ._compose import composed_jacobian, outer_transform
 from ._errors import InputError, InputTypeError, MemoryBudgetError, PlanMismatchError, StrictError, UnsupportedFunctionError
-from ._execute import engines, method, run_method
-from ._memory import free_memory, parse_budget, untracked_reserve
+from ._evaluation import Evaluator, module_modes, modules_of
+from ._execute import engines, is_out_of_memory, method, run_method
+from ._memory import format_bytes, free_memory, normalize_budget, parse_budget, total_bytes, untracked_reserve
 from ._method import MODES, VECTORIZATIONS, Method, call, grad_inputs
 from ._plan import Cost, Plan
 from ._planner import NoMethodError, choose
 from ._probe import probe, refine
 from ._problem import Signature, check_inputs, describe
+from ._verify import VerificationError, check_result
 
 logger = logging.getLogger("autojac")
 
@@ -38,7 +43,38 @@ def clear_cache() -> None:
     _cache.clear()
 
 
+_TORCH_KEYWORDS = {
+    "strategy": "`strategy='reverse-mode'` / `'forward-mode'` of torch.autograd.functional is `mode='reverse'` / `mode='forward'` here",
+    "vectorize": "`vectorize=True` of torch.autograd.functional is `vectorize='vmap'` here (False is `vectorize='loop'`); autojac chooses by itself with 'auto'",
+    "chunk_size": "torch.func's `chunk_size` is `chunk_size` here too",
+    "argnums": "`argnums` is not supported yet: pass only the inputs to differentiate, and close over the others (`lambda x: f(x, y)`)",
+    "has_aux": "`has_aux` is not supported yet: return only the outputs to differentiate",
+    "budget": "the memory budget is `memory_budget`",
+    "memory": "the memory budget is `memory_budget`",
+    "method": "the method is chosen with `mode` ('reverse', 'forward', 'forward-trick') and `vectorize` ('vmap', 'repeat', 'loop')",
+}
+
+
+def _refuse_unknown(unknown: dict, who: str) -> None:
+    if not unknown:
+        return
+    name = next(iter(unknown))
+    hint = _TORCH_KEYWORDS.get(name, "see `help(autojac.jacobian)` for the options")
+    raise InputTypeError(f"{who}: got an unexpected keyword argument `{name}`. {hint[0].upper() + hint[1:]}.")
+
+
+def _check_flags(who: str, **flags: object) -> None:
+    for name, value in flags.items():
+        if name == "progress":
+            if value is not None and not isinstance(value, bool):
+                raise InputTypeError(f"{who}: `progress` must be True, False or None (show a bar for runs estimated over 10 s on a terminal), but got {value!r}.")
+        elif not isinstance(value, bool):
+            raise InputTypeError(f"{who}: `{name}` must be True or False, but got {value!r}.")
+
+
 def _check_options(mode: object, vectorize: object, chunk_size: object, who: str) -> None:
+    if isinstance(vectorize, bool):
+        raise InputError(f"{who}: `vectorize` takes 'auto', 'vmap', 'repeat' or 'loop', but got {vectorize!r}. {_TORCH_KEYWORDS['vectorize'][0].upper() + _TORCH_KEYWORDS['vectorize'][1:]}.")
     if mode not in ("auto", *MODES):
         raise InputError(f"{who}: `mode` must be one of 'auto', 'reverse', 'forward', 'forward-trick', but got {mode!r}.")
     if vectorize not in ("auto", *VECTORIZATIONS):
@@ -76,6 +112,7 @@ def plan(
     create_graph: bool = False,
     strict: bool = False,
     cache: bool = True,
+    **unknown: object,
 ) -> Plan:
     """Decide how `jacobian(f, inputs, ...)` would run, without computing the Jacobian.
 
@@ -84,24 +121,48 @@ def plan(
     the plan runs). The returned `Plan` prints as one readable paragraph and can
     be passed back as `jacobian(f, inputs, plan=plan)`.
     """
+    _refuse_unknown(unknown, "plan")
     _check_options(mode, vectorize, chunk_size, "plan")
+    _check_flags("plan", create_graph=create_graph, strict=strict, cache=cache)
     _check_callable(f, "plan")
     xs, signature = check_inputs(inputs, "plan")
-    return _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_graph, cache, "plan")
+    memory_budget = normalize_budget(memory_budget, "plan")
+    if outer_transform(xs) is not None:
+        raise InputError("plan: cannot plan inside a torch.func transform or forward-mode AD, where timings and memory are the outer transform's. Make the plan outside, or call `autojac.jacobian` there (it then runs torch.func products without planning).")
+    modules = modules_of(f)
+    with _user_call_state(xs) as xs:
+        evaluator = Evaluator(f, signature.device, modules)
+        try:
+            return _plan(f, evaluator, xs, signature, modules, mode, vectorize, chunk_size, memory_budget, create_graph, cache, "plan")
+        finally:
+            evaluator.finish()
 
 
-def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_graph, cache, who) -> Plan:
-    if memory_budget is not None:
-        parse_budget(memory_budget, 2**40, who)  # a bad budget is refused before anything else, cached or not
-    key = (signature, mode, vectorize, chunk_size, memory_budget, create_graph)
+@contextlib.contextmanager
+def _user_call_state(xs: Sequence[torch.Tensor]):
+    """Leave inference mode for the call (autograd needs it off), with normal copies of inference tensors."""
+    if not torch.is_inference_mode_enabled():
+        yield xs
+        return
+    with torch.inference_mode(False):
+        yield tuple(x.clone() if x.is_inference() else x for x in xs)
+
+
+def _plan(f, evaluator, xs, signature, modules, mode, vectorize, chunk_size, memory_budget, create_graph, cache, who) -> Plan:
+    key = (signature, mode, vectorize, chunk_size, memory_budget, create_graph, torch.is_grad_enabled(), module_modes(modules))
     if cache:
         cached = _cache.get(f, key)
         if cached is not None:
             return cached
     free = free_memory(signature.device)
-    budget_bytes = parse_budget(memory_budget, free.free_bytes, who)
-    problem = describe(f, xs, signature, who)
+    budget_bytes = parse_budget(memory_budget, free.free_bytes, who, total=total_bytes(signature.device))
+    problem = dataclasses.replace(describe(evaluator, xs, signature, who), draws_random=evaluator.draws_random)
+    _refuse_what_cannot_fit(problem, budget_bytes, who)
     methods = _candidates(mode, vectorize, problem.n_in, problem.n_out)
+    random_only_once = problem.draws_random and any(m.evaluates_once for m in methods) and not all(m.evaluates_once for m in methods)
+    if random_only_once:  # NOTE: [Why evaluations are pinned]
+        drawn = [m for m in methods if not m.evaluates_once]
+        methods = [m for m in methods if m.evaluates_once]
     fixed = len({(m.mode, m.vectorize) for m in methods}) == 1 and chunk_size is not None and memory_budget is None
     if fixed:
         methods = methods[:1]  # nothing is measured, so there is nothing to choose an engine by: the default
@@ -112,27 +173,45 @@ def _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_g
     costs = []
     for m in first:  # in order of preference, so the usual winner sets the time to beat early
         beat = None if fixed else _time_to_beat(problem, costs, budget_bytes, chunk_size)
-        costs.append(probe(m, f, xs, problem, create_graph, measure=not fixed, chunk_size=chunk_size,
+        costs.append(probe(m, evaluator, xs, problem, create_graph, measure=not fixed, chunk_size=chunk_size,
                            room_bytes=room, beat_seconds=beat))
     skipped = [
         Cost(m.mode, m.vectorize, m.basis_size(problem), engine=m.engine,
              dropped=f"not measured: {m.basis_size(problem)} passes against {fewest}")
         for m in later
     ]
+    if random_only_once:
+        skipped += [
+            Cost(m.mode, m.vectorize, m.basis_size(problem), engine=m.engine,
+                 dropped="`f` draws random numbers, and this method evaluates it more than once")
+            for m in drawn
+        ]
     budget = None if fixed else budget_bytes
     try:
         result = _choose(problem, costs + skipped, budget, chunk_size, mode, vectorize)
     except (UnsupportedFunctionError, MemoryBudgetError):
         if not later:
             raise
-        costs += [probe(m, f, xs, problem, create_graph, chunk_size=chunk_size, room_bytes=room) for m in later]
+        costs += [probe(m, evaluator, xs, problem, create_graph, chunk_size=chunk_size, room_bytes=room) for m in later]
         result = _choose(problem, costs, budget, chunk_size, mode, vectorize)
     if not fixed:
-        result = _refined(result, f, xs, create_graph, budget, chunk_size, mode, vectorize)
+        result = _refined(result, evaluator, xs, create_graph, budget, chunk_size, mode, vectorize)
     logger.debug("%s", result)
     if cache:
         _cache.put(f, key, result)
     return result
+
+
+def _refuse_what_cannot_fit(problem, budget_bytes: int, who: str) -> None:
+    """MemoryBudgetError right after the one evaluation that gave the output shapes, before any probe."""
+    reserve = untracked_reserve(problem.inputs.device)
+    if problem.result_bytes + reserve > budget_bytes:
+        raise MemoryBudgetError(
+            f"{who}: the memory budget is {format_bytes(budget_bytes)}, but the Jacobian alone "
+            f"({problem.n_out} x {problem.n_in}) takes {format_bytes(problem.result_bytes)}"
+            + (f", plus the {format_bytes(reserve)} workspace reserve" if reserve else "")
+            + ". Raise `memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time."
+        )
 
 
 def _time_to_beat(problem, costs, budget, chunk_size) -> float | None:
@@ -217,6 +296,7 @@ def jacobian(
     plan: Plan | None = None,
     cache: bool = True,
     progress: bool | None = None,
+    **unknown: object,
 ):
     """The full Jacobian of `f` at `inputs`, by the fastest method that fits in memory.
 
@@ -302,17 +382,30 @@ def jacobian(
         tensor([[2., 0.],
                 [0., 4.]], dtype=torch.float64)
     """
+    _refuse_unknown(unknown, "jacobian")
     _check_options(mode, vectorize, chunk_size, "jacobian")
+    _check_flags("jacobian", create_graph=create_graph, strict=strict, cache=cache, progress=progress)
     _check_callable(f, "jacobian")
     xs, signature = check_inputs(inputs, "jacobian")
+    memory_budget = normalize_budget(memory_budget, "jacobian")
     if plan is not None:
         _check_plan(plan, signature, mode, vectorize, chunk_size, memory_budget)
-        chosen = plan
-    else:
-        chosen = _plan(f, xs, signature, mode, vectorize, chunk_size, memory_budget, create_graph, cache, "jacobian")
-    if strict:
-        _check_strict(f, xs)
-    return _execute(chosen, f, xs, create_graph, progress)
+    modules = modules_of(f)
+    transform = outer_transform(xs)
+    with _user_call_state(xs) as xs:
+        evaluator = Evaluator(f, signature.device, modules)
+        try:
+            if transform is not None:  # NOTE: [Why composed calls take their own path]
+                if strict:
+                    _check_strict(evaluator, xs)
+                return composed_jacobian(evaluator, xs, signature, plan.mode if plan is not None else mode, chunk_size)
+            if plan is None:
+                plan = _plan(f, evaluator, xs, signature, modules, mode, vectorize, chunk_size, memory_budget, create_graph, cache, "jacobian")
+            if strict:
+                _check_strict(evaluator, xs)
+            return _execute(plan, f, evaluator, xs, create_graph, progress)
+        finally:
+            evaluator.finish()
 
 
 def _check_plan(plan: object, signature: Signature, mode, vectorize, chunk_size, memory_budget) -> None:
@@ -340,30 +433,56 @@ def _check_strict(f: Callable, xs: Sequence[torch.Tensor]) -> None:
                 raise StrictError(f"jacobian: with strict=True every output must depend on every input, but output {i} is independent of input {j}. Pass strict=False to get zeros for that block.")
 
 
-def _execute(plan: Plan, f: Callable, xs: Sequence[torch.Tensor], create_graph: bool, progress: bool | None):
+def _execute(plan: Plan, f: Callable, evaluator: Evaluator, xs: Sequence[torch.Tensor], create_graph: bool, progress: bool | None):
+    """Run the plan's method, verified on its first use for `f`; on failure, the fallbacks in turn.
+
+    A method whose Jacobian fails verification is not trusted again for `f`: if
+    it evaluates `f` more than once, `f`'s evaluations disagree (a generator of its
+    own, state it keeps), and only methods that evaluate it once are tried after.
+    """
     failures: list[tuple[str, BaseException]] = []
+    checks = plan.checks
     for chosen, chunk_size in _attempts(plan):
+        if not chosen.evaluates_once and checks.evaluations_disagree(f):
+            continue
+        verify = not checks.verified(f, chosen.name)
         bar = _progress_bar(plan, chosen, progress)
         try:
-            return run_method(chosen, f, xs, plan.problem, chunk_size, create_graph, plan.history,
-                              None if bar is None else bar.update)
+            result = run_method(chosen, evaluator, xs, plan.problem, chunk_size, create_graph, plan.history,
+                                None if bar is None else bar.update,
+                                check=(lambda m, state, res: check_result(m, state, res, evaluator, xs, plan.problem)) if verify else None)
+            if verify:
+                checks.mark_verified(f, chosen.name)
+            return result
         except Exception as exc:
             failure = exc
         finally:
             if bar is not None:
                 bar.close()
         # Outside the except block, so that an error of `f` itself propagates unchanged.
-        problem = describe(f, xs, plan.signature)
-        if problem != plan.problem:
-            raise PlanMismatchError(f"jacobian: `f` now returns outputs of shapes {list(problem.out_shapes)}, but the plan was made when it returned {list(plan.problem.out_shapes)}. Pass cache=False, or make a new plan.") from failure
+        if isinstance(failure, VerificationError):
+            if not chosen.evaluates_once:
+                checks.mark_evaluations_disagree(f)
+        else:
+            problem = describe(evaluator, xs, plan.signature)
+            if (problem.out_shapes, problem.out_dtypes) != (plan.problem.out_shapes, plan.problem.out_dtypes):
+                raise PlanMismatchError(f"jacobian: `f` now returns outputs of shapes {list(problem.out_shapes)}, but the plan was made when it returned {list(plan.problem.out_shapes)}. Pass cache=False, or make a new plan.") from failure
         failures.append((chosen.name, failure))
         plan.history.append(f"{chosen.name} failed ({type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''})")
         logger.debug(plan.history[-1])
+    if not failures:
+        raise UnsupportedFunctionError(f"jacobian: `f` gives different results on identical evaluations (a random generator of its own, or state it changes), and none of the allowed methods evaluates it only once. Use mode='reverse' or mode='forward-trick' with vectorize='vmap' or 'loop'.")
     name, last = failures[-1]
     tried = "; ".join(f"{n}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for n, e in failures)
     if isinstance(last, UnsupportedFunctionError) and len(failures) == 1:
         raise last
-    advice = _advice(plan.mode, plan.vectorize) if len(failures) == 1 else "Every feasible method was tried."
+    if is_out_of_memory(last):
+        raise MemoryBudgetError(f"jacobian: {name} ran out of memory even one basis vector at a time ({tried}). Free memory, pass a `memory_budget` so the planner can choose a method that fits, or use mode='reverse' when `f` has fewer outputs than inputs.") from last
+    if isinstance(last, VerificationError):
+        advice = ("`f` gives different results on identical evaluations (a random generator of its own, or state it changes); "
+                  "use mode='reverse', or mode='forward-trick' with vectorize='vmap' or 'loop', which evaluate it once.")
+    else:
+        advice = _advice(plan.mode, plan.vectorize) if len(failures) == 1 else "Every feasible method was tried."
     raise UnsupportedFunctionError(f"jacobian: {name} could not differentiate `f`: {tried}. {advice}") from last
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,6 +35,8 @@ class Method(abc.ABC):
     vectorize: ClassVar[str]
     engine: str = ""
     """Which machinery a method with more than one runs on ("" for its default); see ReverseVmap."""
+    evaluates_once: ClassVar[bool] = False
+    """Whether the whole Jacobian comes from one evaluation of `f` (one graph), not one per chunk or vector."""
 
     @property
     def name(self) -> str:
@@ -59,6 +62,13 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def chunk(self, state: Any, basis: Sequence[torch.Tensor]) -> Parts:
         """Push basis vectors (one tensor per part, leading dim k) through; one result per other side."""
+
+    def same_realization_vjp(self, state: Any, cotangents: Sequence[torch.Tensor]) -> Parts | None:
+        """One unbatched VJP on the evaluation of `f` the chunks came from, or None if there is no single one.
+
+        The safety net (`_verify`) checks a method's Jacobian against it.
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -92,8 +102,50 @@ def grad_inputs(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.T
 
 
 def plain_inputs(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
-    """Inputs for forward-mode passes: no backward graph unless one was asked for."""
-    return tuple(x.view_as(x) if (create_graph and x.requires_grad) else x.detach() for x in xs)
+    """Inputs for forward-mode passes: no backward graph unless one was asked for.
+
+    With `create_graph`, they are the same as reverse mode's, so the Jacobian is
+    differentiable whichever mode computed it.
+    """
+    if create_graph:
+        return grad_inputs(xs, create_graph)
+    return tuple(x.detach() for x in xs)
+
+
+class _ForwardAdLock:
+    """Serializes forward-mode AD across threads.
+
+    NOTE: [Forward AD is process-wide]
+    PyTorch has one forward-AD level for the whole process (`fwAD.dual_level` and
+    `torch.func.jvp` both enter it), and entering it twice raises "Nested forward
+    mode AD is not supported". Two threads running forward mode at once would
+    make one of them fail, so every forward pass holds this lock. It is reentrant
+    and knows its owner, so a call running inside this thread's own forward pass
+    (autojac inside autojac) can tell that the active level is an outer one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+        self._lock.release()
+
+    def held_by_another_thread(self) -> bool:
+        owner = self._owner
+        return owner is not None and owner != threading.get_ident()
+
+
+forward_ad_lock = _ForwardAdLock()
 
 
 def call(f: Callable, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ._cache import PlanCache
 from ._memory import format_bytes
 from ._method import method_name
 from ._problem import Problem, Signature
@@ -79,13 +81,40 @@ class Candidate:
         return ", ".join(parts)
 
 
+class RunChecks:
+    """What the safety net has learnt, per function, about the methods of one plan.
+
+    A method's first Jacobian of a function is verified (see `_verify`); once it
+    passed, later calls of the same function skip the check. A function whose
+    evaluations disagree with each other is run only by methods that evaluate it
+    once. Functions are held weakly, as by the plan cache.
+    """
+
+    def __init__(self) -> None:
+        self._table = PlanCache()
+
+    def verified(self, f: Callable, name: str) -> bool:
+        return self._table.get(f, ("verified", name)) is not None
+
+    def mark_verified(self, f: Callable, name: str) -> None:
+        self._table.put(f, ("verified", name), True)
+
+    def evaluations_disagree(self, f: Callable) -> bool:
+        return self._table.get(f, ("disagree",)) is not None
+
+    def mark_evaluations_disagree(self, f: Callable) -> None:
+        self._table.put(f, ("disagree",), True)
+
+
 @dataclass(frozen=True)
 class Plan:
     """A reusable decision for one function and one input signature.
 
     Make one with `autojac.plan(f, inputs, ...)`, read it with `str(plan)`, run it
     with `autojac.jacobian(f, inputs, plan=plan)`. `history` records what happened
-    when it ran (out-of-memory retries, fallbacks); it is the only mutable part.
+    when it ran (out-of-memory retries, fallbacks, failed verifications) and
+    `checks` which methods the safety net has verified on which functions; they
+    are its only mutable parts.
     """
 
     mode: str
@@ -101,6 +130,7 @@ class Plan:
     engine: str = ""
     """For reverse/vmap: "" (torch.func) or "autograd" (is_grads_batched); see `_reverse.ReverseVmap`."""
     history: list[str] = field(default_factory=list, compare=False, repr=False)
+    checks: RunChecks = field(default_factory=RunChecks, compare=False, repr=False)
 
     @property
     def name(self) -> str:

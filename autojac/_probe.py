@@ -1,8 +1,14 @@
 """Capability and cost probes: run each candidate method on small chunks and measure it.
 
 The results (`Cost`) are the planner's inputs. A method that fails on a probe
-chunk is dropped with the reason kept; one whose vmap fell back to a per-sample
-loop keeps running but carries a note, and its measured cost shows the slowdown.
+chunk is dropped with the reason kept; one whose vmap fell back to a slow
+per-sample loop keeps running, and its measured cost shows the slowdown.
+
+NOTE: [No warning filters]
+Probes never touch `warnings` filters: `warnings.catch_warnings` saves and
+restores the process-wide filter list, so two threads probing at once left it
+changed for good (later user warnings vanished). `f`'s own warnings show as
+Python's default filters decide (once per place).
 """
 
 from __future__ import annotations
@@ -10,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -187,25 +192,23 @@ def refine(contenders: Sequence[tuple[Cost, Method, int]], f: Callable, xs: Sequ
             return None
         return seconds
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i, (cost, _, chunk_size) in enumerate(contenders):
-            alive[i] = []
-            estimate = estimate_seconds(cost, chunk_size)
-            if estimate is None or estimate < REFINE_SECONDS / 3:
-                run(i)
-        spent, rounds = 0.0, 0
-        while alive and rounds < REFINE_ROUNDS[1] and (
-            rounds == 0 or spent < REFINE_SECONDS or (rounds < REFINE_ROUNDS[0] and spent < 3 * REFINE_SECONDS)
-        ):
-            order = list(alive)
-            order = order[rounds % len(order):] + order[:rounds % len(order)]  # rotate who goes first
-            for i in order:
-                seconds = run(i)
-                if seconds is not None:
-                    alive[i].append(seconds)
-                    spent += seconds
-            rounds += 1
+    for i, (cost, _, chunk_size) in enumerate(contenders):
+        alive[i] = []
+        estimate = estimate_seconds(cost, chunk_size)
+        if estimate is None or estimate < REFINE_SECONDS / 3:
+            run(i)
+    spent, rounds = 0.0, 0
+    while alive and rounds < REFINE_ROUNDS[1] and (
+        rounds == 0 or spent < REFINE_SECONDS or (rounds < REFINE_ROUNDS[0] and spent < 3 * REFINE_SECONDS)
+    ):
+        order = list(alive)
+        order = order[rounds % len(order):] + order[:rounds % len(order)]  # rotate who goes first
+        for i in order:
+            seconds = run(i)
+            if seconds is not None:
+                alive[i].append(seconds)
+                spent += seconds
+        rounds += 1
     refined = []
     for i, (cost, _, chunk_size) in enumerate(contenders):
         times = alive.get(i)
@@ -254,17 +257,13 @@ def probe(
         if n == 0:
             return Cost(method.mode, method.vectorize, n, engine=method.engine, seconds_fixed=0.0, seconds_per_chunk=0.0,
                         seconds_per_vector=0.0, bytes_fixed=0, bytes_per_vector=0)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            m_small = measure_peak_bytes(lambda: _run(method, f, xs, problem, create_graph, small), device)[0]
+        m_small = measure_peak_bytes(lambda: _run(method, f, xs, problem, create_graph, small), device)[0]
         if method.mode == "forward-trick":
             check_trick_consistent(method, f, xs, problem)
     except Exception as exc:
         logger.debug("%s dropped: %s", method.name, exc)
         return Cost(method.mode, method.vectorize, n, engine=method.engine, dropped=_first_line(exc), error=exc)
     note = ""
-    if any("batching rule" in str(w.message) or "performance drop" in str(w.message) for w in caught):
-        note = "vmap fell back to a per-sample loop for some ops"
     if not measure:
         return Cost(method.mode, method.vectorize, n, engine=method.engine, note=note)
 
@@ -276,26 +275,24 @@ def probe(
     def peak(k: int) -> int:
         return measure_peak_bytes(lambda: _run(method, f, xs, problem, create_graph, k), device)[0]
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            prep, t_small = chunk_seconds(small)
-            capped = _large_within(room_bytes, small, m_small, large)
-            if capped < large:
-                note = _and(note, f"probed at {capped} vectors, not {large}, to stay within the budget")
-                large = capped
-            if large > small:
-                if beat_seconds is not None and t_small > beat_seconds:
-                    note = _and(note, f"{small} vectors took longer than the best whole Jacobian: timed at one size")
-                    t_large = t_small * large / small  # all per vector: pessimistic, and it cannot win anyway
-                else:
-                    _, t_large = chunk_seconds(large)
-                m_large = peak(large)
+    try:
+        prep, t_small = chunk_seconds(small)
+        capped = _large_within(room_bytes, small, m_small, large)
+        if capped < large:
+            note = _and(note, f"probed at {capped} vectors, not {large}, to stay within the budget")
+            large = capped
+        if large > small:
+            if beat_seconds is not None and t_small > beat_seconds:
+                note = _and(note, f"{small} vectors took longer than the best whole Jacobian: timed at one size")
+                t_large = t_small * large / small  # all per vector: pessimistic, and it cannot win anyway
             else:
-                t_large, m_large = t_small, m_small
-        except Exception as exc:
-            logger.debug("%s dropped while measuring: %s", method.name, exc)
-            return Cost(method.mode, method.vectorize, n, engine=method.engine, dropped=_first_line(exc), error=exc)
+                _, t_large = chunk_seconds(large)
+            m_large = peak(large)
+        else:
+            t_large, m_large = t_small, m_small
+    except Exception as exc:
+        logger.debug("%s dropped while measuring: %s", method.name, exc)
+        return Cost(method.mode, method.vectorize, n, engine=method.engine, dropped=_first_line(exc), error=exc)
     per_chunk, per_vector = _line(small, t_small, large, t_large)
     bytes_fixed, bytes_per_vector = _line(small, m_small, large, m_large)
     cost = Cost(

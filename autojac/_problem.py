@@ -51,6 +51,8 @@ class Problem:
     out_shapes: tuple[Shape, ...]
     out_dtypes: tuple[torch.dtype, ...]
     outputs_tuple: bool
+    draws_random: bool = False
+    """Whether `f` drew from the global RNG when it was evaluated (dropout, `torch.randn`)."""
 
     @cached_property
     def in_sizes(self) -> tuple[int, ...]:
@@ -127,13 +129,15 @@ def _bad_output(y: object, where: str, who: str) -> InputTypeError:
 
 
 def describe(f: Callable, xs: Sequence[torch.Tensor], signature: Signature, who: str = "jacobian") -> Problem:
-    """Evaluate `f` once, without autograd, to learn the output shapes.
+    """Evaluate `f` once to learn the output shapes.
 
-    `f` sees copies, so a function that writes into its inputs cannot change the
-    user's tensors; its own exceptions propagate unchanged.
+    `f` runs as torch's own `jacobian` runs it: grad enabled, on copies of the
+    inputs that require grad, so an `f` that calls `torch.autograd.grad` itself
+    works and a function that writes into its inputs cannot change the user's
+    tensors. Its own exceptions propagate unchanged.
     """
-    with torch.no_grad():
-        out = f(*[x.detach().clone() for x in xs])
+    with torch.enable_grad():
+        out = f(*[x.detach().clone().requires_grad_() for x in xs])
     ys, outputs_tuple = check_outputs(out, who)
     return Problem(
         inputs=signature,

@@ -26,12 +26,16 @@ class _ReverseOnGraph(Method):
     """Abstract: one forward pass builds the graph; every chunk is a backward pass over it."""
 
     mode = "reverse"
+    evaluates_once = True
 
     def prepare(self, f: Callable, xs: Sequence[torch.Tensor], problem: Problem, create_graph: bool) -> _Graph:
         xs = grad_inputs(xs, create_graph)
         with torch.enable_grad():
             ys = call(f, xs)
         return _Graph(xs, ys, create_graph)
+
+    def same_realization_vjp(self, state: _Graph, cotangents: Sequence[torch.Tensor]) -> Parts:
+        return vjp(state.ys, state.xs, cotangents, create_graph=False)
 
 
 @final
@@ -74,6 +78,7 @@ class ReverseVmap(Method):
 
     mode = "reverse"
     vectorize = "vmap"
+    evaluates_once = True
     ENGINES = ("", "autograd")
 
     def __init__(self, engine: str = "") -> None:
@@ -91,6 +96,11 @@ class ReverseVmap(Method):
         xs = grad_inputs(xs, create_graph)
         with torch.enable_grad():
             return _Graph(xs, call(f, xs), create_graph)
+
+    def same_realization_vjp(self, state: _FuncVjp | _Graph, cotangents: Sequence[torch.Tensor]) -> Parts:
+        if isinstance(state, _FuncVjp):
+            return tuple(state.vjp_fn(tuple(cotangents)))
+        return vjp(state.ys, state.xs, cotangents, create_graph=False)
 
     def chunk(self, state: _FuncVjp | _Graph, basis: Sequence[torch.Tensor]) -> Parts:
         single = basis[0].shape[0] == 1  # a single vector needs no vmap, so vmap's limits don't apply

@@ -138,8 +138,23 @@ def test_f_failing_later_with_its_own_error_propagates_unchanged():
 
 def test_nothing_fits_is_raised_before_the_work():
     x = torch.randn(64, dtype=torch.float64)
-    with pytest.raises(autojac.MemoryBudgetError, match="the result itself is 32.0 KiB and the workspace reserve 8.0 MiB"):
-        autojac.jacobian(lambda t: t.sin() * 2, x, memory_budget=1000)
+    runs = []
+
+    def g(t):
+        runs.append(1)
+        return t.sin() * 2
+
+    with pytest.raises(autojac.MemoryBudgetError, match=r"the Jacobian alone \(64 x 64\) takes 32.0 KiB, plus the 8.0 MiB workspace reserve"):
+        autojac.jacobian(g, x, memory_budget=1000)
+    assert len(runs) == 1  # the one evaluation that tells the output shape
+
+
+def test_when_only_the_probes_show_nothing_fits_the_error_says_what_the_smallest_plan_needs():
+    x = torch.randn(64, dtype=torch.float64)
+    # The result (32 KiB) and the reserve fit; a 16 MiB intermediate in every pass of f does not.
+    budget = 8 * 2**20 + 2**20
+    with pytest.raises(autojac.MemoryBudgetError, match="the smallest plan"):
+        autojac.jacobian(lambda t: t.repeat(2**15).sin().reshape(-1, 64).sum(0), x, memory_budget=budget)
 
 
 def test_debug_log_tells_the_decision(caplog):

@@ -1,0 +1,149 @@
+"""Every evaluation of the user's `f` goes through one `Evaluator` per call.
+
+It gives `f` private copies of its inputs (so `f` may write into them), keeps
+evaluations of a random or stateful `f` alike (the global RNG and the buffers of
+the modules `f` uses are put back before each evaluation after the first), and
+leaves that state at the end as one evaluation of `f` leaves it, as after
+`torch.autograd.functional.jacobian`.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+# NOTE: [Why evaluations are pinned]
+# Methods evaluate `f` different numbers of times: once (reverse, the double-VJP
+# trick on one graph), once per chunk (repeat, forward/vmap) or once per basis
+# vector (forward/loop). A Jacobian assembled from several evaluations is only
+# right if they compute the same function: dropout must draw the same mask, a
+# BatchNorm in training mode must see the same running statistics. Restoring the
+# global RNG and the module buffers before each later evaluation makes them
+# agree; the planner still prefers one-evaluation methods for an `f` that draws
+# random numbers (see `Problem.draws_random`), because the global RNG is shared
+# by threads and a generator of `f`'s own cannot be put back.
+
+
+def modules_of(f: Callable) -> tuple[nn.Module, ...]:
+    """The `nn.Module`s that `f` is or uses: itself, the object of a bound method, the
+    functions and arguments of a `functools.partial`, and modules a function holds in
+    its closure or names as globals (one level of nested functions deep)."""
+    found: dict[int, nn.Module] = {}
+
+    def visit(obj: object, depth: int) -> None:
+        if isinstance(obj, nn.Module):
+            found.setdefault(id(obj), obj)
+        elif depth > 2:
+            return
+        elif isinstance(obj, types.MethodType):
+            visit(obj.__self__, depth + 1)
+            visit(obj.__func__, depth + 1)
+        elif isinstance(obj, functools.partial):
+            for item in (obj.func, *obj.args, *obj.keywords.values()):
+                visit(item, depth + 1)
+        elif isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    content = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                if isinstance(content, (nn.Module, types.FunctionType, functools.partial, types.MethodType)):
+                    visit(content, depth + 1)
+            for name in obj.__code__.co_names:
+                value = obj.__globals__.get(name)
+                if isinstance(value, (nn.Module, types.FunctionType)) and value is not obj:
+                    visit(value, depth + 1)
+
+    visit(f, 0)
+    return tuple(found.values())
+
+
+def module_modes(modules: Sequence[nn.Module]) -> tuple[bool, ...]:
+    """The `training` flag of every submodule: part of a plan's cache key, as it changes what `f` computes."""
+    return tuple(m.training for root in modules for m in root.modules())
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
+    states = [torch.default_generator.get_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return tuple(states)
+
+
+def _set_rng_state(device: torch.device, states: tuple[torch.Tensor, ...]) -> None:
+    torch.default_generator.set_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+class Evaluator:
+    """Stands in for `f` during one call: `evaluator(*xs)` returns what `f` returns.
+
+    Inputs are cloned before `f` sees them (a clone is differentiable in every
+    mode, so derivatives still reach the caller's tensors, which are never
+    written). After the first evaluation, whether `f` drew from the global RNG
+    and which module buffers it wrote are known; each later evaluation starts
+    from the state the first one started from. `finish()` leaves RNG and buffers
+    as the first evaluation left them.
+    """
+
+    def __init__(self, f: Callable, device: torch.device, modules: Sequence[nn.Module] = ()) -> None:
+        self.f = f
+        self.device = device
+        self.count = 0
+        self.draws_random = False
+        seen: dict[int, torch.Tensor] = {}
+        for m in modules:
+            for b in m.buffers():
+                seen.setdefault(id(b), b)
+        self._buffers = list(seen.values())
+        self._versions = [b._version for b in self._buffers]
+        self._buffers_before = [b.detach().clone() for b in self._buffers]
+        self._rng_before = _rng_state(device)
+        self._rng_after: tuple[torch.Tensor, ...] | None = None
+        self._written: list[int] = []
+        self._buffers_after: list[torch.Tensor] = []
+
+    def __call__(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        first = self.count == 0
+        if not first:
+            self._restore(self._rng_before if self.draws_random else None, self._buffers_before)
+        out = self.f(*[x.clone() for x in xs])
+        if first:
+            self._learn_from_first()
+        self.count += 1
+        return out
+
+    def _learn_from_first(self) -> None:
+        after = _rng_state(self.device)
+        self.draws_random = any(not torch.equal(a, b) for a, b in zip(after, self._rng_before))
+        self._rng_after = after if self.draws_random else None
+        # Values too, not only version counters: batch norm's kernel updates its running
+        # statistics in place without bumping their version.
+        self._written = [
+            i for i, b in enumerate(self._buffers)
+            if b._version != self._versions[i] or not torch.equal(b, self._buffers_before[i])
+        ]
+        self._buffers_after = [self._buffers[i].detach().clone() for i in self._written]
+
+    def _restore(self, rng: tuple[torch.Tensor, ...] | None, buffers: Sequence[torch.Tensor], indices=None) -> None:
+        if rng is not None:
+            _set_rng_state(self.device, rng)
+        if self._written:
+            with torch.no_grad():
+                if indices is None:  # the state before: one saved copy per buffer
+                    for i in self._written:
+                        self._buffers[i].copy_(buffers[i])
+                else:
+                    for i, saved in zip(indices, buffers):
+                        self._buffers[i].copy_(saved)
+
+    def finish(self) -> None:
+        """Leave the RNG and module buffers as the first evaluation left them (nothing to do if none ran)."""
+        if self.count > 1:
+            self._restore(self._rng_after, self._buffers_after, self._written)
