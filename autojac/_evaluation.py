@@ -96,6 +96,9 @@ class Evaluator:
         self.f = f
         self.device = device
         self.count = 0
+        """Evaluations of `f` that returned."""
+        self.started = 0
+        """Evaluations of `f` begun, the ones that raised included."""
         self.draws_random = False
         seen: dict[int, torch.Tensor] = {}
         for m in modules:
@@ -113,6 +116,7 @@ class Evaluator:
         first = self.count == 0
         if not first:
             self._restore(self._rng_before if self.draws_random else None, self._buffers_before)
+        self.started += 1
         out = self.f(*[x.clone() for x in xs])
         if first:
             self._learn_from_first()
@@ -144,6 +148,10 @@ class Evaluator:
                         self._buffers[i].copy_(saved)
 
     def finish(self) -> None:
-        """Leave the RNG and module buffers as the first evaluation left them (nothing to do if none ran)."""
-        if self.count > 1:
+        """Leave the RNG and module buffers as the first evaluation left them.
+
+        Nothing to do if no evaluation but the first began; if the first raised,
+        the state is what it left, as after torch's one evaluation.
+        """
+        if self.count >= 1 and self.started > 1:
             self._restore(self._rng_after, self._buffers_after, self._written)

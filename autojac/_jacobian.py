@@ -262,7 +262,15 @@ def _choose(problem, costs, budget, chunk_size, mode, vectorize) -> Plan:
     try:
         return choose(problem, costs, budget, chunk_size, reserve)
     except NoMethodError as exc:
-        cause = next((c.cost.error for c in exc.candidates if c.cost.error is not None), None)
+        errors = [c.cost.error for c in exc.candidates if c.cost.error is not None]
+        cause = errors[0] if errors else None
+        if errors and all(is_out_of_memory(e) for e in errors):
+            names = ", ".join(c.name for c in exc.candidates if c.cost.error is not None)
+            raise MemoryBudgetError(
+                f"jacobian: every allowed method ({names}) ran out of memory on a probe of a few basis vectors "
+                f"({str(cause).splitlines()[0] if str(cause) else type(cause).__name__}). Free memory, or allow other "
+                "methods (mode='auto', vectorize='auto'), or pass chunk_size=1."
+            ) from cause
         raise _unsupported(mode, vectorize, exc.candidates) from cause
 
 
@@ -486,11 +494,24 @@ def _execute(plan: Plan, f: Callable, evaluator: Evaluator, xs: Sequence[torch.T
     raise UnsupportedFunctionError(f"jacobian: {name} could not differentiate `f`: {tried}. {advice}") from last
 
 
+LAST_RESORT_CHUNK = 32
+"""Basis vectors built at a time by the last resort, reverse/loop (its memory hardly grows with it)."""
+
+
 def _attempts(plan: Plan):
-    """The chosen method, then (only if it fails) the fallbacks: lazily, to keep cached calls cheap."""
+    """The chosen method, then (only if it fails) the fallbacks: lazily, to keep cached calls cheap.
+
+    Last comes reverse/loop, if the plan allowed it and it was not among them (a
+    mode pruned for its many passes is never measured): one evaluation of `f`
+    and plain autograd, torch's own loop, for an `f` that nothing else can do.
+    """
     yield method(plan.mode, plan.vectorize, plan.engine), plan.chunk_size
+    tried = {plan.name}
     for c in plan.fallbacks:
+        tried.add(c.name)
         yield method(c.cost.mode, c.cost.vectorize, c.cost.engine), c.chunk_size or 1
+    if "reverse/loop" not in tried and any(c.name == "reverse/loop" and c.cost.error is None for c in plan.candidates):
+        yield method("reverse", "loop"), min(LAST_RESORT_CHUNK, max(plan.problem.n_out, 1))
 
 
 def _progress_bar(plan: Plan, method: Method, progress: bool | None):

@@ -89,8 +89,14 @@ def check_trick_consistent(method: Method, f: Callable, xs: Sequence[torch.Tenso
     u = [torch.randn((1, *s), generator=generator, dtype=d, device=device) for s, d in zip(problem.inputs.shapes, problem.inputs.dtypes)]
     w = [torch.randn((1, *s), generator=generator, dtype=d, device=device) for s, d in zip(problem.out_shapes, problem.out_dtypes)]
     with grad_mode(False):
-        Ju = method.chunk(method.prepare(f, xs, problem, False), u)
-        JTw = ReverseLoop().chunk(ReverseLoop().prepare(f, xs, problem, False), w)
+        state = method.prepare(f, xs, problem, False)
+        Ju = method.chunk(state, u)
+        with torch.enable_grad():  # on the trick's own graph where it has one: the same evaluation of f
+            JTw = method.same_realization_vjp(state, [wi[0] for wi in w])
+        if JTw is None:
+            JTw = ReverseLoop().chunk(ReverseLoop().prepare(f, xs, problem, False), w)
+        else:
+            JTw = tuple(None if g is None else g.unsqueeze(0) for g in JTw)
     left = sum(float((wi * ji).sum()) for wi, ji in zip(w, Ju) if ji is not None)
     right = sum(float((ui * gi).sum()) for ui, gi in zip(u, JTw) if gi is not None)
     if not (math.isfinite(left) and math.isfinite(right)):
