@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -63,9 +64,24 @@ def modules_of(f: Callable) -> tuple[nn.Module, ...]:
     return tuple(found.values())
 
 
+_submodules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _all_submodules(root: nn.Module) -> list[nn.Module]:
+    """`root.modules()` as a list, remembered per root: walking a large model costs more than a Jacobian call.
+
+    Refreshed when the root's direct children change (a layer added or replaced).
+    """
+    children = tuple(id(m) for m in root._modules.values())
+    cached = _submodules.get(root)
+    if cached is None or cached[0] != children:
+        cached = _submodules[root] = (children, list(root.modules()))
+    return cached[1]
+
+
 def module_modes(modules: Sequence[nn.Module]) -> tuple[bool, ...]:
     """The `training` flag of every submodule: part of a plan's cache key, as it changes what `f` computes."""
-    return tuple(m.training for root in modules for m in root.modules())
+    return tuple(m.training for root in modules for m in _all_submodules(root))
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -86,47 +102,75 @@ class Evaluator:
 
     Inputs are cloned before `f` sees them (a clone is differentiable in every
     mode, so derivatives still reach the caller's tensors, which are never
-    written). After the first evaluation, whether `f` drew from the global RNG
-    and which module buffers it wrote are known; each later evaluation starts
-    from the state the first one started from. `finish()` leaves RNG and buffers
-    as the first evaluation left them.
+    written); `private=True` skips that for tensors made for this evaluation
+    alone (the repeat trick's copies). What the first evaluation did (whether it
+    drew from the global RNG, which module buffers it wrote) is learnt when a
+    second evaluation begins or `draws_random` is read, so a call that evaluates
+    `f` once pays only for one snapshot. Each later evaluation starts from the
+    state the first one started from; `finish()` leaves RNG and buffers as the
+    first evaluation left them.
     """
 
-    def __init__(self, f: Callable, device: torch.device, modules: Sequence[nn.Module] = ()) -> None:
+    def __init__(self, f: Callable, device: torch.device, modules: Sequence[nn.Module] = (), once: bool = False) -> None:
         self.f = f
         self.device = device
         self.count = 0
         """Evaluations of `f` that returned."""
         self.started = 0
         """Evaluations of `f` begun, the ones that raised included."""
-        self.draws_random = False
-        seen: dict[int, torch.Tensor] = {}
-        for m in modules:
-            for b in m.buffers():
-                seen.setdefault(id(b), b)
-        self._buffers = list(seen.values())
-        self._versions = [b._version for b in self._buffers]
-        self._buffers_before = [b.detach().clone() for b in self._buffers]
-        self._rng_before = _rng_state(device)
+        self._modules = modules
+        self._snapshot_taken = False
+        if not once:
+            self._snapshot()
+        self._learnt = False
+        self._draws_random = False
         self._rng_after: tuple[torch.Tensor, ...] | None = None
         self._written: list[int] = []
         self._buffers_after: list[torch.Tensor] = []
 
-    def __call__(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        first = self.count == 0
-        if not first:
-            self._restore(self._rng_before if self.draws_random else None, self._buffers_before)
+    def _snapshot(self) -> None:
+        """The state the first (counted) evaluation starts from."""
+        seen: dict[int, torch.Tensor] = {}
+        for root in self._modules:
+            for m in _all_submodules(root):
+                for b in m._buffers.values():
+                    if b is not None:
+                        seen.setdefault(id(b), b)
+        self._buffers = list(seen.values())
+        self._versions = [b._version for b in self._buffers]
+        self._buffers_before = [b.detach().clone() for b in self._buffers]
+        self._rng_before = _rng_state(self.device)
+        self._snapshot_taken = True
+
+    def __call__(self, *xs: torch.Tensor, private: bool = False) -> object:
+        if self.started and not self._snapshot_taken:
+            # A call expected to evaluate `f` once evaluates it again (a fallback, a check):
+            # from here on, this evaluation is the first one the others must agree with.
+            self._snapshot()
+            self.started = 0
+        if self.started:
+            self._learn()
+            self._restore(self._rng_before if self._draws_random else None, self._buffers_before)
         self.started += 1
-        out = self.f(*[x.clone() for x in xs])
-        if first:
-            self._learn_from_first()
+        out = self.f(*(xs if private else [x.clone() for x in xs]))
         self.count += 1
         return out
 
-    def _learn_from_first(self) -> None:
+    @property
+    def draws_random(self) -> bool:
+        """Whether the first evaluation drew from the global RNG (read it before a second one begins)."""
+        if self.started and self._snapshot_taken:
+            self._learn()
+        return self._draws_random
+
+    def _learn(self) -> None:
+        """Compare the state now, after the first evaluation, with the state before it."""
+        if self._learnt:
+            return
+        self._learnt = True
         after = _rng_state(self.device)
-        self.draws_random = any(not torch.equal(a, b) for a, b in zip(after, self._rng_before))
-        self._rng_after = after if self.draws_random else None
+        self._draws_random = any(not torch.equal(a, b) for a, b in zip(after, self._rng_before))
+        self._rng_after = after if self._draws_random else None
         # Values too, not only version counters: batch norm's kernel updates its running
         # statistics in place without bumping their version.
         self._written = [
@@ -153,5 +197,5 @@ class Evaluator:
         Nothing to do if no evaluation but the first began; if the first raised,
         the state is what it left, as after torch's one evaluation.
         """
-        if self.count >= 1 and self.started > 1:
+        if self._learnt and self.started > 1 and self._snapshot_taken:
             self._restore(self._rng_after, self._buffers_after, self._written)

@@ -14,10 +14,11 @@ from ._method import (
 from ._problem import Problem
 
 
-def _dual_pass(f: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], Parts]:
+def _dual_pass(f: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor],
+               private: bool = False) -> tuple[tuple[torch.Tensor, ...], Parts]:
     """One forward-AD pass with dual numbers; returns the outputs and their tangents."""
     with forward_ad_lock, fwAD.dual_level():
-        ys = call(f, [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+        ys = call(f, [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)], private=private)
         unpacked = [fwAD.unpack_dual(y) for y in ys]
         return tuple(u.primal for u in unpacked), tuple(u.tangent for u in unpacked)
 
@@ -69,6 +70,6 @@ class ForwardRepeat(_ForwardOnInputs):
 
     def chunk(self, state: BatchState, basis: Sequence[torch.Tensor]) -> Parts:
         k = basis[0].shape[0]
-        ys, tangents = _dual_pass(state.f, batched_copies(state.xs, k), basis)
+        ys, tangents = _dual_pass(state.f, batched_copies(state.xs, k), basis, private=True)
         check_batched_outputs(ys, state.problem, k)
         return tangents

@@ -148,8 +148,20 @@ def _user_call_state(xs: Sequence[torch.Tensor]):
         yield tuple(x.clone() if x.is_inference() else x for x in xs)
 
 
+def _plan_key(signature, mode, vectorize, chunk_size, memory_budget, create_graph, modules) -> tuple:
+    """What a plan depends on besides the function: inputs, options, grad mode and the modules' training flags."""
+    return (signature, mode, vectorize, chunk_size, memory_budget, create_graph, torch.is_grad_enabled(), module_modes(modules))
+
+
+def _evaluates_once(plan: Plan, f: Callable) -> bool:
+    """Whether running `plan` on `f` evaluates `f` once: then the evaluator need not save any state upfront."""
+    chosen = method(plan.mode, plan.vectorize, plan.engine)
+    n = chosen.basis_size(plan.problem)
+    return chosen.evaluations(n, plan.n_chunks) <= 1 and (chosen.evaluates_once or plan.checks.verified(f, chosen.name))
+
+
 def _plan(f, evaluator, xs, signature, modules, mode, vectorize, chunk_size, memory_budget, create_graph, cache, who) -> Plan:
-    key = (signature, mode, vectorize, chunk_size, memory_budget, create_graph, torch.is_grad_enabled(), module_modes(modules))
+    key = _plan_key(signature, mode, vectorize, chunk_size, memory_budget, create_graph, modules)
     if cache:
         cached = _cache.get(f, key)
         if cached is not None:
@@ -400,8 +412,10 @@ def jacobian(
         _check_plan(plan, signature, mode, vectorize, chunk_size, memory_budget)
     modules = modules_of(f)
     transform = outer_transform(xs)
+    if plan is None and cache and transform is None:
+        plan = _cache.get(f, _plan_key(signature, mode, vectorize, chunk_size, memory_budget, create_graph, modules))
     with _user_call_state(xs) as xs:
-        evaluator = Evaluator(f, signature.device, modules)
+        evaluator = Evaluator(f, signature.device, modules, once=plan is not None and _evaluates_once(plan, f))
         try:
             if transform is not None:  # NOTE: [Why composed calls take their own path]
                 if strict:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._errors import NotBatchAwareError
+from ._evaluation import Evaluator
 from ._problem import Problem, check_outputs
 
 MODES = ("reverse", "forward", "forward-trick")
@@ -45,6 +46,12 @@ class Method(abc.ABC):
     @property
     def by_rows(self) -> bool:
         return self.mode == "reverse"
+
+    def evaluations(self, n_vectors: int, n_chunks: int) -> int:
+        """How many times a whole Jacobian in `n_chunks` chunks evaluates `f` (the README's table)."""
+        if self.evaluates_once:
+            return 1
+        return n_vectors if self.vectorize == "loop" else n_chunks
 
     def basis_size(self, problem: Problem) -> int:
         """How many basis vectors (passes) the whole Jacobian needs."""
@@ -148,7 +155,10 @@ class _ForwardAdLock:
 forward_ad_lock = _ForwardAdLock()
 
 
-def call(f: Callable, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def call(f: Callable, xs: Sequence[torch.Tensor], private: bool = False) -> tuple[torch.Tensor, ...]:
+    """`f`'s outputs as a tuple; `private`: the inputs were made for this evaluation alone (no copy needed)."""
+    if private and isinstance(f, Evaluator):
+        return check_outputs(f(*xs, private=True))[0]
     return check_outputs(f(*xs))[0]
 
 
@@ -220,6 +230,6 @@ def call_on_copies(state: BatchState, k: int) -> tuple[tuple[torch.Tensor, ...],
     """The repeat trick's forward pass: `f` on k copies of the inputs, with a graph; (copies, outputs)."""
     with torch.enable_grad():
         copies = batched_copies(state.xs, k)
-        ys = call(state.f, copies)
+        ys = call(state.f, copies, private=True)
     check_batched_outputs(ys, state.problem, k)
     return copies, ys
