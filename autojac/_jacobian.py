@@ -355,15 +355,23 @@ def jacobian(
 
     How autojac chooses (mode and vectorize "auto"):
 
-    - It evaluates `f` once to learn the output shapes; `f`'s own errors propagate.
+    - Inside a torch.func transform or forward-mode AD, it does not plan: it
+      computes with `torch.func.vjp`/`jvp` on the inputs as given, so the outer
+      transform differentiates the result (reverse mode there unless forward
+      mode has fewer passes and no forward-AD level is active).
+    - Otherwise it evaluates `f` once to learn the output shapes; `f`'s own
+      errors propagate. If the result alone does not fit the budget,
+      `MemoryBudgetError` comes now, before any probe.
     - Candidates are every allowed (mode, vectorize) pair, reverse/vmap twice
       (torch.func and autograd engines). A mode needing over 8x
       more passes than the best (e.g. forward with 1000 inputs, 1 output) is not
-      measured unless nothing else fits.
+      measured unless nothing else fits. If `f` drew from the global RNG, only
+      methods that evaluate it once compete (reverse; forward-trick with vmap or
+      loop), so the result is the Jacobian of one realization.
     - Each candidate is probed on chunks of 2 and 16 basis vectors (4 for loop):
       a failure drops it, with the reason kept in `plan.candidates`; repeat is
       dropped unless `f` passes a batch-independence check; a vmap that falls
-      back to per-sample loops is kept with a note, its measured slowdown counted.
+      back to per-sample loops is kept, its measured slowdown counted.
       Under a budget the larger probe is cut to what surely fits; a candidate
       whose 2-vector chunk takes longer than 2x the best whole Jacobian so far
       is not timed at the larger chunk (it cannot win), only measured for memory.
@@ -383,10 +391,21 @@ def jacobian(
       passes, then vmap over repeat over loop.
     - If nothing fits, `MemoryBudgetError` says what the smallest plan needs,
       before any Jacobian work is done.
+    - A method's first Jacobian of a function is verified: w^T J for a random w
+      must match one plain autograd VJP (on the method's own graph, or on a fresh
+      evaluation for methods that evaluate `f` more than once). A method that
+      fails it is not used again for that function.
     - At run time, an out-of-memory chunk is retried at half the size (down to 1);
       a method that still fails, or fails otherwise, hands over to the next
-      feasible candidate by estimated time. `plan.history` records this.
-    - Plans are cached per function, input signature and options.
+      feasible candidate by estimated time, and last to reverse/loop.
+      `plan.history` records this.
+    - Plans are cached per function, input signature, options (the budget in
+      bytes), grad mode and the training flags of the modules `f` uses.
+
+    Every evaluation of `f` gets private copies of the inputs and starts from the
+    same global RNG state and module buffers; afterwards they are as one
+    evaluation of `f` leaves them. The README tells how many evaluations each
+    method makes.
 
     Raises:
         InputError / InputTypeError: bad arguments (also ValueError / TypeError).
@@ -394,6 +413,8 @@ def jacobian(
         MemoryBudgetError: nothing fits in `memory_budget` (also MemoryError).
         PlanMismatchError: `plan` was made for other input shapes or dtypes.
         StrictError: with `strict=True`, an output is independent of an input.
+        Unknown keywords raise InputTypeError saying what the torch-style
+        keyword (`strategy`, `vectorize=True`, ...) is called here.
 
     Example:
         >>> import torch, autojac

@@ -1,0 +1,127 @@
+"""What the safety net (verification of a method's first Jacobian of a function) costs.
+
+    python benchmarks/safety_net.py [--device cuda] [--out benchmarks/results] [--sizes small,large]
+
+For every suite problem: the first call of `autojac.jacobian` on a fresh function
+object (planning, the Jacobian and its verification), the time of the
+verification inside it (the independent vector-Jacobian product of `_verify`,
+timed where it runs), the evaluations of `f` the verification added, and a warm
+call with the plan cached (median of 21; warm calls are not verified again).
+Writes <machine>-safety-net.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import autojac
+from autojac import _jacobian
+from autojac._bench.problems import BY_NAME
+from autojac._bench.suite import machine_name, machine_text
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, size: str, device: torch.device) -> dict:
+    f, x = BY_NAME[name].build(size, device)
+    counted = []
+
+    def g(*args):  # a fresh function object, counting evaluations
+        counted.append(1)
+        return f(*args)
+
+    spent = []
+    real = _jacobian.check_result
+
+    def timed_check(*args):
+        before = len(counted)
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            return real(*args)
+        finally:
+            _sync(device)
+            spent.append((time.perf_counter() - start, len(counted) - before))
+
+    _jacobian.check_result = timed_check
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        autojac.jacobian(g, x)
+        _sync(device)
+        first = time.perf_counter() - start
+    finally:
+        _jacobian.check_result = real
+    first_evaluations = len(counted)
+    plan = autojac.plan(g, x)
+    warm = []
+    for _ in range(21):
+        counted.clear()
+        _sync(device)
+        start = time.perf_counter()
+        autojac.jacobian(g, x)
+        _sync(device)
+        warm.append(time.perf_counter() - start)
+    check_seconds = sum(s for s, _ in spent)
+    return {
+        "problem": name, "size": size, "plan": plan.name, "first_call_s": first,
+        "check_s": check_seconds, "check_share_of_first_call": check_seconds / first,
+        "check_evaluations": sum(n for _, n in spent), "first_call_evaluations": first_evaluations,
+        "warm_s": statistics.median(warm), "warm_evaluations": len(counted),
+        "check_vs_warm": check_seconds / statistics.median(warm),
+    }
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--sizes", default="small,large")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    for name in BY_NAME:
+        if name == "wide_mlp":
+            continue  # the budget sweep's problem: its first call is planning-bound, not check-bound
+        for size in args.sizes.split(","):
+            row = measure(name, size, device)
+            rows.append(row)
+            print(f"{name} {size}: {row['plan']}, first call {_ms(row['first_call_s'])}, check {_ms(row['check_s'])} "
+                  f"({row['check_share_of_first_call']:.1%}), warm {_ms(row['warm_s'])}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{machine_name(device)}-safety-net"
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine_text(device), "rows": rows}, indent=1))
+    shares = sorted(r["check_share_of_first_call"] for r in rows)
+    lines = [
+        f"# The safety net's cost ({machine_text(device)})", "",
+        "The first call of `autojac.jacobian` on a fresh function object verifies the chosen method's Jacobian "
+        "against an independent vector-Jacobian product (one backward pass on the method's own graph, or one "
+        "forward and one backward pass for methods that evaluate `f` several times). Warm calls are not verified again.", "",
+        f"Verification share of the first call: median {statistics.median(shares):.2%}, at most {shares[-1]:.2%}.", "",
+        "| problem | size | plan | first call | verification | share | evaluations added | evaluations, first call | warm call | verification / warm call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['problem']} | {r['size']} | {r['plan']} | {_ms(r['first_call_s'])} | {_ms(r['check_s'])} | "
+                     f"{r['check_share_of_first_call']:.2%} | {r['check_evaluations']} | {r['first_call_evaluations']} | "
+                     f"{_ms(r['warm_s'])} | {r['check_vs_warm']:.2f}x |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.resolve() / stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
