@@ -68,10 +68,12 @@ def run_suite(quick: bool, device: torch.device, out_dir: Path, memory: str = "a
     (out_dir / f"{stem}.md").write_text(markdown(rows, meta))
     try:
         plot(rows, out_dir, stem)
+        wrote = f"wrote {out_dir / stem}.md, .json and plots ({stem}-ratios.png, {stem}-time-vs-memory.png)"
     except ImportError:
         say("matplotlib is not installed: no plots (pip install 'autojac[bench]')")
+        wrote = f"wrote {out_dir / stem}.md and .json (no plots: matplotlib is not installed)"
     say(summary_table(rows))
-    say(f"wrote {out_dir / stem}.md, .json and plots")
+    say(wrote)
     return rows
 
 
