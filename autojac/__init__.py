@@ -1,13 +1,13 @@
 """autojac: full Jacobians of PyTorch functions, by the fastest method that fits in memory."""
 
-from ._errors import AutojacError as AutojacError
-from ._errors import InputError as InputError
-from ._errors import InputTypeError as InputTypeError
-from ._errors import MemoryBudgetError as MemoryBudgetError
-from ._errors import NotBatchAwareError as NotBatchAwareError
-from ._errors import PlanMismatchError as PlanMismatchError
-from ._errors import StrictError as StrictError
-from ._errors import UnsupportedFunctionError as UnsupportedFunctionError
+from ._core.errors import AutojacError as AutojacError
+from ._core.errors import InputError as InputError
+from ._core.errors import InputTypeError as InputTypeError
+from ._core.errors import MemoryBudgetError as MemoryBudgetError
+from ._core.errors import NotBatchAwareError as NotBatchAwareError
+from ._core.errors import PlanMismatchError as PlanMismatchError
+from ._core.errors import StrictError as StrictError
+from ._core.errors import UnsupportedFunctionError as UnsupportedFunctionError
 from ._jacobian import clear_cache as clear_cache
 from ._jacobian import jacobian as jacobian
 from ._jacobian import plan as plan

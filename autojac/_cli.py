@@ -15,7 +15,8 @@ import torch
 
 import autojac
 
-from ._memory import DEFAULT_BUDGET_SHARE, format_bytes, free_memory, parse_budget
+from ._core.units import DEFAULT_BUDGET_SHARE, format_bytes, parse_budget
+from ._measure.device import free_memory
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 MODES = ["auto", "reverse", "forward", "forward-trick"]

@@ -12,16 +12,18 @@ import torch
 
 from ._cache import PlanCache
 from ._compose import composed_jacobian, outer_transform
-from ._errors import InputError, InputTypeError, MemoryBudgetError, PlanMismatchError, StrictError, UnsupportedFunctionError
-from ._evaluation import Evaluator, module_modes, modules_of
-from ._execute import engines, is_out_of_memory, method, run_method
-from ._memory import format_bytes, free_memory, normalize_budget, parse_budget, total_bytes, untracked_reserve
-from ._method import MODES, VECTORIZATIONS, Method, call, grad_inputs
+from ._core.errors import InputError, InputTypeError, MemoryBudgetError, PlanMismatchError, StrictError, UnsupportedFunctionError
+from ._core.evaluation import Evaluator, module_modes, modules_of
+from ._execute.run import is_out_of_memory, run_method
+from ._methods import engines, method
+from ._core.units import format_bytes, normalize_budget, parse_budget
+from ._measure.device import free_memory, total_bytes, untracked_reserve
+from ._methods.base import MODES, VECTORIZATIONS, Method, call, grad_inputs
 from ._plan import Cost, Plan
 from ._planner import NoMethodError, choose
 from ._probe import probe, refine
-from ._problem import Signature, check_inputs, describe
-from ._verify import VerificationError, check_result
+from ._core.problem import Signature, check_inputs, describe
+from ._execute.verify import VerificationError, check_result
 
 logger = logging.getLogger("autojac")
 

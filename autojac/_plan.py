@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._cache import PlanCache
-from ._memory import format_bytes
-from ._method import method_name
-from ._problem import Problem, Signature
+from ._core.units import format_bytes
+from ._methods.base import method_name
+from ._core.problem import Problem, Signature
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ._basis import n_chunks as count_chunks
-from ._errors import MemoryBudgetError
-from ._memory import format_bytes
+from ._execute.basis import n_chunks as count_chunks
+from ._core.errors import MemoryBudgetError
+from ._core.units import format_bytes
 from ._plan import Candidate, Cost, Plan
-from ._problem import Problem
+from ._core.problem import Problem
 
 SAFETY = 1.15
 """Measured memory is scaled by this before comparing with the budget (allocator slack, noise)."""

@@ -20,15 +20,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._basis import basis_chunk
-from ._errors import NotBatchAwareError
-from ._execute import run_method
-from ._measure import measure_peak_bytes, timed
-from ._method import Method, call, grad_mode
+from ._execute.basis import basis_chunk
+from ._core.errors import NotBatchAwareError
+from ._execute.run import run_method
+from ._measure.tracker import measure_peak_bytes, timed
+from ._methods.base import Method, call, grad_mode
 from ._plan import Cost
 from ._planner import SAFETY, estimate_seconds
-from ._problem import Problem
-from ._reverse import ReverseLoop
+from ._core.problem import Problem
+from ._methods.reverse import ReverseLoop
 
 logger = logging.getLogger("autojac")
 

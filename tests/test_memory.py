@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import autojac
-from autojac._measure import LiveStorageTracker, measure_peak_bytes
-from autojac._memory import DEFAULT_BUDGET_SHARE, _nvml_index, cpu_free_bytes, cuda_free_bytes, parse_budget
+from autojac._measure.tracker import LiveStorageTracker, measure_peak_bytes
+from autojac._core.units import DEFAULT_BUDGET_SHARE, parse_budget
+from autojac._measure.device import _nvml_index, cpu_free_bytes, cuda_free_bytes
 
 GiB = 2**30
 
@@ -50,7 +51,7 @@ def test_bad_budgets(budget, error, match):
 
 
 def test_every_spelling_of_a_size_is_one_budget_and_one_cache_entry():
-    from autojac._memory import normalize_budget
+    from autojac._core.units import normalize_budget
 
     assert {normalize_budget(b) for b in ("1 GiB", "1gib", "1GiB", " 1 G ", 2**30, "1073741824")} == {2**30}
     f = lambda t: torch.tanh(t) * 2  # noqa: E731
@@ -59,7 +60,7 @@ def test_every_spelling_of_a_size_is_one_budget_and_one_cache_entry():
 
 
 def test_a_budget_above_the_whole_memory_is_refused():
-    from autojac._memory import total_bytes
+    from autojac._measure.device import total_bytes
 
     too_much = 2 * total_bytes(torch.device("cpu"))
     with pytest.raises(autojac.InputError, match="the device has only"):

@@ -12,7 +12,7 @@ from cases import CASES
 from reference import assert_same_structure_and_close, reference
 
 import autojac
-from autojac._basis import balanced_chunks, basis_chunk
+from autojac._execute.basis import balanced_chunks, basis_chunk
 
 MODES = ["reverse", "forward", "forward-trick"]
 VECTORIZATIONS = ["vmap", "repeat", "loop"]
@@ -64,8 +64,9 @@ def _close_in_float32(got, want):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_both_reverse_vmap_engines_match_torch(case, engine, chunk):
     """reverse/vmap's two engines (torch.func and is_grads_batched) are two candidates; both must be right."""
-    from autojac._execute import method, run_method
-    from autojac._problem import check_inputs, describe
+    from autojac._execute.run import run_method
+    from autojac._methods import method
+    from autojac._core.problem import check_inputs, describe
 
     f, x = case.build(torch.float64)
     want = reference(f, x)

@@ -8,7 +8,7 @@ import torch
 import autojac
 from autojac._plan import Cost
 from autojac._planner import SAFETY, choose
-from autojac._problem import Problem, Signature
+from autojac._core.problem import Problem, Signature
 
 MiB = 2**20
 

@@ -152,7 +152,7 @@ def test_random_f_gives_the_jacobian_of_the_realization_torch_gives(f, mode, vec
 def test_auto_uses_only_one_evaluation_methods_for_a_random_f():
     p = autojac.plan(dropout_f, x64(4))
     assert p.problem.draws_random
-    chosen = autojac._execute.method(p.mode, p.vectorize, p.engine)
+    chosen = autojac._methods.method(p.mode, p.vectorize, p.engine)
     assert chosen.evaluates_once
     assert any("draws random numbers" in (c.cost.dropped or "") for c in p.candidates)
 
@@ -404,7 +404,7 @@ def test_a_result_larger_than_the_budget_is_refused_after_one_evaluation():
 
 
 def test_an_explicit_method_out_of_memory_at_one_vector_says_so(monkeypatch):
-    from autojac import _execute
+    from autojac import _methods as _execute
 
     method = _execute.method("forward", "vmap")
 
@@ -427,7 +427,7 @@ def test_an_explicit_method_out_of_memory_at_one_vector_says_so(monkeypatch):
 
 @pytest.mark.parametrize("name", ["reverse/vmap", "forward/vmap", "forward/loop", "forward-trick/vmap", "reverse/repeat"])
 def test_a_method_that_silently_returns_wrong_products_is_caught(monkeypatch, name):
-    from autojac import _execute
+    from autojac import _methods as _execute
 
     mode, vectorize = name.split("/")
     method = _execute.method(mode, vectorize)
@@ -449,7 +449,7 @@ def test_a_method_that_silently_returns_wrong_products_is_caught(monkeypatch, na
 
 
 def test_a_verified_method_is_not_checked_again():
-    from autojac import _verify
+    from autojac._execute import verify as _verify
 
     f = lambda t: t.exp() * 3  # noqa: E731
     x = x64(4)

@@ -12,7 +12,8 @@ import torch
 from reference import assert_same_structure_and_close, reference
 
 import autojac
-from autojac import _execute
+from autojac import _methods as _execute
+from autojac._execute.run import is_out_of_memory
 
 W = torch.randn(30, 8, dtype=torch.float64)
 
@@ -92,8 +93,8 @@ def test_out_of_memory_halves_the_chunk_and_keeps_the_result(monkeypatch):
 
 
 def test_cpu_allocator_error_counts_as_out_of_memory():
-    assert _execute.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 800000000000 bytes."))
-    assert not _execute.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 800000000000 bytes."))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_a_method_that_fails_at_run_time_hands_over_to_the_next(monkeypatch):
@@ -274,7 +275,8 @@ def test_the_large_probe_chunk_is_cut_to_what_surely_fits_the_budget():
 
 
 def test_probes_under_a_budget_hold_no_more_than_it_leaves_them(monkeypatch):
-    from autojac import _memory, _probe
+    from autojac import _probe
+    from autojac._measure import device as _memory
 
     W1, W2 = torch.randn(8192, 128) / 11, torch.randn(128, 8192) / 90
 

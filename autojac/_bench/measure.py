@@ -14,7 +14,7 @@ import time
 import torch
 
 import autojac
-from autojac._measure import measure_peak_bytes
+from autojac._measure.tracker import measure_peak_bytes
 
 from .contestants import BY_NAME as CONTESTANTS_BY_NAME
 from .problems import BY_NAME as PROBLEMS_BY_NAME
@@ -47,7 +47,7 @@ def check(got, want) -> str | None:
 
 def unchunked_need(f, inputs) -> tuple[int, int]:
     """(bytes the fastest unbudgeted plan would need all at once, bytes the smallest plan needs)."""
-    from autojac._memory import untracked_reserve
+    from autojac._measure.device import untracked_reserve
     from autojac._planner import estimate_peak
 
     p = autojac.plan(f, inputs, cache=False, memory_budget=1.0)
@@ -61,7 +61,7 @@ def unchunked_need(f, inputs) -> tuple[int, int]:
 
 def vmap_need(f, inputs) -> tuple[int, int]:
     """(the least bytes any vmap method needs for the whole Jacobian at once, bytes the smallest plan needs)."""
-    from autojac._memory import untracked_reserve
+    from autojac._measure.device import untracked_reserve
     from autojac._planner import estimate_peak
 
     p = autojac.plan(f, inputs, cache=False, memory_budget=1.0)

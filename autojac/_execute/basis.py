@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._problem import Shape
+from .._core.problem import Shape
 
 # NOTE: [Why the basis is built lazily]
 # The identity for n basis vectors holds n * n numbers; for a 10^5-element input

@@ -8,10 +8,10 @@ from typing import final
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._method import (
+from .base import (
     BatchState, Method, Parts, batched_copies, call, check_batched_outputs, forward_ad_lock, plain_inputs, stack_parts,
 )
-from ._problem import Problem
+from .._core.problem import Problem
 
 
 def _dual_pass(f: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor],

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._errors import AutojacError
-from ._method import Method, call, grad_inputs, vjp
-from ._problem import Problem
+from .._core.errors import AutojacError
+from .._methods.base import Method, call, grad_inputs, vjp
+from .._core.problem import Problem
 
 
 class VerificationError(AutojacError, ArithmeticError):

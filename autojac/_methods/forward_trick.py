@@ -13,8 +13,8 @@ from typing import final
 
 import torch
 
-from ._method import BatchState, Method, Parts, call, call_on_copies, grad_inputs, stack_parts, vjp
-from ._problem import Problem
+from .base import BatchState, Method, Parts, call, call_on_copies, grad_inputs, stack_parts, vjp
+from .._core.problem import Problem
 
 
 @dataclass

@@ -9,7 +9,7 @@ from functools import cached_property
 
 import torch
 
-from ._errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError
 
 Shape = tuple[int, ...]
 

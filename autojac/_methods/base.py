@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._errors import NotBatchAwareError
-from ._evaluation import Evaluator
-from ._problem import Problem, check_outputs
+from .._core.errors import NotBatchAwareError
+from .._core.evaluation import Evaluator
+from .._core.problem import Problem, check_outputs
 
 MODES = ("reverse", "forward", "forward-trick")
 VECTORIZATIONS = ("vmap", "repeat", "loop")

@@ -7,34 +7,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._assemble import Assembler
-from ._basis import balanced_chunks, basis_chunk
-from ._forward import ForwardLoop, ForwardRepeat, ForwardVmap
-from ._forward_trick import ForwardTrickLoop, ForwardTrickRepeat, ForwardTrickVmap
-from ._method import Method, grad_mode
-from ._problem import Problem
-from ._reverse import ReverseLoop, ReverseRepeat, ReverseVmap
+from .assemble import Assembler
+from .basis import balanced_chunks, basis_chunk
+from .._core.problem import Problem
+from .._methods.base import Method, grad_mode
 
 logger = logging.getLogger("autojac")
-
-METHODS: dict[tuple[str, str, str], Method] = {
-    (m.mode, m.vectorize, m.engine): m
-    for m in (
-        ReverseVmap(), ReverseVmap("autograd"), ReverseRepeat(), ReverseLoop(),
-        ForwardVmap(), ForwardRepeat(), ForwardLoop(),
-        ForwardTrickVmap(), ForwardTrickRepeat(), ForwardTrickLoop(),
-    )
-}
-
-
-def method(mode: str, vectorize: str, engine: str = "") -> Method:
-    return METHODS[(mode, vectorize, engine)]
-
-
-def engines(mode: str, vectorize: str) -> list[Method]:
-    """Every engine of one (mode, vectorize), the default first."""
-    return [m for key, m in METHODS.items() if key[:2] == (mode, vectorize)]
-
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""

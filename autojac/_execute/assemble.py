@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._problem import Problem
+from .._core.problem import Problem
 
 
 class Assembler:

@@ -1,0 +1,1 @@
+"""Running a method over the basis: chunks, out-of-memory retries, assembly and verification."""
