@@ -1,5 +1,12 @@
 """autojac: full Jacobians of PyTorch functions, by the fastest method that fits in memory."""
 
+from ._api.jacobian import clear_cache as clear_cache
+from ._api.jacobian import jacobian as jacobian
+from ._api.jacobian import last_report as last_report
+from ._api.jacobian import load_plans as load_plans
+from ._api.jacobian import plan as plan
+from ._api.jacobian import save_plans as save_plans
+from ._api.jacobian import tune as tune
 from ._core.errors import AutojacError as AutojacError
 from ._core.errors import InputError as InputError
 from ._core.errors import InputTypeError as InputTypeError
@@ -8,28 +15,35 @@ from ._core.errors import NotBatchAwareError as NotBatchAwareError
 from ._core.errors import PlanMismatchError as PlanMismatchError
 from ._core.errors import StrictError as StrictError
 from ._core.errors import UnsupportedFunctionError as UnsupportedFunctionError
-from ._jacobian import clear_cache as clear_cache
-from ._jacobian import jacobian as jacobian
-from ._jacobian import plan as plan
-from ._plan import Candidate as Candidate
-from ._plan import Cost as Cost
-from ._plan import Plan as Plan
+from ._measure.meter import process_peak_rss as process_peak_rss
+from ._planning.plan import Candidate as Candidate
+from ._planning.plan import Plan as Plan
+from ._planning.plan import RunReport as RunReport
 
-__version__ = "0.1.0"
+from ._core.warmup import warm_up as _warm_up
+
+_warm_up()
+
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "AutojacError",
     "Candidate",
-    "Cost",
     "InputError",
     "InputTypeError",
     "MemoryBudgetError",
     "NotBatchAwareError",
     "Plan",
     "PlanMismatchError",
+    "RunReport",
     "StrictError",
     "UnsupportedFunctionError",
     "clear_cache",
     "jacobian",
+    "last_report",
+    "load_plans",
     "plan",
+    "process_peak_rss",
+    "save_plans",
+    "tune",
 ]

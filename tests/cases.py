@@ -27,12 +27,14 @@ class Case:
         torch.manual_seed(0)
         return self.make(dtype, device)
 
-    def refused(self, mode: str, vectorize: str, chunk_size: int) -> str | None:
-        """Why (mode, vectorize) must refuse this case, or None. Key "vmap>1": only when vmap really runs."""
+    def refused(self, mode: str, vectorize: str, chunk_size: int, engine: str = "") -> str | None:
+        """Why (mode, vectorize[, engine]) must refuse this case, or None. Key "vmap>1": only when vmap really runs;
+        "vmap[func]": the torch.func engine at any chunk size."""
         if vectorize == "repeat" and not self.batch_aware:
             return "not batch-aware"
         batched = "vmap>1" if vectorize == "vmap" and chunk_size > 1 else None
-        return self.refuses.get((mode, vectorize)) or self.refuses.get((mode, "*")) or self.refuses.get((mode, batched))
+        return (self.refuses.get((mode, vectorize)) or self.refuses.get((mode, "*")) or self.refuses.get((mode, batched))
+                or (self.refuses.get((mode, f"{vectorize}[{engine}]")) if engine else None))
 
 
 def _randn(*shape, dtype, device):
@@ -155,7 +157,11 @@ CASES = [
     Case("scalar_input", scalar_input),
     Case("tuple_in_out", tuple_in_out),
     Case("module", module),
-    Case("old_style_function", old_style_function, refuses={("forward", "*"): "no jvp formula; torch.func refuses old-style Functions"}),
+    Case("old_style_function", old_style_function, refuses={
+        ("forward", "*"): "no jvp formula; torch.func refuses old-style Functions",
+        ("reverse", "vmap[func]"): "torch.func refuses old-style Functions (no setup_context)",
+        ("forward-trick", "vmap[func]"): "torch.func refuses old-style Functions (no setup_context)",
+    }),
     Case("list_backward", list_backward, refuses={
         ("forward", "*"): "no jvp formula",
         ("forward-trick", "*"): "backward is not differentiable (caught by the dot-product check)",

@@ -60,10 +60,11 @@ def _close_in_float32(got, want):
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize("engine", ["", "autograd"], ids=["func", "autograd"])
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+@pytest.mark.parametrize("mode", ["reverse", "forward-trick"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_both_reverse_vmap_engines_match_torch(case, engine, chunk):
-    """reverse/vmap's two engines (torch.func and is_grads_batched) are two candidates; both must be right."""
+def test_both_vmap_engines_match_torch(case, mode, engine, chunk):
+    """The vmap methods' two engines (torch.func, and autograd with is_grads_batched) are two candidates; both must be right."""
     from autojac._execute.run import run_method
     from autojac._methods import method
     from autojac._core.problem import check_inputs, describe
@@ -72,9 +73,13 @@ def test_both_reverse_vmap_engines_match_torch(case, engine, chunk):
     want = reference(f, x)
     xs, signature = check_inputs(x, "test")
     problem = describe(f, xs, signature, "test")
-    chunk_size = {"n": max(problem.n_out, 1), "n+5": problem.n_out + 5}.get(chunk) or int(chunk)
-    run = lambda: run_method(method("reverse", "vmap", engine), f, xs, problem, chunk_size, False, [])  # noqa: E731
-    if case.refused("reverse", "vmap", chunk_size):
+    n = problem.n_out if mode == "reverse" else problem.n_in
+    chunk_size = {"n": max(n, 1), "n+5": n + 5}.get(chunk) or int(chunk)
+    run = lambda: run_method(method(mode, "vmap", engine), f, xs, problem, chunk_size, False, [])  # noqa: E731
+    why = case.refused(mode, "vmap", chunk_size, engine)
+    if why and "caught by" in why:
+        pytest.skip(f"wrong without an error at the method level ({why}); the safety net's tests cover it")
+    if why:
         with pytest.raises(Exception):  # noqa: B017 (the engines fail in their own words; the planner names them)
             run()
         return

@@ -71,6 +71,16 @@ class Problem:
         return sum(self.out_sizes)
 
     @cached_property
+    def in_bytes(self) -> int:
+        """Bytes of one input vector (all inputs): what one row of the Jacobian takes."""
+        return sum(n * torch.empty((), dtype=dt).element_size() for n, dt in zip(self.in_sizes, self.inputs.dtypes))
+
+    @cached_property
+    def out_bytes(self) -> int:
+        """Bytes of one output vector (all outputs): what one column of the Jacobian takes."""
+        return sum(m * torch.empty((), dtype=dt).element_size() for m, dt in zip(self.out_sizes, self.out_dtypes))
+
+    @cached_property
     def result_bytes(self) -> int:
         """Bytes of the returned Jacobian: one block per (output, input) pair."""
         return sum(

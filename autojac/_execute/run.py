@@ -1,18 +1,21 @@
-"""Running one method over all basis chunks, halving the chunk when memory runs out."""
+"""Pushing basis chunks through a method: sized by a policy, measured when asked, halved when memory runs out."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from .assemble import Assembler
-from .basis import balanced_chunks, basis_chunk
 from .._core.problem import Problem
-from .._methods.base import Method, grad_mode
+from .._methods.base import Method
+from .assemble import Assembler
+from .basis import basis_chunk
 
 logger = logging.getLogger("autojac")
+
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
@@ -24,61 +27,131 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def run_method(
-    method: Method,
-    f: Callable,
-    xs: Sequence[torch.Tensor],
-    problem: Problem,
-    chunk_size: int,
-    create_graph: bool,
-    events: list[str],
-    progress: Callable[[int], None] | None = None,
-    check: Callable[[Method, object, object], None] | None = None,
-) -> object:
-    """Compute the whole Jacobian with `method`, `chunk_size` basis vectors at a time.
-
-    If a chunk runs out of memory, the rest of the basis is re-chunked at half
-    the size (down to 1) and the chunks already done are kept. Each halving is
-    appended to `events`. `check(method, state, result)` runs on the result
-    before it is returned, with the method's state still alive (see `_verify`).
-    """
-    with grad_mode(create_graph):  # once for the whole run: entering it costs microseconds
-        return _run(method, f, xs, problem, chunk_size, create_graph, events, progress, check)
+@dataclass
+class ChunkResult:
+    size: int
+    seconds: float | None
+    """Wall seconds of this chunk (CUDA-synchronized), if it was timed."""
+    peak_bytes: int | None
+    """Peak extra bytes while it ran, its outputs included, if it was measured."""
 
 
-def _run(method, f, xs, problem, chunk_size, create_graph, events, progress, check):
-    n = method.basis_size(problem)
-    shapes, sizes, dtypes = method.basis_layout(problem)
-    state = method.prepare(f, xs, problem, create_graph)
-    assembler = Assembler(problem, by_rows=method.by_rows)
-    done = 0
-    while done < n:
-        offset = done
-        for start, stop in balanced_chunks(n - offset, chunk_size):
-            start, stop = start + offset, stop + offset
-            try:
-                basis = basis_chunk(start, stop, shapes, sizes, dtypes, problem.inputs.device)
-                parts = method.chunk(state, basis)
-                assembler.add(start, stop, parts)
-                parts = None
-            except Exception as exc:
-                if not is_out_of_memory(exc) or stop - start == 1:
-                    raise
-                basis = parts = None  # drop this chunk's tensors before retrying
-                _release_cached_memory(problem.inputs.device)
-                chunk_size = max(1, (stop - start) // 2)
-                events.append(f"{method.name}: out of memory at chunk size {stop - start}; retried at {chunk_size}")
-                logger.debug(events[-1])
-                break
-            done = stop
-            if progress is not None:
-                progress(stop - start)
-    result = assembler.result()
-    if check is not None:
-        check(method, state, result)
-    return result
+@dataclass
+class RunLog:
+    """What a run did, chunk by chunk; `events` in words (out-of-memory retries)."""
+
+    chunks: list[ChunkResult] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float | None:
+        if not self.chunks or any(c.seconds is None for c in self.chunks):
+            return None
+        return sum(c.seconds for c in self.chunks)
 
 
-def _release_cached_memory(device: torch.device) -> None:
+def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+
+
+def push(
+    method: Method,
+    state: object,
+    assembler: Assembler,
+    problem: Problem,
+    start: int,
+    stop: int,
+    sizer,
+    log: RunLog,
+    meter=None,
+    progress: Callable[[int], None] | None = None,
+    after_chunk: Callable[[RunLog], bool] | None = None,
+) -> int:
+    """Push basis vectors start..stop through `method` into `assembler`; returns where it stopped.
+
+    `sizer` decides each chunk's size (`next`, `observe`, `shrink`; see
+    `_planning.sizing.Sizer`) and whether chunks are timed or measured.
+
+    Chunks that run out of memory are retried at half the size (down to 1; the
+    chunks already done are kept). `after_chunk(log)` returning False stops the
+    run early (a trial that projects too slow); the return value says where.
+    """
+    shapes, sizes, dtypes = method.basis_layout(problem)
+    device = problem.inputs.device
+    position = start
+    while position < stop:
+        k = sizer.next(stop - position)
+        try:
+            basis = basis_chunk(position, position + k, shapes, sizes, dtypes, device)
+            if sizer.measured and meter is not None:
+                with meter.region() as region:
+                    parts = method.chunk(state, basis)
+                seconds, peak = region.seconds, region.peak_bytes
+            elif sizer.timed:
+                _synchronize(device)
+                began = time.perf_counter()
+                parts = method.chunk(state, basis)
+                _synchronize(device)
+                seconds, peak = time.perf_counter() - began, None
+            else:
+                parts = method.chunk(state, basis)
+                seconds = peak = None
+            assembler.add(position, position + k, parts)
+            parts = basis = None
+        except Exception as exc:
+            if not is_out_of_memory(exc) or k == 1:
+                raise
+            parts = basis = None  # drop this chunk's tensors before retrying
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            smaller = sizer.shrink(k)
+            log.events.append(f"{method.name}: out of memory at chunk size {k}; retried at {smaller}")
+            logger.debug(log.events[-1])
+            continue
+        chunk = ChunkResult(k, seconds, peak)
+        sizer.observe(chunk)
+        log.chunks.append(chunk)
+        position += k
+        if progress is not None:
+            progress(k)
+        if after_chunk is not None and position < stop and not after_chunk(log):
+            break
+    return position
+
+
+class FixedChunks:
+    """The simplest sizer: `chunk_size` vectors a chunk (balanced), halved for good after running out of memory."""
+
+    timed = False
+    measured = False
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = max(1, chunk_size)
+
+    def next(self, n_left: int) -> int:
+        k = min(self.chunk_size, n_left)
+        return -(-n_left // -(-n_left // k)) if k else 0
+
+    def observe(self, chunk: ChunkResult) -> None:
+        pass
+
+    def shrink(self, failed: int) -> int:
+        self.chunk_size = max(1, failed // 2)
+        return self.chunk_size
+
+
+def run_method(method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Problem, chunk_size: int,
+               create_graph: bool = False, events: list[str] | None = None) -> object:
+    """The whole Jacobian by one method at one chunk size, with nothing measured or checked (for tests and tools)."""
+    from .._methods.base import grad_mode
+
+    log = RunLog()
+    with grad_mode(create_graph):
+        state = method.prepare(f, xs, problem, create_graph)
+        assembler = Assembler(problem, by_rows=method.by_rows)
+        push(method, state, assembler, problem, 0, method.basis_size(problem), FixedChunks(chunk_size), log)
+        result = assembler.result()
+    if events is not None:
+        events += log.events
+    return result

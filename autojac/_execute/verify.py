@@ -17,12 +17,12 @@ The random w comes from a private generator, never the global RNG.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .._core.errors import AutojacError
-from .._methods.base import Method, call, grad_inputs, vjp
+from .._methods.base import vjp
 from .._core.problem import Problem
 
 
@@ -44,25 +44,26 @@ def blocks_of(result: object, problem: Problem) -> list[list[torch.Tensor]]:
     return blocks
 
 
-def check_result(
-    method: Method,
-    state: object,
-    result: object,
-    f: Callable,
-    xs: Sequence[torch.Tensor],
-    problem: Problem,
-) -> None:
-    """Raise VerificationError unless w^T J matches an independent VJP (see NOTE above)."""
+def random_cotangents(problem: Problem) -> tuple[torch.Tensor, ...]:
+    """One random cotangent per output, from a private generator (never the global RNG)."""
+    device = problem.inputs.device
+    generator = torch.Generator(device=device).manual_seed(0x5AFE)
+    return tuple(torch.randn(s, generator=generator, dtype=d, device=device)
+                 for s, d in zip(problem.out_shapes, problem.out_dtypes))
+
+
+def reference_product(ys: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], w: Sequence[torch.Tensor]) -> tuple:
+    """w^T J by one plain, unbatched autograd VJP on a plain graph: the product torch's own loop is made of."""
+    with torch.enable_grad():
+        grads = vjp(ys, xs, w, create_graph=False)
+    return tuple(None if g is None else g.detach() for g in grads)
+
+
+def check_against(name: str, result: object, w: Sequence[torch.Tensor], reference: Sequence, problem: Problem) -> None:
+    """Raise VerificationError unless w^T J matches `reference` (see NOTE above)."""
     if problem.n_in == 0 or problem.n_out == 0:
         return
     device = problem.inputs.device
-    generator = torch.Generator(device=device).manual_seed(0x5AFE)
-    w = tuple(torch.randn(s, generator=generator, dtype=d, device=device) for s, d in zip(problem.out_shapes, problem.out_dtypes))
-    with torch.enable_grad():
-        want = method.same_realization_vjp(state, w)
-        if want is None:
-            leaves = grad_inputs(xs, create_graph=False)
-            want = vjp(call(f, leaves), leaves, w, create_graph=False)
     blocks = blocks_of(result, problem)
     with torch.no_grad():
         for j, size in enumerate(problem.in_sizes):
@@ -73,14 +74,32 @@ def check_result(
                 flat = wi.reshape(-1).to(dtype)
                 got += flat @ blocks[i][j]
                 scale += flat.abs() @ blocks[i][j].abs()
-            ref = torch.zeros(size, dtype=dtype, device=device) if want[j] is None else want[j].detach().reshape(-1).to(dtype)
+            ref = torch.zeros(size, dtype=dtype, device=device) if reference[j] is None else reference[j].reshape(-1).to(dtype)
             if not bool(torch.isfinite(ref).all()):
                 continue  # NaN or Inf at this point: the check cannot tell here
             bad = (got - ref).abs() > _tolerance(dtype) * (scale + ref.abs()) + torch.finfo(dtype).tiny
             if bool(bad.any()):
                 k = int(bad.nonzero()[0, 0])
                 raise VerificationError(
-                    f"{method.name} gave a Jacobian whose product with a random vector disagrees with an "
+                    f"{name} gave a Jacobian whose product with a random vector disagrees with an "
                     f"independent vector-Jacobian product (input {j}, element {k}: {float(got[k]):.6g} against "
                     f"{float(ref[k]):.6g}; {int(bad.sum())} of {size} elements differ)"
                 )
+
+
+def check_columns(name: str, columns: object, start: int, stop: int, result: object, problem: Problem) -> None:
+    """Raise VerificationError unless columns start..stop of `columns` (a trial's slice) match `result`."""
+    got, want = blocks_of(columns, problem), blocks_of(result, problem)
+    offset = 0
+    for j, size in enumerate(problem.in_sizes):
+        lo, hi = max(start - offset, 0), min(stop - offset, size)
+        if lo < hi:
+            dtype = problem.inputs.dtypes[j]
+            for i in range(len(got)):
+                a, b = got[i][j][:, lo:hi], want[i][j][:, lo:hi]
+                finite = torch.isfinite(b)
+                bad = finite & ((a - b).abs() > _tolerance(dtype) * (b.abs() + a.abs() + 1) )
+                if bool(bad.any()):
+                    raise VerificationError(f"{name} gave columns that disagree with the verified method's "
+                                            f"({int(bad.sum())} of {a.numel()} elements of output {i}, input {j})")
+        offset += size

@@ -10,14 +10,17 @@ from .reverse import ReverseLoop, ReverseRepeat, ReverseVmap
 METHODS: dict[tuple[str, str, str], Method] = {
     (m.mode, m.vectorize, m.engine): m
     for m in (
-        ReverseVmap(), ReverseVmap("autograd"), ReverseRepeat(), ReverseLoop(),
+        ReverseVmap("func"), ReverseVmap("autograd"), ReverseRepeat(), ReverseLoop(),
         ForwardVmap(), ForwardRepeat(), ForwardLoop(),
-        ForwardTrickVmap(), ForwardTrickRepeat(), ForwardTrickLoop(),
+        ForwardTrickVmap("func"), ForwardTrickVmap("autograd"), ForwardTrickRepeat(), ForwardTrickLoop(),
     )
 }
 
 
-def method(mode: str, vectorize: str, engine: str = "") -> Method:
+def method(mode: str, vectorize: str, engine: str | None = None) -> Method:
+    """The method of that mode and vectorization; for vmap, `engine` "func" (default) or "autograd"."""
+    if engine is None:
+        engine = "func" if (vectorize == "vmap" and mode != "forward") else ""
     return METHODS[(mode, vectorize, engine)]
 
 

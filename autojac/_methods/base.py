@@ -14,8 +14,8 @@ from .._core.errors import NotBatchAwareError
 from .._core.evaluation import Evaluator
 from .._core.problem import Problem, check_outputs
 
-MODES = ("reverse", "forward", "forward-trick")
-VECTORIZATIONS = ("vmap", "repeat", "loop")
+from .._core.options import MODES as MODES
+from .._core.options import VECTORIZATIONS as VECTORIZATIONS
 
 Parts = tuple[torch.Tensor | None, ...]
 
@@ -35,7 +35,7 @@ class Method(abc.ABC):
     mode: ClassVar[str]
     vectorize: ClassVar[str]
     engine: str = ""
-    """Which machinery a method with more than one runs on ("" for its default); see ReverseVmap."""
+    """Which machinery a vmap method runs on: "func" (torch.func) or "autograd"; "" for the others."""
     evaluates_once: ClassVar[bool] = False
     """Whether the whole Jacobian comes from one evaluation of `f` (one graph), not one per chunk or vector."""
 
@@ -66,6 +66,14 @@ class Method(abc.ABC):
     def prepare(self, f: Callable, xs: Sequence[torch.Tensor], problem: Problem, create_graph: bool) -> Any:
         """Work shared by every chunk of one Jacobian."""
 
+    def adopt(self, graph: "Graph") -> Any | None:
+        """The state `prepare` would make, from an evaluation of `f` already done (None if it cannot use it).
+
+        The first call of a function evaluates it once to learn its output shapes;
+        a method that starts from that same evaluation wastes none of it.
+        """
+        return None
+
     @abc.abstractmethod
     def chunk(self, state: Any, basis: Sequence[torch.Tensor]) -> Parts:
         """Push basis vectors (one tensor per part, leading dim k) through; one result per other side."""
@@ -79,6 +87,49 @@ class Method(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@dataclass
+class PlainGraph:
+    """One evaluation of `f` recorded by plain autograd: what reverse/loop and the autograd engines run on."""
+
+    xs: tuple[torch.Tensor, ...]
+    ys: tuple[torch.Tensor, ...]
+    create_graph: bool
+    outputs_tuple: bool = True
+    """Whether `f` returned a tuple (else one tensor)."""
+
+
+@dataclass
+class FuncGraph:
+    """One evaluation of `f` under `torch.func.vjp`: what the torch.func engines run on."""
+
+    ys: tuple[torch.Tensor, ...]
+    vjp_fn: Callable
+    create_graph: bool
+
+
+Graph = PlainGraph | FuncGraph
+
+
+def evaluate_plain(f: Callable, xs: Sequence[torch.Tensor], create_graph: bool) -> PlainGraph:
+    """`f` on inputs that require grad, recorded by autograd (as torch's own `jacobian` runs it)."""
+    leaves = grad_inputs(xs, create_graph)
+    with torch.enable_grad():
+        ys, outputs_tuple = check_outputs(f(*leaves))
+    return PlainGraph(leaves, ys, create_graph, outputs_tuple)
+
+
+def func_primals(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
+    """Inputs for torch.func transforms: detached, or (with `create_graph`) connected leaves, as for autograd."""
+    return grad_inputs(xs, create_graph) if create_graph else tuple(x.detach() for x in xs)
+
+
+def evaluate_func(f: Callable, xs: Sequence[torch.Tensor], create_graph: bool) -> FuncGraph:
+    """`f` under `torch.func.vjp`; raises whatever torch.func raises for an `f` it cannot transform."""
+    with torch.set_grad_enabled(create_graph):
+        ys, vjp_fn = torch.func.vjp(lambda *a: call(f, a), *func_primals(xs, create_graph))
+    return FuncGraph(tuple(ys), vjp_fn, create_graph)
 
 
 def grad_mode(create_graph: bool):

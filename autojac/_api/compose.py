@@ -25,10 +25,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C._functorch import is_functorch_wrapped_tensor, maybe_current_level
 
-from ._execute.basis import balanced_chunks, basis_chunk
-from ._core.errors import UnsupportedFunctionError
-from ._methods.base import forward_ad_lock
-from ._core.problem import Signature, check_outputs
+from .._execute.basis import balanced_chunks, basis_chunk
+from .._core.errors import UnsupportedFunctionError
+from .._methods.base import forward_ad_lock
+from .._core.problem import Signature, check_outputs
 
 
 def _forward_ad_active_here() -> bool:

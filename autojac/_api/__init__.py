@@ -1,0 +1,1 @@
+"""The public functions, behind `autojac/__init__.py`."""

@@ -1,0 +1,399 @@
+"""The public entry points: `jacobian`, `plan`, `tune`, and the plan cache's controls."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .._core.errors import InputError, InputTypeError, PlanMismatchError
+from .._core.evaluation import Evaluator, module_modes
+from .._core.options import EFFORTS, Options, check_callable, make_options, refuse_unknown
+from .._core.problem import Signature, check_inputs
+from .._methods.base import evaluate_plain
+from .._planning import session, store
+from .._planning.cache import PlanCache
+from .._planning.entry import PlanEntry
+from .._planning.keys import describe_function, stable
+from .._planning.plan import Plan, RunReport
+from .compose import composed_jacobian, outer_transform
+
+logger = logging.getLogger("autojac")
+
+_cache = PlanCache()
+_reports = threading.local()
+
+
+def clear_cache() -> None:
+    """Forget every plan made or loaded in this process (for example after freeing a lot of memory)."""
+    _cache.clear()
+    store.forget()
+
+
+def last_report() -> RunReport | None:
+    """What this thread's latest `jacobian` call did: method, chunks, evaluations of `f`, checks, fallbacks."""
+    return getattr(_reports, "last", None)
+
+
+@contextlib.contextmanager
+def _user_call_state(xs: Sequence[torch.Tensor]):
+    """Leave inference mode for the call (autograd needs it off), with normal copies of inference tensors."""
+    if not torch.is_inference_mode_enabled():
+        yield xs
+        return
+    with torch.inference_mode(False):
+        yield tuple(x.clone() if x.is_inference() else x for x in xs)
+
+
+def _key(function_key, signature: Signature, options: Options, modules) -> tuple:
+    """What a plan depends on: the function's code and captures, the inputs, the options, grad mode, module modes."""
+    return (function_key, signature, options.key(), torch.is_grad_enabled(), module_modes(modules))
+
+
+def _stable_key(key: tuple) -> str | None:
+    """The key as text that means the same in another process, or None (see `keys.stable`)."""
+    function_key, signature, option_key, grad, modes = key
+    form = stable((function_key, signature.shapes, signature.dtypes, signature.device.type, signature.is_tuple,
+                   option_key, grad, modes))
+    return None if form is None else json.dumps(form, default=str)
+
+
+def _finish(call: session.Call, seconds: float | None, planned: bool) -> None:
+    _reports.last = call.report(seconds, planned)
+
+
+def jacobian(
+    f: Callable,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    mode: str = "auto",
+    vectorize: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+    create_graph: bool = False,
+    strict: bool = False,
+    plan: Plan | None = None,
+    cache: bool = True,
+    progress: bool | None = None,
+    **unknown: object,
+):
+    """The full Jacobian of `f` at `inputs`, by the fastest method that fits in memory.
+
+    The result has the structure of `torch.autograd.functional.jacobian(f, inputs)`:
+    for one input and one output a tensor of shape `f(x).shape + x.shape`; for
+    tuples, a tuple per output of (a tuple per input of) blocks. Blocks have the
+    dtype and device of their input.
+
+    Args:
+        f: a function or `nn.Module` taking the input tensors and returning a
+            tensor or a tuple of tensors. Module parameters are not differentiated.
+        inputs: a floating-point tensor or a tuple of them, all on one device.
+            They are never modified.
+        mode: "reverse" (one VJP per output element), "forward" (one native JVP
+            per input element), "forward-trick" (JVPs from the double-VJP trick:
+            needs only backward formulas and double backward), or "auto".
+        vectorize: "vmap" (`torch.func.vmap` / `is_grads_batched` over a chunk of
+            basis vectors), "repeat" (the repeat trick: `f` runs once on k copies
+            of the input; needs a batch-aware `f`), "loop" (one basis vector at a
+            time through `torch.autograd`), or "auto".
+        chunk_size: basis vectors per batched pass, honoured exactly (balanced:
+            `ceil(n / ceil(n / chunk_size))` each); None lets autojac choose.
+            A chunk of 1 never uses vmap.
+        memory_budget: bytes this call may allocate, the result included: None
+            (half the free memory of the inputs' device), an int, a string such as
+            "512MiB" or "2GB", or a float in (0, 1] (that share of free memory).
+        create_graph: return a differentiable Jacobian (for higher derivatives).
+        strict: raise `StrictError` if an output does not depend on an input;
+            otherwise that block is zeros.
+        plan: a `Plan` from `autojac.plan(...)` or `autojac.tune(...)`: run exactly
+            its method and chunk size, with no exploration.
+        cache: reuse the plan made for the same function (same code and captured
+            shapes), inputs and options (default); False plans afresh, keeps nothing.
+        progress: a tqdm bar on stderr; None shows it when the call is expected
+            to take over 10 s and stderr is a terminal.
+
+    How autojac chooses (mode and vectorize "auto"):
+
+    - Inside a torch.func transform or forward-mode AD it does not plan: it
+      computes with `torch.func.vjp`/`jvp` on the inputs as given, so the outer
+      transform differentiates the result.
+    - A plan is looked up by the function's code and the shapes of what it
+      captures (a lambda or partial rebuilt each step reuses it), the inputs'
+      shapes and dtypes, the options (the budget in bytes), the grad mode and the
+      training flags of the modules `f` uses.
+    - A new plan is made by the first call, which computes the Jacobian as it goes:
+      - `f` is evaluated once with a plain autograd graph, to learn the output
+        shapes. If the result (plus that forward pass) does not fit the budget,
+        `MemoryBudgetError` comes now, before any basis vector is pushed.
+      - The mode with fewer passes: reverse if outputs <= inputs, else the
+        double-VJP trick (which needs no forward formulas and starts from the same
+        evaluation). If `f` drew random numbers, only methods that evaluate it
+        once are allowed, so the result is the Jacobian of one realization.
+      - A basis of at most 4 vectors is looped on that evaluation (for reverse
+        mode: torch's own loop); otherwise vmap with the torch.func engine. If a
+        method fails, the next: the autograd engine, the loop, the other modes.
+      - Chunks: the whole basis if a prior (twice the forward pass plus one input
+        and one output per vector) says it fits the budget with room to spare;
+        otherwise a first chunk that fits by that prior, measured (CUDA allocator
+        peak, or the process's peak RSS on Linux), then chunks that grow at most
+        4x at a time while the measured line says they fit and a larger chunk
+        still saves time per vector.
+      - The result is verified (see "Never silently wrong" in the README) before
+        it is returned; a method that fails the check hands over to the next.
+    - Later calls run the plan's method (its chunk size from its measured memory
+      line under a budget). While a plan is not settled, every call adds 10% of its
+      own time to an exploration credit (a new plan starts with half its first
+      call's time); when the credit covers a pessimistically priced first slice of
+      the next alternative, that call runs the alternative on that slice, projects
+      its whole time, and either finishes the call with it or gives the rest to the
+      plan's method. Alternatives are tried in order of predicted time (loops from
+      the measured evaluation and VJP; vmap and repeat from the plan's own time):
+      a mode needing over 4x the passes, or a method predicted over 2x slower, is
+      not tried. A measured alternative whose fastest whole call beats the plan's
+      method by over 3% replaces it; one within 10% runs a second whole call first.
+      When nothing is left to try, the plan is settled and calls measure nothing.
+    - At run time an out-of-memory chunk is retried at half the size (down to 1);
+      a method that fails otherwise hands over to the next feasible one, and last
+      to reverse/loop.
+
+    Every evaluation of `f` gets private copies of the inputs and starts from the
+    same global RNG state and module buffers; afterwards they are as one
+    evaluation of `f` leaves them. The README tells how many evaluations each
+    method makes.
+
+    Raises:
+        InputError / InputTypeError: bad arguments (also ValueError / TypeError).
+        UnsupportedFunctionError: no allowed method can differentiate `f`.
+        MemoryBudgetError: nothing fits in `memory_budget` (also MemoryError).
+        PlanMismatchError: `plan` was made for other input shapes or dtypes.
+        StrictError: with `strict=True`, an output is independent of an input.
+        Unknown keywords raise InputTypeError saying what the torch-style
+        keyword (`strategy`, `vectorize=True`, ...) is called here.
+
+    Example:
+        >>> import torch, autojac
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> autojac.jacobian(lambda x: x ** 2, x)
+        tensor([[2., 0.],
+                [0., 4.]], dtype=torch.float64)
+    """
+    refuse_unknown(unknown, "jacobian")
+    options = make_options("jacobian", mode=mode, vectorize=vectorize, chunk_size=chunk_size,
+                           memory_budget=memory_budget, create_graph=create_graph, strict=strict,
+                           cache=cache, progress=progress)
+    check_callable(f, "jacobian")
+    xs, signature = check_inputs(inputs, "jacobian")
+    if plan is not None:
+        _check_plan(plan, signature, options)
+    function_key, modules = describe_function(f)
+    transform = outer_transform(xs)
+    key = entry = None
+    if plan is not None:
+        entry = plan.entry
+    elif transform is None and options.cache:
+        key = _key(function_key, signature, options, modules)
+        entry = _cache.get(key)
+    with _user_call_state(xs) as xs:
+        evaluator = Evaluator(f, signature.device, modules, once=_evaluates_once(entry, plan))
+        call = session.Call(evaluator, xs, signature, options, "jacobian")
+        try:
+            if transform is not None:  # NOTE: [Why composed calls take their own path]
+                if options.strict:
+                    session.check_strict(evaluate_plain(evaluator, xs, False), "jacobian")
+                return composed_jacobian(evaluator, xs, signature, plan.mode if plan is not None else options.mode, chunk_size)
+            return _run(call, entry, key, plan)
+        finally:
+            evaluator.finish()
+
+
+def _evaluates_once(entry: PlanEntry | None, plan: Plan | None) -> bool:
+    """Whether the call will surely evaluate `f` once: then the evaluator need not save any state upfront."""
+    if entry is None or entry.incumbent is None:
+        return False
+    stats = entry.stats[plan.name if plan is not None else entry.incumbent]
+    return (entry.settled or plan is not None) and stats.method.evaluates_once and stats.verified and bool(stats.runs)
+
+
+def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
+    options = call.options
+    planned = False
+    import time
+
+    began = time.perf_counter()
+    try:
+        if plan is not None:
+            result = session.fixed_call(call, entry, plan.name, plan.chunk_size)
+        else:
+            if entry is None and key is not None:
+                entry = _loaded_entry(key, options)
+                if entry is not None:
+                    _cache.put(key, entry)
+            if entry is None:
+                result, entry = session.first_call(call)
+                planned = True
+                if key is not None:
+                    _cache.put(key, entry)
+            else:
+                if options.strict:
+                    session.check_strict(evaluate_plain(call.f, call.xs, False), "jacobian")
+                result = session.later_call(call, entry)
+    except session.OutputsChanged as exc:
+        if plan is not None:
+            raise PlanMismatchError(f"jacobian: {exc}. Make a new plan with `autojac.plan(f, inputs)`.") from None
+        logger.debug("%s: making a new plan", exc)
+        if key is not None:
+            _cache.pop(key)
+        result, entry = session.first_call(call)
+        planned = True
+        if key is not None:
+            _cache.put(key, entry)
+    _finish(call, time.perf_counter() - began, planned)
+    return result
+
+
+def _loaded_entry(key, options: Options) -> PlanEntry | None:
+    stable_key = _stable_key(key)
+    if stable_key is None:
+        return None
+    data = store.lookup(stable_key)
+    if data is None:
+        return None
+    try:
+        return store.entry_from(data, options)
+    except Exception as exc:  # noqa: BLE001 - a damaged record is ignored, never trusted
+        logger.debug("ignoring a saved plan: %s", exc)
+        return None
+
+
+def _check_plan(plan: object, signature: Signature, options: Options) -> None:
+    if not isinstance(plan, Plan):
+        raise InputTypeError(f"jacobian: `plan` must be an autojac.Plan from `autojac.plan(...)`, but got {type(plan).__name__}.")
+    if (options.mode, options.vectorize, options.chunk_size, options.budget) != ("auto", "auto", None, None):
+        raise InputError("jacobian: `plan` already fixes the method, chunk size and budget, but `mode`, `vectorize`, `chunk_size` or `memory_budget` was also given. Pass those to `autojac.plan(...)` instead.")
+    if plan.entry is None:
+        raise InputError("jacobian: this `plan` holds no measurements (it was not made by `autojac.plan` or `autojac.tune`). Make one with `autojac.plan(f, inputs)`.")
+    rows = plan.signature.mismatches(signature)
+    if rows:
+        raise PlanMismatchError("jacobian: `plan` was made for other inputs; it cannot be reused here:\n  " + "\n  ".join(rows) + "\nMake a new plan with `autojac.plan(f, inputs)`.")
+
+
+def plan(
+    f: Callable,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    mode: str = "auto",
+    vectorize: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+    create_graph: bool = False,
+    strict: bool = False,
+    cache: bool = True,
+    effort: str = "measure",
+    time_limit: float | None = None,
+    **unknown: object,
+) -> Plan:
+    """Decide how `jacobian(f, inputs, ...)` runs, and show why, as a `Plan`.
+
+    `effort` is how much work the decision may take, in the spirit of FFTW:
+    "estimate" evaluates `f` once and applies the rules (nothing is measured);
+    "measure" (default) computes the Jacobian once as a first call would, so the
+    plan holds that method's measured time and memory (or returns the cached
+    plan, as it stands now); "exhaustive" then tries every alternative on whole
+    Jacobians until the plan settles or `time_limit` seconds pass (`autojac.tune`).
+    The plan is cached as `jacobian` would cache it, so later calls use it. Takes
+    the same options as `jacobian`; the rules are in its docstring.
+    """
+    refuse_unknown(unknown, "plan")
+    return _plan("plan", f, inputs, effort, time_limit, dict(mode=mode, vectorize=vectorize, chunk_size=chunk_size,
+                 memory_budget=memory_budget, create_graph=create_graph, strict=strict, cache=cache))
+
+
+def tune(
+    f: Callable,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    time_limit: float | None = 30.0,
+    mode: str = "auto",
+    vectorize: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+    create_graph: bool = False,
+    cache: bool = True,
+    **unknown: object,
+) -> Plan:
+    """Exhaustive search: time every alternative on whole Jacobians until the plan settles (or `time_limit` s).
+
+    The same as `plan(..., effort="exhaustive")`. Later `jacobian` calls with the
+    same function, inputs and options use the settled plan and measure nothing.
+    """
+    refuse_unknown(unknown, "tune")
+    return _plan("tune", f, inputs, "exhaustive", time_limit, dict(mode=mode, vectorize=vectorize, chunk_size=chunk_size,
+                 memory_budget=memory_budget, create_graph=create_graph, cache=cache))
+
+
+def _plan(who: str, f, inputs, effort: str, time_limit, raw: dict[str, Any]) -> Plan:
+    options = make_options(who, **raw)
+    if effort not in EFFORTS:
+        raise InputError(f"{who}: `effort` must be one of {', '.join(map(repr, EFFORTS))}, but got {effort!r}.")
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or time_limit <= 0):
+        raise InputError(f"{who}: `time_limit` must be None or a positive number of seconds, but got {time_limit!r}.")
+    check_callable(f, who)
+    xs, signature = check_inputs(inputs, who)
+    if outer_transform(xs) is not None:
+        raise InputError(f"{who}: cannot plan inside a torch.func transform or forward-mode AD, where timings and memory are the outer transform's. Make the plan outside, or call `autojac.jacobian` there (it then runs torch.func products without planning).")
+    function_key, modules = describe_function(f)
+    key = _key(function_key, signature, options, modules)
+    entry = _cache.get(key) if options.cache else None
+    if entry is None and options.cache:
+        entry = _loaded_entry(key, options)
+    with _user_call_state(xs) as xs:
+        evaluator = Evaluator(f, signature.device, modules)
+        call = session.Call(evaluator, xs, signature, options, who)
+        try:
+            if entry is None:
+                _, entry = session.first_call(call, compute=effort != "estimate")
+            elif entry.effort == "estimate" and effort != "estimate":
+                session.later_call(call, entry, explore=False)
+            if effort == "exhaustive":
+                session.tune(call, entry, time_limit)
+        finally:
+            evaluator.finish()
+    if options.cache:
+        _cache.put(key, entry)
+    return entry.snapshot()
+
+
+def save_plans(path=None) -> int:
+    """Save what every cached plan learnt to a JSON file (default: `$AUTOJAC_CACHE_DIR/plans.json` or
+    `~/.cache/autojac/plans.json`); returns how many were saved.
+
+    Plans of functions known only by identity (a captured object that is not a
+    tensor, module, number, string or container of those) cannot be matched in
+    another process and are left out.
+    """
+    records = []
+    for key, entry in _cache.items():
+        stable_key = _stable_key(key)
+        if stable_key is not None and entry.incumbent is not None:
+            with entry.lock:
+                records.append(store.record(stable_key, entry))
+    store.save(path, records)
+    return len(records)
+
+
+def load_plans(path=None) -> int:
+    """Load plans saved by `save_plans`; returns how many were kept.
+
+    Plans saved with another torch version, device or CPU thread count are
+    ignored. A loaded plan only says which method to start with: that method is
+    verified on its first use, as any other.
+    """
+    kept, ignored = store.load(path)
+    if ignored:
+        logger.debug("load_plans: ignored %d plan(s) made with another torch, device or thread count", ignored)
+    return kept

@@ -1,0 +1,93 @@
+"""The options of one call, checked and normalized once, before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError, InputTypeError
+from .units import normalize_budget
+
+MODES = ("reverse", "forward", "forward-trick")
+VECTORIZATIONS = ("vmap", "repeat", "loop")
+EFFORTS = ("estimate", "measure", "exhaustive")
+
+_TORCH_KEYWORDS = {
+    "strategy": "`strategy='reverse-mode'` / `'forward-mode'` of torch.autograd.functional is `mode='reverse'` / `mode='forward'` here",
+    "vectorize": "`vectorize=True` of torch.autograd.functional is `vectorize='vmap'` here (False is `vectorize='loop'`); autojac chooses by itself with 'auto'",
+    "chunk_size": "torch.func's `chunk_size` is `chunk_size` here too",
+    "budget": "the memory budget is `memory_budget`",
+    "memory": "the memory budget is `memory_budget`",
+    "method": "the method is chosen with `mode` ('reverse', 'forward', 'forward-trick') and `vectorize` ('vmap', 'repeat', 'loop')",
+    "argnums": "`argnums` is not supported yet: pass only the inputs to differentiate, and close over the others (`lambda x: f(x, y)`)",
+    "has_aux": "`has_aux` is not supported yet: return only the outputs to differentiate",
+    "time_limit": "`time_limit` belongs to `autojac.tune` (or `autojac.plan(..., effort='exhaustive')`)",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the caller asked for. `budget` is None, bytes (int) or a share of free memory (float)."""
+
+    mode: str = "auto"
+    vectorize: str = "auto"
+    chunk_size: int | None = None
+    budget: int | float | None = None
+    create_graph: bool = False
+    strict: bool = False
+    cache: bool = True
+    progress: bool | None = None
+
+    @property
+    def fixed_method(self) -> bool:
+        """Mode and vectorization both given: nothing is chosen but the engine and the chunk size."""
+        return self.mode != "auto" and self.vectorize != "auto"
+
+    @property
+    def measures_nothing(self) -> bool:
+        """Mode, vectorization and chunk size given, no budget: the default engine runs as told."""
+        return self.fixed_method and self.chunk_size is not None and self.budget is None
+
+    def key(self) -> tuple:
+        """What a plan depends on among the options (strict and progress do not change the plan)."""
+        return (self.mode, self.vectorize, self.chunk_size, self.budget, self.create_graph)
+
+
+def refuse_unknown(unknown: dict, who: str) -> None:
+    """An unknown keyword is an error that says what the torch-style keyword is called here."""
+    if not unknown:
+        return
+    name = next(iter(unknown))
+    hint = _TORCH_KEYWORDS.get(name, f"see `help(autojac.{who})` for the options")
+    raise InputTypeError(f"{who}: got an unexpected keyword argument `{name}`. {hint[0].upper() + hint[1:]}.")
+
+
+def check_callable(f: object, who: str) -> None:
+    if not callable(f):
+        raise InputTypeError(f"{who}: `f` must be callable (a function or an nn.Module), but got {type(f).__name__}.")
+
+
+def _check_flag(who: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InputTypeError(f"{who}: `{name}` must be True or False, but got {value!r}.")
+
+
+def make_options(who: str, *, mode="auto", vectorize="auto", chunk_size=None, memory_budget=None,
+                 create_graph=False, strict=False, cache=True, progress=None) -> Options:
+    """Check every option; raise an InputError / InputTypeError that says what to pass instead."""
+    if isinstance(vectorize, bool):
+        hint = _TORCH_KEYWORDS["vectorize"]
+        raise InputError(f"{who}: `vectorize` takes 'auto', 'vmap', 'repeat' or 'loop', but got {vectorize!r}. {hint[0].upper() + hint[1:]}.")
+    if mode not in ("auto", *MODES):
+        raise InputError(f"{who}: `mode` must be one of 'auto', 'reverse', 'forward', 'forward-trick', but got {mode!r}.")
+    if vectorize not in ("auto", *VECTORIZATIONS):
+        raise InputError(f"{who}: `vectorize` must be one of 'auto', 'vmap', 'repeat', 'loop', but got {vectorize!r}.")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise InputTypeError(f"{who}: `chunk_size` must be None or a positive int, but got {type(chunk_size).__name__} {chunk_size!r}.")
+        if chunk_size <= 0:
+            raise InputError(f"{who}: `chunk_size` must be a positive int (basis vectors per pass), but got {chunk_size}. Use 1 for the least memory, or None to let autojac choose.")
+    for name, value in (("create_graph", create_graph), ("strict", strict), ("cache", cache)):
+        _check_flag(who, name, value)
+    if progress is not None and not isinstance(progress, bool):
+        raise InputTypeError(f"{who}: `progress` must be True, False or None (a bar for runs expected to take over 10 s, on a terminal), but got {progress!r}.")
+    return Options(mode, vectorize, chunk_size, normalize_budget(memory_budget, who), create_graph, strict, cache, progress)

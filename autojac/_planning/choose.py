@@ -1,0 +1,233 @@
+"""Pure decisions: the first method of a new plan, the order alternatives are tried in, and when.
+
+This module is the decision list that the docstring of `autojac.jacobian` repeats.
+It imports nothing that runs `f`: the facts come in as numbers, so it is tested
+with made-up ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .._core.options import Options
+
+LOOP_MAX = 4
+"""A basis of at most this many vectors is pushed one vector at a time (a loop has no vmap overhead)."""
+PRUNE_PASSES = 4
+"""A mode needing more than this many times the passes of the other is not tried (unless asked for)."""
+PRUNE_PREDICTED = 2.0
+"""An alternative predicted to take more than this many times the incumbent's time is not tried."""
+ABORT_PROJECTED = 1.5
+"""A trial whose first slice projects to more than this many times the incumbent's time stops there."""
+CONFIRM_WITHIN = 1.10
+"""A measured alternative this close to the best is measured on a second whole call before the plan settles."""
+SWITCH_BELOW = 0.97
+"""An alternative replaces the incumbent when its fastest whole call is below this share of the incumbent's."""
+EXPLORE_SHARE = 0.10
+"""Each call of an unsettled plan adds this share of its own time to the exploration credit."""
+INITIAL_CREDIT = 0.5
+"""A new plan starts with this share of its first call's time as exploration credit."""
+PESSIMISM = 1.0
+"""A trial's slice is charged as if the alternative took (1 + this) times the incumbent's time per vector."""
+
+REPEAT_PRIOR = 0.9
+"""Prior time of the repeat trick against the incumbent vmap of the same mode: unknown, tried early."""
+ENGINE_PRIOR = 1.0
+"""Prior time of the other vmap engine: unknown until tried (1.1x to 8x either way, see NOTE: [Two engines for vmap])."""
+
+
+@dataclass(frozen=True)
+class MethodId:
+    mode: str
+    vectorize: str
+    engine: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}/{self.vectorize}" + (f" [{self.engine}]" if self.engine else "")
+
+    @property
+    def by_rows(self) -> bool:
+        return self.mode == "reverse"
+
+    @property
+    def evaluates_once(self) -> bool:
+        """Whether the whole Jacobian comes from one evaluation of `f` (see the README's table)."""
+        return self.mode == "reverse" and self.vectorize != "repeat" or (
+            self.mode == "forward-trick" and self.vectorize != "repeat")
+
+    @property
+    def on_plain_graph(self) -> bool:
+        """Whether it can start from the plain autograd evaluation that a new plan begins with."""
+        return self.evaluates_once and self.engine in ("", "autograd")
+
+    @property
+    def is_reference(self) -> bool:
+        """reverse/loop is torch's own loop: the reference the safety net checks the others against."""
+        return (self.mode, self.vectorize) == ("reverse", "loop")
+
+    def passes(self, n_in: int, n_out: int) -> int:
+        return n_out if self.by_rows else n_in
+
+
+ALL = (
+    MethodId("reverse", "vmap", "func"), MethodId("reverse", "vmap", "autograd"),
+    MethodId("reverse", "repeat"), MethodId("reverse", "loop"),
+    MethodId("forward", "vmap"), MethodId("forward", "repeat"), MethodId("forward", "loop"),
+    MethodId("forward-trick", "vmap", "func"), MethodId("forward-trick", "vmap", "autograd"),
+    MethodId("forward-trick", "repeat"), MethodId("forward-trick", "loop"),
+)
+BY_NAME = {m.name: m for m in ALL}
+
+
+def allowed(options: Options, once_only: bool) -> list[MethodId]:
+    """Every method the options allow; only one-evaluation methods for a random or inconsistent `f`."""
+    return [
+        m for m in ALL
+        if options.mode in ("auto", m.mode) and options.vectorize in ("auto", m.vectorize)
+        and (m.evaluates_once or not once_only)
+    ]
+
+
+def preferred_mode(n_in: int, n_out: int) -> str:
+    """Fewer passes: reverse when the outputs are no more than the inputs, else the double-VJP trick.
+
+    The trick starts from the same evaluation as reverse mode (see `first_chain`)
+    and needs no forward-mode formulas; native forward mode is tried as an alternative.
+    """
+    return "reverse" if n_out <= n_in else "forward-trick"
+
+
+def first_chain(options: Options, n_in: int, n_out: int, once_only: bool) -> list[MethodId]:
+    """The first method of a new plan, then its fallbacks, in order.
+
+    - The mode with fewer passes (or the one asked for); the other modes after it.
+    - A basis of at most LOOP_MAX vectors: the loop on the plain evaluation
+      (for reverse mode, torch's own loop: nothing to check).
+    - Otherwise vmap with the torch.func engine, then the autograd engine, then
+      the loop. Repeat only when asked for (it needs a batch-aware `f`; auto
+      tries it on later calls).
+    """
+    candidates = allowed(options, once_only)
+    if not candidates:
+        return []
+    mode = options.mode if options.mode != "auto" else preferred_mode(n_in, n_out)
+    # Then fewer passes first; native forward before the trick (it needs no backward formulas,
+    # the likely reason the first mode failed).
+    others = sorted((m for m in ("forward", "forward-trick", "reverse") if m != mode),
+                    key=lambda m: n_out if m == "reverse" else n_in)
+    modes = [mode, *others]
+
+    def rank(m: MethodId) -> tuple:
+        n = m.passes(n_in, n_out)
+        small = n <= LOOP_MAX
+        if options.vectorize != "auto":
+            order = 0
+        elif small:
+            order = {"loop": 0, "vmap": 1, "repeat": 2}[m.vectorize]
+        else:
+            order = {"vmap": 0, "loop": 1, "repeat": 2}[m.vectorize]
+        engine = 0 if m.engine in ("", "func") else 1
+        if small and m.vectorize == "vmap":
+            engine = 1 - engine if m.engine else engine  # a small basis: the plain evaluation's engine first
+        return (modes.index(m.mode), order, engine)
+
+    chain = sorted(candidates, key=rank)
+    if options.vectorize == "auto":
+        chain = [m for m in chain if m.vectorize != "repeat"] + [m for m in chain if m.vectorize == "repeat"]
+    return chain
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a plan has learnt about `f` that predictions are made from (seconds; None: unknown)."""
+
+    n_in: int
+    n_out: int
+    eval_seconds: float | None
+    vjp_seconds: float | None
+
+
+def prior_seconds(m: MethodId, incumbent: MethodId, incumbent_seconds: float, facts: Facts) -> float | None:
+    """A rough prediction of a whole Jacobian by `m`, from the incumbent's measured time and the facts.
+
+    Loops are predicted from one evaluation and one unbatched product; a vmap or
+    repeat method from the incumbent's time, scaled by the ratio of passes.
+    """
+    n = m.passes(facts.n_in, facts.n_out)
+    ratio = n / max(incumbent.passes(facts.n_in, facts.n_out), 1)
+    if m.vectorize == "loop":
+        if facts.eval_seconds is None or facts.vjp_seconds is None:
+            return None
+        per_pass = {"reverse": facts.vjp_seconds, "forward-trick": 2 * facts.vjp_seconds,
+                    "forward": 2 * facts.eval_seconds}[m.mode]
+        return facts.eval_seconds + n * per_pass
+    factor = REPEAT_PRIOR if m.vectorize == "repeat" else ENGINE_PRIOR
+    return incumbent_seconds * ratio * factor
+
+
+def exploration_order(
+    candidates: Sequence[MethodId], incumbent: MethodId, incumbent_seconds: float, facts: Facts,
+) -> list[tuple[MethodId, float | None, str]]:
+    """Every candidate but the incumbent, with its prior time and, if it is not worth trying, why.
+
+    Not tried: a mode needing over PRUNE_PASSES times the incumbent's passes, and
+    any method predicted over PRUNE_PREDICTED times the incumbent's time. The rest
+    are tried fastest prediction first (ties: the order of `candidates`).
+    """
+    rows = []
+    passes = incumbent.passes(facts.n_in, facts.n_out)
+    for i, m in enumerate(candidates):
+        if m == incumbent:
+            continue
+        prior = prior_seconds(m, incumbent, incumbent_seconds, facts)
+        n = m.passes(facts.n_in, facts.n_out)
+        if n > PRUNE_PASSES * max(passes, 1):
+            rows.append((m, prior, f"{n} passes against {passes}", i))
+        elif prior is not None and prior > PRUNE_PREDICTED * incumbent_seconds:
+            rows.append((m, prior, f"predicted {_seconds(prior)} against {_seconds(incumbent_seconds)}", i))
+        else:
+            rows.append((m, prior, "", i))
+    rows.sort(key=lambda r: (r[2] != "", r[1] if r[1] is not None else float("inf"), r[3]))
+    return [(m, prior, why) for m, prior, why, _ in rows]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """Try `method` on this call: its first `slice_vectors` basis vectors first, projected, then the rest or not."""
+
+    method: MethodId
+    slice_vectors: int
+
+
+def slice_for(m: MethodId, incumbent: MethodId, incumbent_seconds: float, facts: Facts, credit: float,
+              fixed_seconds: float) -> int:
+    """The largest first slice (basis vectors) whose pessimistic charge the credit covers; 0 if none.
+
+    The charge of s vectors: the alternative's own fixed cost (an evaluation of
+    `f` it cannot share) plus, per vector, PESSIMISM times the incumbent's time
+    per vector if the slice is part of the answer (same mode), or 1 + PESSIMISM
+    times it if it is not (another mode: the incumbent still does all the work).
+    """
+    n = m.passes(facts.n_in, facts.n_out)
+    if n == 0:
+        return 0
+    per_vector = incumbent_seconds / max(incumbent.passes(facts.n_in, facts.n_out), 1)
+    weight = PESSIMISM if m.by_rows == incumbent.by_rows else 1 + PESSIMISM
+    room = credit - fixed_seconds
+    if room <= 0:
+        return 0
+    if room >= n * weight * per_vector:
+        return n
+    s = int(room / max(weight * per_vector, 1e-12))
+    smallest = 2 if (m.vectorize != "loop" and n >= 2) else 1
+    return min(n, s) if s >= smallest else 0
+
+
+def _seconds(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"

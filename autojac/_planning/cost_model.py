@@ -1,0 +1,107 @@
+"""Pure arithmetic of cost: balanced chunks, memory lines fitted to measured chunks, chunk sizes that fit.
+
+Nothing here runs `f` or asks the machine anything; measurements come in as numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MEMORY_SAFETY = 1.15
+"""Measured memory is scaled by this before it is compared with the budget (allocator slack, noise)."""
+GROWTH = 4
+"""A chunk may be at most this many times the largest one measured so far (extrapolation stays short)."""
+PAYS = 0.95
+"""A larger chunk pays if its time per vector is below this share of the smaller one's."""
+
+
+def n_chunks(n: int, chunk_size: int) -> int:
+    return 0 if n <= 0 else -(-n // max(chunk_size, 1))
+
+
+def balanced(n: int, chunk_size: int) -> int:
+    """The size of each of ceil(n / chunk_size) nearly equal chunks (DifferentiationInterface's rule)."""
+    if n <= 0:
+        return 0
+    return -(-n // n_chunks(n, chunk_size))
+
+
+@dataclass(frozen=True)
+class Line:
+    """y = fixed + per_vector * k, both >= 0."""
+
+    fixed: float
+    per_vector: float
+
+    def at(self, k: int) -> float:
+        return self.fixed + self.per_vector * k
+
+
+def fit_line(points: Sequence[tuple[int, float]]) -> Line | None:
+    """The line through measured (chunk size, value) points.
+
+    One size: everything is charged to the vectors (the conservative bound for k
+    above it, since values are a + b*k with a, b >= 0). Two or more sizes: the
+    line through the smallest and the largest size's lowest values, clipped to
+    a, b >= 0.
+    """
+    if not points:
+        return None
+    lowest: dict[int, float] = {}
+    for k, y in points:
+        lowest[k] = min(y, lowest.get(k, math.inf))
+    ks = sorted(lowest)
+    k0, k1 = ks[0], ks[-1]
+    if k0 == k1:
+        return Line(0.0, lowest[k0] / max(k0, 1))
+    slope = max((lowest[k1] - lowest[k0]) / (k1 - k0), 0.0)
+    return Line(max(lowest[k0] - slope * k0, 0.0), slope)
+
+
+def largest_fitting(line: Line, room_bytes: float, n: int) -> int:
+    """The largest chunk size (0 if none) whose peak, scaled by MEMORY_SAFETY, fits in `room_bytes`."""
+    if line.per_vector <= 0:
+        return n if MEMORY_SAFETY * line.fixed <= room_bytes else 0
+    k = int((room_bytes / MEMORY_SAFETY - line.fixed) // line.per_vector)
+    return max(0, min(n, k))
+
+
+def next_chunk(
+    n_left: int,
+    sizes_done: Sequence[int],
+    memory: Line | None,
+    room_bytes: float | None,
+    prior_bytes_per_vector: float | None,
+    seconds_per_vector: Sequence[tuple[int, float]] = (),
+    minimum: int = 1,
+) -> int:
+    """How many basis vectors the next chunk of a growing run takes (before balancing).
+
+    - No budget to keep (`room_bytes` None): everything that is left.
+    - Nothing measured yet: what the prior (bytes per vector, charged in full) lets fit.
+    - Then: what the measured memory line lets fit, at most GROWTH times the
+      largest chunk so far; and no larger than the last chunk once a larger chunk
+      stopped paying (time per vector not below PAYS of the smaller one's).
+    """
+    if room_bytes is None:
+        return n_left
+    if memory is None:
+        if not prior_bytes_per_vector:
+            return n_left
+        k = int(room_bytes / MEMORY_SAFETY // prior_bytes_per_vector)
+        return max(minimum, min(n_left, k))
+    k = largest_fitting(memory, room_bytes, n_left)
+    if sizes_done:
+        k = min(k, GROWTH * max(sizes_done))
+        if len(seconds_per_vector) >= 2:
+            (k_small, t_small), (k_big, t_big) = sorted(seconds_per_vector)[:1] + sorted(seconds_per_vector)[-1:]
+            if k_big > k_small and t_big > PAYS * t_small:
+                k = min(k, k_big)
+    return max(minimum, min(n_left, k))
+
+
+def projected_seconds(fixed_seconds: float, slice_seconds: float, slice_vectors: int, n: int) -> float:
+    """A whole run's time from one slice of it: the slice's rate for every vector (pessimistic for vmap)."""
+    return fixed_seconds + slice_seconds * n / max(slice_vectors, 1)

@@ -1,0 +1,206 @@
+"""A plan's learning state: what each method measured, the incumbent, the exploration credit.
+
+One `PlanEntry` per cache key, shared by every call (and thread) that uses the
+plan; its fields change only under its lock. Users see it through `Plan`
+snapshots.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from dataclasses import dataclass, field
+
+from .._core.options import Options
+from .._core.problem import Problem
+from . import choose
+from .choose import Facts, MethodId
+from .cost_model import Line, balanced, fit_line, n_chunks
+from .plan import Candidate, Plan, seconds_text
+
+RUNS_KEPT = 8
+
+
+@dataclass
+class MethodStats:
+    """What one method measured within one plan."""
+
+    method: MethodId
+    status: str = "untried"
+    reason: str = ""
+    prior: float | None = None
+    runs: list[float] = field(default_factory=list)
+    chunk_size: int | None = None
+    memory: list[tuple[int, float]] = field(default_factory=list)
+    """(chunk size, measured peak bytes of one chunk) points."""
+    rates: list[tuple[int, float]] = field(default_factory=list)
+    """(chunk size, seconds per vector) points."""
+    verified: bool = False
+    excluded: str = ""
+    """Why this method may not run for this plan at all (a random `f`, evaluations that disagree)."""
+
+    @property
+    def best(self) -> float | None:
+        return min(self.runs) if self.runs else None
+
+    def memory_line(self) -> Line | None:
+        return fit_line(self.memory)
+
+    def add_run(self, seconds: float) -> None:
+        self.runs.append(seconds)
+        if len(self.runs) > RUNS_KEPT:
+            del self.runs[0]
+
+
+class PlanEntry:
+    """The mutable side of a plan (see the module docstring)."""
+
+    def __init__(self, problem: Problem, options: Options, budget_bytes: int | None, fixed_bytes: int,
+                 facts: Facts, candidates: list[MethodId], once_only: bool) -> None:
+        self.problem = problem
+        self.options = options
+        self.budget_bytes = budget_bytes
+        self.fixed_bytes = fixed_bytes
+        """Bytes every call holds besides the chunks: the result, the workspace reserve, the forward pass."""
+        self.facts = facts
+        self.once_only = once_only
+        self.stats: dict[str, MethodStats] = {m.name: MethodStats(m) for m in candidates}
+        if once_only:
+            for s in self.stats.values():
+                if not s.method.evaluates_once:
+                    s.status, s.excluded = "not tried", "`f` draws random numbers, and this method evaluates it more than once"
+                    s.reason = s.excluded
+        self.incumbent: str | None = None
+        self.credit = 0.0
+        self.calls = 0
+        self.settled = False
+        self.effort = "measure"
+        self.warm = True
+        """False until the incumbent has run a call that was not the plan's first."""
+        self.events: collections.deque[str] = collections.deque(maxlen=12)
+        self.lock = threading.RLock()
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def chosen(self) -> MethodStats:
+        assert self.incumbent is not None
+        return self.stats[self.incumbent]
+
+    def room_bytes(self) -> float | None:
+        """What the budget leaves to one chunk, or None if there is no budget to keep."""
+        if self.budget_bytes is None:
+            return None
+        return max(self.budget_bytes - self.fixed_bytes, 0)
+
+    def chunk_size(self, name: str) -> int:
+        """The chunk size `name` runs at: its own, or the whole basis."""
+        s = self.stats[name]
+        n = s.method.passes(self.problem.n_in, self.problem.n_out)
+        if self.options.chunk_size is not None:
+            return balanced(n, min(self.options.chunk_size, max(n, 1)))
+        return s.chunk_size or max(n, 1)
+
+    def estimated_peak(self, name: str) -> int | None:
+        line = self.stats[name].memory_line()
+        if line is None:
+            return None
+        return int(self.fixed_bytes + line.at(self.chunk_size(name)))
+
+    # --- learning --------------------------------------------------------------------------------
+
+    def reorder(self) -> None:
+        """Priors and prune reasons for every untried method, from the incumbent's time so far."""
+        inc = self.chosen()
+        if inc.best is None:
+            return
+        order = choose.exploration_order([s.method for s in self.stats.values()], inc.method, inc.best, self.facts)
+        for m, prior, why in order:
+            s = self.stats[m.name]
+            if s.status in ("untried", "not tried") and not s.excluded:
+                s.prior = prior
+                s.status, s.reason = ("not tried", why) if why else ("untried", "")
+
+    def next_trial(self) -> choose.Trial | None:
+        """The next alternative to try on this call, if the credit covers its first slice."""
+        if self.settled or self.incumbent is None:
+            return None
+        inc = self.chosen()
+        if not self.warm:  # its only run was a first call's (cold caches, first vmap of f): wait for a warm one
+            return None
+        waiting = [s for s in self.stats.values() if s.status == "untried"]
+        confirm = [s for s in self.stats.values()
+                   if s.status == "measured" and s.method.name != self.incumbent and len(s.runs) < 2
+                   and s.best is not None and s.best < choose.CONFIRM_WITHIN * inc.best]
+        if confirm:  # a close contender gets a second whole run (noise only adds time, so keep the fastest)
+            s = confirm[0]
+            n = s.method.passes(self.problem.n_in, self.problem.n_out)
+            if self.credit >= max(s.best - inc.best, 0.0):
+                return choose.Trial(s.method, n)
+            return None
+        if not waiting:
+            self.settled = True
+            self.events.append(f"settled after {self.calls} calls")
+            return None
+        waiting.sort(key=lambda s: s.prior if s.prior is not None else math.inf)
+        s = waiting[0]
+        fixed = self.facts.eval_seconds or 0.0  # on a later call, the alternative evaluates `f` itself
+        slice_vectors = choose.slice_for(s.method, inc.method, inc.best, self.facts, self.credit, fixed)
+        return choose.Trial(s.method, slice_vectors) if slice_vectors else None
+
+    def record_call(self, seconds: float) -> None:
+        self.calls += 1
+        if not self.settled:
+            self.credit += choose.EXPLORE_SHARE * seconds
+
+    def consider_switch(self) -> None:
+        """Make the fastest measured method the incumbent (by its fastest whole call)."""
+        inc = self.chosen()
+        best = min((s for s in self.stats.values() if s.status in ("measured", "chosen") and s.best is not None),
+                   key=lambda s: s.best, default=None)
+        if best is not None and inc.best is not None and best is not inc and best.best < choose.SWITCH_BELOW * inc.best:
+            self.events.append(f"switched from {inc.method.name} ({seconds_text(inc.best)}) to "
+                               f"{best.method.name} ({seconds_text(best.best)})")
+            inc.status = "measured"
+            best.status = "chosen"
+            self.incumbent = best.method.name
+            self.reorder()
+
+    # --- showing ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> Plan:
+        with self.lock:
+            inc = self.chosen()
+            n = inc.method.passes(self.problem.n_in, self.problem.n_out)
+            chunk = self.chunk_size(inc.method.name)
+            candidates = tuple(
+                Candidate(s.method.name, s.status, s.best, s.prior, len(s.runs),
+                          self.chunk_size(s.method.name) if s.runs else None,
+                          self.estimated_peak(s.method.name), s.reason)
+                for s in self.stats.values()
+            )
+            return Plan(
+                mode=inc.method.mode, vectorize=inc.method.vectorize, engine=inc.method.engine,
+                chunk_size=chunk, n_chunks=n_chunks(n, chunk), estimated_seconds=inc.best,
+                estimated_peak_bytes=self.estimated_peak(inc.method.name), budget_bytes=self.budget_bytes,
+                candidates=candidates, settled=self.settled, reason=self._reason(), problem=self.problem,
+                calls=self.calls, entry=self,
+            )
+
+    def _reason(self) -> str:
+        inc = self.chosen()
+        measured = [s for s in self.stats.values() if s.runs]
+        if self.effort == "estimate":
+            return "Chosen by the rules alone (effort='estimate'): nothing was measured."
+        if self.settled:
+            text = f"Settled after {self.calls} call(s): the fastest of {len(measured)} measured method(s)"
+        else:
+            waiting = [s.method.name for s in self.stats.values() if s.status == "untried"]
+            text = (f"Still exploring after {self.calls} call(s): the fastest so far of {len(measured)} measured; "
+                    f"to try: {', '.join(waiting) if waiting else 'a second run of a close contender'}")
+        if self.budget_bytes is not None and inc.chunk_size is not None and inc.chunk_size < inc.method.passes(
+                self.problem.n_in, self.problem.n_out):
+            text += "; its chunk size is the largest whose measured peak fits the budget"
+        if self.events:
+            text += ". History: " + "; ".join(self.events)
+        return text + "."

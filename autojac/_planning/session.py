@@ -1,0 +1,613 @@
+"""The only impure part of planning: a plan's first call, its later calls (with exploration), and `tune`.
+
+NOTE: [Planning that pays for itself]
+A first call does real work from the start. It evaluates `f` once with a plain
+autograd graph (to learn the output shapes; timed, and measured when the budget
+could bind), takes one reference VJP on that graph for the safety net, picks the
+first method by rules (`choose.first_chain`), and computes the Jacobian with it
+in chunks that grow only while the measurements say the next one fits the budget
+and pays. Those chunks are the answer. A method that fails on them hands over to
+the next in the chain.
+
+Later calls run the incumbent. While the plan is not settled, each call adds a
+share of its own time to an exploration credit; when the credit covers a first
+slice of the next alternative (priced pessimistically), that call runs the
+alternative on that slice first, projects its whole time, and either finishes the
+call with it (a real, whole measurement) or hands the rest to the incumbent. The
+fastest whole call wins; once every alternative has been tried (close ones twice)
+the plan is settled and calls cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .._core.errors import MemoryBudgetError, PlanMismatchError, UnsupportedFunctionError
+from .._core.options import Options
+from .._core.problem import Problem, Signature
+from .._core.units import format_bytes, parse_budget
+from .._execute.assemble import Assembler
+from .._execute.run import RunLog, is_out_of_memory, push
+from .._execute.verify import VerificationError, check_against, check_columns, random_cotangents, reference_product
+from .._measure.device import free_memory, total_bytes, untracked_reserve
+from .._measure.meter import PeakMeter
+from .._methods import METHODS
+from .._methods.base import PlainGraph, evaluate_plain, grad_mode
+from . import choose
+from .choose import Facts, MethodId
+from .entry import PlanEntry
+from .plan import RunReport, seconds_text
+from .cost_model import largest_fitting
+from .sizing import Sizer
+
+logger = logging.getLogger("autojac")
+
+PROGRESS_AFTER_SECONDS = 10.0
+MEASURE_WHEN_PRIOR_ABOVE = 0.25
+"""Chunks are measured when the prior peak of the whole basis exceeds this share of the room the budget leaves."""
+PRIOR_FACTOR = 2.0
+"""Bytes per basis vector before anything is measured: this times (forward pass + one input + one output)."""
+
+
+def _method(m: MethodId):
+    return METHODS[(m.mode, m.vectorize, m.engine)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Progress:
+    """A tqdm bar on stderr, opened only once a run is expected to take over 10 s (or when asked)."""
+
+    def __init__(self, wanted: bool | None, total: int, label: str) -> None:
+        self.wanted, self.total, self.label = wanted, total, label
+        self.bar = None
+        self.done = 0
+        self.began = time.perf_counter()
+        if wanted:
+            self.expect(None)
+
+    def expect(self, seconds: float | None) -> None:
+        """Open the bar if the whole run is expected to take over PROGRESS_AFTER_SECONDS."""
+        if self.bar is not None or self.wanted is False:
+            return
+        if self.wanted or (seconds is not None and seconds > PROGRESS_AFTER_SECONDS and sys.stderr.isatty()):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.done, desc=f"autojac {self.label}", unit="vec", file=sys.stderr)
+
+    def update(self, k: int) -> None:
+        self.done += k
+        if self.bar is not None:
+            self.bar.update(k)
+        elif self.wanted is None and self.done < self.total:
+            elapsed = time.perf_counter() - self.began
+            self.expect(elapsed * self.total / max(self.done, 1))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Call:
+    """One call of `jacobian`: the evaluator standing in for `f`, the inputs, the options, and what happened."""
+
+    def __init__(self, evaluator, xs: Sequence[torch.Tensor], signature: Signature, options: Options, who: str) -> None:
+        self.f = evaluator
+        self.xs = xs
+        self.signature = signature
+        self.options = options
+        self.who = who
+        self.device = signature.device
+        self.meter = PeakMeter(self.device)
+        self.events: list[str] = []
+        self.chunks: list[int] = []
+        self.trial: str | None = None
+        self.verified = False
+        self.method_name = ""
+
+    def report(self, seconds: float | None, planned: bool) -> RunReport:
+        return RunReport(self.method_name, tuple(self.chunks), seconds, self.f.count, planned, self.verified,
+                         self.trial, tuple(self.events))
+
+    # --- pieces ----------------------------------------------------------------------------------
+
+    def reference(self, problem: Problem, w, graph: PlainGraph | None = None):
+        """w^T J by one plain VJP: on `graph` if given, else on a fresh plain evaluation of `f`."""
+        if graph is None:
+            graph = evaluate_plain(self.f, self.xs, False)
+            self._check_shapes(graph.ys, problem)
+        return reference_product(graph.ys, graph.xs, w)
+
+    def _check_shapes(self, ys, problem: Problem) -> None:
+        if tuple(tuple(y.shape) for y in ys) != problem.out_shapes or tuple(y.dtype for y in ys) != problem.out_dtypes:
+            raise OutputsChanged(tuple(tuple(y.shape) for y in ys), problem.out_shapes)
+
+    def run(self, m: MethodId, problem: Problem, sizer: Sizer, *, state=None, start: int = 0, stop: int | None = None,
+            assembler: Assembler | None = None, progress: Progress | None = None, after_chunk=None):
+        """Prepare `m` (unless `state` is given) and push basis vectors start..stop; (assembler, log, position, seconds)."""
+        method = _method(m)
+        n = m.passes(problem.n_in, problem.n_out)
+        stop = n if stop is None else stop
+        log = RunLog()
+        began = time.perf_counter()
+        if state is None:
+            state = method.prepare(self.f, self.xs, problem, self.options.create_graph)
+        assembler = assembler or Assembler(problem, by_rows=m.by_rows)
+        position = push(method, state, assembler, problem, start, stop, sizer, log, self.meter,
+                        None if progress is None else progress.update, after_chunk)
+        if sizer.timed:
+            _sync(self.device)
+        seconds = time.perf_counter() - began
+        self.chunks += [c.size for c in log.chunks]
+        self.events += log.events
+        return assembler, log, position, seconds, state
+
+
+class OutputsChanged(Exception):
+    """Internal: `f` now returns outputs of other shapes than the plan was made for."""
+
+    def __init__(self, now, planned):
+        super().__init__(f"`f` now returns outputs of shapes {list(now)}, but the plan was made when it returned {list(planned)}")
+        self.now, self.planned = now, planned
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+# --- the first call --------------------------------------------------------------------------------
+
+def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
+    """Make a plan by computing the Jacobian (see NOTE: [Planning that pays for itself]); (result, entry).
+
+    With `compute=False` (`plan(..., effort="estimate")`), stop after the first
+    evaluation: the entry holds the rules' choice and nothing measured.
+    """
+    options, device = call.options, call.device
+    began = time.perf_counter()
+    budget = parse_budget(options.budget, free_memory(device).free_bytes, call.who, total=total_bytes(device))
+    reserve = untracked_reserve(device)
+    with call.meter.region() as region:
+        graph = evaluate_plain(call.f, call.xs, options.create_graph)
+    ys = graph.ys
+    problem = Problem(
+        inputs=call.signature,
+        out_shapes=tuple(tuple(y.shape) for y in ys),
+        out_dtypes=tuple(y.dtype for y in ys),
+        outputs_tuple=graph.outputs_tuple,
+        draws_random=call.f.draws_random,
+    )
+    graph_bytes = region.peak_bytes
+    fixed = problem.result_bytes + reserve + (graph_bytes or 0)
+    if fixed > budget:
+        raise MemoryBudgetError(
+            f"{call.who}: the memory budget is {format_bytes(budget)}, but the Jacobian alone "
+            f"({problem.n_out} x {problem.n_in}) takes {format_bytes(problem.result_bytes)}"
+            + (f" and the forward pass {format_bytes(graph_bytes)}" if graph_bytes else "")
+            + (f", plus the {format_bytes(reserve)} workspace reserve" if reserve else "")
+            + ". Raise `memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time."
+        )
+    if options.strict:
+        check_strict(graph, call.who)
+    once_only = problem.draws_random
+    candidates = choose.allowed(options, False)
+    chain = choose.first_chain(options, problem.n_in, problem.n_out, once_only)
+    if not chain:
+        raise UnsupportedFunctionError(
+            f"{call.who}: `f` draws random numbers (dropout in training mode, torch.randn), and "
+            f"mode={options.mode!r}, vectorize={options.vectorize!r} evaluates it more than once, so its "
+            "Jacobian would mix several realizations. Use mode='reverse', or mode='forward-trick' with "
+            "vectorize='vmap' or 'loop', which evaluate it once; or put the modules in eval()."
+        )
+    w = random_cotangents(problem)
+    with torch.enable_grad():
+        _sync(device)
+        t = time.perf_counter()
+        reference = reference_product(graph.ys, graph.xs, w)
+        _sync(device)
+        vjp_seconds = time.perf_counter() - t
+    facts = Facts(problem.n_in, problem.n_out, region.seconds, vjp_seconds)
+    entry = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only)
+    if not compute:
+        entry.incumbent = chain[0].name
+        entry.chosen().status = "chosen"
+        entry.effort = "estimate"
+        return None, entry
+    failures: list[tuple[str, BaseException]] = []
+    result = None
+    prior = PRIOR_FACTOR * ((graph_bytes or 0) + max(problem.in_bytes, problem.out_bytes))
+    for m in chain:
+        if not m.evaluates_once and entry.once_only:
+            continue
+        method = _method(m)
+        n = m.passes(problem.n_in, problem.n_out)
+        stats = entry.stats[m.name]
+        room = entry.room_bytes()
+        measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
+        sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
+                      room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
+                      timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1)
+        progress = Progress(options.progress, n, m.name)
+        adopted = False
+        try:
+            state = None
+            t = time.perf_counter()
+            if graph is not None:
+                with grad_mode(options.create_graph):
+                    state = method.adopt(graph)
+                adopted = state is not None
+                if not adopted:
+                    graph = None  # free the plain graph: this method evaluates `f` its own way
+            adopt_seconds = time.perf_counter() - t
+            with grad_mode(options.create_graph):
+                assembler, log, _, seconds, state = call.run(m, problem, sizer, state=state, progress=progress)
+            result = assembler.result()
+            if not (m.is_reference and adopted):
+                check_against(m.name, result, w, reference, problem)
+                call.verified = True
+        except Exception as exc:  # noqa: BLE001 - every failure of a method is a reason to try the next
+            failure = exc
+        else:
+            evaluation = region.seconds if adopted else 0.0  # the evaluation it started from is part of its cost
+            stats.add_run(evaluation + adopt_seconds + seconds)
+            stats.verified, stats.status = True, "chosen"
+            _learn(stats, log, sizer)
+            stats.chunk_size = _planned_chunk(entry, stats)
+            entry.incumbent = m.name
+            call.method_name = m.name
+            break
+        finally:
+            progress.close()
+        # Outside the except block, so that an error of `f` itself propagates unchanged.
+        result = None
+        _record_failure(entry, stats, failure, call, failures)
+    if entry.incumbent is None:
+        raise _no_method(call, failures)
+    graph = None
+    entry.reorder()
+    if options.measures_nothing:  # mode, vectorize and chunk size given: nothing to choose, nothing to measure
+        entry.settled = True
+    elapsed = time.perf_counter() - began
+    entry.credit = choose.INITIAL_CREDIT * elapsed
+    entry.calls = 1
+    entry.warm = False
+    logger.debug("new plan: %s", entry.snapshot())
+    return result, entry
+
+
+def _planned_chunk(entry: PlanEntry, stats) -> int | None:
+    """The chunk size later calls run `stats.method` at: None (the whole basis) unless its measured memory
+    line says the budget does not fit the whole basis; then the largest chunk that fits."""
+    line = stats.memory_line()
+    room = entry.room_bytes()
+    n = stats.method.passes(entry.problem.n_in, entry.problem.n_out)
+    if line is None or room is None or entry.options.chunk_size is not None:
+        return None
+    fitting = largest_fitting(line, room, n)
+    return None if fitting >= n else max(fitting, 1)
+
+
+def _learn(stats, log: RunLog, sizer: Sizer) -> None:
+    """Keep what the run measured: chunk peaks and time per vector."""
+    for c in log.chunks:
+        if c.peak_bytes is not None:
+            stats.memory.append((c.size, float(c.peak_bytes)))
+        if c.seconds is not None and c.size:
+            stats.rates.append((c.size, c.seconds / c.size))
+    del stats.memory[:-8], stats.rates[:-8]
+
+
+def _record_failure(entry: PlanEntry, stats, failure: BaseException, call: Call, failures: list) -> None:
+    if isinstance(failure, VerificationError) and not stats.method.evaluates_once:
+        if stats.method.vectorize == "repeat":
+            _not_batch_aware(entry, failure)
+        else:
+            _evaluations_disagree(entry)
+    stats.status, stats.reason = "failed", _first_line(failure)
+    failures.append((stats.method.name, failure))
+    call.events.append(f"{stats.method.name} failed ({_first_line(failure)})")
+    logger.debug(call.events[-1])
+
+
+def _not_batch_aware(entry: PlanEntry, failure: BaseException) -> None:
+    """The repeat trick gave a wrong Jacobian: `f` mixes the rows of a batch (or its evaluations disagree)."""
+    for s in entry.stats.values():
+        if s.method.vectorize == "repeat" and s.status != "failed":
+            s.status, s.reason = "failed", ("the repeat trick's Jacobian failed the check: `f` mixes the rows of a "
+                                            "batch, or its evaluations disagree")
+
+
+def _evaluations_disagree(entry: PlanEntry) -> None:
+    """`f` gives different results on identical evaluations: only methods that evaluate it once may run."""
+    entry.once_only = True
+    for s in entry.stats.values():
+        if not s.method.evaluates_once and s.status not in ("failed",):
+            s.excluded = "`f`'s evaluations disagree (a generator of its own, or state it changes)"
+            s.status, s.reason = "not tried", s.excluded
+
+
+def _no_method(call: Call, failures: list[tuple[str, BaseException]]) -> Exception:
+    options = call.options
+    if not failures:
+        return UnsupportedFunctionError(
+            f"{call.who}: `f` gives different results on identical evaluations (a random generator of its own, "
+            "or state it changes), and none of the allowed methods evaluates it only once. Use mode='reverse' "
+            "or mode='forward-trick' with vectorize='vmap' or 'loop'.")
+    name, last = failures[-1]
+    tried = "; ".join(f"{n}: {_first_line(e)}" for n, e in failures)
+    if all(is_out_of_memory(e) for _, e in failures):
+        error = MemoryBudgetError(
+            f"{call.who}: {name} ran out of memory even one basis vector at a time ({tried}). Free memory, "
+            "pass a `memory_budget` so autojac sizes chunks to fit, or use mode='reverse' when `f` has fewer "
+            "outputs than inputs.")
+    elif isinstance(last, UnsupportedFunctionError) and len(failures) == 1:
+        return last
+    else:
+        advice = _advice(options) if len(failures) == 1 else "Every allowed method was tried."
+        if isinstance(last, VerificationError):
+            advice = ("`f` gives different results on identical evaluations (a random generator of its own, or "
+                      "state it changes); use mode='reverse', or mode='forward-trick' with vectorize='vmap' or "
+                      "'loop', which evaluate it once.")
+        error = UnsupportedFunctionError(f"{call.who}: {name} could not differentiate `f`: {tried}. {advice}")
+    error.__cause__ = last
+    return error
+
+
+def _advice(options: Options) -> str:
+    if options.fixed_method or options.mode != "auto" or options.vectorize != "auto":
+        if options.vectorize == "repeat":
+            return "vectorize='repeat' needs `f` to accept a leading batch dimension with independent rows; try vectorize='vmap' or 'loop', or 'auto'."
+        if options.mode == "forward":
+            return "mode='forward' needs forward-mode formulas for every op of `f`; try mode='forward-trick' or 'reverse', or 'auto'."
+        if options.mode == "forward-trick":
+            return "mode='forward-trick' needs backward formulas that are themselves differentiable; try mode='reverse' or 'forward', or 'auto'."
+        return "Try mode='auto' and vectorize='auto', which fall back on their own."
+    return "Check that `f` is differentiable."
+
+
+def check_strict(graph: PlainGraph, who: str) -> None:
+    """Raise StrictError if some output's graph does not reach some input."""
+    from .._core.errors import StrictError
+
+    for i, y in enumerate(graph.ys):
+        reached = (
+            torch.autograd.grad(y, graph.xs, torch.ones_like(y), retain_graph=True, allow_unused=True)
+            if y.requires_grad else (None,) * len(graph.xs)
+        )
+        for j, g in enumerate(reached):
+            if g is None:
+                raise StrictError(f"{who}: with strict=True every output must depend on every input, but output {i} is independent of input {j}. Pass strict=False to get zeros for that block.")
+
+
+# --- later calls ----------------------------------------------------------------------------------
+
+def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float | None = None) -> object:
+    """Run a plan: its incumbent, or (while exploring, credit permitting) a trial of the next alternative."""
+    began = time.perf_counter()
+    timed = not entry.settled or entry.chosen().best is None
+    with entry.lock:
+        if credit is not None:
+            entry.credit = max(entry.credit, credit)
+        trial = entry.next_trial() if explore else None
+    if trial is not None:
+        result = _trial(call, entry, trial)
+    else:
+        result = _incumbent(call, entry, timed)
+    if timed:
+        _sync(call.device)
+        seconds = time.perf_counter() - began
+        with entry.lock:
+            entry.record_call(seconds)
+            if trial is None and call.method_name == entry.incumbent:
+                entry.chosen().add_run(seconds)
+                entry.warm = True
+    else:
+        with entry.lock:
+            entry.calls += 1
+    return result
+
+
+def fixed_call(call: Call, entry: PlanEntry, name: str, chunk_size: int) -> object:
+    """`jacobian(plan=...)`: exactly that method and chunk size, no exploration (fallbacks only on failure)."""
+    return _incumbent(call, entry, timed=False, first=name, chunk_size=chunk_size)
+
+
+def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = None,
+               chunk_size: int | None = None) -> object:
+    """The incumbent on the whole basis; on failure the other candidates in turn, reverse/loop last."""
+    problem = entry.problem
+    failures: list[tuple[str, BaseException]] = []
+    for name in _attempts(entry, first):
+        stats = entry.stats[name]
+        m = stats.method
+        n = m.passes(problem.n_in, problem.n_out)
+        unmeasured = not stats.runs
+        room = entry.room_bytes()
+        if unmeasured:  # a plan made by the rules alone, or a fallback never run: measure as a first call would
+            prior = PRIOR_FACTOR * (max(problem.in_bytes, problem.out_bytes) + entry.fixed_bytes - problem.result_bytes)
+            sizer = Sizer(None if entry.options.chunk_size is None else min(entry.options.chunk_size, max(n, 1)),
+                          room_bytes=room, prior_bytes_per_vector=prior, timed=True,
+                          measured=(call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room,
+                          minimum=2 if m.vectorize == "vmap" and n >= 2 else 1)
+        else:
+            sizer = Sizer(chunk_size if (name == first and chunk_size) else entry.chunk_size(name), timed=False)
+        progress = Progress(call.options.progress, n, name)
+        progress.expect(stats.best)
+        try:
+            with grad_mode(call.options.create_graph):
+                assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
+                result = assembler.result()
+                if not stats.verified and not m.is_reference:
+                    w = random_cotangents(problem)
+                    reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
+                    check_against(name, result, w, reference, problem)
+                    call.verified = True
+        except OutputsChanged:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            failure = exc
+        else:
+            with entry.lock:
+                stats.verified = True
+                if unmeasured:
+                    _learn(stats, log, sizer)
+                    stats.chunk_size = _planned_chunk(entry, stats)
+                    stats.add_run(seconds)
+                if name != entry.incumbent and first is None:
+                    entry.events.append(f"{entry.incumbent} failed at run time; {name} took over")
+                    entry.stats[entry.incumbent].status = "failed"
+                    stats.status = "chosen"
+                    entry.incumbent = name
+                    entry.reorder()
+            call.method_name = name
+            return result
+        finally:
+            progress.close()
+        # f's own errors propagate unchanged if the outputs changed (a new plan is due) ...
+        _check_outputs_unchanged(call, problem, failure)
+        with entry.lock:
+            _record_failure(entry, stats, failure, call, failures)
+    raise _no_method(call, failures)
+
+
+def _same_graph_reference(m: MethodId, state, w):
+    """A reference product on the method's own plain graph (one backward pass), if it has one."""
+    if m.on_plain_graph and isinstance(state, PlainGraph):
+        return reference_product(state.ys, state.xs, w)
+    return None
+
+
+def _check_outputs_unchanged(call: Call, problem: Problem, failure: BaseException) -> None:
+    if is_out_of_memory(failure) or isinstance(failure, VerificationError):
+        return
+    graph = evaluate_plain(call.f, call.xs, False)
+    call._check_shapes(graph.ys, problem)
+
+
+def _attempts(entry: PlanEntry, first: str | None) -> list[str]:
+    """`first` (default: the incumbent), then the other candidates that can run, fastest first, then reverse/loop."""
+    names = [first or entry.incumbent]
+    plan = entry.snapshot()
+    names += [c.name for c in plan.fallbacks if c.name not in names
+              and (entry.stats[c.name].method.evaluates_once or not entry.once_only)]
+    if "reverse/loop" in entry.stats and "reverse/loop" not in names and entry.stats["reverse/loop"].status != "failed":
+        names.append("reverse/loop")
+    return names
+
+
+def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
+    """Try `trial.method` on this call (see NOTE: [Planning that pays for itself])."""
+    problem = entry.problem
+    inc = entry.chosen()
+    m = trial.method
+    stats = entry.stats[m.name]
+    n = m.passes(problem.n_in, problem.n_out)
+    same_side = m.by_rows == inc.method.by_rows
+    began = time.perf_counter()
+    room = entry.room_bytes()
+    line = inc.memory_line()
+    prior = (PRIOR_FACTOR * line.per_vector) if line is not None else PRIOR_FACTOR * max(problem.in_bytes, problem.out_bytes)
+    measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
+    sizer = Sizer(trial.slice_vectors, timed=True, measured=measured, room_bytes=room, prior_bytes_per_vector=prior)
+    call.trial = m.name
+    verdict = {"stopped": False}
+
+    def after_first(log: RunLog) -> bool:
+        sizer.fixed = None  # later chunks: as large as the memory line allows
+        elapsed = time.perf_counter() - began
+        projected = elapsed * n / max(log.chunks[0].size, 1)
+        if projected > choose.ABORT_PROJECTED * inc.best:
+            verdict["stopped"] = True
+            verdict["projected"] = projected
+            return False
+        return True
+
+    result = None
+    try:
+        with grad_mode(call.options.create_graph):
+            assembler, log, position, seconds, state = call.run(m, problem, sizer, after_chunk=after_first)
+            if position == n:
+                result = assembler.result()
+                w = random_cotangents(problem)
+                reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
+                check_against(m.name, result, w, reference, problem)
+                call.verified = True
+    except OutputsChanged:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        failure = exc
+    else:
+        failure = None
+    if failure is not None:
+        _check_outputs_unchanged(call, problem, failure)
+        with entry.lock:
+            _record_failure(entry, stats, failure, call, [])
+            entry.credit -= time.perf_counter() - began
+        call.trial = f"{m.name}: failed"
+        return _incumbent(call, entry, timed=True)
+    if result is not None:  # the alternative computed the whole Jacobian, verified
+        with entry.lock:
+            stats.verified = True
+            stats.status = "measured" if stats.status != "chosen" else "chosen"
+            stats.add_run(seconds)
+            _learn(stats, log, sizer)
+            stats.chunk_size = _planned_chunk(entry, stats)
+            entry.credit -= max(seconds - inc.best, 0.0)
+            entry.consider_switch()
+        call.trial = f"{m.name}: {seconds_text(seconds)} against {seconds_text(inc.best)}"
+        call.method_name = m.name
+        return result
+    # Stopped after its first slice: projected too slow. The incumbent finishes (or redoes) the work.
+    spent = time.perf_counter() - began
+    projected = verdict.get("projected", math.inf)
+    with entry.lock:
+        stats.status = "slower"
+        stats.reason = f"projected {seconds_text(projected)} from {log.chunks[0].size} vectors"
+        stats.prior = projected
+        _learn(stats, log, sizer)
+        entry.credit -= spent
+    call.trial = f"{m.name}: stopped, {stats.reason}"
+    if same_side:
+        with grad_mode(call.options.create_graph):
+            assembler, _, _, _, inc_state = call.run(inc.method, problem, Sizer(entry.chunk_size(inc.method.name)),
+                                                     start=position, assembler=assembler)
+            result = assembler.result()
+            if not stats.verified:
+                w = random_cotangents(problem)
+                reference = _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)
+                try:
+                    check_against(m.name, result, w, reference, problem)
+                    stats.verified = True
+                except VerificationError as exc:  # the slice was wrong: the incumbent redoes it
+                    with entry.lock:
+                        _record_failure(entry, stats, exc, call, [])
+                    return _incumbent(call, entry, timed=True)
+        call.method_name = f"{m.name} + {inc.method.name}"
+        return result
+    partial = assembler
+    result = _incumbent(call, entry, timed=True)
+    try:
+        check_columns(m.name, partial.result(), 0, position, result, problem)
+    except VerificationError as exc:
+        with entry.lock:
+            _record_failure(entry, stats, exc, call, [])
+    return result
+
+
+def tune(call: Call, entry: PlanEntry, time_limit: float | None) -> PlanEntry:
+    """Exhaustive search: whole trial calls, one after another, until settled or out of time."""
+    began = time.perf_counter()
+    while not entry.settled and (time_limit is None or time.perf_counter() - began < time_limit):
+        later_call(call, entry, explore=True, credit=math.inf)
+    entry.effort = "exhaustive"
+    return entry

@@ -1,0 +1,217 @@
+"""The pure planning parts, with made-up numbers: decision list, cost model, exploration, keys, saved plans."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autojac._core.options import Options
+from autojac._core.problem import Problem, Signature
+from autojac._planning import choose, cost_model
+from autojac._planning.choose import BY_NAME, Facts
+from autojac._planning.entry import PlanEntry
+from autojac._planning.keys import describe_function, stable
+
+
+def names(chain):
+    return [m.name for m in chain]
+
+
+# --- the first method -----------------------------------------------------------------------------
+
+def test_first_method_follows_the_pass_counts():
+    auto = Options()
+    assert names(choose.first_chain(auto, 100, 10, False))[0] == "reverse/vmap [func]"
+    assert names(choose.first_chain(auto, 10, 100, False))[0] == "forward-trick/vmap [func]"
+    assert names(choose.first_chain(auto, 10, 10, False))[0] == "reverse/vmap [func]"  # ties: reverse
+
+
+def test_a_small_basis_is_looped_on_the_first_evaluation():
+    chain = names(choose.first_chain(Options(), 2048, 1, False))
+    assert chain[0] == "reverse/loop"
+    assert names(choose.first_chain(Options(), 3, 50, False))[0] == "forward-trick/loop"
+
+
+def test_fallbacks_end_with_every_allowed_method_and_repeat_last():
+    chain = names(choose.first_chain(Options(), 100, 10, False))
+    assert set(chain) == {m.name for m in choose.ALL}
+    assert chain.index("reverse/vmap [autograd]") == 1
+    assert all(n.endswith("repeat") for n in chain[-3:])
+    # a forward-leaning problem falls back to native forward mode before reverse
+    chain = names(choose.first_chain(Options(), 10, 1000, False))
+    assert chain.index("forward/vmap") < chain.index("reverse/vmap [func]")
+
+
+def test_a_random_f_allows_only_methods_that_evaluate_it_once():
+    chain = choose.first_chain(Options(), 100, 10, True)
+    assert chain and all(m.evaluates_once for m in chain)
+    assert choose.first_chain(Options(mode="forward"), 100, 10, True) == []
+
+
+def test_explicit_options_restrict_the_chain():
+    assert names(choose.first_chain(Options(mode="forward", vectorize="vmap"), 5, 5, False)) == ["forward/vmap"]
+    assert names(choose.first_chain(Options(vectorize="repeat"), 5, 50, False))[0] == "forward-trick/repeat"
+    assert set(names(choose.first_chain(Options(mode="reverse", vectorize="vmap"), 5, 50, False))) == {
+        "reverse/vmap [func]", "reverse/vmap [autograd]"}
+
+
+# --- predictions and exploration order ------------------------------------------------------------
+
+FACTS = Facts(n_in=1000, n_out=100, eval_seconds=1e-3, vjp_seconds=2e-3)
+
+
+def test_alternatives_are_pruned_by_passes_and_predictions():
+    inc = BY_NAME["reverse/vmap [func]"]
+    order = {m.name: (prior, why) for m, prior, why in choose.exploration_order(choose.ALL, inc, 0.01, FACTS)}
+    assert "passes" in order["forward/vmap"][1]  # 1000 passes against 100
+    assert order["reverse/loop"][0] == pytest.approx(1e-3 + 100 * 2e-3)
+    assert "predicted" in order["reverse/loop"][1]  # 0.2 s against 0.01 s
+    assert order["reverse/repeat"][1] == "" and order["reverse/vmap [autograd]"][1] == ""
+    tried = [m.name for m, _, why in choose.exploration_order(choose.ALL, inc, 0.01, FACTS) if not why]
+    assert tried[0] == "reverse/repeat"  # the repeat prior is the lowest
+
+
+def test_slices_are_what_the_credit_covers_pessimistically():
+    inc = BY_NAME["reverse/vmap [func]"]
+    rep = BY_NAME["reverse/repeat"]
+    # incumbent: 10 ms for 100 rows = 0.1 ms a row; same side: charged 1x per row, plus the evaluation
+    assert choose.slice_for(rep, inc, 0.01, FACTS, credit=0.003, fixed_seconds=0.001) == 20
+    assert choose.slice_for(rep, inc, 0.01, FACTS, credit=0.0011, fixed_seconds=0.001) == 0  # not even 2 rows
+    trick = BY_NAME["forward-trick/vmap [func]"]
+    facts = Facts(n_in=100, n_out=100, eval_seconds=1e-3, vjp_seconds=1e-3)
+    # another side: the slice is wasted work, charged twice
+    assert choose.slice_for(trick, inc, 0.01, facts, credit=0.003, fixed_seconds=0.001) == 10
+    assert choose.slice_for(rep, inc, 0.01, FACTS, credit=1.0, fixed_seconds=0.0) == 100  # never beyond the basis
+
+
+# --- cost model -----------------------------------------------------------------------------------
+
+def test_lines_through_measured_points():
+    assert cost_model.fit_line([(2, 10.0)]) == cost_model.Line(0.0, 5.0)  # one size: all per vector
+    line = cost_model.fit_line([(2, 12.0), (8, 30.0), (8, 31.0)])
+    assert line.fixed == pytest.approx(6.0) and line.per_vector == pytest.approx(3.0)
+    assert cost_model.fit_line([(2, 10.0), (8, 5.0)]).per_vector == 0.0  # never negative
+
+
+def test_largest_fitting_chunk():
+    line = cost_model.Line(100.0, 10.0)
+    assert cost_model.largest_fitting(line, 1.15 * 200, 1000) == 10
+    assert cost_model.largest_fitting(line, 1.15 * 100, 1000) == 0
+    assert cost_model.largest_fitting(cost_model.Line(5.0, 0.0), 100, 7) == 7
+
+
+def test_growing_chunks_grow_at_most_4x_and_stop_when_a_larger_chunk_does_not_pay():
+    line = cost_model.Line(0.0, 1.0)
+    assert cost_model.next_chunk(1000, [], None, None, None) == 1000  # no budget to keep
+    assert cost_model.next_chunk(1000, [], None, 115.0, 10.0) == 10  # the prior alone
+    assert cost_model.next_chunk(1000, [10], line, 1e6, None) == 40  # 4x the largest so far
+    paid = [(10, 1.0), (40, 0.5)]
+    assert cost_model.next_chunk(1000, [10, 40], line, 1e6, None, paid) == 160
+    unpaid = [(10, 1.0), (40, 0.99)]
+    assert cost_model.next_chunk(1000, [10, 40], line, 1e6, None, unpaid) == 40
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 5000), k=st.integers(1, 5000))
+def test_balanced_chunks_are_near_equal(n, k):
+    size = cost_model.balanced(n, k)
+    chunks = cost_model.n_chunks(n, size)
+    assert size <= max(k, 1) and chunks == cost_model.n_chunks(n, k)
+    assert (chunks - 1) * size < n <= chunks * size
+
+
+# --- the learning state ---------------------------------------------------------------------------
+
+def entry_with(runs: dict[str, list[float]], incumbent: str, credit: float = 0.0, n_in=100, n_out=100) -> PlanEntry:
+    sig = Signature(((n_in,),), (torch.float32,), torch.device("cpu"), False)
+    problem = Problem(sig, ((n_out,),), (torch.float32,), False)
+    e = PlanEntry(problem, Options(), None, 0, Facts(n_in, n_out, 1e-3, 1e-3), list(choose.ALL), False)
+    e.incumbent = incumbent
+    for name, times in runs.items():
+        s = e.stats[name]
+        s.runs = list(times)
+        s.status = "chosen" if name == incumbent else "measured"
+        s.verified = True
+    e.reorder()
+    e.credit = credit
+    return e
+
+
+def test_no_trial_before_the_incumbent_has_a_warm_run():
+    e = entry_with({"reverse/vmap [func]": [0.05]}, "reverse/vmap [func]", credit=10.0)
+    e.warm = False  # as after a first call
+    assert e.next_trial() is None
+    e.warm = True
+    assert e.next_trial() is not None
+
+
+def test_trials_wait_for_credit_then_come_in_prior_order():
+    e = entry_with({"reverse/vmap [func]": [0.01, 0.01]}, "reverse/vmap [func]", credit=0.0)
+    assert e.next_trial() is None
+    e.record_call(0.01)
+    assert e.credit == pytest.approx(0.001)
+    e.credit = 0.005
+    trial = e.next_trial()
+    assert trial.method.name == "reverse/repeat" and trial.slice_vectors == 40
+
+
+def test_the_fastest_measured_method_takes_over_and_the_plan_settles():
+    e = entry_with({"reverse/vmap [func]": [0.010, 0.010], "reverse/repeat": [0.005]}, "reverse/vmap [func]")
+    e.consider_switch()
+    assert e.incumbent == "reverse/repeat"
+    for s in e.stats.values():
+        if s.status == "untried":
+            s.status = "slower"
+    e.stats["reverse/vmap [func]"].runs = [0.0052]  # within 10% of the best, measured once: confirm it first
+    e.credit = 1.0
+    assert e.next_trial().method.name == "reverse/vmap [func]"
+    e.stats["reverse/vmap [func]"].runs.append(0.006)
+    assert e.next_trial() is None and e.settled
+    assert "Settled" in str(e.snapshot())
+
+
+def test_a_slightly_faster_alternative_does_not_switch_on_noise():
+    e = entry_with({"reverse/vmap [func]": [0.010, 0.0101], "reverse/repeat": [0.0099]}, "reverse/vmap [func]")
+    e.consider_switch()
+    assert e.incumbent == "reverse/vmap [func]"
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+def test_closures_with_the_same_code_and_capture_shapes_share_a_key():
+    def make(t, k):
+        return lambda x: x * t + k
+
+    a, _ = describe_function(make(torch.ones(3), 1))
+    b, _ = describe_function(make(torch.zeros(3), 1))
+    c, _ = describe_function(make(torch.zeros(4), 1))
+    d, _ = describe_function(make(torch.zeros(3), 2))
+    assert a == b and hash(a) == hash(b)
+    assert a != c and a != d
+
+
+def test_partials_dicts_and_modules_in_keys():
+    net = torch.nn.Linear(2, 2)
+    k1, mods = describe_function(functools.partial(lambda x, p: net(x) + p["w"], p={"w": torch.ones(2)}))
+    k2, _ = describe_function(functools.partial(lambda x, p: net(x) + p["w"], p={"w": torch.zeros(2)}))
+    assert mods == (net,)
+    assert k1 != k2  # two lambdas: two code objects
+    make = lambda w: functools.partial(torch.add, other=w)  # noqa: E731
+    assert describe_function(make(torch.ones(2)))[0] == describe_function(make(torch.zeros(2)))[0]
+
+
+def test_stable_keys_exist_only_for_what_another_process_can_match():
+    f = lambda x: x * 2  # noqa: E731
+    key, _ = describe_function(f)
+    assert stable(key) is not None
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    g = lambda x: x * (thing is None)  # noqa: E731
+    assert stable(describe_function(g)[0]) is None
