@@ -17,8 +17,10 @@ def x64(*shape):
 
 
 def test_non_tensor_input_is_a_type_error():
-    with pytest.raises(autojac.InputTypeError, match="must be a torch.Tensor, but got list"):
-        autojac.jacobian(torch.sin, [[1.0, 2.0]])
+    with pytest.raises(autojac.InputTypeError, match=r"`inputs\[0\]\[0\]` must be a torch.Tensor, but got float"):
+        autojac.jacobian(torch.sin, [[1.0, 2.0]])  # a list is one argument, a structure whose leaves must be tensors
+    with pytest.raises(autojac.InputTypeError, match=r"`inputs\[1\]` must be a torch.Tensor, but got str"):
+        autojac.jacobian(torch.add, (x64(2), "y"))
     with pytest.raises(TypeError):  # also the builtin
         autojac.jacobian(torch.sin, 3.0)
 
@@ -60,7 +62,7 @@ def test_zero_dim_input_and_output():
     torch.testing.assert_close(got, torch.cos(s) * s + torch.sin(s))
 
 
-@pytest.mark.parametrize("bad", [None, 3.0, "y", [torch.ones(2)]])
+@pytest.mark.parametrize("bad", [None, 3.0, "y", [torch.ones(2), "z"]])
 def test_f_returning_a_non_tensor_is_a_type_error(bad):
     with pytest.raises(autojac.InputTypeError, match="must be a torch.Tensor|must return"):
         autojac.jacobian(lambda x: bad, x64(2))

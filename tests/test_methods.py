@@ -71,7 +71,7 @@ def test_both_vmap_engines_match_torch(case, mode, engine, chunk):
 
     f, x = case.build(torch.float64)
     want = reference(f, x)
-    xs, signature = check_inputs(x, "test")
+    xs, signature, _ = check_inputs(x, "test")
     problem = describe(f, xs, signature, "test")
     n = problem.n_out if mode == "reverse" else problem.n_in
     chunk_size = {"n": max(n, 1), "n+5": n + 5}.get(chunk) or int(chunk)

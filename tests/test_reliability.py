@@ -473,7 +473,9 @@ def test_a_verified_method_is_not_checked_again():
 @pytest.mark.parametrize("kwargs, match", [
     ({"strategy": "forward-mode"}, "mode='forward'"),
     ({"vectorize": True}, "vectorize='vmap'"),
-    ({"argnums": 0}, "close over the others"),
+    ({"argnum": 0}, "help"),
+    ({"argnums": "0"}, "an int or a non-empty tuple of ints"),
+    ({"has_aux": 1}, "`has_aux` must be True or False"),
     ({"budget": "1GiB"}, "memory_budget"),
     ({"progress": "yes"}, "True, False or None"),
     ({"cache": None}, "`cache` must be True or False"),

@@ -29,6 +29,7 @@ from .._execute.basis import balanced_chunks, basis_chunk
 from .._core.errors import UnsupportedFunctionError
 from .._methods.base import forward_ad_lock
 from .._core.problem import Signature, check_outputs
+from .._core.pytree import nest
 
 
 def _forward_ad_active_here() -> bool:
@@ -57,12 +58,12 @@ def composed_jacobian(f: Callable, xs: Sequence[torch.Tensor], signature: Signat
     def fn(*a: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return check_outputs(f(*a))[0]
 
-    outputs_tuple: list[bool] = []
+    out_specs: list = []
 
     def fn_recording(*a: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = f(*a)
-        ys, is_tuple = check_outputs(out)
-        outputs_tuple.append(is_tuple)
+        ys, spec = check_outputs(out)
+        out_specs.append(spec)
         return ys
 
     ys, vjp_fn = torch.func.vjp(fn_recording, *xs)
@@ -86,7 +87,7 @@ def composed_jacobian(f: Callable, xs: Sequence[torch.Tensor], signature: Signat
         zeros = tuple(torch.zeros_like(y) for y in ys)
         _, trick_fn = torch.func.vjp(lambda *v: tuple(vjp_fn(tuple(v))), *zeros)
         chunks = _products(lambda u: tuple(trick_fn(tuple(u))), signature.shapes, signature.dtypes, n_in, xs[0].device, chunk_size)
-    return _assemble(chunks, ys, xs, signature, out_shapes, columns, outputs_tuple[0])
+    return _assemble(chunks, ys, xs, signature, out_shapes, columns, out_specs[0])
 
 
 def _products(push: Callable, shapes, dtypes, n: int, device, chunk_size: int | None) -> list[tuple[torch.Tensor, ...]]:
@@ -106,7 +107,7 @@ def _products(push: Callable, shapes, dtypes, n: int, device, chunk_size: int | 
     return out
 
 
-def _assemble(chunks, ys, xs, signature: Signature, out_shapes, columns: bool, outputs_tuple: bool):
+def _assemble(chunks, ys, xs, signature: Signature, out_shapes, columns: bool, out_spec):
     """Blocks by concatenation (no in-place writes, which outer functorch transforms refuse)."""
     in_shapes = [tuple(s) for s in signature.shapes]
     rows = []
@@ -122,5 +123,5 @@ def _assemble(chunks, ys, xs, signature: Signature, out_shapes, columns: bool, o
                 full = torch.cat([c[j].reshape(c[j].shape[0], -1) for c in chunks], 0) if chunks else x.new_zeros(0, x.numel())
                 block = full[offset:offset + math.prod(out_shapes[i])]
             row.append(block.to(x.dtype).contiguous().reshape(*out_shapes[i], *in_shapes[j]))
-        rows.append(tuple(row) if signature.is_tuple else row[0])
-    return tuple(rows) if outputs_tuple else rows[0]
+        rows.append(row)
+    return nest(rows, out_spec, signature.spec)

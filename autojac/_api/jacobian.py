@@ -13,14 +13,17 @@ import torch
 
 from .._core.errors import InputError, InputTypeError, PlanMismatchError
 from .._core.evaluation import Evaluator, module_modes
-from .._core.options import EFFORTS, Options, check_callable, make_options, refuse_unknown
+from .._core import pytree
+from .._core.options import EFFORTS, Options, check_callable, check_flag, make_options, refuse_unknown
+from .._core.pytree import Arguments
 from .._core.problem import Signature, check_inputs
 from .._methods.base import evaluate_plain
 from .._planning import session, store
 from .._planning.cache import PlanCache
 from .._planning.entry import PlanEntry
-from .._planning.keys import describe_function, stable
+from .._planning.keys import argument_signature, describe_function, stable
 from .._planning.plan import Plan, RunReport
+from .aux import AuxRecorder
 from .compose import composed_jacobian, outer_transform
 
 logger = logging.getLogger("autojac")
@@ -50,6 +53,17 @@ def _user_call_state(xs: Sequence[torch.Tensor]):
         yield tuple(x.clone() if x.is_inference() else x for x in xs)
 
 
+def _describe(f: Callable, arguments: Arguments, has_aux: bool) -> tuple[tuple, tuple]:
+    """(the key part for `f` and the arguments it is not differentiated in, the modules `f` uses)."""
+    function_key, modules = describe_function(f)
+    if arguments.argnums is None:
+        return (function_key, has_aux), modules
+    found = {id(m): m for m in modules}
+    fixed = tuple(None if i in arguments.argnums else argument_signature(a, found)
+                  for i, a in enumerate(arguments.fixed))
+    return (function_key, has_aux, arguments.argnums, arguments.argnums_int, fixed), tuple(found.values())
+
+
 def _key(function_key, signature: Signature, options: Options, modules) -> tuple:
     """What a plan depends on: the function's code and captures, the inputs, the options, grad mode, module modes."""
     return (function_key, signature, options.key(), torch.is_grad_enabled(), module_modes(modules))
@@ -58,7 +72,10 @@ def _key(function_key, signature: Signature, options: Options, modules) -> tuple
 def _stable_key(key: tuple) -> str | None:
     """The key as text that means the same in another process, or None (see `keys.stable`)."""
     function_key, signature, option_key, grad, modes = key
-    form = stable((function_key, signature.shapes, signature.dtypes, signature.device.type, signature.is_tuple,
+    spec = pytree.dumps(signature.spec)
+    if spec is None:
+        return None
+    form = stable((function_key, signature.shapes, signature.dtypes, signature.device.type, spec,
                    option_key, grad, modes))
     return None if form is None else json.dumps(form, default=str)
 
@@ -80,20 +97,33 @@ def jacobian(
     plan: Plan | None = None,
     cache: bool = True,
     progress: bool | None = None,
+    argnums: int | tuple[int, ...] | None = None,
+    has_aux: bool = False,
     **unknown: object,
 ):
     """The full Jacobian of `f` at `inputs`, by the fastest method that fits in memory.
 
-    The result has the structure of `torch.autograd.functional.jacobian(f, inputs)`:
-    for one input and one output a tensor of shape `f(x).shape + x.shape`; for
-    tuples, a tuple per output of (a tuple per input of) blocks. Blocks have the
-    dtype and device of their input.
+    The result nests output-major, as `torch.func.jacrev` does: `f`'s output
+    structure, each output tensor replaced by the input structure of blocks of
+    shape `output.shape + input.shape`. For a tensor or a tuple of tensors on
+    either side that is exactly `torch.autograd.functional.jacobian`'s result:
+    one tensor for one input and one output; tuples per output of tuples per
+    input otherwise. Blocks have the dtype and device of their input.
 
     Args:
-        f: a function or `nn.Module` taking the input tensors and returning a
-            tensor or a tuple of tensors. Module parameters are not differentiated.
-        inputs: a floating-point tensor or a tuple of them, all on one device.
-            They are never modified.
+        f: a function or `nn.Module`. It returns a tensor or a structure of
+            tensors (tuple, list, dict, namedtuple; namedtuples come back as
+            namedtuples). Module parameters are not differentiated.
+        inputs: a tensor, a tuple of positional arguments for `f`, or one other
+            structure (a dict, a list, a namedtuple) passed as one argument. Each
+            argument may itself be a structure of floating-point tensors, all on
+            one device. They are never modified.
+        argnums: as in `torch.func`: an int or a tuple of ints, the positional
+            arguments to differentiate (the others may be anything and are passed
+            through); the result's input side is that argument's structure, or a
+            tuple of them. None: every argument.
+        has_aux: `f` returns `(output, aux)`; the call returns `(jacobian, aux)`,
+            aux from one plain evaluation of `f` (detached unless `create_graph`).
         mode: "reverse" (one VJP per output element), "forward" (one native JVP
             per input element), "forward-trick" (JVPs from the double-VJP trick:
             needs only backward formulas and double backward), or "auto".
@@ -187,10 +217,11 @@ def jacobian(
                            memory_budget=memory_budget, create_graph=create_graph, strict=strict,
                            cache=cache, progress=progress)
     check_callable(f, "jacobian")
-    xs, signature = check_inputs(inputs, "jacobian")
+    check_flag("jacobian", "has_aux", has_aux)
+    xs, signature, arguments = check_inputs(inputs, "jacobian", argnums)
     if plan is not None:
         _check_plan(plan, signature, options)
-    function_key, modules = describe_function(f)
+    function_key, modules = _describe(f, arguments, has_aux)
     transform = outer_transform(xs)
     key = entry = None
     if plan is not None:
@@ -198,15 +229,21 @@ def jacobian(
     elif transform is None and options.cache:
         key = _key(function_key, signature, options, modules)
         entry = _cache.get(key)
+    recorder = AuxRecorder(f, "jacobian") if has_aux else None
     with _user_call_state(xs) as xs:
-        evaluator = Evaluator(f, signature.device, modules, once=_evaluates_once(entry, plan))
+        evaluator = Evaluator(recorder or f, signature.device, modules, once=_evaluates_once(entry, plan) and not has_aux,
+                              arguments=arguments)
+        if recorder is not None:
+            recorder.evaluator = evaluator
         call = session.Call(evaluator, xs, signature, options, "jacobian")
         try:
             if transform is not None:  # NOTE: [Why composed calls take their own path]
                 if options.strict:
                     session.check_strict(evaluate_plain(evaluator, xs, False), "jacobian")
-                return composed_jacobian(evaluator, xs, signature, plan.mode if plan is not None else options.mode, chunk_size)
-            return _run(call, entry, key, plan)
+                result = composed_jacobian(evaluator, xs, signature, plan.mode if plan is not None else options.mode, chunk_size)
+            else:
+                result = _run(call, entry, key, plan)
+            return result if recorder is None else (result, recorder.aux(xs, options.create_graph))
         finally:
             evaluator.finish()
 
@@ -257,6 +294,8 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
 
 
 def _loaded_entry(key, options: Options) -> PlanEntry | None:
+    if not store.has_plans():
+        return None
     stable_key = _stable_key(key)
     if stable_key is None:
         return None
@@ -295,6 +334,8 @@ def plan(
     cache: bool = True,
     effort: str = "measure",
     time_limit: float | None = None,
+    argnums: int | tuple[int, ...] | None = None,
+    has_aux: bool = False,
     **unknown: object,
 ) -> Plan:
     """Decide how `jacobian(f, inputs, ...)` runs, and show why, as a `Plan`.
@@ -309,8 +350,9 @@ def plan(
     the same options as `jacobian`; the rules are in its docstring.
     """
     refuse_unknown(unknown, "plan")
-    return _plan("plan", f, inputs, effort, time_limit, dict(mode=mode, vectorize=vectorize, chunk_size=chunk_size,
-                 memory_budget=memory_budget, create_graph=create_graph, strict=strict, cache=cache))
+    return _plan("plan", f, inputs, effort, time_limit, argnums, has_aux, dict(
+        mode=mode, vectorize=vectorize, chunk_size=chunk_size, memory_budget=memory_budget, create_graph=create_graph,
+        strict=strict, cache=cache))
 
 
 def tune(
@@ -324,6 +366,8 @@ def tune(
     memory_budget: int | float | str | None = None,
     create_graph: bool = False,
     cache: bool = True,
+    argnums: int | tuple[int, ...] | None = None,
+    has_aux: bool = False,
     **unknown: object,
 ) -> Plan:
     """Exhaustive search: time every alternative on whole Jacobians until the plan settles (or `time_limit` s).
@@ -332,27 +376,32 @@ def tune(
     same function, inputs and options use the settled plan and measure nothing.
     """
     refuse_unknown(unknown, "tune")
-    return _plan("tune", f, inputs, "exhaustive", time_limit, dict(mode=mode, vectorize=vectorize, chunk_size=chunk_size,
-                 memory_budget=memory_budget, create_graph=create_graph, cache=cache))
+    return _plan("tune", f, inputs, "exhaustive", time_limit, argnums, has_aux, dict(
+        mode=mode, vectorize=vectorize, chunk_size=chunk_size, memory_budget=memory_budget, create_graph=create_graph,
+        cache=cache))
 
 
-def _plan(who: str, f, inputs, effort: str, time_limit, raw: dict[str, Any]) -> Plan:
+def _plan(who: str, f, inputs, effort: str, time_limit, argnums, has_aux, raw: dict[str, Any]) -> Plan:
     options = make_options(who, **raw)
+    check_flag(who, "has_aux", has_aux)
     if effort not in EFFORTS:
         raise InputError(f"{who}: `effort` must be one of {', '.join(map(repr, EFFORTS))}, but got {effort!r}.")
     if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or time_limit <= 0):
         raise InputError(f"{who}: `time_limit` must be None or a positive number of seconds, but got {time_limit!r}.")
     check_callable(f, who)
-    xs, signature = check_inputs(inputs, who)
+    xs, signature, arguments = check_inputs(inputs, who, argnums)
     if outer_transform(xs) is not None:
         raise InputError(f"{who}: cannot plan inside a torch.func transform or forward-mode AD, where timings and memory are the outer transform's. Make the plan outside, or call `autojac.jacobian` there (it then runs torch.func products without planning).")
-    function_key, modules = describe_function(f)
+    function_key, modules = _describe(f, arguments, has_aux)
     key = _key(function_key, signature, options, modules)
     entry = _cache.get(key) if options.cache else None
     if entry is None and options.cache:
         entry = _loaded_entry(key, options)
     with _user_call_state(xs) as xs:
-        evaluator = Evaluator(f, signature.device, modules)
+        recorder = AuxRecorder(f, who) if has_aux else None
+        evaluator = Evaluator(recorder or f, signature.device, modules, arguments=arguments)
+        if recorder is not None:
+            recorder.evaluator = evaluator
         call = session.Call(evaluator, xs, signature, options, who)
         try:
             if entry is None:
@@ -381,7 +430,9 @@ def save_plans(path=None) -> int:
         stable_key = _stable_key(key)
         if stable_key is not None and entry.incumbent is not None:
             with entry.lock:
-                records.append(store.record(stable_key, entry))
+                rec = store.record(stable_key, entry)
+            if rec is not None:
+                records.append(rec)
     store.save(path, records)
     return len(records)
 

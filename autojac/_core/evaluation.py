@@ -17,6 +17,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .pytree import Arguments
+
+PLAIN_ARGS = Arguments(None, as_args=True)  # leaves are the positional arguments: f(*leaves)
+
 
 # NOTE: [Why evaluations are pinned]
 # Methods evaluate `f` different numbers of times: once (reverse, the double-VJP
@@ -111,8 +115,13 @@ class Evaluator:
     first evaluation left them.
     """
 
-    def __init__(self, f: Callable, device: torch.device, modules: Sequence[nn.Module] = (), once: bool = False) -> None:
+    def __init__(self, f: Callable, device: torch.device, modules: Sequence[nn.Module] = (), once: bool = False,
+                 arguments: Arguments = PLAIN_ARGS) -> None:
         self.f = f
+        self.arguments = arguments
+        self.plain_call = True
+        """Whether the evaluation under way runs on the inputs as given (not the repeat trick's copies)."""
+        """How the leaves autojac differentiates become `f`'s arguments (pytrees, argnums)."""
         self.device = device
         self.count = 0
         """Evaluations of `f` that returned."""
@@ -152,7 +161,8 @@ class Evaluator:
             self._learn()
             self._restore(self._rng_before if self._draws_random else None, self._buffers_before)
         self.started += 1
-        out = self.f(*(xs if private else [x.clone() for x in xs]))
+        self.plain_call = not private
+        out = self.arguments.call(self.f, xs if private else [x.clone() for x in xs])
         self.count += 1
         return out
 

@@ -18,8 +18,6 @@ _TORCH_KEYWORDS = {
     "budget": "the memory budget is `memory_budget`",
     "memory": "the memory budget is `memory_budget`",
     "method": "the method is chosen with `mode` ('reverse', 'forward', 'forward-trick') and `vectorize` ('vmap', 'repeat', 'loop')",
-    "argnums": "`argnums` is not supported yet: pass only the inputs to differentiate, and close over the others (`lambda x: f(x, y)`)",
-    "has_aux": "`has_aux` is not supported yet: return only the outputs to differentiate",
     "time_limit": "`time_limit` belongs to `autojac.tune` (or `autojac.plan(..., effort='exhaustive')`)",
 }
 
@@ -66,7 +64,7 @@ def check_callable(f: object, who: str) -> None:
         raise InputTypeError(f"{who}: `f` must be callable (a function or an nn.Module), but got {type(f).__name__}.")
 
 
-def _check_flag(who: str, name: str, value: object) -> None:
+def check_flag(who: str, name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise InputTypeError(f"{who}: `{name}` must be True or False, but got {value!r}.")
 
@@ -87,7 +85,7 @@ def make_options(who: str, *, mode="auto", vectorize="auto", chunk_size=None, me
         if chunk_size <= 0:
             raise InputError(f"{who}: `chunk_size` must be a positive int (basis vectors per pass), but got {chunk_size}. Use 1 for the least memory, or None to let autojac choose.")
     for name, value in (("create_graph", create_graph), ("strict", strict), ("cache", cache)):
-        _check_flag(who, name, value)
+        check_flag(who, name, value)
     if progress is not None and not isinstance(progress, bool):
         raise InputTypeError(f"{who}: `progress` must be True, False or None (a bar for runs expected to take over 10 s, on a terminal), but got {progress!r}.")
     return Options(mode, vectorize, chunk_size, normalize_budget(memory_budget, who), create_graph, strict, cache, progress)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .._core.problem import Problem
+from .._core.pytree import nest
 
 
 class Assembler:
@@ -62,7 +63,7 @@ class Assembler:
             offset += size
 
     def result(self) -> object:
-        """The Jacobian with the nesting of `torch.autograd.functional.jacobian`."""
+        """The Jacobian, nested output-major (see `_core/pytree.py`)."""
         p = self.problem
         rows = [
             tuple(
@@ -71,5 +72,4 @@ class Assembler:
             )
             for i, out_shape in enumerate(p.out_shapes)
         ]
-        per_output = [row if p.inputs.is_tuple else row[0] for row in rows]
-        return tuple(per_output) if p.outputs_tuple else per_output[0]
+        return nest(rows, p.out_spec, p.inputs.spec)

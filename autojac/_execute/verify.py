@@ -24,6 +24,7 @@ import torch
 from .._core.errors import AutojacError
 from .._methods.base import vjp
 from .._core.problem import Problem
+from .._core.pytree import flatten
 
 
 class VerificationError(AutojacError, ArithmeticError):
@@ -36,12 +37,10 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 def blocks_of(result: object, problem: Problem) -> list[list[torch.Tensor]]:
     """The result's (output, input) blocks, each viewed as (output size, input size)."""
-    rows = result if problem.outputs_tuple else (result,)
-    blocks = []
-    for i, row in enumerate(rows):
-        row = row if problem.inputs.is_tuple else (row,)
-        blocks.append([b.detach().reshape(problem.out_sizes[i], problem.in_sizes[j]) for j, b in enumerate(row)])
-    return blocks
+    flat = flatten(result)[0]
+    n_in = len(problem.in_sizes)
+    return [[flat[i * n_in + j].detach().reshape(problem.out_sizes[i], problem.in_sizes[j]) for j in range(n_in)]
+            for i in range(len(problem.out_sizes))]
 
 
 def random_cotangents(problem: Problem) -> tuple[torch.Tensor, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -108,8 +109,9 @@ def free_memory(device: torch.device) -> MemoryFacts:
     return cpu_free_bytes()
 
 
+@functools.lru_cache(maxsize=16)
 def total_bytes(device: torch.device) -> int:
-    """All the memory of the inputs' device (host memory for the CPU)."""
+    """All the memory of the inputs' device (host memory for the CPU); it does not change, so it is read once."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return int(torch.cuda.get_device_properties(index).total_memory)

@@ -13,6 +13,7 @@ import torch
 from .._core.errors import NotBatchAwareError
 from .._core.evaluation import Evaluator
 from .._core.problem import Problem, check_outputs
+from .._core.pytree import LEAF, TreeSpec
 
 from .._core.options import MODES as MODES
 from .._core.options import VECTORIZATIONS as VECTORIZATIONS
@@ -96,8 +97,8 @@ class PlainGraph:
     xs: tuple[torch.Tensor, ...]
     ys: tuple[torch.Tensor, ...]
     create_graph: bool
-    outputs_tuple: bool = True
-    """Whether `f` returned a tuple (else one tensor)."""
+    out_spec: TreeSpec = LEAF
+    """How `f`'s output leaves nest."""
 
 
 @dataclass
@@ -116,8 +117,8 @@ def evaluate_plain(f: Callable, xs: Sequence[torch.Tensor], create_graph: bool) 
     """`f` on inputs that require grad, recorded by autograd (as torch's own `jacobian` runs it)."""
     leaves = grad_inputs(xs, create_graph)
     with torch.enable_grad():
-        ys, outputs_tuple = check_outputs(f(*leaves))
-    return PlainGraph(leaves, ys, create_graph, outputs_tuple)
+        ys, out_spec = check_outputs(f(*leaves))
+    return PlainGraph(leaves, ys, create_graph, out_spec)
 
 
 def func_primals(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:

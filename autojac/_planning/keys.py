@@ -104,6 +104,11 @@ def _holds_tensors(value: list | dict) -> bool:
     return any(isinstance(v, (torch.Tensor, nn.Module)) for v in items)
 
 
+def argument_signature(value: object, modules: dict[int, nn.Module]) -> Hashable:
+    """The key part for an argument passed through undifferentiated (argnums): as a captured value is keyed."""
+    return _signature(value, modules, _DEPTH)
+
+
 def function_signature(f: Callable, modules: dict[int, nn.Module], depth: int = _DEPTH) -> Hashable:
     """The part of a plan's key that stands for `f`; fills `modules` with the modules `f` uses."""
     if isinstance(f, nn.Module):

@@ -184,7 +184,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         inputs=call.signature,
         out_shapes=tuple(tuple(y.shape) for y in ys),
         out_dtypes=tuple(y.dtype for y in ys),
-        outputs_tuple=graph.outputs_tuple,
+        out_spec=graph.out_spec,
         draws_random=call.f.draws_random,
     )
     graph_bytes = region.peak_bytes
@@ -281,7 +281,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     entry.credit = choose.INITIAL_CREDIT * elapsed
     entry.calls = 1
     entry.warm = False
-    logger.debug("new plan: %s", entry.snapshot())
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("new plan: %s", entry.snapshot())
     return result, entry
 
 

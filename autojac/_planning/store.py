@@ -19,6 +19,7 @@ import torch
 
 from .._core.errors import InputError
 from .._core.options import Options
+from .._core import pytree
 from .._core.problem import Problem, Signature
 from .choose import BY_NAME, Facts
 from .entry import MethodStats, PlanEntry
@@ -47,16 +48,19 @@ def _dtype(name: str) -> torch.dtype:
     return value
 
 
-def record(stable_key: str, entry: PlanEntry) -> dict:
+def record(stable_key: str, entry: PlanEntry) -> dict | None:
+    """The saved form of a plan, or None if its structures cannot be written (a namedtuple of a local class)."""
     p = entry.problem
+    if pytree.dumps(p.inputs.spec) is None or pytree.dumps(p.out_spec) is None:
+        return None
     return {
         "key": stable_key,
         "environment": environment(p.inputs.device),
         "problem": {
             "in_shapes": [list(s) for s in p.inputs.shapes], "in_dtypes": [str(d) for d in p.inputs.dtypes],
-            "device": str(p.inputs.device), "inputs_tuple": p.inputs.is_tuple,
+            "device": str(p.inputs.device), "in_spec": pytree.dumps(p.inputs.spec),
             "out_shapes": [list(s) for s in p.out_shapes], "out_dtypes": [str(d) for d in p.out_dtypes],
-            "outputs_tuple": p.outputs_tuple, "draws_random": p.draws_random,
+            "out_spec": pytree.dumps(p.out_spec), "draws_random": p.draws_random,
         },
         "budget_bytes": entry.budget_bytes, "fixed_bytes": entry.fixed_bytes,
         "facts": {"eval_seconds": entry.facts.eval_seconds, "vjp_seconds": entry.facts.vjp_seconds},
@@ -73,9 +77,9 @@ def entry_from(data: dict, options: Options) -> PlanEntry:
     """A plan entry from a saved record; nothing in it counts as verified."""
     p = data["problem"]
     signature = Signature(tuple(tuple(s) for s in p["in_shapes"]), tuple(_dtype(d) for d in p["in_dtypes"]),
-                          torch.device(p["device"]), p["inputs_tuple"])
+                          torch.device(p["device"]), pytree.loads(p["in_spec"]))
     problem = Problem(signature, tuple(tuple(s) for s in p["out_shapes"]), tuple(_dtype(d) for d in p["out_dtypes"]),
-                      p["outputs_tuple"], p["draws_random"])
+                      pytree.loads(p["out_spec"]), p["draws_random"])
     facts = Facts(problem.n_in, problem.n_out, data["facts"]["eval_seconds"], data["facts"]["vjp_seconds"])
     methods = [BY_NAME[name] for name in data["methods"]]
     entry = PlanEntry(problem, options, data["budget_bytes"], data["fixed_bytes"], facts, methods, data["once_only"])
@@ -122,6 +126,10 @@ def load(path: str | os.PathLike | None) -> tuple[int, int]:
             _loaded[rec["key"]] = rec
             kept += 1
     return kept, ignored
+
+
+def has_plans() -> bool:
+    return bool(_loaded)
 
 
 def lookup(stable_key: str) -> dict | None:
