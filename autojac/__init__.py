@@ -1,5 +1,7 @@
 """autojac: full Jacobians of PyTorch functions, by the fastest method that fits in memory."""
 
+from ._api.derived import batch_jacobian as batch_jacobian
+from ._api.derived import hessian as hessian
 from ._api.jacobian import clear_cache as clear_cache
 from ._api.jacobian import jacobian as jacobian
 from ._api.jacobian import last_report as last_report
@@ -38,7 +40,9 @@ __all__ = [
     "RunReport",
     "StrictError",
     "UnsupportedFunctionError",
+    "batch_jacobian",
     "clear_cache",
+    "hessian",
     "jacobian",
     "last_report",
     "load_plans",

@@ -484,3 +484,26 @@ def test_a_verified_method_is_not_checked_again():
 def test_unknown_or_misspelled_options_say_what_to_pass(kwargs, match):
     with pytest.raises(autojac.AutojacError, match=match):
         autojac.jacobian(torch.sin, x64(3), **kwargs)
+
+
+def test_a_method_that_returns_nan_where_the_reference_is_finite_is_caught(monkeypatch):
+    """A NaN compares false with everything: the check must count it as a difference, not let it through."""
+    from autojac import _methods
+
+    method = _methods.method("reverse", "vmap", "func")
+    real = type(method).chunk
+
+    def with_a_nan(self, state, basis):
+        parts = real(self, state, basis)
+        first = parts[0].clone()
+        first.view(-1)[0] = float("nan")
+        return (first, *parts[1:])
+
+    monkeypatch.setattr(type(method), "chunk", with_a_nan)
+    f = lambda t: torch.tanh(t) * t.sum(-1, keepdim=True)  # noqa: E731
+    x = x64(6)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="disagrees"):
+        autojac.jacobian(f, x, mode="reverse", vectorize="vmap", chunk_size=6, cache=False)
+    got = autojac.jacobian(f, x, cache=False)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, torch.autograd.functional.jacobian(f, x))

@@ -76,7 +76,8 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
             ref = torch.zeros(size, dtype=dtype, device=device) if reference[j] is None else reference[j].reshape(-1).to(dtype)
             if not bool(torch.isfinite(ref).all()):
                 continue  # NaN or Inf at this point: the check cannot tell here
-            bad = (got - ref).abs() > _tolerance(dtype) * (scale + ref.abs()) + torch.finfo(dtype).tiny
+            # Written as "not within", so that a NaN the method produced where the reference is finite fails.
+            bad = ~((got - ref).abs() <= _tolerance(dtype) * (scale + ref.abs()) + torch.finfo(dtype).tiny)
             if bool(bad.any()):
                 k = int(bad.nonzero()[0, 0])
                 raise VerificationError(
@@ -97,7 +98,7 @@ def check_columns(name: str, columns: object, start: int, stop: int, result: obj
             for i in range(len(got)):
                 a, b = got[i][j][:, lo:hi], want[i][j][:, lo:hi]
                 finite = torch.isfinite(b)
-                bad = finite & ((a - b).abs() > _tolerance(dtype) * (b.abs() + a.abs() + 1) )
+                bad = finite & ~((a - b).abs() <= _tolerance(dtype) * (b.abs() + a.abs() + 1))
                 if bool(bad.any()):
                     raise VerificationError(f"{name} gave columns that disagree with the verified method's "
                                             f"({int(bad.sum())} of {a.numel()} elements of output {i}, input {j})")

@@ -114,6 +114,9 @@ def function_signature(f: Callable, modules: dict[int, nn.Module], depth: int = 
     if isinstance(f, nn.Module):
         modules.setdefault(id(f), f)
         return ("module", ModuleRef(f))
+    key_of = getattr(type(f), "__autojac_key__", None)
+    if key_of is not None:  # autojac's own wrappers (hessian's gradient, batch_jacobian's sum): keyed by what they wrap
+        return (type(f).__qualname__, key_of(f, lambda value: _signature(value, modules, depth)))
     if isinstance(f, types.MethodType):
         return ("method", f.__func__, _signature(f.__self__, modules, depth))
     if isinstance(f, functools.partial):

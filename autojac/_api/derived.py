@@ -1,0 +1,229 @@
+"""`hessian` and `batch_jacobian`: Jacobians of derived functions, planned like any other.
+
+NOTE: [Derived Jacobians go through the same planner]
+A Hessian is the Jacobian of the gradient g = torch.func.grad(f): its rows are
+Hessian-vector products, which reverse mode computes reverse-over-reverse, forward
+mode forward-over-reverse, and the double-VJP trick from reverse formulas alone.
+A per-sample Jacobian of a function whose samples are independent is the
+Jacobian of h(X) = f(X).sum(0) (reverse: one pass per output feature for the
+whole batch, the "sum trick") or of phi(Z) = f(X + Z), Z broadcast over the batch
+(forward: one pass per input feature). So both are `jacobian` calls on a small
+wrapper of `f`, with the same planning, exploration, budget, caching and safety
+net; the wrappers are keyed by what they wrap, so a new closure every step reuses
+the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree
+
+from .._core.errors import InputError, InputTypeError, MemoryBudgetError, UnsupportedFunctionError
+from .._core.options import check_callable, refuse_unknown
+from .jacobian import jacobian
+
+
+class _Gradient:
+    """g(*args) = the gradient of scalar `f` in the arguments `argnums` (with aux if `has_aux`)."""
+
+    def __init__(self, f: Callable, argnums: int | tuple[int, ...], has_aux: bool) -> None:
+        self.f, self.argnums, self.has_aux = f, argnums, has_aux
+
+    def __autojac_key__(self, sign) -> tuple:
+        return (sign(self.f), self.argnums, self.has_aux)
+
+    def _scalar(self, *args: Any) -> Any:
+        out = self.f(*args)
+        value, aux = out if self.has_aux else (out, None)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputTypeError(f"hessian: `f` must return a scalar (a tensor of one element), but it returned {shape}. "
+                                 "For a vector-valued `f`, take `jacobian` of `jacobian(..., create_graph=True)`.")
+        value = value.reshape(())
+        return (value, aux) if self.has_aux else value
+
+    def __call__(self, *args: Any) -> Any:
+        return torch.func.grad(self._scalar, argnums=self.argnums, has_aux=self.has_aux)(*args)
+
+
+def hessian(
+    f: Callable,
+    inputs: Any,
+    *,
+    argnums: int | tuple[int, ...] | None = None,
+    has_aux: bool = False,
+    **options: Any,
+):
+    """The Hessian of a scalar `f` at `inputs`, planned like `jacobian` (see NOTE: [Derived Jacobians ...]).
+
+    The result has the structure of `torch.autograd.functional.hessian` (one
+    input: a tensor of shape `x.shape + x.shape`; a tuple of inputs: a tuple of
+    tuples of blocks), and for structures and `argnums`, of `torch.func.hessian`.
+    The Hessian is the Jacobian of the gradient, so the planner chooses among
+    forward-over-reverse (forward mode), reverse-over-reverse (reverse mode) and
+    the double-VJP route (forward-trick), vectorized and chunked under the memory
+    budget, exploring them on later calls; a dense Hessian gains nothing else from
+    its symmetry (every Hessian-vector product is a whole row and a whole column).
+    Takes every option of `jacobian` (`mode`, `vectorize`, `chunk_size`,
+    `memory_budget`, `create_graph`, `strict`, `cache`, `progress`, `plan`).
+
+    Example:
+        >>> import torch, autojac
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> autojac.hessian(lambda x: (x ** 3).sum(), x)
+        tensor([[ 6.,  0.],
+                [ 0., 12.]], dtype=torch.float64)
+    """
+    check_callable(f, "hessian")
+    n_args = len(inputs) if type(inputs) is tuple else 1
+    grad_argnums = argnums if argnums is not None else (tuple(range(n_args)) if type(inputs) is tuple else 0)
+    if type(inputs) is not tuple and argnums is None:
+        return jacobian(_Gradient(f, 0, has_aux), inputs, has_aux=has_aux, **options)
+    return jacobian(_Gradient(f, grad_argnums, has_aux), inputs, argnums=argnums, has_aux=has_aux, **options)
+
+
+class _SumOverBatch:
+    """h(*X) = f(*X) summed over the batch: its Jacobian holds every sample's Jacobian (reverse sum trick)."""
+
+    def __init__(self, f: Callable) -> None:
+        self.f = f
+
+    def __autojac_key__(self, sign) -> tuple:
+        return (sign(self.f),)
+
+    def __call__(self, *xs: torch.Tensor) -> Any:
+        return _pytree.tree_map(lambda y: y.sum(0), self.f(*xs))
+
+
+class _Broadcast:
+    """phi(*Z) = f(*(X + Z)), each Z one sample's shape broadcast over the batch (forward sum trick)."""
+
+    def __init__(self, f: Callable, xs: Sequence[torch.Tensor]) -> None:
+        self.f, self.xs = f, tuple(xs)
+
+    def __autojac_key__(self, sign) -> tuple:
+        return (sign(self.f), tuple(sign(x) for x in self.xs))
+
+    def __call__(self, *zs: torch.Tensor) -> Any:
+        return self.f(*(x + z for x, z in zip(self.xs, zs)))
+
+
+def _leaves(tree: Any) -> list:
+    return _pytree.tree_leaves(tree)
+
+
+def batch_jacobian(
+    f: Callable,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    mode: str = "auto",
+    vectorize: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+    create_graph: bool = False,
+    cache: bool = True,
+    progress: bool | None = None,
+    **unknown: object,
+):
+    """Per-sample Jacobians of a batched `f`: block b is the Jacobian of sample b's output in sample b's input.
+
+    `inputs` is a tensor (or a tuple of tensors) with a leading batch dimension B;
+    `f` maps it to outputs with the same leading B, each sample's output depending
+    on that sample's input alone. The result has shape `(B, *out[1:], *in[1:])`
+    per (output, input) pair, nested as `jacobian` nests. Like TensorFlow's
+    `GradientTape.batch_jacobian`, or `vmap(jacrev(f))` on single samples.
+
+    How (see NOTE: [Derived Jacobians go through the same planner]):
+    - `f` is evaluated once, plainly, and checked for independent samples: one
+      vector-Jacobian product from a random sample's outputs must reach no other
+      sample's inputs. A function that mixes samples (batch norm in training mode,
+      means or attention over the batch) is refused with `UnsupportedFunctionError`.
+    - Fewer output features than input features: the Jacobian of the sum over the
+      batch (one pass per output feature for all samples at once); otherwise the
+      Jacobian of `f(X + z)` in a per-sample z (one pass per input feature). Either
+      is planned, explored, cached and verified as `jacobian` is.
+    - If not even one pass over the whole batch fits `memory_budget`, the batch is
+      split in halves (samples are independent) until it fits.
+
+    `mode`/`vectorize`/`chunk_size` are passed to that inner `jacobian` (reverse
+    mode is the sum trick; forward modes the broadcast); the other options as in
+    `jacobian`.
+    """
+    refuse_unknown(unknown, "batch_jacobian")
+    check_callable(f, "batch_jacobian")
+    xs = inputs if type(inputs) is tuple else (inputs,)
+    if not xs or any(not isinstance(x, torch.Tensor) for x in xs):
+        raise InputTypeError("batch_jacobian: `inputs` must be a tensor or a tuple of tensors with a leading batch dimension.")
+    if any(x.dim() == 0 for x in xs) or len({x.shape[0] for x in xs}) != 1:
+        raise InputError(f"batch_jacobian: every input needs the same leading batch dimension, but got shapes {[tuple(x.shape) for x in xs]}.")
+    options = dict(mode=mode, vectorize=vectorize, chunk_size=chunk_size, memory_budget=memory_budget,
+                   create_graph=create_graph, cache=cache, progress=progress)
+    return _batch(f, inputs, xs, options)
+
+
+def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict):
+    batch = xs[0].shape[0]
+    with torch.no_grad():
+        out = f(*(x.detach() for x in xs))
+    ys = _leaves(out)
+    if not ys or any(not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != batch for y in ys):
+        shapes = [tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__ for y in ys]
+        raise InputTypeError(f"batch_jacobian: `f` must return tensors with the inputs' leading batch dimension {batch}, but it returned {shapes}.")
+    _check_independent(f, xs, batch)
+    out_features = sum(y[0].numel() for y in ys)
+    in_features = sum(x[0].numel() for x in xs)
+    mode = options["mode"]
+    reverse = mode == "reverse" or (mode == "auto" and out_features <= in_features)
+    try:
+        if reverse:
+            jac = jacobian(_SumOverBatch(f), inputs, **options)
+            # Blocks of the sum's Jacobian are (*out[1:], B, *in[1:]), output-major: bring the batch first.
+            blocks, spec = _pytree.tree_flatten(jac)
+            moved = [b.movedim(ys[k // len(xs)].dim() - 1, 0).contiguous() for k, b in enumerate(blocks)]
+            return _pytree.tree_unflatten(moved, spec)
+        zeros = tuple(torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device) for x in xs)
+        return jacobian(_Broadcast(f, xs), zeros if type(inputs) is tuple else zeros[0], **options)
+    except MemoryBudgetError:
+        if batch == 1:
+            raise
+        half = batch // 2
+        parts = [_batch(f, _slice(inputs, a, b), tuple(x[a:b] for x in xs), options) for a, b in ((0, half), (half, batch))]
+        return _pytree.tree_map(lambda first, second: torch.cat([first, second]), *parts)
+
+
+def _slice(inputs, a: int, b: int):
+    return tuple(x[a:b] for x in inputs) if type(inputs) is tuple else inputs[a:b]
+
+
+def _check_independent(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) -> None:
+    """Refuse an `f` whose samples are not independent: one VJP from a random sample must reach no other sample."""
+    if batch < 2:
+        return
+    generator = torch.Generator(device=xs[0].device).manual_seed(0xBA7C)
+    sample = int(torch.randint(batch, (1,), generator=generator, device=xs[0].device))
+    leaves = tuple(x.detach().clone().requires_grad_() for x in xs)
+    with torch.enable_grad():
+        ys = _leaves(f(*leaves))
+        cotangents = []
+        for y in ys:
+            w = torch.zeros_like(y)
+            w[sample] = torch.randn(y[sample].shape, generator=generator, dtype=y.dtype, device=y.device)
+            cotangents.append(w)
+        pairs = [(y, w) for y, w in zip(ys, cotangents) if y.requires_grad]
+        if not pairs:
+            return
+        grads = torch.autograd.grad([y for y, _ in pairs], leaves, [w for _, w in pairs], allow_unused=True)
+    for j, g in enumerate(grads):
+        if g is None:
+            continue
+        others = torch.cat([g[:sample], g[sample + 1:]])
+        reached = others[torch.isfinite(others)] != 0
+        if bool(reached.any()):
+            raise UnsupportedFunctionError(
+                "batch_jacobian: `f` mixes samples: the outputs of one sample depend on other samples' inputs "
+                f"(input {j}), so there are no per-sample Jacobians to return (batch norm in training mode, means "
+                "or attention over the batch do this). Put such modules in eval() mode, or use `jacobian` for the "
+                "full Jacobian.")

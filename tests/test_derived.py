@@ -1,0 +1,146 @@
+"""`hessian` and `batch_jacobian` against torch in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+from torch.utils import _pytree
+
+import autojac
+
+
+def t64(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+
+def close(got, want):
+    g_leaves, g_spec = _pytree.tree_flatten(got)
+    w_leaves, w_spec = _pytree.tree_flatten(want)
+    assert g_spec == w_spec
+    for a, b in zip(g_leaves, w_leaves):
+        torch.testing.assert_close(a, b)
+
+
+def energy(x):
+    return (x ** 3).sum() + (x[..., :-1] * x[..., 1:]).sin().sum()
+
+
+def logistic_loss(w, X=t64(20, 5, seed=3), y=(t64(20, seed=4) > 0).double()):
+    return torch.nn.functional.binary_cross_entropy_with_logits(X @ w, y)
+
+
+def pairwise(q):  # an energy with pairwise terms: 1 / distance between every two points
+    p = q.reshape(-1, 2)
+    d = ((p[:, None] - p[None]) ** 2).sum(-1) + torch.eye(len(p), dtype=q.dtype, device=q.device)
+    return d.rsqrt().triu(1).sum()
+
+
+MODES = ["auto", "reverse", "forward", "forward-trick"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("f, x", [(energy, t64(7)), (logistic_loss, t64(5)), (pairwise, t64(8))], ids=["energy", "logistic", "pairwise"])
+def test_hessian_matches_torch(f, x, mode):
+    want = torch.autograd.functional.hessian(f, x)
+    for _ in range(3):  # the first call and warm calls (exploring)
+        torch.testing.assert_close(autojac.hessian(f, x, mode=mode), want)
+
+
+def test_hessian_of_several_inputs_and_structures():
+    a, b = t64(3), t64(2, seed=1)
+    f = lambda a, b: (a.sin() * b.sum()).sum() + (a @ a) * b.prod()  # noqa: E731
+    close(autojac.hessian(f, (a, b)), torch.autograd.functional.hessian(f, (a, b)))
+    close(autojac.hessian(f, (a, b), argnums=1), torch.func.hessian(f, argnums=1)(a, b))
+    params = {"w": t64(2, 2), "b": t64(2, seed=2)}
+    g = lambda p: (torch.tanh(p["w"] @ p["b"]) ** 2).sum()  # noqa: E731
+    close(autojac.hessian(g, params), torch.func.hessian(g)(params))
+
+
+def test_hessian_refuses_a_vector_function_and_keeps_create_graph():
+    with pytest.raises(autojac.InputTypeError, match="must return a scalar"):
+        autojac.hessian(torch.sin, t64(3))
+    x = t64(4).requires_grad_()
+    H = autojac.hessian(energy, x, create_graph=True)
+    assert H.requires_grad
+    third = torch.autograd.grad(H.sum(), x)[0]
+    want = torch.autograd.grad(torch.autograd.functional.hessian(energy, x, create_graph=True).sum(), x)[0]
+    torch.testing.assert_close(third, want)
+
+
+def test_hessian_with_aux():
+    f = lambda x: ((x ** 2).sum() * 3, x.norm())  # noqa: E731
+    H, aux = autojac.hessian(f, t64(3), has_aux=True)
+    torch.testing.assert_close(H, 6 * torch.eye(3, dtype=torch.float64, device=DEVICE))
+    torch.testing.assert_close(aux, t64(3).norm())
+
+
+# --- batch_jacobian --------------------------------------------------------------------------------
+
+def per_sample(f, *xs):
+    """The reference: torch's Jacobian of f on each sample alone."""
+    rows = []
+    for b in range(xs[0].shape[0]):
+        single = lambda *s: f(*(t.unsqueeze(0) for t in s))[0]  # noqa: E731
+        rows.append(torch.autograd.functional.jacobian(single, tuple(x[b] for x in xs) if len(xs) > 1 else xs[0][b]))
+    if len(xs) > 1:
+        return tuple(torch.stack([r[j] for r in rows]) for j in range(len(xs)))
+    return torch.stack(rows)
+
+
+torch.manual_seed(0)
+MLP = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double().to(DEVICE)
+WIDE = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 40)).double().to(DEVICE)
+CNN = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(3 * 5 * 5, 5)).double().to(DEVICE)
+
+
+def physics(q):  # per-sample springs: q is (B, 4, 2)
+    d = q[:, 1:] - q[:, :-1]
+    return (d.norm(dim=-1) - 1.0) ** 2
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse", "forward", "forward-trick"])
+@pytest.mark.parametrize("f, X", [(MLP, t64(9, 6)), (WIDE, t64(7, 3)), (CNN, t64(4, 2, 5, 5)), (physics, t64(6, 4, 2))],
+                         ids=["mlp", "wide_out", "cnn", "physics"])
+def test_batch_jacobian_matches_per_sample_jacobians(f, X, mode):
+    want = per_sample(f, X)
+    for _ in range(3):
+        got = autojac.batch_jacobian(f, X, mode=mode)
+        torch.testing.assert_close(got, want)
+        assert got.is_contiguous()
+
+
+def test_batch_jacobian_of_several_inputs_and_outputs():
+    f = lambda a, b: (torch.tanh(a.unsqueeze(1) @ b.mT).reshape(-1, 1), a.sum(-1) * b.sum((-1, -2)))  # noqa: E731
+    A, Bm = t64(5, 3), t64(5, 1, 3, seed=1)
+    got = autojac.batch_jacobian(f, (A, Bm))
+    for b in range(5):
+        want = torch.autograd.functional.jacobian(lambda a, bb: tuple(o[0] for o in f(a[None], bb[None])), (A[b], Bm[b]))
+        for i in range(2):
+            for j in range(2):
+                torch.testing.assert_close(got[i][j][b], want[i][j])
+
+
+@pytest.mark.parametrize("name, f", [
+    ("batch norm in training", torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)).double().to(DEVICE)),
+    ("mean over the batch", lambda x: x - x.mean(0)),
+    ("attention across the batch", lambda x: torch.softmax(x @ x.T, dim=0) @ x),
+])
+def test_functions_that_mix_samples_are_refused(name, f):
+    with pytest.raises(autojac.UnsupportedFunctionError, match="mixes samples"):
+        autojac.batch_jacobian(f, t64(8, 6))
+
+
+def test_batch_jacobian_splits_the_batch_when_one_pass_does_not_fit():
+    X = t64(64, 6)
+    result_bytes = 64 * 4 * 6 * 8
+    got = autojac.batch_jacobian(MLP, X, memory_budget=8 * 2**20 + result_bytes // 2)
+    torch.testing.assert_close(got, per_sample(MLP, X))
+
+
+def test_batch_jacobian_bad_input():
+    with pytest.raises(autojac.InputError, match="same leading batch dimension"):
+        autojac.batch_jacobian(lambda a, b: a + b.sum(), (t64(3, 2), t64(4, 2)))
+    with pytest.raises(autojac.InputTypeError, match="leading batch dimension 3"):
+        autojac.batch_jacobian(lambda a: a.sum(), t64(3, 2))
