@@ -63,6 +63,19 @@ class Problem:
     """How `f`'s output leaves nest."""
     draws_random: bool = False
     """Whether `f` drew from the global RNG when it was evaluated (dropout, `torch.randn`)."""
+    layout: object = None
+    """How the Jacobian is pushed and collected: None for dense (one seed per basis vector), or a
+    structured layout (`_execute/layout.py`: colour groups of a sparsity pattern)."""
+
+    @property
+    def row_passes(self) -> int:
+        """Reverse-mode passes for the whole Jacobian: one per output element, or per row colour."""
+        return self.n_out if self.layout is None else self.layout.row_passes
+
+    @property
+    def col_passes(self) -> int:
+        """Forward-mode passes for the whole Jacobian: one per input element, or per column colour."""
+        return self.n_in if self.layout is None else self.layout.col_passes
 
     @property
     def outputs_tuple(self) -> bool:

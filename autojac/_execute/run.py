@@ -11,8 +11,7 @@ import torch
 
 from .._core.problem import Problem
 from .._methods.base import Method
-from .assemble import Assembler
-from .basis import basis_chunk
+from .layout import collector, seeds
 
 logger = logging.getLogger("autojac")
 
@@ -58,7 +57,7 @@ def _synchronize(device: torch.device) -> None:
 def push(
     method: Method,
     state: object,
-    assembler: Assembler,
+    assembler,
     problem: Problem,
     start: int,
     stop: int,
@@ -77,13 +76,12 @@ def push(
     chunks already done are kept). `after_chunk(log)` returning False stops the
     run early (a trial that projects too slow); the return value says where.
     """
-    shapes, sizes, dtypes = method.basis_layout(problem)
     device = problem.inputs.device
     position = start
     while position < stop:
         k = sizer.next(stop - position)
         try:
-            basis = basis_chunk(position, position + k, shapes, sizes, dtypes, device)
+            basis = seeds(problem, method.by_rows, position, position + k)
             if sizer.measured and meter is not None:
                 with meter.region() as region:
                     parts = method.chunk(state, basis)
@@ -149,7 +147,7 @@ def run_method(method: Method, f: Callable, xs: Sequence[torch.Tensor], problem:
     log = RunLog()
     with grad_mode(create_graph):
         state = method.prepare(f, xs, problem, create_graph)
-        assembler = Assembler(problem, by_rows=method.by_rows)
+        assembler = collector(problem, method.by_rows)
         push(method, state, assembler, problem, 0, method.basis_size(problem), FixedChunks(chunk_size), log)
         result = assembler.result()
     if events is not None:

@@ -56,7 +56,7 @@ class Method(abc.ABC):
 
     def basis_size(self, problem: Problem) -> int:
         """How many basis vectors (passes) the whole Jacobian needs."""
-        return problem.n_out if self.by_rows else problem.n_in
+        return problem.row_passes if self.by_rows else problem.col_passes
 
     def basis_layout(self, problem: Problem) -> tuple[Sequence, Sequence[int], Sequence[torch.dtype]]:
         if self.by_rows:

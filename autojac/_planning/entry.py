@@ -96,7 +96,7 @@ class PlanEntry:
     def chunk_size(self, name: str) -> int:
         """The chunk size `name` runs at: its own, or the whole basis."""
         s = self.stats[name]
-        n = s.method.passes(self.problem.n_in, self.problem.n_out)
+        n = s.method.passes(self.problem.col_passes, self.problem.row_passes)
         if self.options.chunk_size is not None:
             return balanced(n, min(self.options.chunk_size, max(n, 1)))
         return s.chunk_size or max(n, 1)
@@ -134,7 +134,7 @@ class PlanEntry:
                    and s.best is not None and s.best < choose.CONFIRM_WITHIN * inc.best]
         if confirm:  # a close contender gets a second whole run (noise only adds time, so keep the fastest)
             s = confirm[0]
-            n = s.method.passes(self.problem.n_in, self.problem.n_out)
+            n = s.method.passes(self.problem.col_passes, self.problem.row_passes)
             if self.credit >= max(s.best - inc.best, 0.0):
                 return choose.Trial(s.method, n)
             return None
@@ -171,7 +171,7 @@ class PlanEntry:
     def snapshot(self) -> Plan:
         with self.lock:
             inc = self.chosen()
-            n = inc.method.passes(self.problem.n_in, self.problem.n_out)
+            n = inc.method.passes(self.problem.col_passes, self.problem.row_passes)
             chunk = self.chunk_size(inc.method.name)
             candidates = tuple(
                 Candidate(s.method.name, s.status, s.best, s.prior, len(s.runs),
@@ -199,7 +199,7 @@ class PlanEntry:
             text = (f"Still exploring after {self.calls} call(s): the fastest so far of {len(measured)} measured; "
                     f"to try: {', '.join(waiting) if waiting else 'a second run of a close contender'}")
         if self.budget_bytes is not None and inc.chunk_size is not None and inc.chunk_size < inc.method.passes(
-                self.problem.n_in, self.problem.n_out):
+                self.problem.col_passes, self.problem.row_passes):
             text += "; its chunk size is the largest whose measured peak fits the budget"
         if self.events:
             text += ". History: " + "; ".join(self.events)

@@ -33,6 +33,7 @@ from .._core.options import Options
 from .._core.problem import Problem, Signature
 from .._core.units import format_bytes, parse_budget
 from .._execute.assemble import Assembler
+from .._execute.layout import collector
 from .._execute.run import RunLog, is_out_of_memory, push
 from .._execute.verify import VerificationError, check_against, check_columns, random_cotangents, reference_product
 from .._measure.device import free_memory, total_bytes, untracked_reserve
@@ -135,13 +136,13 @@ class Call:
             assembler: Assembler | None = None, progress: Progress | None = None, after_chunk=None):
         """Prepare `m` (unless `state` is given) and push basis vectors start..stop; (assembler, log, position, seconds)."""
         method = _method(m)
-        n = m.passes(problem.n_in, problem.n_out)
+        n = m.passes(problem.col_passes, problem.row_passes)
         stop = n if stop is None else stop
         log = RunLog()
         began = time.perf_counter()
         if state is None:
             state = method.prepare(self.f, self.xs, problem, self.options.create_graph)
-        assembler = assembler or Assembler(problem, by_rows=m.by_rows)
+        assembler = assembler or collector(problem, m.by_rows)
         position = push(method, state, assembler, problem, start, stop, sizer, log, self.meter,
                         None if progress is None else progress.update, after_chunk)
         if sizer.timed:
@@ -201,7 +202,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         check_strict(graph, call.who)
     once_only = problem.draws_random
     candidates = choose.allowed(options, False)
-    chain = choose.first_chain(options, problem.n_in, problem.n_out, once_only)
+    chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     if not chain:
         raise UnsupportedFunctionError(
             f"{call.who}: `f` draws random numbers (dropout in training mode, torch.randn), and "
@@ -216,7 +217,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         reference = reference_product(graph.ys, graph.xs, w)
         _sync(device)
         vjp_seconds = time.perf_counter() - t
-    facts = Facts(problem.n_in, problem.n_out, region.seconds, vjp_seconds)
+    facts = Facts(problem.col_passes, problem.row_passes, region.seconds, vjp_seconds)
     entry = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only)
     if not compute:
         entry.incumbent = chain[0].name
@@ -230,7 +231,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         if not m.evaluates_once and entry.once_only:
             continue
         method = _method(m)
-        n = m.passes(problem.n_in, problem.n_out)
+        n = m.passes(problem.col_passes, problem.row_passes)
         stats = entry.stats[m.name]
         room = entry.room_bytes()
         measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
@@ -291,7 +292,7 @@ def _planned_chunk(entry: PlanEntry, stats) -> int | None:
     line says the budget does not fit the whole basis; then the largest chunk that fits."""
     line = stats.memory_line()
     room = entry.room_bytes()
-    n = stats.method.passes(entry.problem.n_in, entry.problem.n_out)
+    n = stats.method.passes(entry.problem.col_passes, entry.problem.row_passes)
     if line is None or room is None or entry.options.chunk_size is not None:
         return None
     fitting = largest_fitting(line, room, n)
@@ -431,7 +432,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
     for name in _attempts(entry, first):
         stats = entry.stats[name]
         m = stats.method
-        n = m.passes(problem.n_in, problem.n_out)
+        n = m.passes(problem.col_passes, problem.row_passes)
         unmeasured = not stats.runs
         room = entry.room_bytes()
         if unmeasured:  # a plan made by the rules alone, or a fallback never run: measure as a first call would
@@ -512,7 +513,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     inc = entry.chosen()
     m = trial.method
     stats = entry.stats[m.name]
-    n = m.passes(problem.n_in, problem.n_out)
+    n = m.passes(problem.col_passes, problem.row_passes)
     same_side = m.by_rows == inc.method.by_rows
     began = time.perf_counter()
     room = entry.room_bytes()

@@ -80,7 +80,7 @@ def entry_from(data: dict, options: Options) -> PlanEntry:
                           torch.device(p["device"]), pytree.loads(p["in_spec"]))
     problem = Problem(signature, tuple(tuple(s) for s in p["out_shapes"]), tuple(_dtype(d) for d in p["out_dtypes"]),
                       pytree.loads(p["out_spec"]), p["draws_random"])
-    facts = Facts(problem.n_in, problem.n_out, data["facts"]["eval_seconds"], data["facts"]["vjp_seconds"])
+    facts = Facts(problem.col_passes, problem.row_passes, data["facts"]["eval_seconds"], data["facts"]["vjp_seconds"])
     methods = [BY_NAME[name] for name in data["methods"]]
     entry = PlanEntry(problem, options, data["budget_bytes"], data["fixed_bytes"], facts, methods, data["once_only"])
     for name, m in data["methods"].items():
