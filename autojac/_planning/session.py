@@ -269,8 +269,10 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
             break
         finally:
             progress.close()
-        # Outside the except block, so that an error of `f` itself propagates unchanged.
+        # Outside the except block, so that an error of `f` itself propagates unchanged: a method that
+        # failed in its own machinery hands over; if `f` itself now raises, that error is the answer.
         result = None
+        _check_outputs_unchanged(call, problem, failure)
         _record_failure(entry, stats, failure, call, failures)
     if entry.incumbent is None:
         raise _no_method(call, failures)
