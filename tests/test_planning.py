@@ -215,3 +215,10 @@ def test_stable_keys_exist_only_for_what_another_process_can_match():
     thing = Thing()
     g = lambda x: x * (thing is None)  # noqa: E731
     assert stable(describe_function(g)[0]) is None
+
+
+def test_a_run_expected_to_be_long_starts_small_and_grows_while_it_pays():
+    assert cost_model.next_chunk(3000, [], None, None, None, first=300) == 300
+    assert cost_model.next_chunk(2700, [300], None, None, None, [(300, 1.0)]) == 1200
+    # a larger chunk that took longer per vector (caches, fresh pages) is not grown further
+    assert cost_model.next_chunk(1500, [300, 1200], None, None, None, [(300, 1.0), (1200, 1.3)]) == 1200

@@ -76,27 +76,34 @@ def next_chunk(
     prior_bytes_per_vector: float | None,
     seconds_per_vector: Sequence[tuple[int, float]] = (),
     minimum: int = 1,
+    first: int | None = None,
 ) -> int:
     """How many basis vectors the next chunk of a growing run takes (before balancing).
 
-    - No budget to keep (`room_bytes` None): everything that is left.
-    - Nothing measured yet: what the prior (bytes per vector, charged in full) lets fit.
-    - Then: what the measured memory line lets fit, at most GROWTH times the
-      largest chunk so far; and no larger than the last chunk once a larger chunk
-      stopped paying (time per vector not below PAYS of the smaller one's).
+    - Memory: everything left if there is no budget to keep; else what the
+      measured memory line lets fit, or before any measurement what the prior
+      (bytes per vector, charged in full) lets fit.
+    - The first chunk is at most `first` (a run expected to be long starts small,
+      so that its time is known early); later chunks are at most GROWTH times the
+      largest so far, and no larger than the largest once a larger chunk stopped
+      paying (time per vector not below PAYS of the smaller one's).
     """
     if room_bytes is None:
-        return n_left
-    if memory is None:
-        if not prior_bytes_per_vector:
-            return n_left
+        k = n_left
+    elif memory is not None:
+        k = largest_fitting(memory, room_bytes, n_left)
+    elif prior_bytes_per_vector:
         k = int(room_bytes / MEMORY_SAFETY // prior_bytes_per_vector)
-        return max(minimum, min(n_left, k))
-    k = largest_fitting(memory, room_bytes, n_left)
-    if sizes_done:
+    else:
+        k = n_left
+    if not sizes_done:
+        if first is not None:
+            k = min(k, first)
+    else:
         k = min(k, GROWTH * max(sizes_done))
         if len(seconds_per_vector) >= 2:
-            (k_small, t_small), (k_big, t_big) = sorted(seconds_per_vector)[:1] + sorted(seconds_per_vector)[-1:]
+            ranked = sorted(seconds_per_vector)
+            (k_small, t_small), (k_big, t_big) = ranked[0], ranked[-1]
             if k_big > k_small and t_big > PAYS * t_small:
                 k = min(k, k_big)
     return max(minimum, min(n_left, k))

@@ -50,6 +50,7 @@ from .sizing import Sizer
 logger = logging.getLogger("autojac")
 
 PROGRESS_AFTER_SECONDS = 10.0
+FIRST_CHUNK_SECONDS = 1.0
 MEASURE_WHEN_PRIOR_ABOVE = 0.25
 """Chunks are measured when the prior peak of the whole basis exceeds this share of the room the budget leaves."""
 PRIOR_FACTOR = 2.0
@@ -237,7 +238,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
         sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
                       room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
-                      timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1)
+                      timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1,
+                      first=_long_run_first_chunk(n, vjp_seconds))
         progress = Progress(options.progress, n, m.name)
         adopted = False
         try:
@@ -287,6 +289,18 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("new plan: %s", entry.snapshot())
     return result, entry
+
+
+def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
+    """A first chunk of about FIRST_CHUNK_SECONDS when a run could take over PROGRESS_AFTER_SECONDS.
+
+    The bound is one unbatched product per vector (a loop): vmap is faster, so
+    this only starts small what might be long, to learn its real pace (the
+    progress bar's estimate, and whether larger chunks pay) before committing.
+    """
+    if n * vjp_seconds <= PROGRESS_AFTER_SECONDS:
+        return None
+    return max(2, int(FIRST_CHUNK_SECONDS / max(vjp_seconds, 1e-9)))
 
 
 def _planned_chunk(entry: PlanEntry, stats) -> int | None:
