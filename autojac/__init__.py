@@ -2,6 +2,7 @@
 
 from ._api.derived import batch_jacobian as batch_jacobian
 from ._api.derived import hessian as hessian
+from ._api.derived import sparsity as sparsity
 from ._api.jacobian import clear_cache as clear_cache
 from ._api.jacobian import jacobian as jacobian
 from ._api.jacobian import last_report as last_report
@@ -49,5 +50,6 @@ __all__ = [
     "plan",
     "process_peak_rss",
     "save_plans",
+    "sparsity",
     "tune",
 ]

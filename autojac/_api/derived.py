@@ -227,3 +227,26 @@ def _check_independent(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) ->
                 f"(input {j}), so there are no per-sample Jacobians to return (batch norm in training mode, means "
                 "or attention over the batch do this). Put such modules in eval() mode, or use `jacobian` for the "
                 "full Jacobian.")
+
+
+def sparsity(f: Callable, inputs: Any, *, argnums: int | tuple[int, ...] | None = None, **unknown: object):
+    """The sparsity pattern of `f`'s Jacobian at the inputs' shapes: where it may be nonzero.
+
+    Found by tracing `f` once and following which input elements every value
+    depends on, op by op (`autojac._structure`); ops without an exact rule are
+    treated as dense (listed in `pattern.dense_ops`), so the pattern never misses
+    a nonzero. `pattern.valid_everywhere` is False if `f`'s control flow depends on
+    the values (the trace then ran on the actual inputs). The pattern is over the
+    flattened inputs and outputs: `pattern.shape == (n_out, n_in)`;
+    `pattern.to_dense()` gives a bool matrix that `jacobian(..., sparsity=...)` takes.
+    """
+    from .._core.evaluation import Evaluator
+    from .._core.problem import check_inputs
+    from .._structure import detect
+
+    refuse_unknown(unknown, "sparsity")
+    check_callable(f, "sparsity")
+    xs, signature, arguments = check_inputs(inputs, "sparsity", argnums)
+    evaluator = Evaluator(f, signature.device, arguments=arguments)
+    leaves = tuple(x.detach() for x in xs)
+    return evaluator.isolated(lambda raw: detect(raw, leaves))

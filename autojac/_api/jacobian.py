@@ -23,6 +23,7 @@ from .._planning.cache import PlanCache
 from .._planning.entry import PlanEntry
 from .._planning.keys import argument_signature, describe_function, stable
 from .._planning.plan import Plan, RunReport
+from .._execute.sparse import as_output
 from .aux import AuxRecorder
 from .compose import composed_jacobian, outer_transform
 
@@ -99,6 +100,8 @@ def jacobian(
     progress: bool | None = None,
     argnums: int | tuple[int, ...] | None = None,
     has_aux: bool = False,
+    sparsity: object = "auto",
+    output: str = "dense",
     **unknown: object,
 ):
     """The full Jacobian of `f` at `inputs`, by the fastest method that fits in memory.
@@ -124,6 +127,14 @@ def jacobian(
             tuple of them. None: every argument.
         has_aux: `f` returns `(output, aux)`; the call returns `(jacobian, aux)`,
             aux from one plain evaluation of `f` (detached unless `create_graph`).
+        sparsity: "auto" (the planner looks for structure when it can pay, see
+            below), None (dense only), or a bool tensor marking where the
+            Jacobian may be nonzero, `(n_out, n_in)` or `out_shape + in_shape`
+            (then one seed per colour of it is pushed; the result is checked).
+        output: "dense" (torch's structure, default), "sparse" (torch sparse COO
+            blocks in the same shapes, the zeros never stored when the plan is
+            sparse), or "csr" (each block a 2-D `(out.numel(), in.numel())` CSR
+            matrix, for solvers).
         mode: "reverse" (one VJP per output element), "forward" (one native JVP
             per input element), "forward-trick" (JVPs from the double-VJP trick:
             needs only backward formulas and double backward), or "auto".
@@ -215,7 +226,7 @@ def jacobian(
     refuse_unknown(unknown, "jacobian")
     options = make_options("jacobian", mode=mode, vectorize=vectorize, chunk_size=chunk_size,
                            memory_budget=memory_budget, create_graph=create_graph, strict=strict,
-                           cache=cache, progress=progress)
+                           cache=cache, progress=progress, sparsity=sparsity, output=output)
     check_callable(f, "jacobian")
     check_flag("jacobian", "has_aux", has_aux)
     xs, signature, arguments = check_inputs(inputs, "jacobian", argnums)
@@ -243,6 +254,7 @@ def jacobian(
                 result = composed_jacobian(evaluator, xs, signature, plan.mode if plan is not None else options.mode, chunk_size)
             else:
                 result = _run(call, entry, key, plan)
+            result = as_output(result, signature.sizes, options.output)
             return result if recorder is None else (result, recorder.aux(xs, options.create_graph))
         finally:
             evaluator.finish()

@@ -201,6 +201,21 @@ class Evaluator:
                     for i, saved in zip(indices, buffers):
                         self._buffers[i].copy_(saved)
 
+    def isolated(self, work: Callable[[Callable], object]) -> object:
+        """Run `work(raw)` where `raw(*leaves)` calls `f` directly (for tracing it), leaving the RNG and
+        module buffers exactly as they were before: the trace is not an evaluation anyone sees."""
+        if not self._snapshot_taken:
+            self._snapshot()
+        rng = _rng_state(self.device)
+        saved = [b.detach().clone() for b in self._buffers]
+        try:
+            return work(lambda *leaves: self.arguments.call(self.f, leaves))
+        finally:
+            _set_rng_state(self.device, rng)
+            with torch.no_grad():
+                for b, value in zip(self._buffers, saved):
+                    b.copy_(value)
+
     def finish(self) -> None:
         """Leave the RNG and module buffers as the first evaluation left them.
 

@@ -34,6 +34,10 @@ class Options:
     strict: bool = False
     cache: bool = True
     progress: bool | None = None
+    sparsity: object = "auto"
+    """"auto" (the planner decides), None (dense only), or a user's pattern (a bool tensor)."""
+    output: str = "dense"
+    """"dense" (torch's structure), "sparse" (torch sparse COO blocks) or "csr" (2-D CSR matrices)."""
 
     @property
     def fixed_method(self) -> bool:
@@ -47,7 +51,8 @@ class Options:
 
     def key(self) -> tuple:
         """What a plan depends on among the options (strict and progress do not change the plan)."""
-        return (self.mode, self.vectorize, self.chunk_size, self.budget, self.create_graph)
+        sparsity = self.sparsity if (self.sparsity is None or isinstance(self.sparsity, str)) else _Same(self.sparsity)
+        return (self.mode, self.vectorize, self.chunk_size, self.budget, self.create_graph, sparsity, self.output)
 
 
 def refuse_unknown(unknown: dict, who: str) -> None:
@@ -69,8 +74,26 @@ def check_flag(who: str, name: str, value: object) -> None:
         raise InputTypeError(f"{who}: `{name}` must be True or False, but got {value!r}.")
 
 
+OUTPUTS = ("dense", "sparse", "csr")
+
+
+class _Same:
+    """A user's pattern in a plan key: the same object, held so that its id is never reused while keyed."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
 def make_options(who: str, *, mode="auto", vectorize="auto", chunk_size=None, memory_budget=None,
-                 create_graph=False, strict=False, cache=True, progress=None) -> Options:
+                 create_graph=False, strict=False, cache=True, progress=None, sparsity="auto", output="dense") -> Options:
     """Check every option; raise an InputError / InputTypeError that says what to pass instead."""
     if isinstance(vectorize, bool):
         hint = _TORCH_KEYWORDS["vectorize"]
@@ -88,4 +111,11 @@ def make_options(who: str, *, mode="auto", vectorize="auto", chunk_size=None, me
         check_flag(who, name, value)
     if progress is not None and not isinstance(progress, bool):
         raise InputTypeError(f"{who}: `progress` must be True, False or None (a bar for runs expected to take over 10 s, on a terminal), but got {progress!r}.")
-    return Options(mode, vectorize, chunk_size, normalize_budget(memory_budget, who), create_graph, strict, cache, progress)
+    if isinstance(sparsity, str) and sparsity != "auto":
+        raise InputError(f"{who}: `sparsity` must be 'auto', None, or a bool tensor of the Jacobian's possible nonzeros, but got {sparsity!r}.")
+    if output not in OUTPUTS:
+        raise InputError(f"{who}: `output` must be one of 'dense', 'sparse' (torch sparse COO in the result's shape) or 'csr' (2-D CSR matrices), but got {output!r}.")
+    if output != "dense" and create_graph:
+        raise InputError(f"{who}: `create_graph=True` needs `output='dense'` (autograd does not differentiate through sparse results here).")
+    return Options(mode, vectorize, chunk_size, normalize_budget(memory_budget, who), create_graph, strict, cache, progress,
+                   sparsity, output)

@@ -39,8 +39,33 @@ def blocks_of(result: object, problem: Problem) -> list[list[torch.Tensor]]:
     """The result's (output, input) blocks, each viewed as (output size, input size)."""
     flat = flatten(result)[0]
     n_in = len(problem.in_sizes)
-    return [[flat[i * n_in + j].detach().reshape(problem.out_sizes[i], problem.in_sizes[j]) for j in range(n_in)]
+    return [[_matrix(flat[i * n_in + j].detach(), problem.out_sizes[i], problem.in_sizes[j]) for j in range(n_in)]
             for i in range(len(problem.out_sizes))]
+
+
+def _matrix(block: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """A block as an (m, n) matrix: a view of a dense block, or a 2-D sparse COO matrix (never densified)."""
+    if block.layout == torch.strided:
+        return block.reshape(m, n)
+    if block.layout != torch.sparse_coo:
+        block = block.to_sparse_coo()
+    block = block.coalesce()
+    index = block.indices()
+    if block.dim() == 2 and tuple(block.shape) == (m, n):
+        return block
+    flat = torch.zeros(index.shape[1], dtype=torch.int64, device=index.device)
+    for d, size in enumerate(block.shape):
+        flat = flat * size + index[d]
+    return torch.sparse_coo_tensor(torch.stack([flat // n, flat % n]), block.values(), (m, n), is_coalesced=True, check_invariants=False)
+
+
+def _vecmat(w: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """w @ matrix for a dense or sparse (COO) matrix."""
+    if matrix.layout == torch.strided:
+        return w @ matrix
+    rows, cols = matrix.indices()
+    out = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+    return out.index_add_(0, cols, matrix.values() * w[rows])
 
 
 def random_cotangents(problem: Problem) -> tuple[torch.Tensor, ...]:
@@ -71,8 +96,8 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
             scale = torch.zeros(size, dtype=dtype, device=device)
             for i, wi in enumerate(w):
                 flat = wi.reshape(-1).to(dtype)
-                got += flat @ blocks[i][j]
-                scale += flat.abs() @ blocks[i][j].abs()
+                got += _vecmat(flat, blocks[i][j])
+                scale += _vecmat(flat.abs(), blocks[i][j].abs())
             ref = torch.zeros(size, dtype=dtype, device=device) if reference[j] is None else reference[j].reshape(-1).to(dtype)
             if not bool(torch.isfinite(ref).all()):
                 continue  # NaN or Inf at this point: the check cannot tell here

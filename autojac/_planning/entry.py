@@ -77,6 +77,10 @@ class PlanEntry:
         self.settled = False
         self.effort = "measure"
         self.warm = True
+        self.structure = ""
+        """What was decided about sparsity (found, colours, not looked for, and why)."""
+        self.reverify = False
+        """Verify every call (a sparsity pattern valid at the first call's point only)."""
         """False until the incumbent has run a call that was not the plan's first."""
         self.events: collections.deque[str] = collections.deque(maxlen=12)
         self.lock = threading.RLock()
@@ -201,6 +205,8 @@ class PlanEntry:
         if self.budget_bytes is not None and inc.chunk_size is not None and inc.chunk_size < inc.method.passes(
                 self.problem.col_passes, self.problem.row_passes):
             text += "; its chunk size is the largest whose measured peak fits the budget"
+        if self.structure:
+            text += f". Structure: {self.structure}"
         if self.events:
             text += ". History: " + "; ".join(self.events)
         return text + "."

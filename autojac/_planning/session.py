@@ -20,6 +20,7 @@ the plan is settled and calls cost nothing extra.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -46,11 +47,16 @@ from .entry import PlanEntry
 from .plan import RunReport, seconds_text
 from .cost_model import largest_fitting
 from .sizing import Sizer
+from .structure import layout_for, might_pay, worth_detecting
 
 logger = logging.getLogger("autojac")
 
 PROGRESS_AFTER_SECONDS = 10.0
 FIRST_CHUNK_SECONDS = 1.0
+STRUCTURE_SLICES = 8
+STRUCTURE_SLICE_MAX = 64
+"""When structure might pay, the dense run's first chunk is 1/STRUCTURE_SLICES of the basis, at most
+STRUCTURE_SLICE_MAX vectors: its time decides (and is wasted if structure is found)."""
 MEASURE_WHEN_PRIOR_ABOVE = 0.25
 """Chunks are measured when the prior peak of the whole basis exceeds this share of the room the budget leaves."""
 PRIOR_FACTOR = 2.0
@@ -218,8 +224,25 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         reference = reference_product(graph.ys, graph.xs, w)
         _sync(device)
         vjp_seconds = time.perf_counter() - t
-    facts = Facts(problem.col_passes, problem.row_passes, region.seconds, vjp_seconds)
-    entry = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only)
+    note = ""
+    structure_pending = False  # NOTE: [When structure is worth finding]
+    if options.sparsity is not None and compute:
+        if isinstance(options.sparsity, str):
+            structure_pending = might_pay(problem, region.seconds, vjp_seconds)
+            note = "" if structure_pending else "not looked for: the dense Jacobian is too short to pay for a trace"
+        else:
+            layout, note = _find_layout(call, problem)
+            problem = dataclasses.replace(problem, layout=layout)
+            chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+
+    def new_entry(problem: Problem) -> PlanEntry:
+        facts = Facts(problem.col_passes, problem.row_passes, region.seconds, vjp_seconds)
+        made = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only)
+        made.reverify = problem.layout is not None and not problem.layout.pattern.valid_everywhere
+        return made
+
+    entry = new_entry(problem)
+    entry.structure = note
     if not compute:
         entry.incumbent = chain[0].name
         entry.chosen().status = "chosen"
@@ -228,7 +251,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     failures: list[tuple[str, BaseException]] = []
     result = None
     prior = PRIOR_FACTOR * ((graph_bytes or 0) + max(problem.in_bytes, problem.out_bytes))
-    for m in chain:
+    methods = _Restartable()(chain)
+    for m in methods:
         if not m.evaluates_once and entry.once_only:
             continue
         method = _method(m)
@@ -236,12 +260,25 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         stats = entry.stats[m.name]
         room = entry.room_bytes()
         measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
+        first = _long_run_first_chunk(n, vjp_seconds)
+        if structure_pending:  # a first slice of the dense run tells whether looking for structure pays
+            first = min(first or n, -(-n // STRUCTURE_SLICES), STRUCTURE_SLICE_MAX)
         sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
                       room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
-                      timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1,
-                      first=_long_run_first_chunk(n, vjp_seconds))
+                      timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first)
         progress = Progress(options.progress, n, m.name)
         adopted = False
+        verdict: dict[str, object] = {}
+
+        def after_first_slice(log: RunLog, n=n) -> bool:
+            nonlocal structure_pending
+            if not structure_pending:
+                return True
+            structure_pending = False
+            projected = sum(c.seconds for c in log.chunks) * n / max(sum(c.size for c in log.chunks), 1)
+            verdict["look"] = worth_detecting(projected, region.seconds)
+            verdict["projected"] = projected
+            return not verdict["look"]
         try:
             state = None
             t = time.perf_counter()
@@ -253,9 +290,27 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
                     graph = None  # free the plain graph: this method evaluates `f` its own way
             adopt_seconds = time.perf_counter() - t
             with grad_mode(options.create_graph):
-                assembler, log, _, seconds, state = call.run(m, problem, sizer, state=state, progress=progress)
+                assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state, progress=progress,
+                                                                    after_chunk=after_first_slice)
+            if verdict.get("look"):
+                layout, note = _find_layout(call, problem)
+                entry.structure = note
+                if layout is not None:  # start again with one seed per colour (the dense slice is not reused)
+                    problem = dataclasses.replace(problem, layout=layout)
+                    entry = new_entry(problem)
+                    entry.structure = note
+                    chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+                    graph = None
+                    methods.restart(chain)
+                    progress.close()
+                    continue
+                with grad_mode(options.create_graph):  # no structure worth it: the dense run goes on
+                    assembler, more, _, rest, state = call.run(m, problem, sizer, state=state, progress=progress,
+                                                               start=position, assembler=assembler)
+                log.chunks += more.chunks
+                seconds += rest
             result = assembler.result()
-            if not (m.is_reference and adopted):
+            if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
                 check_against(m.name, result, w, reference, problem)
                 call.verified = True
         except Exception as exc:  # noqa: BLE001 - every failure of a method is a reason to try the next
@@ -275,6 +330,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         # failed in its own machinery hands over; if `f` itself now raises, that error is the answer.
         result = None
         _check_outputs_unchanged(call, problem, failure)
+        if isinstance(failure, VerificationError) and problem.layout is not None:
+            return _dense_after_all(call, failure, began)
         _record_failure(entry, stats, failure, call, failures)
     if entry.incumbent is None:
         raise _no_method(call, failures)
@@ -288,6 +345,43 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     entry.warm = False
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("new plan: %s", entry.snapshot())
+    return result, entry
+
+
+class _Restartable:
+    """Iterate a chain of methods; `restart(chain)` starts over with another one (structure was found)."""
+
+    def __call__(self, chain):
+        self.chain, self.i = list(chain), 0
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.i >= len(self.chain):
+            raise StopIteration
+        self.i += 1
+        return self.chain[self.i - 1]
+
+    def restart(self, chain) -> None:
+        self.chain, self.i = list(chain), 0
+
+
+def _find_layout(call: Call, problem: Problem):
+    """Detect (or take the user's) pattern and colour it, outside the evaluations anyone sees."""
+    xs = tuple(x.detach() for x in call.xs)
+    return call.f.isolated(lambda raw: layout_for(raw, xs, problem, call.options.sparsity, call.options.output, call.who))
+
+
+def _dense_after_all(call: Call, failure: BaseException, began: float) -> tuple[object, PlanEntry]:
+    """A compressed Jacobian failed the check (a pattern that missed a nonzero): the plan is made again, dense."""
+    call.events.append(f"the sparsity pattern failed the check ({_first_line(failure)}); computed densely")
+    dense = Call(call.f, call.xs, call.signature, dataclasses.replace(call.options, sparsity=None), call.who)
+    result, entry = first_call(dense)
+    entry.structure = "a sparsity pattern was found but failed the check; dense"
+    call.events += dense.events
+    call.chunks, call.verified, call.method_name = dense.chunks, dense.verified, dense.method_name
     return result, entry
 
 
@@ -465,7 +559,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             with grad_mode(call.options.create_graph):
                 assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
                 result = assembler.result()
-                if not stats.verified and not m.is_reference:
+                if (not stats.verified or entry.reverify) and not (m.is_reference and problem.layout is None):
                     w = random_cotangents(problem)
                     reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
                     check_against(name, result, w, reference, problem)
@@ -614,11 +708,12 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
         return result
     partial = assembler
     result = _incumbent(call, entry, timed=True)
-    try:
-        check_columns(m.name, partial.result(), 0, position, result, problem)
-    except VerificationError as exc:
-        with entry.lock:
-            _record_failure(entry, stats, exc, call, [])
+    if problem.layout is None:  # colour groups are not columns: only a dense slice compares column by column
+        try:
+            check_columns(m.name, partial.result(), 0, position, result, problem)
+        except VerificationError as exc:
+            with entry.lock:
+                _record_failure(entry, stats, exc, call, [])
     return result
 
 

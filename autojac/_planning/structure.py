@@ -1,0 +1,87 @@
+"""Whether a new plan computes a compressed (sparse) Jacobian: detect the pattern, colour it, or stay dense.
+
+NOTE: [When structure is worth finding]
+Detection traces `f` once and propagates index sets through its ops; colouring is
+cheap beside it. It pays when the dense Jacobian is long. A first call of a
+function with at least MIN_PASSES dense passes whose upper bound (one unbatched
+VJP per pass: a loop) could pay for a trace (about TRACE_FACTOR evaluations of
+`f`) runs its dense method on a first slice of the basis, times it, and projects
+the whole dense Jacobian; structure is looked for only if the trace is estimated
+under DETECT_SHARE of that projection, so a dense function's first call is slowed
+by at most that share (plus one extra chunk). With a pattern, compression is
+used when it needs at most SAVES of the dense passes; the dense slice is then
+dropped and the Jacobian computed one seed per colour. A user's pattern is
+always coloured and used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .._core.errors import InputError
+from .._core.problem import Problem
+from .._execute.sparse import SparseLayout
+from .._structure import Pattern, color_columns, color_rows, detect
+
+logger = logging.getLogger("autojac")
+
+MIN_PASSES = 64
+"""Below this many dense passes, structure is never looked for."""
+TRACE_FACTOR = 40.0
+"""Detection is estimated at this many evaluations of `f` (tracing plus the index-set rules)."""
+DETECT_SHARE = 0.1
+"""Look for structure only if its estimated cost is under this share of the dense Jacobian's estimate."""
+SAVES = 0.5
+"""Use compression only if it needs at most this share of the dense passes."""
+
+
+def might_pay(problem: Problem, eval_seconds: float, vjp_seconds: float) -> bool:
+    """Whether the dense Jacobian could be long enough (its loop bound) for a trace to pay."""
+    passes = min(problem.n_in, problem.n_out)
+    return passes >= MIN_PASSES and TRACE_FACTOR * eval_seconds < DETECT_SHARE * passes * vjp_seconds
+
+
+def worth_detecting(projected_dense_seconds: float, eval_seconds: float) -> bool:
+    """Whether the trace is estimated under DETECT_SHARE of the dense Jacobian's projected time."""
+    return TRACE_FACTOR * eval_seconds < DETECT_SHARE * projected_dense_seconds
+
+
+def user_pattern(mask: object, problem: Problem, who: str) -> Pattern:
+    """A user's pattern (bool tensor, dense or sparse, (n_out, n_in) or out_shape + in_shape), checked."""
+    shape = (problem.n_out, problem.n_in)
+    if not isinstance(mask, torch.Tensor):
+        raise InputError(f"{who}: `sparsity` must be 'auto', None, or a bool tensor marking the Jacobian's possible nonzeros, but got {type(mask).__name__}.")
+    if mask.is_sparse or mask.layout != torch.strided:
+        mask = mask.to_dense()
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    if mask.numel() != shape[0] * shape[1]:
+        raise InputError(f"{who}: the `sparsity` pattern has {tuple(mask.shape)} ({mask.numel()} entries), but the Jacobian "
+                         f"is {shape[0]} x {shape[1]}. Pass a mask of shape ({shape[0]}, {shape[1]}).")
+    return Pattern.from_user(mask.reshape(shape))
+
+
+def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str) -> tuple[SparseLayout | None, str]:
+    """(the layout to use, or None for dense; a note for the plan)."""
+    if sparsity is None:
+        return None, ""
+    if isinstance(sparsity, str):
+        try:
+            pattern = detect(f, xs)
+        except Exception as exc:  # noqa: BLE001 - no pattern is no reason to fail: dense works
+            logger.debug("sparsity detection failed: %s", exc)
+            return None, f"structure detection failed ({type(exc).__name__}); dense"
+    else:
+        pattern = user_pattern(sparsity, problem, who)
+    rows, columns = color_rows(pattern), color_columns(pattern)
+    dense_passes = min(problem.n_in, problem.n_out)
+    compressed = min(rows.n_colors, columns.n_colors)
+    if isinstance(sparsity, str) and compressed > SAVES * dense_passes:
+        return None, (f"pattern found ({pattern.nnz} nonzeros) but {compressed} colours against {dense_passes} "
+                      "dense passes: dense")
+    layout = SparseLayout(pattern, rows, columns, output)
+    return layout, layout.describe()
+
+

@@ -1,0 +1,60 @@
+"""`detect(f, xs)`: the sparsity pattern of f's Jacobian, from one trace of f and per-op dependency rules."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import deps as D
+from .engine import Engine
+from .pattern import Pattern
+from .trace import record
+
+_MODES = ("auto", "fake", "real")
+
+
+def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto") -> Pattern:
+    """Sparsity pattern of the Jacobian of `f(*xs)` (inputs and outputs flattened and concatenated).
+
+    trace="auto" traces f on fake tensors (the pattern then holds for every input of these shapes)
+    and falls back to a trace on the real values when f needs them (data-dependent control flow,
+    `.item()`, boolean masks): that pattern has `valid_everywhere=False`. "fake" or "real" forces one.
+    The result always contains every nonzero; ops without an exact rule are listed in `dense_ops`.
+    """
+    if trace not in _MODES:
+        raise ValueError(f"trace must be one of {_MODES}, got {trace!r}")
+    if isinstance(xs, torch.Tensor):
+        xs = (xs,)
+    xs = tuple(xs)
+    for i, x in enumerate(xs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input {i} is a {type(x).__name__}; detect needs tensors (pass constants through f's closure)")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"input {i} has dtype {x.dtype}; Jacobians need floating-point inputs (convert with .double())")
+    start = time.perf_counter()
+    notes: list[str] = []
+    tape = None
+    if trace in ("auto", "fake"):
+        try:
+            tape = record(f, xs, "fake")
+        except Exception as e:  # data-dependent Python control flow, .item(), nonzero, unsupported fake kernels
+            if trace == "fake":
+                raise
+            notes.append(f"fake-tensor trace failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "traced on the actual values instead")
+    if tape is None:
+        tape = record(f, xs, "real")
+    for k, m in enumerate(tape.output_metas):
+        if not m.floating:
+            raise TypeError(f"output {k} has dtype {m.dtype}; Jacobians need floating-point outputs")
+    engine = Engine(tape)
+    out_deps = engine.run()
+    parts = [(d, m.numel) for d, m in zip(out_deps, tape.output_metas)]
+    n_out = sum(n for _, n in parts)
+    full = D.materialize(D.concat(parts), n_out, engine.n_in)
+    return Pattern.from_csr(full, valid_everywhere=tape.mode == "fake",
+                            dense_ops=tuple(dict.fromkeys(engine.dense_ops)),
+                            seconds=time.perf_counter() - start,
+                            source=f"{tape.mode} trace", notes=tuple(notes))

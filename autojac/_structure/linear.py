@@ -1,0 +1,247 @@
+"""Rules for matrix products and convolutions: a constant operand contributes its actual nonzero pattern.
+
+A varying operand (one that depends on the inputs, or a constant of unknown value) counts as
+nonzero everywhere, so bilinear products take the union of both sides' contributions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import deps as D
+from .maps import broadcast_positions, pos_map
+from .reductions import reduce_deps
+from .registry import Call, rule
+
+
+def _view3(call: Call, t, pos: torch.Tensor):
+    """Deps and value of t rearranged by a 1-based position tensor of shape (b, r, c)."""
+    flat = pos.reshape(-1).numpy()
+    d = D.take(call.deps(t), flat) if call.deps(t) is not None else None
+    v = call.value(t)
+    if v is not None:
+        v = v.reshape(-1)[pos - 1]
+    return d, v
+
+
+def bmm_deps(a: tuple, b: tuple, shape_a: tuple, shape_b: tuple) -> D.Deps | None:
+    """Deps of (B, n, k) @ (B, k, m) given (deps, value) of each side in that layout."""
+    (da, va), (db, vb) = a, b
+    nb, n, k = shape_a
+    m = shape_b[2]
+    parts = []
+    if da is not None and k:
+        pat = None if vb is None else (vb != 0).numpy()
+        if pat is None or pat.all():
+            rows = reduce_deps(da, shape_a, [2])  # (B, n): union over the row of A
+            parts.append(D.take(rows, pos_map((nb, n)).unsqueeze(-1).expand(nb, n, m).reshape(-1).numpy()))
+        else:
+            bb, ll, jj = np.nonzero(pat)
+            i = np.arange(n, dtype=np.int64)[:, None]
+            out_rows = bb * n * m + i * m + jj
+            in_cols = bb * n * k + i * k + ll
+            groups = D.csr_from_pairs(out_rows.reshape(-1), in_cols.reshape(-1), (nb * n * m, nb * n * k))
+            parts.append(D.reduce(da, groups))
+    if db is not None and k:
+        pat = None if va is None else (va != 0).numpy()
+        if pat is None or pat.all():
+            cols = reduce_deps(db, shape_b, [1])  # (B, m): union over the column of B
+            parts.append(D.take(cols, pos_map((nb, m)).unsqueeze(1).expand(nb, n, m).reshape(-1).numpy()))
+        else:
+            bb, ii, ll = np.nonzero(pat)
+            j = np.arange(m, dtype=np.int64)[:, None]
+            out_rows = bb * n * m + ii * m + j
+            in_cols = bb * k * m + ll * m + j
+            groups = D.csr_from_pairs(out_rows.reshape(-1), in_cols.reshape(-1), (nb * n * m, nb * k * m))
+            parts.append(D.reduce(db, groups))
+    return D.union(parts)
+
+
+def _product(call: Call, a, b, pa: torch.Tensor, pb: torch.Tensor) -> D.Deps | None:
+    return bmm_deps(_view3(call, a, pa), _view3(call, b, pb), tuple(pa.shape), tuple(pb.shape))
+
+
+def _plus_self(call: Call, prod: D.Deps | None) -> list:
+    s = call.arg("self")
+    beta = call.arg("beta", 1)
+    if isinstance(s, torch.Tensor) and beta != 0 and call.deps(s) is not None:
+        pos = broadcast_positions(call.shape(s), call.out_shape())
+        sd = call.deps(s) if pos is None else D.take(call.deps(s), pos)
+        prod = D.union([prod, sd])
+    return [prod]
+
+
+@rule("mm")
+def mm_rule(call: Call) -> list:
+    a, b = call.arg("self"), call.arg("mat2")
+    return [_product(call, a, b, pos_map(call.shape(a)).unsqueeze(0), pos_map(call.shape(b)).unsqueeze(0))]
+
+
+@rule("bmm")
+def bmm_rule(call: Call) -> list:
+    a, b = call.arg("self"), call.arg("mat2")
+    return [_product(call, a, b, pos_map(call.shape(a)), pos_map(call.shape(b)))]
+
+
+@rule("mv")
+def mv_rule(call: Call) -> list:
+    a, v = call.arg("self"), call.arg("vec")
+    return [_product(call, a, v, pos_map(call.shape(a)).unsqueeze(0), pos_map(call.shape(v)).view(1, -1, 1))]
+
+
+@rule("dot", "vdot", "inner")
+def dot_rule(call: Call) -> list:
+    a, b = call.arg("self"), call.arg("tensor", call.arg("other"))
+    return [_product(call, a, b, pos_map(call.shape(a)).view(1, 1, -1), pos_map(call.shape(b)).view(1, -1, 1))]
+
+
+@rule("addmm")
+def addmm_rule(call: Call) -> list:
+    a, b = call.arg("mat1"), call.arg("mat2")
+    return _plus_self(call, _product(call, a, b, pos_map(call.shape(a)).unsqueeze(0), pos_map(call.shape(b)).unsqueeze(0)))
+
+
+@rule("addmv")
+def addmv_rule(call: Call) -> list:
+    a, v = call.arg("mat"), call.arg("vec")
+    return _plus_self(call, _product(call, a, v, pos_map(call.shape(a)).unsqueeze(0), pos_map(call.shape(v)).view(1, -1, 1)))
+
+
+@rule("baddbmm")
+def baddbmm_rule(call: Call) -> list:
+    a, b = call.arg("batch1"), call.arg("batch2")
+    return _plus_self(call, _product(call, a, b, pos_map(call.shape(a)), pos_map(call.shape(b))))
+
+
+@rule("addbmm")
+def addbmm_rule(call: Call) -> list:
+    a, b = call.arg("batch1"), call.arg("batch2")
+    pa, pb = pos_map(call.shape(a)), pos_map(call.shape(b))
+    prod = _product(call, a, b, pa, pb)
+    nb, n, m = pa.shape[0], pa.shape[1], pb.shape[2]
+    return _plus_self(call, reduce_deps(prod, (nb, n, m), [0]))
+
+
+@rule("addr", "outer", "ger")
+def outer_rule(call: Call) -> list:
+    if call.info.name == "addr":
+        a, b = call.arg("vec1"), call.arg("vec2")
+    else:
+        a, b = call.arg("self"), call.arg("vec2")
+    prod = _product(call, a, b, pos_map(call.shape(a)).view(1, -1, 1), pos_map(call.shape(b)).view(1, 1, -1))
+    return _plus_self(call, prod) if call.info.name == "addr" else [prod]
+
+
+@rule("linear")
+def linear_rule(call: Call) -> list:
+    x, w, bias = call.arg("input"), call.arg("weight"), call.arg("bias")
+    k = call.shape(w)[-1]
+    px = pos_map(call.shape(x)).reshape(1, -1, k)
+    pw = pos_map(call.shape(w)).reshape(-1, k).t().unsqueeze(0)
+    prod = _product(call, x, w, px, pw)
+    if isinstance(bias, torch.Tensor) and call.deps(bias) is not None:
+        prod = D.union([prod, D.take(call.deps(bias), broadcast_positions(call.shape(bias), call.out_shape()))])
+    return [prod]
+
+
+# -- convolution ----------------------------------------------------------------------------------
+
+def _patches(in_shape, k, stride, padding, dilation, out_spatial, groups) -> torch.Tensor:
+    """(N, G, S, Cg*K) 1-based input positions under each kernel tap of each output position (0 = padding)."""
+    nd = len(k)
+    p = pos_map(in_shape)
+    pads = []
+    for i in reversed(range(nd)):
+        need = (out_spatial[i] - 1) * stride[i] + (k[i] - 1) * dilation[i] + 1
+        extra = max(0, need - (in_shape[2 + i] + 2 * padding[i]))
+        pads += [padding[i], padding[i] + extra]
+    if any(pads):
+        p = F.pad(p, pads, value=0)
+    for i in range(nd):
+        p = p.unfold(2 + i, (k[i] - 1) * dilation[i] + 1, stride[i])[..., ::dilation[i]]
+    p = p[(slice(None), slice(None), *(slice(0, o) for o in out_spatial))]
+    n, cin = in_shape[0], in_shape[1]
+    s = int(np.prod(out_spatial)) if nd else 1
+    kk = int(np.prod(k)) if nd else 1
+    return p.reshape(n, groups, cin // groups, s, kk).permute(0, 1, 3, 2, 4).reshape(n, groups, s, -1)
+
+
+def _tuple(v, nd):
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return v * nd if len(v) == 1 and nd > 1 else v
+
+
+@rule("convolution", "_convolution")
+def conv_rule(call: Call) -> list:
+    x, w, bias = call.arg("input"), call.arg("weight"), call.arg("bias")
+    xs, ws, out = call.shape(x), call.shape(w), call.out_shape()
+    nd = len(xs) - 2
+    stride, padding, dilation = (_tuple(call.arg(n), nd) for n in ("stride", "padding", "dilation"))
+    groups = call.arg("groups", 1)
+    transposed = call.arg("transposed", False)
+    parts = []
+    dx, dw = call.deps(x), call.deps(w)
+    wv = call.value(w)
+    if dx is not None:
+        if transposed:
+            parts.append(_transposed_input(call, dx, xs, ws, wv, out, stride, padding, dilation, groups))
+        else:
+            parts.append(_conv_input(dx, xs, ws, wv, out, stride, padding, dilation, groups))
+    if dw is not None:
+        if transposed:
+            parts.append(D.dense([dw], int(np.prod(out))))
+        else:
+            per_co = reduce_deps(dw, ws, list(range(1, len(ws))))  # (Cout,): everything in that filter
+            parts.append(D.take(per_co, broadcast_positions((1, ws[0]) + (1,) * nd, out)))
+    if isinstance(bias, torch.Tensor) and call.deps(bias) is not None:
+        parts.append(D.take(call.deps(bias), broadcast_positions((1, out[1]) + (1,) * nd, out)))
+    return [D.union(parts)]
+
+
+def _conv_input(dx, xs, ws, wv, out, stride, padding, dilation, groups) -> D.Deps | None:
+    n, cout = xs[0], ws[0]
+    kshape = ws[2:]
+    pat = np.ones((cout, int(np.prod(ws[1:]))), bool) if wv is None else (wv != 0).reshape(cout, -1).numpy()
+    patches = _patches(xs, kshape, stride, padding, dilation, out[2:], groups).numpy()
+    s = patches.shape[2]
+    gid = np.arange(cout) // (cout // groups)
+    # Output channels with the same group and the same filter pattern have the same dependency sets.
+    keys = np.concatenate([gid[:, None], pat.astype(np.int64)], 1)
+    uniq, which = np.unique(keys, axis=0, return_inverse=True)
+    rows, cols = [], []
+    base = np.arange(n * s, dtype=np.int64).reshape(n, s, 1)
+    for u, key in enumerate(uniq):
+        taps = np.nonzero(key[1:])[0]
+        if taps.size == 0:
+            continue
+        src = patches[:, key[0]][:, :, taps]  # (N, S, taps)
+        valid = src > 0
+        rows.append(np.broadcast_to(base + u * n * s, src.shape)[valid])
+        cols.append(src[valid] - 1)
+    if not rows:
+        return None
+    groups_m = D.csr_from_pairs(np.concatenate(rows), np.concatenate(cols), (uniq.shape[0] * n * s, dx.numel))
+    virtual = D.reduce(dx, groups_m)
+    pos = (which.reshape(-1)[None, :, None] * n * s + np.arange(n)[:, None, None] * s
+           + np.arange(s)[None, None, :] + 1)
+    return D.take(virtual, pos.reshape(-1).astype(np.int64))
+
+
+def _transposed_input(call, dx, xs, ws, wv, out, stride, padding, dilation, groups) -> D.Deps | None:
+    """conv_transpose is the adjoint of a convolution from the output's shape to the input's: transpose its pattern."""
+    cin = ws[0]
+    k = ws[2:]
+    pat = np.ones((cin, int(np.prod(ws[1:]))), bool) if wv is None else (wv != 0).reshape(cin, -1).numpy()
+    patches = _patches(tuple(out), k, stride, padding, dilation, xs[2:], groups).numpy()  # over out positions
+    n, s = patches.shape[0], patches.shape[2]
+    gid = np.arange(cin) // (cin // groups)
+    co_e, f_e = np.nonzero(pat)
+    src = patches[:, gid[co_e], :, f_e]  # (E, N, S): output positions feeding forward row (n, ci, s)
+    fwd_rows = (np.arange(n)[None, :, None] * cin * s + co_e[:, None, None] * s + np.arange(s)[None, None, :])
+    fwd_rows = np.broadcast_to(fwd_rows, src.shape)
+    valid = src > 0
+    out_numel = int(np.prod(out))
+    groups_m = D.csr_from_pairs(src[valid] - 1, fwd_rows[valid], (out_numel, dx.numel))
+    return D.reduce(dx, groups_m)

@@ -1,0 +1,109 @@
+"""Structured Jacobians through the planner: found, coloured, compressed, decompressed, checked; against torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import autojac
+
+
+def t64(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+
+def stencil(u):  # a nonlinear 1-D residual: tridiagonal Jacobian
+    return u ** 3 - (torch.roll(u, 1) - 2 * u + torch.roll(u, -1))
+
+
+def brusselator(y, n=16, a=3.4, b=1.0, alpha=10.0):
+    """2-D Brusselator on an n x n periodic grid, two species: 6 nonzeros per row."""
+    u, v = y.reshape(2, n, n)
+    lap = lambda w: torch.roll(w, 1, 0) + torch.roll(w, -1, 0) + torch.roll(w, 1, 1) + torch.roll(w, -1, 1) - 4 * w  # noqa: E731
+    du = b + u * u * v - (a + 1) * u + alpha * lap(u)
+    dv = a * u - u * u * v + alpha * lap(v)
+    return torch.stack([du, dv]).reshape(-1)
+
+
+def heat2d(u):  # the 2-D heat equation through conv2d
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=u.dtype, device=u.device)
+    return torch.nn.functional.conv2d(u[None, None], kernel[None, None], padding=1)[0, 0] + u.sin()
+
+
+def band_rows(n):
+    eye = torch.eye(n, dtype=torch.bool, device=DEVICE)
+    return eye | eye.roll(1, 0) | eye.roll(-1, 0)
+
+
+def test_structure_is_found_when_it_pays_and_the_answer_is_right():
+    x = t64(4096)
+    for _ in range(3):
+        got = autojac.jacobian(stencil, x)
+        torch.testing.assert_close(got, torch.func.jacfwd(stencil)(x))
+    p = autojac.plan(stencil, x)
+    assert p.problem.layout is not None, str(p)
+    layout = p.problem.layout
+    assert layout.rows.lower_bound == 3 and layout.rows.n_colors <= 4  # a periodic band of 4096: 4 are needed
+    assert p.chunk_size <= 4 and "row colours" in str(p)
+
+
+@pytest.mark.parametrize("f, x", [(brusselator, t64(2 * 16 * 16)), (heat2d, t64(48, 48))], ids=["brusselator", "heat2d"])
+def test_structured_problems_through_every_mode(f, x):
+    want = torch.func.jacfwd(f)(x)
+    for mode in ("auto", "reverse", "forward", "forward-trick"):
+        got = autojac.jacobian(f, x, mode=mode, sparsity=autojac.sparsity(f, x).to_dense())
+        torch.testing.assert_close(got, want)
+
+
+def test_sparse_and_csr_outputs_never_hold_the_zeros():
+    x = t64(2000)
+    want = torch.func.jacfwd(stencil)(x)
+    coo = autojac.jacobian(stencil, x, sparsity=band_rows(2000), output="sparse")
+    assert coo.layout == torch.sparse_coo and coo._nnz() == 3 * 2000
+    torch.testing.assert_close(coo.to_dense(), want)
+    csr = autojac.jacobian(stencil, x, sparsity=band_rows(2000), output="csr")
+    assert csr.layout == torch.sparse_csr and csr.shape == (2000, 2000)
+    torch.testing.assert_close(csr.to_dense(), want)
+    # a dense plan converts at the end: the same structure whatever the plan
+    dense_plan = autojac.jacobian(stencil, x, sparsity=None, output="sparse")
+    torch.testing.assert_close(dense_plan.to_dense(), want)
+
+
+def test_a_user_pattern_in_the_results_shape_with_several_inputs():
+    a, b = t64(30, 2), t64(30, 2, seed=1)
+    f = lambda a, b: (a * b).sum(-1)  # noqa: E731 (output i depends on row i of a and b)
+    want = torch.autograd.functional.jacobian(f, (a, b))
+    pattern = autojac.sparsity(f, (a, b))
+    assert pattern.nnz == 30 * 4
+    got = autojac.jacobian(f, (a, b), sparsity=pattern.to_dense(), output="sparse")
+    for g, w in zip(got, want):
+        assert g.layout == torch.sparse_coo and g.shape == w.shape
+        torch.testing.assert_close(g.to_dense(), w)
+
+
+def test_a_wrong_user_pattern_is_caught_and_the_jacobian_computed_densely():
+    x = t64(300)
+    diagonal_only = torch.eye(300, dtype=torch.bool, device=DEVICE)  # misses the off-diagonals
+    got = autojac.jacobian(stencil, x, sparsity=diagonal_only)
+    torch.testing.assert_close(got, torch.func.jacfwd(stencil)(x))
+    assert any("failed the check" in e for e in autojac.last_report().events)
+
+
+def test_a_short_dense_jacobian_does_not_look_for_structure():
+    W = t64(100, 100)
+    g = lambda x: torch.tanh(x @ W)  # noqa: E731
+    autojac.jacobian(g, t64(100))
+    p = autojac.plan(g, t64(100))
+    assert p.problem.layout is None and "not looked for" in str(p)
+
+
+def test_bad_sparsity_arguments():
+    x = t64(10)
+    with pytest.raises(autojac.InputError, match="`sparsity` must be 'auto', None"):
+        autojac.jacobian(stencil, x, sparsity="yes")
+    with pytest.raises(autojac.InputError, match="Pass a mask of shape"):
+        autojac.jacobian(stencil, x, sparsity=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(autojac.InputError, match="`output` must be one of"):
+        autojac.jacobian(stencil, x, output="coo")

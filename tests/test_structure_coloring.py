@@ -1,0 +1,126 @@
+"""Colourings are always valid, near the lower bound on banded and stencil patterns, and fast on large ones."""
+
+import time
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autojac._structure import Pattern, color_columns, color_rows
+
+
+def pattern(m) -> Pattern:
+    return Pattern.from_csr(sp.csr_array(m).astype(bool))
+
+
+def conflicts_free(p: Pattern, c) -> bool:
+    """Independent check: within every row (column colouring) or column (row colouring), colours differ."""
+    dense = p.to_dense().numpy()
+    lines = dense if c.side == "column" else dense.T
+    for line in lines:
+        used = c.colors[np.nonzero(line)[0]]
+        if np.unique(used).size != used.size:
+            return False
+    return True
+
+
+def stencil_2d(n, periodic=False):
+    path = sp.diags([1, 1, 1], [-1, 0, 1], shape=(n, n), format="lil", dtype=bool)
+    if periodic:
+        path[0, n - 1] = path[n - 1, 0] = True
+    eye = sp.identity(n, dtype=bool)
+    return sp.kron(eye, path) + sp.kron(path, eye)
+
+
+@st.composite
+def random_patterns(draw):
+    n_out, n_in = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    density = draw(st.sampled_from([0.02, 0.1, 0.3, 0.7, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    mask = rng.random((n_out, n_in)) < density
+    if draw(st.booleans()):  # sometimes a dense row or column
+        mask[rng.integers(n_out)] = True if draw(st.booleans()) else mask[rng.integers(n_out)]
+        mask[:, rng.integers(n_in)] |= draw(st.booleans())
+    return Pattern.from_user(np.asarray(mask, dtype=bool))
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_patterns())
+def test_colourings_are_valid(p):
+    for c in (color_columns(p), color_rows(p)):
+        assert conflicts_free(p, c) and c.is_valid(p)
+        n = p.shape[1] if c.side == "column" else p.shape[0]
+        assert c.colors.shape == (n,) and (c.colors >= 0).all()
+        assert c.n_colors == (int(c.colors.max()) + 1 if n else 0)
+        bound = p.max_row_nnz if c.side == "column" else p.max_col_nnz
+        assert c.lower_bound == bound and bound <= c.n_colors <= max(n, 1)
+
+
+@pytest.mark.parametrize("n", [5, 50, 1000])
+def test_tridiagonal_uses_three_colours(n):
+    p = pattern(sp.diags([1, 1, 1], [-1, 0, 1], shape=(n, n), dtype=bool))
+    assert color_columns(p).n_colors == 3 and color_rows(p).n_colors == 3
+
+
+@pytest.mark.parametrize("n", [10, 30, 45, 64])
+def test_five_point_stencil_near_five(n):
+    p = pattern(stencil_2d(n))
+    for c in (color_columns(p), color_rows(p)):
+        assert c.lower_bound == 5 and c.n_colors <= 6 and c.is_valid(p)
+
+
+def test_periodic_stencil_and_brusselator_structure():
+    p = pattern(stencil_2d(32, periodic=True))
+    assert color_columns(p).n_colors <= 8
+    lap, eye = stencil_2d(16, periodic=True), sp.identity(256, dtype=bool)
+    bruss = pattern(sp.bmat([[lap, eye], [eye, lap]]))
+    c = color_columns(bruss)
+    assert c.is_valid(bruss) and c.lower_bound == 6 and c.n_colors <= 8
+
+
+@pytest.mark.parametrize("block", [1, 4, 7])
+def test_block_diagonal_uses_block_size(block):
+    p = pattern(sp.block_diag([np.ones((3, block))] * 20))
+    assert color_columns(p).n_colors == block
+    assert color_rows(p).n_colors == 3
+
+
+def test_dense_row_gives_trivial_colouring_at_once():
+    n = 3000
+    m = sp.lil_array((n, n), dtype=bool)
+    m[0, :] = True
+    m.setdiag(True)
+    p = pattern(m)
+    c = color_columns(p)
+    assert c.n_colors == n and c.order.startswith("trivial") and c.seconds < 0.05
+    assert color_rows(p).n_colors == 2
+
+
+def test_empty_and_diagonal_patterns():
+    assert color_columns(Pattern.from_user(np.zeros((3, 4), bool))).n_colors == 1
+    assert color_columns(pattern(sp.identity(6))).n_colors == 1
+    c = color_columns(Pattern.from_user(np.zeros((3, 0), bool)))
+    assert c.n_colors == 0 and c.colors.shape == (0,)
+
+
+def test_groups_partition_the_vertices():
+    p = pattern(stencil_2d(9))
+    c = color_columns(p)
+    groups = c.groups()
+    assert len(groups) == c.n_colors
+    assert np.array_equal(np.sort(np.concatenate(groups)), np.arange(81))
+
+
+def test_large_stencil_is_fast():
+    p = pattern(stencil_2d(300))  # about 4.5e5 nonzeros
+    start = time.perf_counter()
+    c = color_columns(p)
+    assert time.perf_counter() - start < 1.0  # about 0.05 s on 2 cores; generous for slow CI
+    assert c.n_colors <= 6 and c.is_valid(p)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="Pattern or a scipy sparse"):
+        color_columns(np.ones((2, 2)))
