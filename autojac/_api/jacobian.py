@@ -264,8 +264,14 @@ def _evaluates_once(entry: PlanEntry | None, plan: Plan | None) -> bool:
     """Whether the call will surely evaluate `f` once: then the evaluator need not save any state upfront."""
     if entry is None or entry.incumbent is None:
         return False
-    stats = entry.stats[plan.name if plan is not None else entry.incumbent]
-    return (entry.settled or plan is not None) and stats.method.evaluates_once and stats.verified and bool(stats.runs)
+    name = plan.name if plan is not None else entry.incumbent
+    stats = entry.stats[name]
+    if not ((entry.settled or plan is not None) and stats.verified and stats.runs and not entry.reverify):
+        return False
+    if stats.method.evaluates_once:
+        return True
+    n = stats.method.passes(entry.problem.col_passes, entry.problem.row_passes)  # repeat: once per chunk
+    return stats.method.vectorize == "repeat" and entry.chunk_size(name) >= n
 
 
 def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):

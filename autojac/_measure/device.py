@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import os
 from dataclasses import dataclass
 
@@ -101,12 +102,26 @@ def untracked_reserve(device: torch.device) -> int:
     return CPU_WORKSPACE_RESERVE if device.type == "cpu" else 0
 
 
+FREE_MEMORY_FRESH_SECONDS = 0.5
+"""A reading of free memory is reused for this long: a first call should not pay 50-150 us for psutil or
+NVML each time, and free memory read half a second ago is as good a basis for a default budget."""
+_readings: dict[str, tuple[float, MemoryFacts]] = {}
+
+
 def free_memory(device: torch.device) -> MemoryFacts:
+    key = str(device)
+    now = time.monotonic()
+    cached = _readings.get(key)
+    if cached is not None and now - cached[0] < FREE_MEMORY_FRESH_SECONDS:
+        return cached[1]
     if device.type == "cuda":
-        return cuda_free_bytes(device)
-    if device.type != "cpu":
-        logger.debug("no free-memory probe for device type %s; using host memory", device.type)
-    return cpu_free_bytes()
+        facts = cuda_free_bytes(device)
+    else:
+        if device.type != "cpu":
+            logger.debug("no free-memory probe for device type %s; using host memory", device.type)
+        facts = cpu_free_bytes()
+    _readings[key] = (now, facts)
+    return facts
 
 
 @functools.lru_cache(maxsize=16)

@@ -77,6 +77,8 @@ class PlanEntry:
         self.settled = False
         self.effort = "measure"
         self.warm = True
+        self.needs_reorder = False
+        """Priors of the alternatives not worked out yet (a first call leaves it to the next call)."""
         self.structure = ""
         """What was decided about sparsity (found, colours, not looked for, and why)."""
         self.reverify = False
@@ -115,6 +117,7 @@ class PlanEntry:
 
     def reorder(self) -> None:
         """Priors and prune reasons for every untried method, from the incumbent's time so far."""
+        self.needs_reorder = False
         inc = self.chosen()
         if inc.best is None:
             return
@@ -129,6 +132,8 @@ class PlanEntry:
         """The next alternative to try on this call, if the credit covers its first slice."""
         if self.settled or self.incumbent is None:
             return None
+        if self.needs_reorder:
+            self.reorder()
         inc = self.chosen()
         if not self.warm:  # its only run was a first call's (cold caches, first vmap of f): wait for a warm one
             return None
@@ -174,6 +179,8 @@ class PlanEntry:
 
     def snapshot(self) -> Plan:
         with self.lock:
+            if self.needs_reorder:
+                self.reorder()
             inc = self.chosen()
             n = inc.method.passes(self.problem.col_passes, self.problem.row_passes)
             chunk = self.chunk_size(inc.method.name)

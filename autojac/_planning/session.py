@@ -52,6 +52,9 @@ from .structure import layout_for, might_pay, worth_detecting
 logger = logging.getLogger("autojac")
 
 PROGRESS_AFTER_SECONDS = 10.0
+CPU_TOUCH_BYTES_PER_SECOND = 20e9
+"""An upper bound of how fast a CPU process can grow its resident memory (touching new pages): what an
+evaluation that took t seconds can have allocated, when it was not measured."""
 FIRST_CHUNK_SECONDS = 1.0
 STRUCTURE_SLICES = 8
 STRUCTURE_SLICE_MAX = 64
@@ -185,7 +188,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     began = time.perf_counter()
     budget = parse_budget(options.budget, free_memory(device).free_bytes, call.who, total=total_bytes(device))
     reserve = untracked_reserve(device)
-    with call.meter.region() as region:
+    region = call.meter.region() if _measure_first_evaluation(options, device) else Timed(device)
+    with region:
         graph = evaluate_plain(call.f, call.xs, options.create_graph)
     ys = graph.ys
     problem = Problem(
@@ -196,6 +200,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         draws_random=call.f.draws_random,
     )
     graph_bytes = region.peak_bytes
+    if graph_bytes is None and device.type == "cpu":  # not measured: bounded by how fast pages can be touched
+        graph_bytes = int(CPU_TOUCH_BYTES_PER_SECOND * region.seconds)
     fixed = problem.result_bytes + reserve + (graph_bytes or 0)
     if fixed > budget:
         raise MemoryBudgetError(
@@ -336,7 +342,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     if entry.incumbent is None:
         raise _no_method(call, failures)
     graph = None
-    entry.reorder()
+    entry.needs_reorder = True  # the priors of the alternatives are worked out when a later call needs them
     if options.measures_nothing:  # mode, vectorize and chunk size given: nothing to choose, nothing to measure
         entry.settled = True
     elapsed = time.perf_counter() - began
@@ -372,6 +378,31 @@ def _find_layout(call: Call, problem: Problem):
     """Detect (or take the user's) pattern and colour it, outside the evaluations anyone sees."""
     xs = tuple(x.detach() for x in call.xs)
     return call.f.isolated(lambda raw: layout_for(raw, xs, problem, call.options.sparsity, call.options.output, call.who))
+
+
+class Timed:
+    """A stand-in for a meter region when memory is not measured: wall seconds only (CUDA-synchronized)."""
+
+    peak_bytes = None
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> Timed:
+        _sync(self.device)
+        self._began = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self._began
+
+
+def _measure_first_evaluation(options: Options, device: torch.device) -> bool:
+    """Measure the first evaluation's memory when a budget was given, or on CUDA (the allocator's counters
+    cost nothing); with the default budget on the CPU (half the free memory) the bound is enough."""
+    return options.budget is not None or device.type == "cuda"
 
 
 def _dense_after_all(call: Call, failure: BaseException, began: float) -> tuple[object, PlanEntry]:
@@ -606,15 +637,18 @@ def _check_outputs_unchanged(call: Call, problem: Problem, failure: BaseExceptio
     call._check_shapes(graph.ys, problem)
 
 
-def _attempts(entry: PlanEntry, first: str | None) -> list[str]:
-    """`first` (default: the incumbent), then the other candidates that can run, fastest first, then reverse/loop."""
-    names = [first or entry.incumbent]
+def _attempts(entry: PlanEntry, first: str | None):
+    """`first` (default: the incumbent), then (only if it fails: a cached call stays cheap) the other
+    candidates that can run, fastest first, then reverse/loop."""
+    head = first or entry.incumbent
+    yield head
+    names = [head]
     plan = entry.snapshot()
     names += [c.name for c in plan.fallbacks if c.name not in names
               and (entry.stats[c.name].method.evaluates_once or not entry.once_only)]
     if "reverse/loop" in entry.stats and "reverse/loop" not in names and entry.stats["reverse/loop"].status != "failed":
         names.append("reverse/loop")
-    return names
+    yield from names[1:]
 
 
 def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
