@@ -124,3 +124,22 @@ def test_large_stencil_is_fast():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="Pattern or a scipy sparse"):
         color_columns(np.ones((2, 2)))
+
+
+def test_multichannel_convolution_reaches_the_bound():
+    import torch
+    import torch.nn.functional as F
+
+    from autojac._structure import detect
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    p = detect(lambda x: F.conv2d(x.reshape(1, 4, 12, 12), w, padding=1), (torch.randn(576, dtype=torch.float64),))
+    for c in (color_columns(p), color_rows(p)):
+        assert c.n_colors == c.lower_bound == 36 and c.is_valid(p)
+
+
+def test_heavy_random_pattern_is_valid_and_bounded():
+    p = pattern(sp.random(1500, 1500, density=0.03, random_state=0, format="csr"))
+    start = time.perf_counter()
+    c = color_columns(p)
+    assert c.is_valid(p) and c.lower_bound <= c.n_colors < 1500
+    assert time.perf_counter() - start < 10

@@ -310,7 +310,10 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
                     methods.restart(chain)
                     progress.close()
                     continue
-                with grad_mode(options.create_graph):  # no structure worth it: the dense run goes on
+                # No structure worth it: the dense run goes on, its chunks no longer held to the slice's size.
+                sizer = Sizer(sizer.fixed, room_bytes=sizer.room, prior_bytes_per_vector=sizer.prior, memory=sizer.points,
+                              timed=True, measured=sizer.measured, minimum=sizer.minimum)
+                with grad_mode(options.create_graph):
                     assembler, more, _, rest, state = call.run(m, problem, sizer, state=state, progress=progress,
                                                                start=position, assembler=assembler)
                 log.chunks += more.chunks

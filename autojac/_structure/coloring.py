@@ -1,10 +1,12 @@
 """Partial distance-2 colourings of a sparsity pattern: columns (or rows) that never share a nonzero get one colour.
 
 Everything is vectorised over the bipartite graph (nets = rows for a column colouring, columns for a
-row colouring) with per-net bitmasks of used colours, so no conflict graph is ever built. Several
-greedy variants run (a modular colouring that is optimal on banded patterns, speculative greedy in
-largest-first and random priority orders, and Culberson's iterated greedy that re-colours class by
-class and never uses more colours); the one with fewest colours wins.
+row colouring) with per-net bitmasks of used colours, so no conflict graph is ever built. Candidates:
+structured colourings read off the vertex numbering (v mod k, optimal on banded patterns; linear
+"lattice" colourings of grid coordinates, optimal on 5-point stencils; "box" colourings for
+convolution windows), speculative greedy in largest-first and random priority orders, and
+Culberson's iterated greedy, which re-colours class by class and never uses more colours. Every
+structured candidate is checked before use. The one with fewest colours wins.
 """
 
 from __future__ import annotations
@@ -90,9 +92,10 @@ def _valid(nets: sp.csr_array, colors: np.ndarray) -> bool:
         return False
     net_of = np.repeat(np.arange(nets.shape[0], dtype=np.int64), np.diff(nets.indptr))
     key = net_of * k + c
-    if nets.shape[0] * k <= 50_000_000:
+    if nets.shape[0] * k <= 20_000_000:
         return int(np.bincount(key).max()) <= 1
-    return np.unique(key).size == key.size
+    key.sort()
+    return not (key[1:] == key[:-1]).any()
 
 
 class _Graph:
@@ -127,7 +130,8 @@ def _lowest_free(forb: np.ndarray) -> np.ndarray:
     rows = np.arange(forb.shape[0])
     x = inv[rows, word]
     low = x & (~x + _ONE)
-    bit = np.log2(low.astype(np.float64)).astype(np.int64)  # a power of two: exact in float64
+    with np.errstate(divide="ignore", invalid="ignore"):  # rows with no free bit: log2(0), marked -1 below
+        bit = np.log2(low.astype(np.float64)).astype(np.int64)  # a power of two: exact in float64
     color = word.astype(np.int64) * 64 + bit
     color[~nz[rows, word]] = -1
     return color
@@ -137,16 +141,43 @@ def _forbidden(g: _Graph, netmask: np.ndarray, nets_e: np.ndarray, starts: np.nd
     return np.bitwise_or.reduceat(netmask[nets_e], starts, axis=0)
 
 
-def _speculative(g: _Graph, prio: np.ndarray, width: int) -> np.ndarray:
+def _lowest_free_from(forb: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Smallest free colour >= start (per row), else the smallest free colour at all."""
+    w = forb.shape[1]
+    word = np.arange(w)[None, :]
+    sw, sb = (start // 64)[:, None], (start % 64).astype(np.uint64)[:, None]
+    below = np.where(word < sw, ~np.uint64(0), np.where(word == sw, (_ONE << sb) - _ONE, np.uint64(0)))
+    c = _lowest_free(forb | below)
+    missing = c < 0
+    if missing.any():
+        c[missing] = _lowest_free(forb[missing])
+    return c
+
+
+def _speculative(g: _Graph, prio: np.ndarray, width: int, max_rounds: int, spread: int = 0,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
     """Greedy colouring in rounds: every uncoloured vertex takes its smallest free colour, and where
-    vertices of one net picked the same colour only the highest-priority one keeps it."""
+    vertices of one net picked the same colour only the highest-priority one keeps it. Heavily
+    overlapping nets need about one round per colour; with `spread`, each vertex starts its search at
+    a random colour below `spread`, which avoids most clashes (more colours, fewer rounds; the
+    iterated greedy passes then merge classes). After max_rounds, the vertices still uncoloured
+    get a fresh colour each (valid, just not greedy)."""
     colors = np.full(g.n, -1, np.int64)
     colors[g.degree == 0] = 0
     netmask = np.zeros((g.n_nets, width), np.uint64)
     todo = np.nonzero(g.degree > 0)[0]
+    rounds = 0
     while todo.size:
+        rounds += 1
+        if rounds > max_rounds:
+            colors[todo] = colors.max() + 1 + np.arange(todo.size)
+            break
         nets_e, starts, lens = g.entries(todo)
-        tent = _lowest_free(_forbidden(g, netmask, nets_e, starts))
+        forb = _forbidden(g, netmask, nets_e, starts)
+        if spread:
+            tent = _lowest_free_from(forb, rng.integers(0, min(spread, 64 * width), size=todo.size))
+        else:
+            tent = _lowest_free(forb)
         if (tent < 0).any():  # more colours than the masks hold: widen and retry the round
             netmask = np.concatenate([netmask, np.zeros_like(netmask)], 1)
             continue
@@ -217,6 +248,26 @@ def _modular(g: _Graph, lb: int, tries: int, sample: np.ndarray) -> np.ndarray |
     return None
 
 
+def _run_strides(vs: np.ndarray) -> list[int]:
+    """Strides of a box-shaped net: for x + 32y + 1024c (a conv window) the runs of consecutive x
+    start 32 apart, and the runs of those runs start 1024 apart."""
+    out = []
+    level = vs
+    for _ in range(3):
+        if level.size < 3:
+            break
+        d = np.diff(level)
+        vals, counts = np.unique(d, return_counts=True)
+        step = int(vals[counts.argmax()])
+        starts = level[np.concatenate([[True], d != step])]
+        if level is not vs:
+            out.append(step)
+        if starts.size == level.size:
+            break
+        level = starts
+    return out
+
+
 def _periods(g: _Graph, sample: np.ndarray) -> list[list[int]]:
     """Candidate radix chains [p] or [p, q] (q a multiple of p) from the most frequent index offsets
     inside nets: the row length of a grid, the size of one species block, ..."""
@@ -224,7 +275,9 @@ def _periods(g: _Graph, sample: np.ndarray) -> list[list[int]]:
     diffs = []
     for r in sample:
         vs = idx[ptr[r]:ptr[r + 1]]
-        if 1 < vs.size <= 64:
+        if vs.size > 64:
+            vs = vs[:: -(-vs.size // 64)]
+        if vs.size > 1:
             d = vs[None, :] - vs[:, None]
             diffs.append(d[d > 1])
     if not diffs:
@@ -232,7 +285,12 @@ def _periods(g: _Graph, sample: np.ndarray) -> list[list[int]]:
     vals, counts = np.unique(np.concatenate(diffs), return_counts=True)
     frequent = np.argsort(-counts, kind="stable")[:6]
     top = vals[frequent[counts[frequent] >= max(3, len(diffs) // 4)]]  # offsets shared by many nets: a grid
-    cand = sorted({int(d) + e for d in top for e in (-1, 0, 1) if 2 <= int(d) + e < g.n})
+    cand = {int(d) + e for d in top for e in (-1, 0, 1) if 2 <= int(d) + e < g.n}
+    strides = [s for r in sample[:64] for s in _run_strides(idx[ptr[r]:ptr[r + 1]])]
+    if strides:
+        vals, counts = np.unique(strides, return_counts=True)
+        cand |= {int(v) for v, c in zip(vals, counts) if c >= 8 and 2 <= v < g.n}
+    cand = sorted(cand)
     chains = [[p] for p in cand]
     chains += [[p, q] for p in cand for q in cand if q > p and q % p == 0 and q // p >= 2]
     return chains
@@ -268,9 +326,11 @@ def _coords(v: np.ndarray, chain: list[int]) -> np.ndarray:
     return np.stack(out, 1)
 
 
-def _lattice(g: _Graph, lb: int, best: int, sample: np.ndarray, deadline: float) -> tuple[np.ndarray, str] | None:
+def _lattice(g: _Graph, lb: int, best: int, sample: np.ndarray, work: float) -> tuple[np.ndarray, str] | None:
     """colors = (sum_i a_i * digit_i(v)) mod k over mixed-radix digits of the vertex index: the
-    optimal colourings of stencils on grids (e.g. (x + 3y) mod 5 for the 5-point Laplacian)."""
+    optimal colourings of stencils on grids (e.g. (x + 3y) mod 5 for the 5-point Laplacian). Also
+    box colourings (each digit modulo its extent within a net) for convolution windows. `work`
+    bounds the screening effort (in element operations), so the result does not depend on timing."""
     if sample.size == 0:
         return None
     chains = _periods(g, sample)
@@ -281,12 +341,38 @@ def _lattice(g: _Graph, lb: int, best: int, sample: np.ndarray, deadline: float)
         verts = idx[np.repeat(ptr[part] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
                     + np.arange(int(lens.sum()))]
         screens.append((verts, np.repeat(np.arange(part.size), lens)))
+    found = None
+    for chain in chains:
+        # Box colouring: digit i taken modulo the widest extent of digit i inside one net.
+        verts, net = screens[1]
+        digits = _coords(verts, chain)
+        lo = np.full((sample.size, digits.shape[1]), np.iinfo(np.int64).max)
+        hi = np.full((sample.size, digits.shape[1]), np.iinfo(np.int64).min)
+        np.minimum.at(lo, net, digits)
+        np.maximum.at(hi, net, digits)
+        widths = (hi - lo).max(0) + 1
+        k = int(np.prod(widths))
+        if lb <= k < min(best, found[1] if found else best, g.n):
+            scale = np.concatenate([[1], np.cumprod(widths)[:-1]])
+            screen = np.sort(net * k + (digits % widths) @ scale)
+            if (screen[1:] == screen[:-1]).any():
+                continue
+            colors = (_coords(np.arange(g.n, dtype=np.int64), chain) % widths) @ scale
+            if _valid(g.nets, colors):
+                found = (colors, k, f"box {'x'.join(map(str, chain))} ({'x'.join(map(str, widths))})")
+    if found is not None:
+        best = found[1]
+        if best == lb:
+            return found[0], found[2]
     for k in range(max(lb, 2), best):
+        if len(chains) and k ** max(len(c) for c in chains) > 20_000:
+            break  # too many coefficient combinations to screen
         for chain in chains:
-            if time.perf_counter() > deadline:
-                return None
             grids = np.meshgrid(*([np.arange(k)] * len(chain)), indexing="ij")
             coefs = np.stack([np.ones(grids[0].size, np.int64)] + [a.reshape(-1) for a in grids], 1)
+            work -= coefs.shape[0] * screens[0][0].size
+            if work < 0:
+                return (found[0], found[2]) if found is not None else None
             for verts, net in screens:
                 key = np.sort(net[:, None] * k + (_coords(verts, chain) @ coefs.T) % k, axis=0)
                 coefs = coefs[~(key[1:] == key[:-1]).any(0)]  # keep coefficient rows with no clash
@@ -296,7 +382,7 @@ def _lattice(g: _Graph, lb: int, best: int, sample: np.ndarray, deadline: float)
                 colors = (_coords(np.arange(g.n, dtype=np.int64), chain) @ c) % k
                 if _valid(g.nets, colors):
                     return colors, f"lattice {'x'.join(map(str, chain))} mod {k}"
-    return None
+    return (found[0], found[2]) if found is not None else None
 
 
 def _n_colors(c: np.ndarray) -> int:
@@ -320,6 +406,7 @@ def _color(pattern, side: str, seed: int) -> Coloring:
         return done(np.arange(n, dtype=np.int64), "trivial (a dense line)")
     g = _Graph(nets)
     width = max(1, (2 * lb + 63) // 64)
+
     rng = np.random.default_rng(seed)
     multi = np.nonzero(np.diff(nets.indptr) > 1)[0]
     probe = _probe_nets(g, rng, multi)
@@ -331,27 +418,33 @@ def _color(pattern, side: str, seed: int) -> Coloring:
         if _n_colors(mod) == lb:
             return done(mod, "modular")
     best_k = min((_n_colors(c) for c, _ in candidates), default=n + 1)
-    lat = _lattice(g, lb, best_k, probe, deadline=time.perf_counter() + 0.03 + 1e-7 * nets.nnz)
+    lat = _lattice(g, lb, best_k, probe, work=3e6)
     if lat is not None:
         candidates.append(lat)
         if _n_colors(lat[0]) == lb:
             return done(*lat)
     small = nets.nnz <= 50_000
-    if not candidates and g.n_nets * width * 8 > _MASK_BYTES:
+    spread = 2 * lb
+    wide = width if small else max(width, (spread + lb + 63) // 64)
+    if not candidates and g.n_nets * wide * 8 > _MASK_BYTES:
         # Bitmasks for this many colours would not fit: nearly dense lines leave little to gain anyway.
         return done(np.arange(n, dtype=np.int64), "trivial (too dense to colour)")
-    if not candidates or small:
+    structured = min((_n_colors(c) for c, _ in candidates), default=n + 1)
+    if small or structured > 1.5 * lb + 2:
         # Largest-first: conflict degree estimated by the summed sizes of a vertex's nets.
         load = np.zeros(n, np.int64)
         np.add.at(load, nets.indices, np.repeat(g.net_size - 1, g.net_size))
-        orders = [("largest-first", load * n + rng.permutation(n))]
+        lf = np.argsort(np.argsort(load * n + rng.permutation(n)))
         if small:
-            orders.append(("random", rng.permutation(n)))
-        for name, prio in orders:
-            candidates.append((_speculative(g, np.argsort(np.argsort(prio)), width), name))
+            candidates.append((_speculative(g, lf, width, max_rounds=200), "largest-first"))
+            candidates.append((_speculative(g, rng.permutation(n), width, max_rounds=200), "random"))
+        else:  # large: start from a spread-out colouring in few rounds, then merge classes
+            candidates.append((_speculative(g, lf, wide, max_rounds=100, spread=spread, rng=rng),
+                               "largest-first (spread)"))
     best, order = min(candidates, key=lambda c: _n_colors(c[0]))
     passes, stale, improved = 0, 0, 0
-    budget = 12 if small else 2 if order in ("largest-first", "random") else 0
+    budget = 12 if small else 6 if order.startswith(("largest-first", "random")) else 0
+    budget = min(budget, max(1, 3000 // max(_n_colors(best), 1)))  # each pass loops over the classes
     while passes < budget and stale < 3 and _n_colors(best) > lb:
         k = _n_colors(best)
         sizes = np.bincount(best, minlength=k)

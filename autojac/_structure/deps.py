@@ -158,6 +158,13 @@ def _union2(a: Deps, b: Deps) -> Deps:
     ra, rb = a.rowmap, b.rowmap
     if ra is rb and a.table is b.table:
         return a
+    for big, small in ((a, b), (b, a)):
+        # One side gives every element the same set, holding all the other side has: it is the union.
+        if big.table.shape[0] == 1 and big.rowmap.min() >= 0:
+            cols = big.table.indices
+            other = all_columns([small])
+            if np.isin(other, cols, assume_unique=True).all():
+                return big
     if _spelled_out(a) + _spelled_out(b) > UNION_LIMIT:
         CAPPED.append(f"union of {ra.shape[0]} elements too large to spell out")
         return uniform(all_columns([a, b]), ra.shape[0], a.n_in)

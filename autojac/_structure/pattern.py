@@ -92,8 +92,10 @@ class Pattern:
 
     @classmethod
     def from_csr(cls, m: sp.csr_array, **kw) -> Pattern:
-        m = sp.csr_array(m)
-        m.sum_duplicates()
+        """A pattern from the nonzero structure of a scipy sparse matrix (explicit zeros count)."""
+        if not (isinstance(m, sp.csr_array) and m.has_canonical_format):
+            m = sp.csr_array(m)
+            m.sum_duplicates()
         rows = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
         return cls(shape=m.shape, rows=rows, cols=m.indices.astype(np.int64), **kw)
 
