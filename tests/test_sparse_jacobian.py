@@ -107,3 +107,25 @@ def test_bad_sparsity_arguments():
         autojac.jacobian(stencil, x, sparsity=torch.ones(3, 3, dtype=torch.bool))
     with pytest.raises(autojac.InputError, match="`output` must be one of"):
         autojac.jacobian(stencil, x, output="coo")
+
+
+def rosenbrock(x):
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+def test_sparse_hessians_through_the_traced_gradient():
+    """The Hessian is the Jacobian of the gradient: its trace is made of backward formulas (slice_backward,
+    convolution_backward, tanh_backward...), which have exact rules, so the pattern is the Hessian's."""
+    from autojac._api.derived import _Gradient
+
+    x = t64(400)
+    conv = lambda t: torch.nn.functional.conv1d(t[None, None], torch.ones(1, 1, 3, dtype=t.dtype, device=t.device), padding=1).pow(2).sum()  # noqa: E731
+    chain = lambda t: torch.tanh(t[1:] * t[:-1]).sum() + torch.nn.functional.softplus(t).sum()  # noqa: E731
+    for f in (rosenbrock, conv, chain):
+        pattern = autojac.sparsity(_Gradient(f, 0, False), x)
+        H = torch.func.hessian(f)(x)
+        assert pattern.dense_ops == () and pattern.nnz == int((H != 0).sum())
+    x = t64(3000)
+    for _ in range(2):
+        torch.testing.assert_close(autojac.hessian(rosenbrock, x), torch.func.hessian(rosenbrock)(x))
+    assert autojac.plan(_Gradient(rosenbrock, 0, False), x).problem.layout is not None

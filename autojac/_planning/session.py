@@ -124,6 +124,17 @@ class Call:
         self.trial: str | None = None
         self.verified = False
         self.method_name = ""
+        self.work_seconds: float | None = None
+        """The chosen method's time in this call: prepare, push, assemble (not checks, not autojac's own work)."""
+
+    def collect(self, assembler) -> tuple[object, float]:
+        """The assembled result and the seconds assembling it took (part of a method's time: a dense
+        result is allocated there, a sparse one decompressed)."""
+        _sync(self.device)
+        began = time.perf_counter()
+        result = assembler.result()
+        _sync(self.device)
+        return result, time.perf_counter() - began
 
     def report(self, seconds: float | None, planned: bool) -> RunReport:
         return RunReport(self.method_name, tuple(self.chunks), seconds, self.f.count, planned, self.verified,
@@ -318,7 +329,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
                                                                start=position, assembler=assembler)
                 log.chunks += more.chunks
                 seconds += rest
-            result = assembler.result()
+            result, collecting = call.collect(assembler)
+            seconds += collecting
             if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
                 check_against(m.name, result, w, reference, problem)
                 call.verified = True
@@ -554,8 +566,8 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
         seconds = time.perf_counter() - began
         with entry.lock:
             entry.record_call(seconds)
-            if trial is None and call.method_name == entry.incumbent:
-                entry.chosen().add_run(seconds)
+            if trial is None and call.method_name == entry.incumbent and call.work_seconds is not None:
+                entry.chosen().add_run(call.work_seconds)
                 entry.warm = True
     else:
         with entry.lock:
@@ -592,7 +604,9 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         try:
             with grad_mode(call.options.create_graph):
                 assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
-                result = assembler.result()
+                result, collecting = call.collect(assembler)
+                seconds += collecting
+                call.work_seconds = seconds
                 if (not stats.verified or entry.reverify) and not (m.is_reference and problem.layout is None):
                     w = random_cotangents(problem)
                     reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
@@ -686,7 +700,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
         with grad_mode(call.options.create_graph):
             assembler, log, position, seconds, state = call.run(m, problem, sizer, after_chunk=after_first)
             if position == n:
-                result = assembler.result()
+                result, collecting = call.collect(assembler)
+                seconds += collecting
                 w = random_cotangents(problem)
                 reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
                 check_against(m.name, result, w, reference, problem)

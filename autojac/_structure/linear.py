@@ -200,6 +200,32 @@ def conv_rule(call: Call) -> list:
     return [D.union(parts)]
 
 
+@rule("convolution_backward")
+def conv_backward_rule(call: Call) -> list:
+    """(grad_input, grad_weight, grad_bias) of a convolution: grad_input is the transposed convolution of
+    grad_output with the weight (exact for a constant weight); the other two are sums over positions."""
+    g, x, w = call.arg("grad_output"), call.arg("input"), call.arg("weight")
+    gs, xs, ws = call.shape(g), call.shape(x), call.shape(w)
+    nd = len(xs) - 2
+    stride, padding, dilation = (_tuple(call.arg(n), nd) for n in ("stride", "padding", "dilation"))
+    groups = call.arg("groups", 1)
+    dg, dx, dw = call.deps(g), call.deps(x), call.deps(w)
+    wv = call.value(w)
+    everything = [d for d in (dg, dx, dw) if d is not None]
+    results = []
+    for k, (_, meta) in enumerate(call.results):
+        if not everything:
+            results.append(None)
+        elif k == 0 and tuple(meta.shape) == tuple(xs) and not call.arg("transposed", False) and all(o == 0 for o in _tuple(call.arg("output_padding", 0), nd)):
+            parts = [] if dg is None else [_transposed_input(call, dg, gs, ws, wv, xs, stride, padding, dilation, groups)]
+            if dw is not None:
+                parts.append(D.dense([dw], meta.numel))
+            results.append(D.union(parts))
+        else:
+            results.append(D.dense(everything, meta.numel))
+    return results
+
+
 def _conv_input(dx, xs, ws, wv, out, stride, padding, dilation, groups) -> D.Deps | None:
     n, cout = xs[0], ws[0]
     kshape = ws[2:]

@@ -86,7 +86,10 @@ rule("roll", "flip", "repeat", "cat", "stack", "hstack", "vstack", "index_select
      "unflatten", "flatten", "tile", "block_diag", "_unsafe_view", "view", "permute", "expand", "squeeze", "unsqueeze",
      "slice", "select", "split", "split_with_sizes", "unbind", "chunk", "narrow", "diagonal", "unfold", "t",
      "transpose", "alias", "lift_fresh", "_reshape_alias", "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk",
-     "swapaxes", "swapdims", "moveaxis", "narrow", "expand_as", "view_as", "reshape_as")(movement_rule)
+     "swapaxes", "swapdims", "moveaxis", "narrow", "expand_as", "view_as", "reshape_as",
+     # backward formulas that put a gradient back where a view took it from (zeros elsewhere)
+     "slice_backward", "select_backward", "diagonal_backward", "unfold_backward", "index_select_backward",
+     "permute_backward", "expand_backward", "_unsafe_index_put")(movement_rule)
 
 
 @rule("as_strided", "as_strided_copy", "as_strided_scatter")

@@ -63,7 +63,12 @@ def pointwise_rule(call: Call) -> list:
 
 @rule("max.other", "min.other", "normal", "native_dropout", "clamp", "clip", "lerp", "threshold_backward",
       "hardswish", "hardsigmoid", "log_sigmoid_forward", "mish", "softshrink", "hardshrink", "rrelu_with_noise",
-      "_prelu_kernel", "prelu", "celu", "selu", "silu", "elu", "gelu")
+      "_prelu_kernel", "prelu", "celu", "selu", "silu", "elu", "gelu",
+      # backward formulas of element-wise ops (what a Hessian's trace of the gradient is made of)
+      "softplus_backward", "tanh_backward", "sigmoid_backward", "gelu_backward", "silu_backward", "elu_backward",
+      "hardtanh_backward", "leaky_relu_backward", "mish_backward", "hardsigmoid_backward", "hardswish_backward",
+      "log_sigmoid_backward", "softshrink_backward", "hardshrink_backward", "logit_backward", "rrelu_with_noise_backward",
+      "_prelu_kernel_backward", "masked_fill_backward")
 def plain_pointwise(call: Call) -> list:
     """Element-wise ops the ATen `pointwise` tag does not mark."""
     return pointwise_rule(call)
