@@ -144,3 +144,16 @@ def test_batch_jacobian_bad_input():
         autojac.batch_jacobian(lambda a, b: a + b.sum(), (t64(3, 2), t64(4, 2)))
     with pytest.raises(autojac.InputTypeError, match="leading batch dimension 3"):
         autojac.batch_jacobian(lambda a: a.sum(), t64(3, 2))
+
+
+def test_torch_func_transforms_over_hessian_and_batch_jacobian():
+    x = t64(5)
+    third = torch.func.jacrev(lambda t: autojac.hessian(energy, t))(x)
+    torch.testing.assert_close(third, torch.func.jacrev(torch.func.hessian(energy))(x))
+    X = t64(3, 5, seed=1)
+    torch.testing.assert_close(torch.func.vmap(lambda t: autojac.hessian(energy, t))(X),
+                               torch.func.vmap(torch.func.hessian(energy))(X))
+    torch.testing.assert_close(torch.func.grad(lambda t: autojac.hessian(energy, t).sum())(x),
+                               torch.func.grad(lambda t: torch.func.hessian(energy)(t).sum())(x))
+    with pytest.raises(autojac.UnsupportedFunctionError, match="cannot run inside a torch.func transform"):
+        torch.func.jacrev(lambda Xb: autojac.batch_jacobian(MLP, Xb))(t64(4, 6))

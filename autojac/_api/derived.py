@@ -23,6 +23,7 @@ from torch.utils import _pytree
 
 from .._core.errors import InputError, InputTypeError, MemoryBudgetError, UnsupportedFunctionError
 from .._core.options import check_callable, refuse_unknown
+from .compose import outer_transform
 from .jacobian import jacobian
 
 
@@ -159,6 +160,11 @@ def batch_jacobian(
         raise InputTypeError("batch_jacobian: `inputs` must be a tensor or a tuple of tensors with a leading batch dimension.")
     if any(x.dim() == 0 for x in xs) or len({x.shape[0] for x in xs}) != 1:
         raise InputError(f"batch_jacobian: every input needs the same leading batch dimension, but got shapes {[tuple(x.shape) for x in xs]}.")
+    if outer_transform(xs) is not None:
+        raise UnsupportedFunctionError(
+            "batch_jacobian: cannot run inside a torch.func transform or forward-mode AD: it checks that samples are "
+            "independent by looking at values, which a transform does not allow. Compute it outside, or use "
+            "`torch.func.vmap(torch.func.jacrev(f_single))` inside the transform.")
     options = dict(mode=mode, vectorize=vectorize, chunk_size=chunk_size, memory_budget=memory_budget,
                    create_graph=create_graph, cache=cache, progress=progress)
     return _batch(f, inputs, xs, options)
