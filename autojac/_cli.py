@@ -215,7 +215,8 @@ def _plan(args) -> None:
                                    f"{list(shape)} on {args.device} failed: {_first_line(exc)} Pass a smaller shape.") from exc
         inputs = tensors[0] if len(tensors) == 1 else tuple(tensors)
     try:
-        result = autojac.plan(f, inputs, memory_budget=args.budget, mode=args.mode, vectorize=args.vectorize)
+        result = autojac.plan(f, inputs, memory_budget=args.budget, mode=args.mode, vectorize=args.vectorize,
+                              effort=args.effort, time_limit=args.time_limit)
     except autojac.AutojacError:
         raise
     except Exception as exc:
@@ -256,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget", default=None, help="memory budget: bytes, '512MiB', '2GB' or a share like 0.25")
     pl.add_argument("--mode", default="auto", choices=MODES, help="differentiation mode (default: auto)")
     pl.add_argument("--vectorize", default="auto", choices=VECTORIZATIONS, help="how products are batched (default: auto)")
+    pl.add_argument("--effort", default="measure", choices=["estimate", "measure", "exhaustive"],
+                    help="estimate: the rules alone; measure: one Jacobian (default); exhaustive: try every alternative")
+    pl.add_argument("--time-limit", type=float, default=None, help="seconds the exhaustive search may take")
     pl.set_defaults(run=_plan)
     b = sub.add_parser("bench", parents=[common],
                        help="run the benchmark suite against torch.func, torch.autograd and the seed methods")
