@@ -31,6 +31,18 @@ class Candidate:
     def feasible(self) -> bool:
         return self.status in ("chosen", "measured", "slower", "untried")
 
+    def brief(self) -> str:
+        """The name and what decided it, without the status (`Plan.__str__` groups by status)."""
+        if self.seconds is not None:
+            detail = f"{seconds_text(self.seconds)}, fastest of {self.runs}"
+        elif self.reason:
+            detail = self.reason
+        elif self.predicted_seconds is not None:
+            detail = f"predicted {seconds_text(self.predicted_seconds)}"
+        else:
+            detail = ""
+        return f"{self.name} ({detail})" if detail else self.name
+
     def describe(self) -> str:
         parts = [f"{self.name}: {self.status}"]
         if self.seconds is not None:
@@ -104,9 +116,12 @@ class Plan:
         if facts:
             text += " (" + ", ".join(facts) + ")"
         text += f". {self.reason}"
-        others = [c.describe() for c in self.candidates if c.name != self.name]
-        if others:
-            text += " Others: " + "; ".join(others) + "."
+        groups = {"measured": "Measured", "slower": "Stopped early", "untried": "To try", "not tried": "Not tried",
+                  "failed": "Failed"}
+        for status, label in groups.items():
+            items = [c.brief() for c in self.candidates if c.status == status and c.name != self.name]
+            if items:
+                text += f" {label}: " + "; ".join(items) + "."
         return text
 
 
