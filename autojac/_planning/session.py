@@ -245,7 +245,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     structure_pending = False  # NOTE: [When structure is worth finding]
     if options.sparsity is not None and compute:
         if isinstance(options.sparsity, str):
-            structure_pending = might_pay(problem, region.seconds, vjp_seconds)
+            structure_pending = might_pay(problem, min(region.seconds, vjp_seconds), vjp_seconds)
             note = "" if structure_pending else "not looked for: the dense Jacobian is too short to pay for a trace"
         else:
             layout, note = _find_layout(call, problem)
@@ -293,7 +293,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
                 return True
             structure_pending = False
             projected = sum(c.seconds for c in log.chunks) * n / max(sum(c.size for c in log.chunks), 1)
-            verdict["look"] = worth_detecting(projected, region.seconds)
+            verdict["look"] = worth_detecting(projected, min(region.seconds, vjp_seconds))  # one noisy timing less
             verdict["projected"] = projected
             return not verdict["look"]
         try:
