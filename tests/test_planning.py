@@ -111,8 +111,12 @@ def test_growing_chunks_grow_at_most_4x_and_stop_when_a_larger_chunk_does_not_pa
     assert cost_model.next_chunk(1000, [10], line, 1e6, None) == 40  # 4x the largest so far
     paid = [(10, 1.0), (40, 0.5)]
     assert cost_model.next_chunk(1000, [10, 40], line, 1e6, None, paid) == 160
-    unpaid = [(10, 1.0), (40, 0.99)]
-    assert cost_model.next_chunk(1000, [10, 40], line, 1e6, None, unpaid) == 40
+    unpaid = [(100, 1.0), (400, 0.99)]
+    assert cost_model.next_chunk(10000, [100, 400], line, 1e6, None, unpaid) == 400
+    # small chunks are not judged by their noisy timings: they grow
+    assert cost_model.next_chunk(1000, [10, 40], line, 1e6, None, [(10, 1.0), (40, 0.99)]) == 160
+    # the prior keeps a reserve back for workspaces it cannot know about
+    assert cost_model.next_chunk(1000, [], None, 115.0, 10.0, reserve_bytes=57.5) == 5
 
 
 @settings(max_examples=200, deadline=None)

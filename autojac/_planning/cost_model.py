@@ -14,7 +14,10 @@ MEMORY_SAFETY = 1.15
 GROWTH = 4
 """A chunk may be at most this many times the largest one measured so far (extrapolation stays short)."""
 PAYS = 0.95
-"""A larger chunk pays if its time per vector is below this share of the smaller one's."""
+"""A larger chunk pays if its time per vector is below this share of the smaller one's..."""
+PAYS_FROM = 64
+"""...compared only from this many vectors a chunk: below it, per-chunk overhead always makes growing pay,
+and the timings of small chunks are too noisy to stop on."""
 
 
 def n_chunks(n: int, chunk_size: int) -> int:
@@ -77,12 +80,14 @@ def next_chunk(
     seconds_per_vector: Sequence[tuple[int, float]] = (),
     minimum: int = 1,
     first: int | None = None,
+    reserve_bytes: float = 0.0,
 ) -> int:
     """How many basis vectors the next chunk of a growing run takes (before balancing).
 
     - Memory: everything left if there is no budget to keep; else what the
       measured memory line lets fit, or before any measurement what the prior
-      (bytes per vector, charged in full) lets fit.
+      (bytes per vector, charged in full) lets fit in the room less `reserve_bytes`
+      (workspaces a measurement would see, which the prior does not know).
     - The first chunk is at most `first` (a run expected to be long starts small,
       so that its time is known early); later chunks are at most GROWTH times the
       largest so far, and no larger than the largest once a larger chunk stopped
@@ -93,7 +98,7 @@ def next_chunk(
     elif memory is not None:
         k = largest_fitting(memory, room_bytes, n_left)
     elif prior_bytes_per_vector:
-        k = int(room_bytes / MEMORY_SAFETY // prior_bytes_per_vector)
+        k = int(max(room_bytes - reserve_bytes, 0) / MEMORY_SAFETY // prior_bytes_per_vector)
     else:
         k = n_left
     if not sizes_done:
@@ -104,7 +109,8 @@ def next_chunk(
         if len(seconds_per_vector) >= 2:
             ranked = sorted(seconds_per_vector)
             (k_small, t_small), (k_big, t_big) = ranked[0], ranked[-1]
-            if k_big > k_small and t_big > PAYS * t_small:
+            # Only among chunks large enough to time well: small chunks always pay to grow.
+            if k_big > k_small >= PAYS_FROM and t_big > PAYS * t_small:
                 k = min(k, k_big)
     return max(minimum, min(n_left, k))
 

@@ -198,6 +198,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     options, device = call.options, call.device
     began = time.perf_counter()
     budget = parse_budget(options.budget, free_memory(device).free_bytes, call.who, total=total_bytes(device))
+    # NOTE: [The CPU reserve]: BLAS and OpenMP workspaces appear in the peak RSS the meter reads, so measured
+    # chunks include them; a first chunk sized by the prior alone keeps this much back for them.
     reserve = untracked_reserve(device)
     region = call.meter.region() if _measure_first_evaluation(options, device) else Timed(device)
     with region:
@@ -213,13 +215,13 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     graph_bytes = region.peak_bytes
     if graph_bytes is None and device.type == "cpu":  # not measured: bounded by how fast pages can be touched
         graph_bytes = int(CPU_TOUCH_BYTES_PER_SECOND * region.seconds)
-    fixed = problem.result_bytes + reserve + (graph_bytes or 0)
-    if fixed > budget:
+    fixed = problem.result_bytes + (graph_bytes or 0)
+    measured_forward = region.peak_bytes is not None
+    if problem.result_bytes + (graph_bytes if measured_forward else 0) > budget:
         raise MemoryBudgetError(
             f"{call.who}: the memory budget is {format_bytes(budget)}, but the Jacobian alone "
             f"({problem.n_out} x {problem.n_in}) takes {format_bytes(problem.result_bytes)}"
-            + (f" and the forward pass {format_bytes(graph_bytes)}" if graph_bytes else "")
-            + (f", plus the {format_bytes(reserve)} workspace reserve" if reserve else "")
+            + (f" and the forward pass {format_bytes(graph_bytes)}" if measured_forward and graph_bytes else "")
             + ". Raise `memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time."
         )
     if options.strict:
@@ -282,7 +284,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
             first = min(first or n, -(-n // STRUCTURE_SLICES), STRUCTURE_SLICE_MAX)
         sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
                       room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
-                      timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first)
+                      timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
+                      reserve_bytes=reserve)
         progress = Progress(options.progress, n, m.name)
         adopted = False
         verdict: dict[str, object] = {}
@@ -303,8 +306,10 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
                 with grad_mode(options.create_graph):
                     state = method.adopt(graph)
                 adopted = state is not None
-                if not adopted:
-                    graph = None  # free the plain graph: this method evaluates `f` its own way
+                if not adopted and options.budget is not None:
+                    # Under a budget, free the plain graph: this method evaluates `f` its own way. Without one,
+                    # keep it for a fallback that can start from it (no extra evaluation if this one fails).
+                    graph = None
             adopt_seconds = time.perf_counter() - t
             with grad_mode(options.create_graph):
                 assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state, progress=progress,
@@ -323,7 +328,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
                     continue
                 # No structure worth it: the dense run goes on, its chunks no longer held to the slice's size.
                 sizer = Sizer(sizer.fixed, room_bytes=sizer.room, prior_bytes_per_vector=sizer.prior, memory=sizer.points,
-                              timed=True, measured=sizer.measured, minimum=sizer.minimum)
+                              timed=True, measured=sizer.measured, minimum=sizer.minimum, reserve_bytes=sizer.reserve)
                 with grad_mode(options.create_graph):
                     assembler, more, _, rest, state = call.run(m, problem, sizer, state=state, progress=progress,
                                                                start=position, assembler=assembler)
@@ -337,6 +342,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         except Exception as exc:  # noqa: BLE001 - every failure of a method is a reason to try the next
             failure = exc
         else:
+            graph = None
             evaluation = region.seconds if adopted else 0.0  # the evaluation it started from is part of its cost
             stats.add_run(evaluation + adopt_seconds + seconds)
             stats.verified, stats.status = True, "chosen"
@@ -594,7 +600,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         if unmeasured:  # a plan made by the rules alone, or a fallback never run: measure as a first call would
             prior = PRIOR_FACTOR * (max(problem.in_bytes, problem.out_bytes) + entry.fixed_bytes - problem.result_bytes)
             sizer = Sizer(None if entry.options.chunk_size is None else min(entry.options.chunk_size, max(n, 1)),
-                          room_bytes=room, prior_bytes_per_vector=prior, timed=True,
+                          room_bytes=room, prior_bytes_per_vector=prior, timed=True, reserve_bytes=untracked_reserve(call.device),
                           measured=(call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room,
                           minimum=2 if m.vectorize == "vmap" and n >= 2 else 1)
         else:
@@ -681,7 +687,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     line = inc.memory_line()
     prior = (PRIOR_FACTOR * line.per_vector) if line is not None else PRIOR_FACTOR * max(problem.in_bytes, problem.out_bytes)
     measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
-    sizer = Sizer(trial.slice_vectors, timed=True, measured=measured, room_bytes=room, prior_bytes_per_vector=prior)
+    sizer = Sizer(trial.slice_vectors, timed=True, measured=measured, room_bytes=room, prior_bytes_per_vector=prior,
+                  reserve_bytes=untracked_reserve(call.device))
     call.trial = m.name
     verdict = {"stopped": False}
 

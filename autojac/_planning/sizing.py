@@ -18,9 +18,11 @@ class Sizer:
 
     def __init__(self, chunk_size: int | None = None, *, room_bytes: float | None = None,
                  prior_bytes_per_vector: float | None = None, memory: Sequence[tuple[int, float]] = (),
-                 timed: bool = False, measured: bool = False, minimum: int = 1, first: int | None = None) -> None:
+                 timed: bool = False, measured: bool = False, minimum: int = 1, first: int | None = None,
+                 reserve_bytes: float = 0.0) -> None:
         self.fixed = chunk_size
         self.first = first
+        self.reserve = reserve_bytes
         self.room = room_bytes
         self.prior = prior_bytes_per_vector
         self.points = list(memory)
@@ -37,7 +39,8 @@ class Sizer:
             k = self.fixed
         else:
             line = fit_line(self.points) if self.points else None
-            k = next_chunk(n_left, self.sizes, line, self.room, self.prior, self.rates, self.minimum, self.first)
+            k = next_chunk(n_left, self.sizes, line, self.room, self.prior, self.rates, self.minimum, self.first,
+                           self.reserve)
         if self.ceiling is not None:
             k = min(k, self.ceiling)
         return balanced(n_left, max(1, min(k, n_left)))
