@@ -54,7 +54,17 @@ def test_python_dash_m_and_bench_on_one_tiny_problem(tmp_path, monkeypatch):
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     names = {r["contestant"] for r in data["rows"] if "seconds" in r}
     assert names == {"autojac", "func.jacrev", "seed simple loop"}
-    assert next(tmp_path.glob("*.md")).read_text().count("| tiny |") == 1
+    auto = next(r for r in data["rows"] if r["contestant"] == "autojac")
+    # the first calls, the calls until the plan settled, evaluations of f: autojac's own and a counted peer's
+    assert len(auto["first_call_samples"]) == 3 and auto["first_call_seconds"] > 0 and auto["settle_calls"] >= 10
+    assert len(auto["call_seconds"]) == auto["settle_calls"] and auto["settled_seconds"] > 0
+    assert auto["evaluations"] >= 1 and min(auto["first_evaluations"]) >= 1
+    assert next(r for r in data["rows"] if r["contestant"] == "func.jacrev")["evaluations"] == 1
+    assert {(c["problem"], c["style"]) for c in data["closures"]} == {("tiny", "lambda"), ("tiny", "partial")}
+    assert all(c["planned_steps"] == 1 and c["ratio"] > 0 for c in data["closures"])
+    text = next(tmp_path.glob("*.md")).read_text()
+    assert text.count("| tiny |") == 6  # summary, first calls, settling, evaluations, two closure loops
+    assert "## Acceptance" in text and "| 5 | Budget" in text and "not measured: run `python benchmarks/budget_sweep.py`" in text
     out = subprocess.run([sys.executable, "-m", "autojac", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "bench" in out.stdout
 
