@@ -157,3 +157,33 @@ def test_torch_func_transforms_over_hessian_and_batch_jacobian():
                                torch.func.grad(lambda t: torch.func.hessian(energy)(t).sum())(x))
     with pytest.raises(autojac.UnsupportedFunctionError, match="cannot run inside a torch.func transform"):
         torch.func.jacrev(lambda Xb: autojac.batch_jacobian(MLP, Xb))(t64(4, 6))
+
+
+def test_plans_of_hessians_and_batch_jacobians_are_the_ones_they_run():
+    x = t64(6)
+    p = autojac.plan(energy, x, kind="hessian")
+    torch.testing.assert_close(autojac.hessian(energy, x, plan=p), torch.autograd.functional.hessian(energy, x))
+    assert autojac.last_report().method == p.name
+    X = t64(10, 6)
+    p = autojac.plan(MLP, X, kind="batch_jacobian")
+    assert (p.problem.n_in, p.problem.n_out) == (60, 4)  # the sum trick: 4 passes for the whole batch
+    torch.testing.assert_close(autojac.batch_jacobian(MLP, X, plan=p), per_sample(MLP, X))
+    with pytest.raises(autojac.InputError, match="`kind` must be"):
+        autojac.plan(energy, x, kind="jvp")
+
+
+def test_batch_jacobian_checks_independence_once_per_function():
+    calls = []
+
+    def f(X):
+        calls.append(1)
+        return MLP(X)
+
+    X = t64(12, 6)
+    autojac.batch_jacobian(f, X)
+    calls.clear()
+    reported = 0
+    for _ in range(5):
+        autojac.batch_jacobian(f, X)
+        reported += autojac.last_report().evaluations
+    assert len(calls) == reported  # no evaluation besides the Jacobian's own

@@ -15,6 +15,7 @@ the plan.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,9 @@ import torch
 from torch.utils import _pytree
 
 from .._core.errors import InputError, InputTypeError, MemoryBudgetError, UnsupportedFunctionError
+from .._core.evaluation import Evaluator, module_modes
 from .._core.options import check_callable, refuse_unknown
+from .._planning.keys import describe_function
 from .compose import outer_transform
 from .jacobian import jacobian
 
@@ -79,11 +82,16 @@ def hessian(
                 [ 0., 12.]], dtype=torch.float64)
     """
     check_callable(f, "hessian")
-    n_args = len(inputs) if type(inputs) is tuple else 1
-    grad_argnums = argnums if argnums is not None else (tuple(range(n_args)) if type(inputs) is tuple else 0)
-    if type(inputs) is not tuple and argnums is None:
-        return jacobian(_Gradient(f, 0, has_aux), inputs, has_aux=has_aux, **options)
-    return jacobian(_Gradient(f, grad_argnums, has_aux), inputs, argnums=argnums, has_aux=has_aux, **options)
+    target, argnums = gradient_target(f, inputs, argnums, has_aux)
+    return jacobian(target, inputs, argnums=argnums, has_aux=has_aux, **options)
+
+
+def gradient_target(f: Callable, inputs: Any, argnums, has_aux: bool) -> tuple[_Gradient, Any]:
+    """(the gradient function whose Jacobian is the Hessian, the argnums `jacobian` gets)."""
+    as_args = type(inputs) is tuple
+    if argnums is None:
+        return _Gradient(f, tuple(range(len(inputs))) if as_args else 0, has_aux), None
+    return _Gradient(f, argnums, has_aux), argnums
 
 
 class _SumOverBatch:
@@ -127,6 +135,7 @@ def batch_jacobian(
     create_graph: bool = False,
     cache: bool = True,
     progress: bool | None = None,
+    plan: object = None,
     **unknown: object,
 ):
     """Per-sample Jacobians of a batched `f`: block b is the Jacobian of sample b's output in sample b's input.
@@ -155,11 +164,7 @@ def batch_jacobian(
     """
     refuse_unknown(unknown, "batch_jacobian")
     check_callable(f, "batch_jacobian")
-    xs = inputs if type(inputs) is tuple else (inputs,)
-    if not xs or any(not isinstance(x, torch.Tensor) for x in xs):
-        raise InputTypeError("batch_jacobian: `inputs` must be a tensor or a tuple of tensors with a leading batch dimension.")
-    if any(x.dim() == 0 for x in xs) or len({x.shape[0] for x in xs}) != 1:
-        raise InputError(f"batch_jacobian: every input needs the same leading batch dimension, but got shapes {[tuple(x.shape) for x in xs]}.")
+    xs = _check_batch_inputs(inputs, "batch_jacobian")
     if outer_transform(xs) is not None:
         raise UnsupportedFunctionError(
             "batch_jacobian: cannot run inside a torch.func transform or forward-mode AD: it checks that samples are "
@@ -167,33 +172,78 @@ def batch_jacobian(
             "`torch.func.vmap(torch.func.jacrev(f_single))` inside the transform.")
     options = dict(mode=mode, vectorize=vectorize, chunk_size=chunk_size, memory_budget=memory_budget,
                    create_graph=create_graph, cache=cache, progress=progress)
+    if plan is not None:  # a plan from autojac.plan(..., kind="batch_jacobian") fixes everything else
+        options = dict(create_graph=create_graph, cache=cache, progress=progress, plan=plan, mode=mode)
     return _batch(f, inputs, xs, options)
+
+
+def _check_batch_inputs(inputs, who: str) -> tuple[torch.Tensor, ...]:
+    xs = inputs if type(inputs) is tuple else (inputs,)
+    if not xs or any(not isinstance(x, torch.Tensor) for x in xs):
+        raise InputTypeError(f"{who}: `inputs` must be a tensor or a tuple of tensors with a leading batch dimension.")
+    if any(x.dim() == 0 for x in xs) or len({x.shape[0] for x in xs}) != 1:
+        raise InputError(f"{who}: every input needs the same leading batch dimension, but got shapes {[tuple(x.shape) for x in xs]}.")
+    return xs
+
+
+_BATCH_FACTS: collections.OrderedDict = collections.OrderedDict()
+"""Per function key and input signature: the output leaves' feature dims, once `f` passed the independence check."""
+
+
+def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) -> tuple[list[int], int]:
+    """(each output's number of feature dims, output features per sample), checked once per function key."""
+    function_key, modules = describe_function(f)
+    key = (function_key, tuple((tuple(x.shape), x.dtype, x.device) for x in xs), torch.is_grad_enabled(),
+           module_modes(modules))
+    known = _BATCH_FACTS.get(key)
+    if known is not None:
+        _BATCH_FACTS.move_to_end(key)
+        return known
+    evaluator = Evaluator(f, xs[0].device, modules)
+    known = evaluator.isolated(lambda raw: _shapes_and_independence(raw, xs, batch))  # invisible: state put back
+    _BATCH_FACTS[key] = known
+    while len(_BATCH_FACTS) > 256:
+        _BATCH_FACTS.popitem(last=False)
+    return known
+
+
+def _shapes_and_independence(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) -> tuple[list[int], int]:
+    leaves = tuple(x.detach().clone().requires_grad_() for x in xs)
+    with torch.enable_grad():
+        ys = _leaves(f(*leaves))
+    if not ys or any(not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != batch for y in ys):
+        shapes = [tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__ for y in ys]
+        raise InputTypeError(f"batch_jacobian: `f` must return tensors with the inputs' leading batch dimension {batch}, but it returned {shapes}.")
+    _check_independent(leaves, ys, batch)
+    return [y.dim() - 1 for y in ys], sum(y[0].numel() for y in ys)
+
+
+def batch_target(f: Callable, inputs, mode: str, who: str):
+    """(the function `batch_jacobian` differentiates, its inputs): the sum over the batch, or the broadcast."""
+    xs = _check_batch_inputs(inputs, who)
+    batch = xs[0].shape[0]
+    out_dims, out_features = _batch_facts(f, xs, batch)
+    in_features = sum(x[0].numel() for x in xs)
+    if mode == "reverse" or (mode == "auto" and out_features <= in_features):
+        return _SumOverBatch(f), inputs
+    zeros = tuple(torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device) for x in xs)
+    return _Broadcast(f, xs), (zeros if type(inputs) is tuple else zeros[0])
 
 
 def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict):
     batch = xs[0].shape[0]
-    with torch.no_grad():
-        out = f(*(x.detach() for x in xs))
-    ys = _leaves(out)
-    if not ys or any(not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != batch for y in ys):
-        shapes = [tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__ for y in ys]
-        raise InputTypeError(f"batch_jacobian: `f` must return tensors with the inputs' leading batch dimension {batch}, but it returned {shapes}.")
-    _check_independent(f, xs, batch)
-    out_features = sum(y[0].numel() for y in ys)
-    in_features = sum(x[0].numel() for x in xs)
-    mode = options["mode"]
-    reverse = mode == "reverse" or (mode == "auto" and out_features <= in_features)
+    out_dims, _ = _batch_facts(f, xs, batch)
     try:
-        if reverse:
-            jac = jacobian(_SumOverBatch(f), inputs, **options)
+        target, target_inputs = batch_target(f, inputs, options["mode"], "batch_jacobian")
+        jac = jacobian(target, target_inputs, **options)
+        if isinstance(target, _SumOverBatch):
             # Blocks of the sum's Jacobian are (*out[1:], B, *in[1:]), output-major: bring the batch first.
             blocks, spec = _pytree.tree_flatten(jac)
-            moved = [b.movedim(ys[k // len(xs)].dim() - 1, 0).contiguous() for k, b in enumerate(blocks)]
+            moved = [b.movedim(out_dims[k // len(xs)], 0).contiguous() for k, b in enumerate(blocks)]
             return _pytree.tree_unflatten(moved, spec)
-        zeros = tuple(torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device) for x in xs)
-        return jacobian(_Broadcast(f, xs), zeros if type(inputs) is tuple else zeros[0], **options)
+        return jac
     except MemoryBudgetError:
-        if batch == 1:
+        if batch == 1 or options.get("plan") is not None:
             raise
         half = batch // 2
         parts = [_batch(f, _slice(inputs, a, b), tuple(x[a:b] for x in xs), options) for a, b in ((0, half), (half, batch))]
@@ -204,15 +254,13 @@ def _slice(inputs, a: int, b: int):
     return tuple(x[a:b] for x in inputs) if type(inputs) is tuple else inputs[a:b]
 
 
-def _check_independent(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) -> None:
+def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor], batch: int) -> None:
     """Refuse an `f` whose samples are not independent: one VJP from a random sample must reach no other sample."""
     if batch < 2:
         return
-    generator = torch.Generator(device=xs[0].device).manual_seed(0xBA7C)
-    sample = int(torch.randint(batch, (1,), generator=generator, device=xs[0].device))
-    leaves = tuple(x.detach().clone().requires_grad_() for x in xs)
+    generator = torch.Generator(device=leaves[0].device).manual_seed(0xBA7C)
+    sample = int(torch.randint(batch, (1,), generator=generator, device=leaves[0].device))
     with torch.enable_grad():
-        ys = _leaves(f(*leaves))
         cotangents = []
         for y in ys:
             w = torch.zeros_like(y)

@@ -354,6 +354,9 @@ def plan(
     time_limit: float | None = None,
     argnums: int | tuple[int, ...] | None = None,
     has_aux: bool = False,
+    sparsity: object = "auto",
+    output: str = "dense",
+    kind: str = "jacobian",
     **unknown: object,
 ) -> Plan:
     """Decide how `jacobian(f, inputs, ...)` runs, and show why, as a `Plan`.
@@ -366,11 +369,16 @@ def plan(
     Jacobians until the plan settles or `time_limit` seconds pass (`autojac.tune`).
     The plan is cached as `jacobian` would cache it, so later calls use it. Takes
     the same options as `jacobian`; the rules are in its docstring.
+
+    `kind="hessian"` or `"batch_jacobian"` plans what `autojac.hessian` or
+    `autojac.batch_jacobian` would run with the same arguments (both take the
+    plan back with `plan=`).
     """
     refuse_unknown(unknown, "plan")
+    f, inputs, argnums = _of_kind(kind, f, inputs, argnums, has_aux, mode, "plan")
     return _plan("plan", f, inputs, effort, time_limit, argnums, has_aux, dict(
         mode=mode, vectorize=vectorize, chunk_size=chunk_size, memory_budget=memory_budget, create_graph=create_graph,
-        strict=strict, cache=cache))
+        strict=strict, cache=cache, sparsity=sparsity, output=output))
 
 
 def tune(
@@ -386,6 +394,9 @@ def tune(
     cache: bool = True,
     argnums: int | tuple[int, ...] | None = None,
     has_aux: bool = False,
+    sparsity: object = "auto",
+    output: str = "dense",
+    kind: str = "jacobian",
     **unknown: object,
 ) -> Plan:
     """Exhaustive search: time every alternative on whole Jacobians until the plan settles (or `time_limit` s).
@@ -394,9 +405,25 @@ def tune(
     same function, inputs and options use the settled plan and measure nothing.
     """
     refuse_unknown(unknown, "tune")
+    f, inputs, argnums = _of_kind(kind, f, inputs, argnums, has_aux, mode, "tune")
     return _plan("tune", f, inputs, "exhaustive", time_limit, argnums, has_aux, dict(
         mode=mode, vectorize=vectorize, chunk_size=chunk_size, memory_budget=memory_budget, create_graph=create_graph,
-        cache=cache))
+        cache=cache, sparsity=sparsity, output=output))
+
+
+def _of_kind(kind: str, f, inputs, argnums, has_aux: bool, mode: str, who: str):
+    """(function, inputs, argnums) that `hessian` / `batch_jacobian` hand to `jacobian`, for a plan of those."""
+    if kind == "jacobian":
+        return f, inputs, argnums
+    from .derived import batch_target, gradient_target
+
+    if kind == "hessian":
+        target, argnums = gradient_target(f, inputs, argnums, has_aux)
+        return target, inputs, argnums
+    if kind == "batch_jacobian":
+        target, target_inputs = batch_target(f, inputs, mode, who)
+        return target, target_inputs, None
+    raise InputError(f"{who}: `kind` must be 'jacobian', 'hessian' or 'batch_jacobian', but got {kind!r}.")
 
 
 def _plan(who: str, f, inputs, effort: str, time_limit, argnums, has_aux, raw: dict[str, Any]) -> Plan:

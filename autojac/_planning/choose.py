@@ -16,7 +16,7 @@ LOOP_MAX = 4
 """A basis of at most this many vectors is pushed one vector at a time (a loop has no vmap overhead)."""
 PRUNE_PASSES = 4
 """A mode needing more than this many times the passes of the other is not tried (unless asked for)."""
-PRUNE_PREDICTED = 2.0
+PRUNE_PREDICTED = 4.0
 """An alternative predicted to take more than this many times the incumbent's time is not tried."""
 ABORT_PROJECTED = 1.5
 """A trial whose first slice projects to more than this many times the incumbent's time stops there."""
