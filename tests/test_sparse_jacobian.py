@@ -129,3 +129,18 @@ def test_sparse_hessians_through_the_traced_gradient():
     for _ in range(2):
         torch.testing.assert_close(autojac.hessian(rosenbrock, x), torch.func.hessian(rosenbrock)(x))
     assert autojac.plan(_Gradient(rosenbrock, 0, False), x).problem.layout is not None
+
+
+def test_only_the_colourings_that_can_matter_are_computed():
+    from autojac._planning.structure import colorings
+
+    rows, columns = colorings(autojac.sparsity(brusselator, t64(2 * 16 * 16)))
+    assert "symmetric" in columns.order and (rows.colors == columns.colors).all()
+    dense_row = lambda t: torch.cat([t.sin(), t.sum()[None]])  # noqa: E731
+    rows, columns = colorings(autojac.sparsity(dense_row, t64(500)))
+    assert rows.n_colors == 2 and columns.n_colors == 500 and "not coloured" in columns.order
+    x = t64(2500)
+    for _ in range(2):
+        torch.testing.assert_close(autojac.jacobian(dense_row, x, sparsity=autojac.sparsity(dense_row, x).to_dense()),
+                                   torch.func.jacrev(dense_row)(x))
+    assert autojac.last_report().chunk_sizes[-1] <= 2  # two reverse passes for 2501 rows

@@ -23,7 +23,9 @@ import torch
 from .._core.errors import InputError
 from .._core.problem import Problem
 from .._execute.sparse import SparseLayout
-from .._structure import Pattern, color_columns, color_rows, detect
+import numpy as np
+
+from .._structure import Coloring, Pattern, color_columns, color_rows, detect
 
 logger = logging.getLogger("autojac")
 
@@ -46,6 +48,37 @@ def might_pay(problem: Problem, eval_seconds: float, vjp_seconds: float) -> bool
 def worth_detecting(projected_dense_seconds: float, eval_seconds: float) -> bool:
     """Whether the trace is estimated under DETECT_SHARE of the dense Jacobian's projected time."""
     return TRACE_FACTOR * eval_seconds < DETECT_SHARE * projected_dense_seconds
+
+
+def colorings(pattern: Pattern) -> tuple[Coloring, Coloring]:
+    """(row colouring, column colouring), paying for only what can matter.
+
+    The side with the smaller lower bound is coloured first; the other only if
+    its lower bound is below the colours found (else it cannot be the one used,
+    and gets the trivial colouring, one colour per row or column). A structurally
+    symmetric pattern (a stencil, a Hessian) is coloured once: its row colouring is
+    its column colouring.
+    """
+    lower_rows, lower_cols = pattern.max_col_nnz, pattern.max_row_nnz
+    first_rows = lower_rows <= lower_cols
+    first = color_rows(pattern) if first_rows else color_columns(pattern)
+    if pattern.shape[0] == pattern.shape[1] and _symmetric(pattern):
+        other = Coloring("column" if first_rows else "row", first.colors, first.n_colors, first.lower_bound,
+                         first.order + " (symmetric pattern)", 0.0)
+    elif (lower_cols if first_rows else lower_rows) < first.n_colors:
+        other = color_columns(pattern) if first_rows else color_rows(pattern)
+    else:
+        n = pattern.shape[1] if first_rows else pattern.shape[0]
+        other = Coloring("column" if first_rows else "row", np.arange(n), n, lower_cols if first_rows else lower_rows,
+                         "not coloured: its lower bound is above the other side's colours", 0.0)
+    return (first, other) if first_rows else (other, first)
+
+
+def _symmetric(pattern: Pattern) -> bool:
+    n = pattern.shape[0]
+    forward = pattern.rows * n + pattern.cols  # sorted row-major already
+    backward = np.sort(pattern.cols * n + pattern.rows)
+    return bool(np.array_equal(forward, backward))
 
 
 def user_pattern(mask: object, problem: Problem, who: str) -> Pattern:
@@ -75,7 +108,7 @@ def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str)
             return None, f"structure detection failed ({type(exc).__name__}); dense"
     else:
         pattern = user_pattern(sparsity, problem, who)
-    rows, columns = color_rows(pattern), color_columns(pattern)
+    rows, columns = colorings(pattern)
     dense_passes = min(problem.n_in, problem.n_out)
     compressed = min(rows.n_colors, columns.n_colors)
     if isinstance(sparsity, str) and compressed > SAVES * dense_passes:
