@@ -1,8 +1,9 @@
 """Peak extra memory and wall time of a region of work, from counters the allocator or kernel keep anyway:
-the CUDA caching allocator's peak, or on Linux the resettable peak RSS (VmHWM), at a few microseconds a region."""
+the CUDA caching allocator's peak, or on Linux the resettable peak RSS (VmHWM), at tens of microseconds a region."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -37,6 +38,9 @@ class _Counter:
     def reset(self) -> None:
         raise NotImplementedError
 
+    def trim(self) -> None:
+        pass
+
 
 class _RssCounter(_Counter):
     """Linux: VmRSS and VmHWM from /proc/self/status; writing "5" to clear_refs resets VmHWM to VmRSS."""
@@ -47,10 +51,29 @@ class _RssCounter(_Counter):
         super().__init__()
         # Opened once: a region then costs two preads and a write, not four open/close pairs.
         self._status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            self._clear = None  # can still read the peak (process_peak_rss), not reset it
+        self.read()  # fails here, not in a region, where /proc/self/status lacks the fields
+        self._clear: int | None = None  # set by `probe`
+        self._probed = False
+        self._malloc_trim = None
+
+    def probe(self) -> bool:
+        """Whether the peak can be reset: clear_refs is writable and takes "5" (kernels before 4.0
+        refuse it). Tried once, by the first CPU meter, so before any region can be open; reading
+        the peak (process_peak_rss) alone never resets it."""
+        if not self._probed:
+            self._probed = True
+            try:
+                clear = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+            try:
+                self.seen = max(self.seen, self.read()[1])  # the write resets the peak
+                os.write(clear, b"5")
+            except OSError:
+                os.close(clear)
+                return False
+            self._clear = clear
+        return self._clear is not None
 
     def read(self) -> tuple[int, int]:
         # VmHWM and VmRSS are in the first ~600 bytes; the kernel formats the whole file anyway.
@@ -59,6 +82,14 @@ class _RssCounter(_Counter):
 
     def reset(self) -> None:
         os.write(self._clear, b"5")
+
+    def trim(self) -> None:
+        if self._malloc_trim is None:
+            try:
+                self._malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc only
+            except (OSError, AttributeError):
+                self._malloc_trim = lambda pad: 0
+        self._malloc_trim(0)
 
 
 def _kib_field(text: bytes, key: bytes) -> int:
@@ -95,7 +126,7 @@ def _shared_counter(key: Any, make) -> _Counter | None:
         if key not in _counters:
             try:
                 _counters[key] = make()
-            except OSError:  # no /proc (not Linux), or not allowed to read it
+            except (OSError, ValueError):  # no /proc (not Linux), not allowed to read it, or no VmHWM in it
                 _counters[key] = None
         return _counters[key]
 
@@ -111,6 +142,9 @@ def _after_fork_in_child() -> None:
     for counter in _counters.values():
         if counter is not None:
             counter.dead = True
+            for fd in (getattr(counter, "_status", None), getattr(counter, "_clear", None)):
+                if fd is not None:
+                    os.close(fd)
     _counters.clear()
     _counters_lock = threading.Lock()
 
@@ -127,12 +161,16 @@ class Region:
     measuring at the same time, or a fork inside the region. `seconds` is the wall time
     (CUDA-synchronized) of the work, without the measuring.
 
+    Both counters belong to the whole process (or device): what other threads allocate in
+    the meantime counts, and what they free can hide some of the region's own use.
+
     Regions nest within one thread: an inner region's reset first hands the peak read so far
     to the region around it, so both readings are right.
     """
 
-    def __init__(self, counter: _Counter | None) -> None:
+    def __init__(self, counter: _Counter | None, trim: bool = False) -> None:
         self._counter = counter
+        self._trim = trim
         self._held = False
         self._start = 0
         self._high = 0
@@ -148,9 +186,11 @@ class Region:
 
     def __enter__(self) -> Region:
         counter = self._counter
-        if counter is not None and counter.lock.acquire(blocking=False):
+        if counter is not None and not counter.dead and counter.lock.acquire(blocking=False):
             self._held = True
             try:
+                if self._trim:
+                    counter.trim()
                 counter.sync()
                 self._start, peak = counter.read()
                 self._note(peak)  # before the reset erases it
@@ -189,6 +229,11 @@ class PeakMeter:
     `kind` says what is read: "cuda allocator" (bytes allocated through the caching
     allocator), "peak RSS" (resident memory of the whole process, Linux), or "none"
     (regions report `peak_bytes` None). `cuda` replaces `torch.cuda` (for tests).
+
+    Peak RSS counts only pages the work newly touches. glibc's malloc keeps freed blocks
+    under its mmap threshold (dynamic, up to 32 MiB) for reuse, so in a long-lived process
+    readings match the work's need only if the process started with
+    MALLOC_MMAP_THRESHOLD_=131072; see benchmarks/results/cpu-2core-meter.md.
     """
 
     def __init__(self, device: torch.device | str, cuda: Any = None) -> None:
@@ -200,7 +245,9 @@ class PeakMeter:
             self._counter = _shared_counter(("cuda", id(cuda), index), lambda: _CudaCounter(cuda, index))
         elif self.device.type == "cpu":
             counter = _rss_counter()
-            self._counter = counter if counter is not None and counter._clear is not None else None
+            with _counters_lock:
+                resettable = counter is not None and counter.probe()
+            self._counter = counter if resettable else None
         else:
             self._counter = None
 
@@ -208,11 +255,27 @@ class PeakMeter:
     def kind(self) -> str:
         return self._counter.kind if self._counter is not None else "none"
 
-    def region(self) -> Region:
+    def region(self, trim: bool | None = None) -> Region:
+        """A region to measure work in. `trim` (CPU): first return glibc's free heap memory to the
+        kernel (malloc_trim), so that work reusing it shows as growth. Without MALLOC_MMAP_THRESHOLD_
+        that turns readings that can be far too low into ones that err high; it costs about a
+        millisecond (tens with a fragmented heap) and the work touches those pages afresh.
+        None (default): trim exactly when the peak RSS cannot be trusted as is (see
+        `rss_follows_allocations`)."""
+        if trim is None:
+            trim = self.kind == "peak RSS" and not rss_follows_allocations()
         counter = self._counter
         if counter is not None and counter.dead:  # this meter was made before a fork
             self.__init__(self.device, getattr(counter, "cuda", None))
-        return Region(self._counter)
+        return Region(self._counter, trim)
+
+
+def rss_follows_allocations() -> bool:
+    """Whether this process's resident memory grows and shrinks with its allocations: glibc was started
+    with MALLOC_MMAP_THRESHOLD_ at most 128 KiB, so freed blocks go back to the kernel instead of staying
+    resident for reuse (without it, a region around work that reuses them reads 0)."""
+    value = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+    return value.isdigit() and int(value) <= 131072
 
 
 def process_peak_rss() -> int | None:

@@ -52,8 +52,9 @@ from .structure import layout_for, might_pay, worth_detecting
 logger = logging.getLogger("autojac")
 
 PROGRESS_AFTER_SECONDS = 10.0
-CPU_TOUCH_BYTES_PER_SECOND = 20e9
-"""An upper bound of how fast a CPU process can grow its resident memory (touching new pages): what an
+CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND = 12e9
+"""An upper bound of how fast one CPU thread grows resident memory (touching new pages; 2x the fastest
+measured, 5.9 GiB/s with transparent huge pages, benchmarks/results/cpu-2core-meter.md): what an
 evaluation that took t seconds can have allocated, when it was not measured."""
 FIRST_CHUNK_SECONDS = 1.0
 STRUCTURE_SLICES = 8
@@ -214,7 +215,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     )
     graph_bytes = region.peak_bytes
     if graph_bytes is None and device.type == "cpu":  # not measured: bounded by how fast pages can be touched
-        graph_bytes = int(CPU_TOUCH_BYTES_PER_SECOND * region.seconds)
+        graph_bytes = int(CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * region.seconds)
     fixed = problem.result_bytes + (graph_bytes or 0)
     measured_forward = region.peak_bytes is not None
     if problem.result_bytes + (graph_bytes if measured_forward else 0) > budget:
