@@ -171,7 +171,7 @@ def jacobian(
       - `f` is evaluated once with a plain autograd graph, to learn the output
         shapes. If the result (plus that forward pass) does not fit the budget,
         `MemoryBudgetError` comes now, before any basis vector is pushed.
-      - The mode with fewer passes: reverse if outputs <= inputs, else the
+      - Reverse mode, unless the outputs outnumber the inputs over 4x: then the
         double-VJP trick (which needs no forward formulas and starts from the same
         evaluation). If `f` drew random numbers, only methods that evaluate it
         once are allowed, so the result is the Jacobian of one realization.

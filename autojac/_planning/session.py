@@ -237,13 +237,26 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
             "Jacobian would mix several realizations. Use mode='reverse', or mode='forward-trick' with "
             "vectorize='vmap' or 'loop', which evaluate it once; or put the modules in eval()."
         )
-    w = random_cotangents(problem)
-    with torch.enable_grad():
-        _sync(device)
-        t = time.perf_counter()
-        reference = reference_product(graph.ys, graph.xs, w)
-        _sync(device)
-        vjp_seconds = time.perf_counter() - t
+    # The safety net's reference, taken now on the plain evaluation (it also times one VJP, the unit of the
+    # predictions), unless the first method is torch's own loop on that evaluation: it needs no check, and
+    # its first row times a VJP as well. A fallback then takes the reference when it needs it.
+    checks: dict[str, object] = {}
+
+    def reference_for_check():
+        if "reference" not in checks:
+            checks["w"] = random_cotangents(problem)
+            checks["reference"] = call.reference(problem, checks["w"], graph)
+        return checks["w"], checks["reference"]
+
+    if chain and chain[0].is_reference and not options.strict:
+        vjp_seconds = region.seconds  # a VJP costs about an evaluation: only a bound for long runs, refined below
+    else:
+        with torch.enable_grad():
+            _sync(device)
+            t = time.perf_counter()
+            reference_for_check()
+            _sync(device)
+            vjp_seconds = time.perf_counter() - t
     note = ""
     structure_pending = False  # NOTE: [When structure is worth finding]
     if options.sparsity is not None and compute:
@@ -291,7 +304,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         adopted = False
         verdict: dict[str, object] = {}
 
-        def after_first_slice(log: RunLog, n=n) -> bool:
+        def after_first_slice(log: RunLog, n=n, sizer=sizer) -> bool:
             nonlocal structure_pending
             if not structure_pending:
                 return True
@@ -299,7 +312,11 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
             projected = sum(c.seconds for c in log.chunks) * n / max(sum(c.size for c in log.chunks), 1)
             verdict["look"] = worth_detecting(projected, min(region.seconds, vjp_seconds))  # one noisy timing less
             verdict["projected"] = projected
-            return not verdict["look"]
+            if verdict["look"]:
+                return False
+            sizer.first = None
+            sizer.sizes.clear()  # the slice was only to decide: the run goes on in chunks as large as fit
+            return True
         try:
             state = None
             t = time.perf_counter()
@@ -338,8 +355,12 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
             result, collecting = call.collect(assembler)
             seconds += collecting
             if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
+                w, reference = reference_for_check()
                 check_against(m.name, result, w, reference, problem)
                 call.verified = True
+            elif log.chunks and log.chunks[0].seconds:  # torch's loop: one row of it is one VJP
+                vjp_seconds = log.chunks[0].seconds / max(log.chunks[0].size, 1)
+                entry.facts = dataclasses.replace(entry.facts, vjp_seconds=vjp_seconds)
         except Exception as exc:  # noqa: BLE001 - every failure of a method is a reason to try the next
             failure = exc
         else:
