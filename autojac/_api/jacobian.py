@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,7 +42,7 @@ def clear_cache() -> None:
 
 def last_report() -> RunReport | None:
     """What this thread's latest `jacobian` call did: method, chunks, evaluations of `f`, checks, fallbacks."""
-    return getattr(_reports, "last", None)
+    return _last_report()
 
 
 @contextlib.contextmanager
@@ -82,7 +83,16 @@ def _stable_key(key: tuple) -> str | None:
 
 
 def _finish(call: session.Call, seconds: float | None, planned: bool) -> None:
-    _reports.last = call.report(seconds, planned)
+    _reports.last = (call, seconds, planned)  # the report is built only if asked for
+
+
+def _last_report() -> RunReport | None:
+    last = getattr(_reports, "last", None)
+    if last is None or isinstance(last, RunReport):
+        return last
+    call, seconds, planned = last
+    _reports.last = report = call.report(seconds, planned)
+    return report
 
 
 def jacobian(
@@ -241,7 +251,8 @@ def jacobian(
         key = _key(function_key, signature, options, modules)
         entry = _cache.get(key)
     recorder = AuxRecorder(f, "jacobian") if has_aux else None
-    with _user_call_state(xs) as xs:
+    inference = torch.is_inference_mode_enabled()
+    with (_user_call_state(xs) if inference else contextlib.nullcontext(xs)) as xs:
         evaluator = Evaluator(recorder or f, signature.device, modules, once=_evaluates_once(entry, plan) and not has_aux,
                               arguments=arguments)
         if recorder is not None:
@@ -277,8 +288,6 @@ def _evaluates_once(entry: PlanEntry | None, plan: Plan | None) -> bool:
 def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
     options = call.options
     planned = False
-    import time
-
     began = time.perf_counter()
     try:
         if plan is not None:

@@ -92,9 +92,30 @@ class _Same:
         return isinstance(other, _Same) and other.obj is self.obj
 
 
+_CHECKED: dict = {}
+"""Options already checked, by their raw values (a cached call should not re-check the same ones)."""
+
+
 def make_options(who: str, *, mode="auto", vectorize="auto", chunk_size=None, memory_budget=None,
                  create_graph=False, strict=False, cache=True, progress=None, sparsity="auto", output="dense") -> Options:
     """Check every option; raise an InputError / InputTypeError that says what to pass instead."""
+    values = (mode, vectorize, chunk_size, memory_budget, create_graph, strict, cache, progress, sparsity, output)
+    raw = tuple((type(v), v) for v in values)  # types too: 1 == True, but `create_graph=1` is refused
+    try:
+        known = _CHECKED.get(raw)
+    except TypeError:  # an unhashable value (a user's pattern): check it the long way
+        known, raw = None, None
+    if known is not None:
+        return known[0]
+    options = _make_options(who, mode, vectorize, chunk_size, memory_budget, create_graph, strict, cache, progress,
+                            sparsity, output)
+    if raw is not None and len(_CHECKED) < 256:
+        _CHECKED[raw] = (options, memory_budget, chunk_size)
+    return options
+
+
+def _make_options(who, mode, vectorize, chunk_size, memory_budget, create_graph, strict, cache, progress, sparsity,
+                  output) -> Options:
     if isinstance(vectorize, bool):
         hint = _TORCH_KEYWORDS["vectorize"]
         raise InputError(f"{who}: `vectorize` takes 'auto', 'vmap', 'repeat' or 'loop', but got {vectorize!r}. {hint[0].upper() + hint[1:]}.")

@@ -32,6 +32,8 @@ INITIAL_CREDIT = 0.5
 PESSIMISM = 1.0
 """A trial's slice is charged as if the alternative took (1 + this) times the incumbent's time per vector."""
 
+FORWARD_PASS_COST = 2.0
+"""Prior cost of a forward-mode pass against a reverse-mode one."""
 REPEAT_PRIOR = 0.9
 """Prior time of the repeat trick against the incumbent vmap of the same mode: unknown, tried early."""
 ENGINE_PRIOR = 1.0
@@ -185,6 +187,8 @@ def prior_seconds(m: MethodId, incumbent: MethodId, incumbent_seconds: float, fa
                     "forward": 2 * facts.eval_seconds}[m.mode]
         return facts.eval_seconds + n * per_pass
     factor = REPEAT_PRIOR if m.vectorize == "repeat" else ENGINE_PRIOR
+    if m.by_rows != incumbent.by_rows:  # a forward pass costs more than a reverse one (see FORWARD_RATIO)
+        factor *= FORWARD_PASS_COST if incumbent.by_rows else 1 / FORWARD_PASS_COST
     return incumbent_seconds * ratio * factor
 
 

@@ -47,10 +47,13 @@ class MethodStats:
     def memory_line(self) -> Line | None:
         return fit_line(self.memory)
 
-    def add_run(self, seconds: float) -> None:
+    def add_run(self, seconds: float) -> bool:
+        """Keep a whole call's time; True if it lowered the fastest by over 10% (predictions from it are stale)."""
+        before = self.best
         self.runs.append(seconds)
         if len(self.runs) > RUNS_KEPT:
             del self.runs[0]
+        return before is None or seconds < 0.9 * before
 
 
 class PlanEntry:

@@ -35,7 +35,7 @@ from .._core.problem import Problem, Signature
 from .._core.units import format_bytes, parse_budget
 from .._execute.assemble import Assembler
 from .._execute.layout import collector
-from .._execute.run import RunLog, is_out_of_memory, push
+from .._execute.run import FixedChunks, RunLog, is_out_of_memory, push
 from .._execute.verify import VerificationError, check_against, check_columns, random_cotangents, reference_product
 from .._measure.device import free_memory, total_bytes, untracked_reserve
 from .._measure.meter import PeakMeter
@@ -119,7 +119,7 @@ class Call:
         self.options = options
         self.who = who
         self.device = signature.device
-        self.meter = PeakMeter(self.device)
+        self._meter: PeakMeter | None = None
         self.events: list[str] = []
         self.chunks: list[int] = []
         self.trial: str | None = None
@@ -127,6 +127,13 @@ class Call:
         self.method_name = ""
         self.work_seconds: float | None = None
         """The chosen method's time in this call: prepare, push, assemble (not checks, not autojac's own work)."""
+
+    @property
+    def meter(self) -> PeakMeter:
+        """Made when first needed: a cached call of a settled plan measures nothing."""
+        if self._meter is None:
+            self._meter = PeakMeter(self.device)
+        return self._meter
 
     def collect(self, assembler) -> tuple[object, float]:
         """The assembled result and the seconds assembling it took (part of a method's time: a dense
@@ -165,8 +172,9 @@ class Call:
         if state is None:
             state = method.prepare(self.f, self.xs, problem, self.options.create_graph)
         assembler = assembler or collector(problem, m.by_rows)
-        position = push(method, state, assembler, problem, start, stop, sizer, log, self.meter,
-                        None if progress is None else progress.update, after_chunk)
+        position = push(method, state, assembler, problem, start, stop, sizer, log,
+                        self.meter if sizer.measured else None, None if progress is None else progress.update,
+                        after_chunk)
         if sizer.timed:
             _sync(self.device)
         seconds = time.perf_counter() - began
@@ -595,7 +603,8 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
         with entry.lock:
             entry.record_call(seconds)
             if trial is None and call.method_name == entry.incumbent and call.work_seconds is not None:
-                entry.chosen().add_run(call.work_seconds)
+                if entry.chosen().add_run(call.work_seconds):
+                    entry.needs_reorder = True  # the alternatives' priors were scaled from a slower time
                 entry.warm = True
     else:
         with entry.lock:
@@ -626,15 +635,20 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                           measured=(call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room,
                           minimum=2 if m.vectorize == "vmap" and n >= 2 else 1)
         else:
-            sizer = Sizer(chunk_size if (name == first and chunk_size) else entry.chunk_size(name), timed=False)
-        progress = Progress(call.options.progress, n, name)
-        progress.expect(stats.best)
+            sizer = FixedChunks(chunk_size if (name == first and chunk_size) else entry.chunk_size(name))
+        progress = None
+        if call.options.progress or (call.options.progress is None and (stats.best or 0.0) > PROGRESS_AFTER_SECONDS):
+            progress = Progress(call.options.progress, n, name)
+            progress.expect(stats.best)
         try:
             with grad_mode(call.options.create_graph):
                 assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
-                result, collecting = call.collect(assembler)
-                seconds += collecting
-                call.work_seconds = seconds
+                if timed or unmeasured:
+                    result, collecting = call.collect(assembler)
+                    seconds += collecting
+                    call.work_seconds = seconds
+                else:
+                    result = assembler.result()
                 if (not stats.verified or entry.reverify) and not (m.is_reference and problem.layout is None):
                     w = random_cotangents(problem)
                     reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
@@ -660,7 +674,8 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             call.method_name = name
             return result
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
         # f's own errors propagate unchanged if the outputs changed (a new plan is due) ...
         _check_outputs_unchanged(call, problem, failure)
         with entry.lock:
@@ -717,7 +732,10 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     def after_first(log: RunLog) -> bool:
         sizer.fixed = None  # later chunks: as large as the memory line allows
         elapsed = time.perf_counter() - began
-        projected = elapsed * n / max(log.chunks[0].size, 1)
+        # A loop's time is per vector (elapsed * n / k); a small slice of a batched method is mostly fixed
+        # cost, so its projection sits between "all fixed" and "all per vector" (elapsed * sqrt(n / k)).
+        power = 1.0 if m.vectorize == "loop" else 0.5
+        projected = elapsed * (n / max(log.chunks[0].size, 1)) ** power
         if projected > choose.ABORT_PROJECTED * inc.best:
             verdict["stopped"] = True
             verdict["projected"] = projected
