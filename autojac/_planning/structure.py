@@ -39,10 +39,15 @@ SAVES = 0.5
 """Use compression only if it needs at most this share of the dense passes."""
 
 
+LOOP_TO_VMAP = 0.2
+"""A vmapped pass is counted at this share of an unbatched VJP when deciding whether to time a first slice
+(the slice's extra chunk costs a dense function a few percent, so only a Jacobian likely to be long pays it)."""
+
+
 def might_pay(problem: Problem, eval_seconds: float, vjp_seconds: float) -> bool:
-    """Whether the dense Jacobian could be long enough (its loop bound) for a trace to pay."""
+    """Whether the dense Jacobian is likely long enough for a trace to pay: worth timing a first slice."""
     passes = min(problem.n_in, problem.n_out)
-    return passes >= MIN_PASSES and TRACE_FACTOR * eval_seconds < DETECT_SHARE * passes * vjp_seconds
+    return passes >= MIN_PASSES and TRACE_FACTOR * eval_seconds < DETECT_SHARE * LOOP_TO_VMAP * passes * vjp_seconds
 
 
 def worth_detecting(projected_dense_seconds: float, eval_seconds: float) -> bool:
