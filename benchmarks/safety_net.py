@@ -2,12 +2,12 @@
 
     python benchmarks/safety_net.py [--device cuda] [--out benchmarks/results] [--sizes small,large]
 
-For every suite problem: the first call of `autojac.jacobian` on a fresh function
-object (planning, the Jacobian and its verification), the time of the
-verification inside it (the independent vector-Jacobian product of `_verify`,
-timed where it runs), the evaluations of `f` the verification added, and a warm
-call with the plan cached (median of 21; warm calls are not verified again).
-Writes <machine>-safety-net.md and .json.
+For every suite problem: the first call of `autojac.jacobian` with no plan yet
+(the rules' method, the Jacobian and its check), the time of the check inside it
+(the reference vector-Jacobian product on the plain evaluation the call starts
+from, and the comparison `w^T J` against it, each timed where it runs), the
+evaluations of `f` the check added, and a warm call of the plan once settled
+(median of 21; a plan's method is checked once). Writes <machine>-safety-net.md and .json.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import autojac
-from autojac import _jacobian
+from autojac._planning import session
 from autojac._bench.problems import BY_NAME
 from autojac._bench.suite import machine_name, machine_text
 
@@ -40,29 +40,32 @@ def measure(name: str, size: str, device: torch.device) -> dict:
         return f(*args)
 
     spent = []
-    real = _jacobian.check_result
+    real_check, real_reference = session.check_against, session.Call.reference
 
-    def timed_check(*args):
-        before = len(counted)
-        _sync(device)
-        start = time.perf_counter()
-        try:
-            return real(*args)
-        finally:
+    def timed(real):
+        def run(*args):
+            before = len(counted)
             _sync(device)
-            spent.append((time.perf_counter() - start, len(counted) - before))
+            start = time.perf_counter()
+            try:
+                return real(*args)
+            finally:
+                _sync(device)
+                spent.append((time.perf_counter() - start, len(counted) - before))
+        return run
 
-    _jacobian.check_result = timed_check
+    session.check_against, session.Call.reference = timed(real_check), timed(real_reference)
     try:
+        autojac.clear_cache()
         _sync(device)
         start = time.perf_counter()
         autojac.jacobian(g, x)
         _sync(device)
         first = time.perf_counter() - start
     finally:
-        _jacobian.check_result = real
+        session.check_against, session.Call.reference = real_check, real_reference
     first_evaluations = len(counted)
-    plan = autojac.plan(g, x)
+    plan = autojac.tune(g, x, time_limit=30)
     warm = []
     for _ in range(21):
         counted.clear()
@@ -108,9 +111,10 @@ def main() -> None:
     shares = sorted(r["check_share_of_first_call"] for r in rows)
     lines = [
         f"# The safety net's cost ({machine_text(device)})", "",
-        "The first call of `autojac.jacobian` on a fresh function object verifies the chosen method's Jacobian "
-        "against an independent vector-Jacobian product (one backward pass on the method's own graph, or one "
-        "forward and one backward pass for methods that evaluate `f` several times). Warm calls are not verified again.", "",
+        "A first call of `autojac.jacobian` checks the Jacobian of the method the rules chose against an "
+        "independent vector-Jacobian product: one plain backward pass on the evaluation the call starts from "
+        "(none when the method is torch's own loop on it), then the comparison of w^T J with it. A plan's "
+        "methods are checked once each; settled calls are not checked.", "",
         f"Verification share of the first call: median {statistics.median(shares):.2%}, at most {shares[-1]:.2%}.", "",
         "| problem | size | plan | first call | verification | share | evaluations added | evaluations, first call | warm call | verification / warm call |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -28,6 +28,7 @@ def test_first_method_follows_the_pass_counts():
     assert names(choose.first_chain(auto, 100, 10, False))[0] == "reverse/vmap [func]"
     assert names(choose.first_chain(auto, 10, 100, False))[0] == "forward-trick/vmap [func]"
     assert names(choose.first_chain(auto, 10, 10, False))[0] == "reverse/vmap [func]"  # ties: reverse
+    assert names(choose.first_chain(auto, 10, 30, False))[0] == "reverse/vmap [func]"  # forward only past 4x
 
 
 def test_a_small_basis_is_looped_on_the_first_evaluation():

@@ -11,6 +11,7 @@ import torch
 
 from .._core.problem import Problem
 from .._methods.base import Method
+from .._measure.meter import release_free_heap
 from .layout import collector, seeds
 
 logger = logging.getLogger("autojac")
@@ -78,7 +79,11 @@ def push(
     """
     device = problem.inputs.device
     position = start
+    trim = getattr(sizer, "trim_between", False)
+    baseline = None  # the counter at the run's first measured chunk
     while position < stop:
+        if trim and position > start:
+            release_free_heap()  # fragments of the last chunk must not pile up under a budget
         k = sizer.next(stop - position)
         try:
             basis = seeds(problem, method.by_rows, position, position + k)
@@ -86,6 +91,11 @@ def push(
                 with meter.region() as region:
                     parts = method.chunk(state, basis)
                 seconds, peak = region.seconds, region.peak_bytes
+                if peak is not None:
+                    # Against the run's start, not the chunk's: workspaces that kernels keep after a larger chunk
+                    # than any before (BLAS and oneDNN buffers per thread) stay resident, and count.
+                    baseline = region.start_bytes if baseline is None else baseline
+                    peak += max(region.start_bytes - baseline, 0)
             elif sizer.timed:
                 _synchronize(device)
                 began = time.perf_counter()
@@ -115,6 +125,8 @@ def push(
             progress(k)
         if after_chunk is not None and position < stop and not after_chunk(log):
             break
+    if trim:
+        release_free_heap()  # and before the check and assembly that follow the run
     return position
 
 
@@ -124,8 +136,9 @@ class FixedChunks:
     timed = False
     measured = False
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int, trim_between: bool = False) -> None:
         self.chunk_size = max(1, chunk_size)
+        self.trim_between = trim_between
 
     def next(self, n_left: int) -> int:
         k = min(self.chunk_size, n_left)

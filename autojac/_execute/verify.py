@@ -3,16 +3,16 @@
 NOTE: [The verification product]
 For a random cotangent w (one per output), the Jacobian J that a method built must
 satisfy w^T J = (J^T w), where the right side is one plain, unbatched
-`torch.autograd` VJP: the product torch's own loop Jacobian is made of. Methods
-that evaluate `f` once (reverse, the double-VJP trick on one graph) are checked on
-their own graph, so a random `f` is checked on the realization it was
-differentiated at, and the check costs one backward pass. Methods that evaluate
-`f` many times (forward, repeat) are checked against a fresh evaluation, which
-also catches evaluations that disagree (a generator of `f`'s own, state `f` keeps
-and changes): one forward and one backward pass. Each component is compared
-within a tolerance scaled by |w|^T |J| (the size of the terms it sums), so a
-wrong or missing column fails it by orders of magnitude while rounding does not.
-The random w comes from a private generator, never the global RNG.
+`torch.autograd` VJP: the product torch's own loop Jacobian is made of. On a first
+call it is taken on the plain evaluation the call starts from (evaluations are
+pinned to one realization of `f`, so a random `f` is checked on the realization it
+was differentiated at); on a later call that tries a method, on that method's own
+plain graph or on a fresh plain evaluation, which also catches evaluations that
+disagree (a generator of `f`'s own, state `f` keeps and changes). Each component
+is compared within a tolerance scaled by |w|^T |J| (the size of the terms it sums),
+so a wrong or missing column fails it by orders of magnitude while rounding does
+not; a NaN where the reference is finite fails too. The random w comes from a
+private generator, never the global RNG.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _vecmat(w: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """w @ matrix for a dense or sparse (COO) matrix."""
     if matrix.layout == torch.strided:
         return w @ matrix
-    rows, cols = matrix.indices()
+    rows, cols = matrix.coalesce().indices()
     out = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
     return out.index_add_(0, cols, matrix.values() * w[rows])
 
@@ -117,12 +117,14 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
                 continue
             if not bool(torch.isfinite(ref).all()):
                 continue  # NaN or Inf at this point: the check cannot tell here
-            scale = torch.zeros(size, dtype=dtype, device=device)
+            # |J| for the suspect columns only (dense or sparse COO): a copy of all of it could overrun a budget.
+            columns = suspect.nonzero().reshape(-1)
+            scale = torch.zeros(columns.numel(), dtype=dtype, device=device)
             for i, wi in enumerate(w):
-                scale += _vecmat(wi.reshape(-1).to(dtype).abs(), blocks[i][j].abs())
-            bad = suspect & ~(difference <= tolerance * (scale + ref.abs()) + torch.finfo(dtype).tiny)
+                scale += _vecmat(wi.reshape(-1).to(dtype).abs(), blocks[i][j].index_select(1, columns).abs())
+            bad = ~(difference[columns] <= tolerance * (scale + ref[columns].abs()) + torch.finfo(dtype).tiny)
             if bool(bad.any()):
-                k = int(bad.nonzero()[0, 0])
+                k = int(columns[bad.nonzero()[0, 0]])
                 raise VerificationError(
                     f"{name} gave a Jacobian whose product with a random vector disagrees with an "
                     f"independent vector-Jacobian product (input {j}, element {k}: {float(got[k]):.6g} against "

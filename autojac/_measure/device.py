@@ -102,6 +102,23 @@ def untracked_reserve(device: torch.device) -> int:
     return CPU_WORKSPACE_RESERVE if device.type == "cpu" else 0
 
 
+UNTRACKED_SHARE = 8
+"""On the CPU, 1/8 of a budget (at most the reserve) is kept from every plan for memory no region sees.
+
+NOTE: [Memory between the regions]
+The chunk regions see the chunks; the plain evaluation's region sees the forward
+pass. Between them, the process grows by what no region is asked about: the
+safety net's reference VJP, the kernels' first-use buffers in the check, heap
+fragments a chunk leaves. With wide_mlp (large) in a fresh process this was
+1.5-2.5 MiB: nothing next to a default budget, 5-15% of one fifteen times
+below the unchunked need (benchmarks/budget_sweep.py).
+"""
+
+
+def untracked_margin(device: torch.device, budget_bytes: int) -> int:
+    return min(CPU_WORKSPACE_RESERVE, budget_bytes // UNTRACKED_SHARE) if device.type == "cpu" else 0
+
+
 FREE_MEMORY_FRESH_SECONDS = 0.5
 """A reading of free memory is reused for this long: a first call should not pay 50-150 us for psutil or
 NVML each time, and free memory read half a second ago is as good a basis for a default budget."""

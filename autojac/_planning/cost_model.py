@@ -105,7 +105,11 @@ def next_chunk(
         if first is not None:
             k = min(k, first)
     else:
-        k = min(k, GROWTH * max(sizes_done))
+        plenty = room_bytes is not None and (memory is not None and len(sizes_done) >= 2
+                                        and 2 * MEMORY_SAFETY * memory.at(n_left) <= room_bytes
+                                        and 4 * GROWTH * max(sizes_done) >= n_left)
+        if not plenty:  # extrapolate at most GROWTH times the largest chunk measured, unless far from the budget
+            k = min(k, GROWTH * max(sizes_done))
         if len(seconds_per_vector) >= 2:
             ranked = sorted(seconds_per_vector)
             (k_small, t_small), (k_big, t_big) = ranked[0], ranked[-1]

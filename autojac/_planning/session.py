@@ -37,7 +37,7 @@ from .._execute.assemble import Assembler
 from .._execute.layout import collector
 from .._execute.run import FixedChunks, RunLog, is_out_of_memory, push
 from .._execute.verify import VerificationError, check_against, check_columns, random_cotangents, reference_product
-from .._measure.device import free_memory, total_bytes, untracked_reserve
+from .._measure.device import free_memory, total_bytes, untracked_margin, untracked_reserve
 from .._measure.meter import PeakMeter
 from .._methods import METHODS
 from .._methods.base import PlainGraph, evaluate_plain, grad_mode
@@ -222,10 +222,14 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         draws_random=call.f.draws_random,
     )
     graph_bytes = region.peak_bytes
-    if graph_bytes is None and device.type == "cpu":  # not measured: bounded by how fast pages can be touched
-        graph_bytes = int(CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * region.seconds)
-    fixed = problem.result_bytes + (graph_bytes or 0)
-    measured_forward = region.peak_bytes is not None
+    measured_forward = graph_bytes is not None
+    # Not measured: the forward pass is bounded by how fast pages can be touched. The bound decides whether
+    # chunks must be measured, not their size (it is far above most real forward passes).
+    graph_bound = graph_bytes if measured_forward else (
+        int(CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * region.seconds) if device.type == "cpu" else 0)
+    graph_bytes = graph_bytes or 0
+    fixed = problem.result_bytes + graph_bytes + untracked_margin(device, budget)  # NOTE: [Memory between the regions]
+    trimming = device.type == "cpu" and options.budget is not None  # see `meter.release_free_heap`
     if problem.result_bytes + (graph_bytes if measured_forward else 0) > budget:
         raise MemoryBudgetError(
             f"{call.who}: the memory budget is {format_bytes(budget)}, but the Jacobian alone "
@@ -291,7 +295,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         return None, entry
     failures: list[tuple[str, BaseException]] = []
     result = None
-    prior = PRIOR_FACTOR * ((graph_bytes or 0) + max(problem.in_bytes, problem.out_bytes))
+    prior = PRIOR_FACTOR * (graph_bytes + max(problem.in_bytes, problem.out_bytes))
+    bound_prior = PRIOR_FACTOR * (graph_bound + max(problem.in_bytes, problem.out_bytes))
     methods = _Restartable()(chain)
     for m in methods:
         if not m.evaluates_once and entry.once_only:
@@ -300,14 +305,16 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         n = m.passes(problem.col_passes, problem.row_passes)
         stats = entry.stats[m.name]
         room = entry.room_bytes()
-        measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
+        measured = (call.meter.kind != "none") and room is not None and n * bound_prior > MEASURE_WHEN_PRIOR_ABOVE * room
         first = _long_run_first_chunk(n, vjp_seconds)
+        if measured and not measured_forward:  # learn the memory line on an eighth of the basis first
+            first = min(first or n, max(2, -(-n // STRUCTURE_SLICES)))
         if structure_pending:  # a first slice of the dense run tells whether looking for structure pays
             first = min(first or n, -(-n // STRUCTURE_SLICES), STRUCTURE_SLICE_MAX)
         sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
                       room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
                       timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
-                      reserve_bytes=reserve)
+                      reserve_bytes=reserve, trim_between=trimming)
         progress = Progress(options.progress, n, m.name)
         adopted = False
         verdict: dict[str, object] = {}
@@ -354,7 +361,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
                     continue
                 # No structure worth it: the dense run goes on, its chunks no longer held to the slice's size.
                 sizer = Sizer(sizer.fixed, room_bytes=sizer.room, prior_bytes_per_vector=sizer.prior, memory=sizer.points,
-                              timed=True, measured=sizer.measured, minimum=sizer.minimum, reserve_bytes=sizer.reserve)
+                              timed=True, measured=sizer.measured, minimum=sizer.minimum, reserve_bytes=sizer.reserve,
+                              trim_between=sizer.trim_between)
                 with grad_mode(options.create_graph):
                     assembler, more, _, rest, state = call.run(m, problem, sizer, state=state, progress=progress,
                                                                start=position, assembler=assembler)
@@ -465,6 +473,12 @@ def _dense_after_all(call: Call, failure: BaseException, began: float) -> tuple[
     call.events += dense.events
     call.chunks, call.verified, call.method_name = dense.chunks, dense.verified, dense.method_name
     return result, entry
+
+
+def _trimming(call: Call) -> bool:
+    """Return free heap memory between chunks: on the CPU under a budget the caller gave (see
+    `meter.release_free_heap`; about a millisecond a chunk)."""
+    return call.device.type == "cpu" and call.options.budget is not None
 
 
 def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
@@ -633,9 +647,10 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             sizer = Sizer(None if entry.options.chunk_size is None else min(entry.options.chunk_size, max(n, 1)),
                           room_bytes=room, prior_bytes_per_vector=prior, timed=True, reserve_bytes=untracked_reserve(call.device),
                           measured=(call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room,
-                          minimum=2 if m.vectorize == "vmap" and n >= 2 else 1)
+                          minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, trim_between=_trimming(call))
         else:
-            sizer = FixedChunks(chunk_size if (name == first and chunk_size) else entry.chunk_size(name))
+            sizer = FixedChunks(chunk_size if (name == first and chunk_size) else entry.chunk_size(name),
+                                trim_between=_trimming(call))
         progress = None
         if call.options.progress or (call.options.progress is None and (stats.best or 0.0) > PROGRESS_AFTER_SECONDS):
             progress = Progress(call.options.progress, n, name)
@@ -722,10 +737,12 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     began = time.perf_counter()
     room = entry.room_bytes()
     line = inc.memory_line()
-    prior = (PRIOR_FACTOR * line.per_vector) if line is not None else PRIOR_FACTOR * max(problem.in_bytes, problem.out_bytes)
+    # A repeat trick holds a whole forward pass per vector, a vmap only its backward state: priced higher.
+    weight = 2 * PRIOR_FACTOR if m.vectorize == "repeat" and inc.method.vectorize != "repeat" else PRIOR_FACTOR
+    prior = (weight * line.per_vector) if line is not None else weight * max(problem.in_bytes, problem.out_bytes)
     measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
     sizer = Sizer(trial.slice_vectors, timed=True, measured=measured, room_bytes=room, prior_bytes_per_vector=prior,
-                  reserve_bytes=untracked_reserve(call.device))
+                  reserve_bytes=untracked_reserve(call.device), trim_between=_trimming(call), cap_fixed=True)
     call.trial = m.name
     verdict = {"stopped": False}
 
@@ -790,7 +807,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     call.trial = f"{m.name}: stopped, {stats.reason}"
     if same_side:
         with grad_mode(call.options.create_graph):
-            assembler, _, _, _, inc_state = call.run(inc.method, problem, Sizer(entry.chunk_size(inc.method.name)),
+            assembler, _, _, _, inc_state = call.run(inc.method, problem,
+                                                     FixedChunks(entry.chunk_size(inc.method.name), _trimming(call)),
                                                      start=position, assembler=assembler)
             result = assembler.result()
             if not stats.verified:

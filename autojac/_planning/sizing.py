@@ -19,8 +19,12 @@ class Sizer:
     def __init__(self, chunk_size: int | None = None, *, room_bytes: float | None = None,
                  prior_bytes_per_vector: float | None = None, memory: Sequence[tuple[int, float]] = (),
                  timed: bool = False, measured: bool = False, minimum: int = 1, first: int | None = None,
-                 reserve_bytes: float = 0.0) -> None:
+                 reserve_bytes: float = 0.0, trim_between: bool = False, cap_fixed: bool = False) -> None:
         self.fixed = chunk_size
+        self.trim_between = trim_between
+        """Return free heap memory between chunks (CPU under a budget; see `meter.release_free_heap`)."""
+        self.cap_fixed = cap_fixed
+        """Hold a fixed chunk size to what the memory allows too (a trial's slice; a user's size is honoured)."""
         self.first = first
         self.reserve = reserve_bytes
         self.room = room_bytes
@@ -37,6 +41,10 @@ class Sizer:
     def next(self, n_left: int) -> int:
         if self.fixed is not None:
             k = self.fixed
+            if self.cap_fixed and self.room is not None:
+                line = fit_line(self.points) if self.points else None
+                k = min(k, next_chunk(n_left, self.sizes, line, self.room, self.prior, self.rates, self.minimum,
+                                      None, self.reserve))
         else:
             line = fit_line(self.points) if self.points else None
             k = next_chunk(n_left, self.sizes, line, self.room, self.prior, self.rates, self.minimum, self.first,
