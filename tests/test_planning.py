@@ -227,3 +227,48 @@ def test_a_run_expected_to_be_long_starts_small_and_grows_while_it_pays():
     assert cost_model.next_chunk(2700, [300], None, None, None, [(300, 1.0)]) == 1200
     # a larger chunk that took longer per vector (caches, fresh pages) is not grown further
     assert cost_model.next_chunk(1500, [300, 1200], None, None, None, [(300, 1.0), (1200, 1.3)]) == 1200
+
+
+def test_a_slope_needs_sizes_far_enough_apart():
+    # Peaks at 73 and 74 vectors that fall with size (noise) must not make a line without a per-vector cost.
+    line = cost_model.fit_line([(74, 18.5e6), (73, 19.2e6)])
+    assert line.fixed == 0.0 and line.per_vector == pytest.approx(19.2e6 / 73)
+    assert cost_model.largest_fitting(line, 24e6, 512) < 100
+    far = cost_model.fit_line([(8, 2e6), (32, 8e6)])
+    assert far.per_vector == pytest.approx(6e6 / 24)
+
+
+def test_the_largest_captured_tensor_is_found_inside_containers_and_modules():
+    from autojac._planning.keys import largest_captured_bytes
+    blocks = [(torch.zeros(64, 32), torch.zeros(32, 64)), (torch.zeros(128, 32), torch.zeros(8))]
+
+    def f(x):
+        return sum((W @ x[:32]).sum() for W, _ in blocks[:1]) + x
+
+    assert largest_captured_bytes(f, *describe_function(f)) == 128 * 32 * 4
+    net = torch.nn.Linear(100, 300)
+    g = lambda x: net(x)  # noqa: E731
+    assert largest_captured_bytes(g, *describe_function(g)) == 300 * 100 * 4
+    assert largest_captured_bytes(torch.sin, *describe_function(torch.sin)) == 0
+    assert largest_captured_bytes(_uses_a_global, *describe_function(_uses_a_global)) == 50 * 40 * 8
+
+
+def test_forward_modes_are_not_tried_when_the_budget_cannot_hold_a_zero_tangent_copy():
+    import autojac
+
+    W = torch.randn(4096, 1024)  # 16 MiB: forward-mode AD's zero tangent of it is copied whole by mm on the CPU
+    f = lambda x: (W @ x)[:8]  # noqa: E731
+    x = torch.randn(1024)
+    tight = autojac.plan(f, x, memory_budget="12MiB", effort="estimate")
+    forward = [c for c in tight.candidates if c.name.startswith("forward/")]
+    assert forward and all(c.status == "not tried" and "zero tangent" in c.reason for c in forward), str(tight)
+    assert not tight.name.startswith("forward/")
+    roomy = autojac.plan(f, x, memory_budget="1GiB", effort="estimate")
+    assert all("zero tangent" not in c.reason for c in roomy.candidates)
+
+
+_GLOBAL_WEIGHT = torch.zeros(50, 40, dtype=torch.float64)
+
+
+def _uses_a_global(x):
+    return _GLOBAL_WEIGHT @ x

@@ -258,6 +258,7 @@ def jacobian(
         if recorder is not None:
             recorder.evaluator = evaluator
         call = session.Call(evaluator, xs, signature, options, "jacobian")
+        call.captures = (f, function_key, modules)
         try:
             if transform is not None:  # NOTE: [Why composed calls take their own path]
                 if options.strict:
@@ -457,6 +458,7 @@ def _plan(who: str, f, inputs, effort: str, time_limit, argnums, has_aux, raw: d
         if recorder is not None:
             recorder.evaluator = evaluator
         call = session.Call(evaluator, xs, signature, options, who)
+        call.captures = (f, function_key, modules)
         try:
             if entry is None:
                 _, entry = session.first_call(call, compute=effort != "estimate")

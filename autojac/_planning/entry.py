@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 from .._core.options import Options
 from .._core.problem import Problem
+from .._core.units import format_bytes
 from . import choose
 from .choose import Facts, MethodId
-from .cost_model import Line, balanced, fit_line, n_chunks
+from .cost_model import MEMORY_SAFETY, Line, balanced, fit_line, n_chunks
 from .plan import Candidate, Plan, seconds_text
 
 RUNS_KEPT = 8
@@ -60,7 +61,7 @@ class PlanEntry:
     """The mutable side of a plan (see the module docstring)."""
 
     def __init__(self, problem: Problem, options: Options, budget_bytes: int | None, fixed_bytes: int,
-                 facts: Facts, candidates: list[MethodId], once_only: bool) -> None:
+                 facts: Facts, candidates: list[MethodId], once_only: bool, tangent_copy_bytes: int = 0) -> None:
         self.problem = problem
         self.options = options
         self.budget_bytes = budget_bytes
@@ -73,6 +74,16 @@ class PlanEntry:
             for s in self.stats.values():
                 if not s.method.evaluates_once:
                     s.status, s.excluded = "not tried", "`f` draws random numbers, and this method evaluates it more than once"
+                    s.reason = s.excluded
+        self.tangent_copy_bytes = tangent_copy_bytes
+        """The largest tensor `f` holds: forward-mode AD may copy it whole as a zero tangent (see `fixed_prior`)."""
+        room = self.room_bytes()
+        if room is not None and options.mode == "auto" and MEMORY_SAFETY * tangent_copy_bytes > room:
+            for s in self.stats.values():
+                if s.method.mode == "forward" and not s.excluded:
+                    s.status, s.excluded = "not tried", (
+                        f"its products would copy a {format_bytes(tangent_copy_bytes)} tensor `f` holds as a zero "
+                        f"tangent, more than the budget leaves ({format_bytes(room)})")
                     s.reason = s.excluded
         self.incumbent: str | None = None
         self.credit = 0.0
@@ -95,6 +106,11 @@ class PlanEntry:
     def chosen(self) -> MethodStats:
         assert self.incumbent is not None
         return self.stats[self.incumbent]
+
+    def fixed_prior(self, m: MethodId) -> int:
+        """Bytes a method holds whatever its chunk size, known before it runs: forward-mode AD's copy of the
+        largest tensor `f` holds (see NOTE: [Copies inside matrix kernels]); 0 for the other modes."""
+        return self.tangent_copy_bytes if m.mode == "forward" else 0
 
     def room_bytes(self) -> float | None:
         """What the budget leaves to one chunk, or None if there is no budget to keep."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
+import math
 import types
 import weakref
 from collections.abc import Callable
@@ -152,6 +154,46 @@ def describe_function(f: Callable) -> tuple[Hashable, tuple[nn.Module, ...]]:
     modules: dict[int, nn.Module] = {}
     signature = function_signature(f, modules)
     return signature, tuple(modules.values())
+
+
+def largest_captured_bytes(f: Callable, function_key: Hashable, modules: tuple[nn.Module, ...]) -> int:
+    """The largest tensor `f` captures (the tensor signatures in its key), names as a global, or its modules hold.
+
+    Forward-mode AD gives such a tensor a zero tangent, which CPU matrix kernels copy
+    whole (see NOTE: [Copies inside matrix kernels]): a forward method's fixed memory.
+    """
+    largest = 0
+    stack: list = [(function_key, _DEPTH)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Identity):  # containers keyed by identity (a list of weight tuples) are looked into
+            item = item.obj
+            if isinstance(item, torch.Tensor):
+                largest = max(largest, item.numel() * item.element_size())
+                continue
+            if isinstance(item, dict):
+                item = tuple(item.values())
+            elif isinstance(item, list):
+                item = tuple(item)
+            if not isinstance(item, tuple) or len(item) > _SMALL or depth <= 0:
+                continue
+            depth -= 1
+        if isinstance(item, torch.Tensor):
+            largest = max(largest, item.numel() * item.element_size())
+        elif isinstance(item, tuple):
+            if len(item) == 5 and isinstance(item[0], str) and item[0] == "T" and isinstance(item[2], torch.dtype):
+                largest = max(largest, math.prod(item[1]) * item[2].itemsize)
+            else:
+                stack.extend((i, depth) for i in item if isinstance(i, (tuple, Identity, torch.Tensor)))
+    if isinstance(f, types.FunctionType):  # globals are not part of the key (their values may change freely)
+        for name in _global_names(f.__code__):
+            value = f.__globals__.get(name)
+            if isinstance(value, torch.Tensor):
+                largest = max(largest, value.numel() * value.element_size())
+    for module in modules:
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            largest = max(largest, t.numel() * t.element_size())
+    return largest
 
 
 def stable_code_id(code: types.CodeType) -> str:

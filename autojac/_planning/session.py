@@ -45,7 +45,8 @@ from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
 from .plan import RunReport, seconds_text
-from .cost_model import largest_fitting
+from .cost_model import GROWTH, largest_fitting
+from .keys import largest_captured_bytes
 from .sizing import Sizer
 from .structure import layout_for, might_pay, worth_detecting
 
@@ -125,6 +126,8 @@ class Call:
         self.trial: str | None = None
         self.verified = False
         self.method_name = ""
+        self.captures: tuple = (None, (), ())
+        """(`f`, its key, the modules it uses): what it holds, for a forward method's fixed memory."""
         self.work_seconds: float | None = None
         """The chosen method's time in this call: prepare, push, assemble (not checks, not autojac's own work)."""
 
@@ -280,9 +283,12 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
             problem = dataclasses.replace(problem, layout=layout)
             chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
 
+    # NOTE: [Copies inside matrix kernels]: a forward method's fixed memory, known before it runs.
+    copies = largest_captured_bytes(*call.captures)
+
     def new_entry(problem: Problem) -> PlanEntry:
         facts = Facts(problem.col_passes, problem.row_passes, region.seconds, vjp_seconds)
-        made = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only)
+        made = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only, tangent_copy_bytes=copies)
         made.reverify = problem.layout is not None and not problem.layout.pattern.valid_everywhere
         return made
 
@@ -299,7 +305,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
     bound_prior = PRIOR_FACTOR * (graph_bound + max(problem.in_bytes, problem.out_bytes))
     methods = _Restartable()(chain)
     for m in methods:
-        if not m.evaluates_once and entry.once_only:
+        if (not m.evaluates_once and entry.once_only) or entry.stats[m.name].excluded:
             continue
         method = _method(m)
         n = m.passes(problem.col_passes, problem.row_passes)
@@ -314,7 +320,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
                       room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
                       timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
-                      reserve_bytes=reserve, trim_between=trimming)
+                      reserve_bytes=reserve + entry.fixed_prior(m), trim_between=trimming)
         progress = Progress(options.progress, n, m.name)
         adopted = False
         verdict: dict[str, object] = {}
@@ -502,7 +508,19 @@ def _planned_chunk(entry: PlanEntry, stats) -> int | None:
     if line is None or room is None or entry.options.chunk_size is not None:
         return None
     fitting = largest_fitting(line, room, n)
+    # Later calls are not measured: no further than GROWTH times the largest chunk measured (a line drawn
+    # through small chunks does not see workspaces that only larger ones need).
+    measured = max((k for k, _ in stats.memory), default=n)
+    fitting = min(fitting, GROWTH * measured)
     return None if fitting >= n else max(fitting, 1)
+
+
+def _relearn_memory(call: Call, entry: PlanEntry, stats, timed: bool, chunk_size: int | None) -> bool:
+    """Whether this call measures the plan's chunks again (see NOTE: [Memory learned again in a warm process]):
+    a plan still learning (`timed`), whose chunks the budget holds below the whole basis, with no chunk size
+    given by the user or the call."""
+    return (timed and stats.chunk_size is not None and chunk_size is None and entry.options.chunk_size is None
+            and entry.room_bytes() is not None and call.meter.kind != "none")
 
 
 def _learn(stats, log: RunLog, sizer: Sizer) -> None:
@@ -641,12 +659,21 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         m = stats.method
         n = m.passes(problem.col_passes, problem.row_passes)
         unmeasured = not stats.runs
+        relearn = False
         room = entry.room_bytes()
         if unmeasured:  # a plan made by the rules alone, or a fallback never run: measure as a first call would
             prior = PRIOR_FACTOR * (max(problem.in_bytes, problem.out_bytes) + entry.fixed_bytes - problem.result_bytes)
             sizer = Sizer(None if entry.options.chunk_size is None else min(entry.options.chunk_size, max(n, 1)),
-                          room_bytes=room, prior_bytes_per_vector=prior, timed=True, reserve_bytes=untracked_reserve(call.device),
+                          room_bytes=room, prior_bytes_per_vector=prior, timed=True,
+                          reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m),
                           measured=(call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room,
+                          minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, trim_between=_trimming(call))
+        elif relearn := _relearn_memory(call, entry, stats, timed, chunk_size):
+            # NOTE: [Memory learned again in a warm process]: a first call's chunk peaks include the process's
+            # one-time costs (kernels' first-use pages and workspaces), charged to the chunks that met them, so a
+            # tight budget's plan is held to chunks smaller than need be. While the plan is still learning, its
+            # chunks are measured again from its chunk size up, and what this call measured replaces them.
+            sizer = Sizer(None, room_bytes=room, timed=True, measured=True, first=stats.chunk_size,
                           minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, trim_between=_trimming(call))
         else:
             sizer = FixedChunks(chunk_size if (name == first and chunk_size) else entry.chunk_size(name),
@@ -676,9 +703,12 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         else:
             with entry.lock:
                 stats.verified = True
-                if unmeasured:
+                if unmeasured or relearn:
+                    if relearn and any(c.peak_bytes is not None for c in log.chunks):
+                        stats.memory.clear()
                     _learn(stats, log, sizer)
                     stats.chunk_size = _planned_chunk(entry, stats)
+                if unmeasured:
                     stats.add_run(seconds)
                 if name != entry.incumbent and first is None:
                     entry.events.append(f"{entry.incumbent} failed at run time; {name} took over")
@@ -742,7 +772,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     prior = (weight * line.per_vector) if line is not None else weight * max(problem.in_bytes, problem.out_bytes)
     measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
     sizer = Sizer(trial.slice_vectors, timed=True, measured=measured, room_bytes=room, prior_bytes_per_vector=prior,
-                  reserve_bytes=untracked_reserve(call.device), trim_between=_trimming(call), cap_fixed=True)
+                  reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m), trim_between=_trimming(call),
+                  cap_fixed=True)
     call.trial = m.name
     verdict = {"stopped": False}
 
