@@ -673,8 +673,10 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             # one-time costs (kernels' first-use pages and workspaces), charged to the chunks that met them, so a
             # tight budget's plan is held to chunks smaller than need be. While the plan is still learning, its
             # chunks are measured again from its chunk size up, and what this call measured replaces them.
+            # The plan's chunk size was measured within the budget: never below it (a line drawn through the
+            # few sizes this call measures can be steeper than the truth).
             sizer = Sizer(None, room_bytes=room, timed=True, measured=True, first=stats.chunk_size,
-                          minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, trim_between=_trimming(call))
+                          minimum=stats.chunk_size, trim_between=_trimming(call))
         else:
             sizer = FixedChunks(chunk_size if (name == first and chunk_size) else entry.chunk_size(name),
                                 trim_between=_trimming(call))
@@ -704,10 +706,13 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             with entry.lock:
                 stats.verified = True
                 if unmeasured or relearn:
+                    before = stats.chunk_size
                     if relearn and any(c.peak_bytes is not None for c in log.chunks):
                         stats.memory.clear()
                     _learn(stats, log, sizer)
                     stats.chunk_size = _planned_chunk(entry, stats)
+                    if relearn and before is not None and stats.chunk_size is not None:
+                        stats.chunk_size = max(stats.chunk_size, before)
                 if unmeasured:
                     stats.add_run(seconds)
                 if name != entry.incumbent and first is None:
