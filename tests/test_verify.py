@@ -16,7 +16,8 @@ def _problem(m: int, n: int, dtype=torch.float32) -> Problem:
 def _cancelling(m: int = 64, n: int = 48, dtype=torch.float32):
     """A Jacobian whose columns sum to nearly nothing under w: w^T J is tiny next to |w|^T |J|."""
     g = torch.Generator().manual_seed(3)
-    jac = torch.randn(m, n, generator=g, dtype=torch.float64) * 1e4
+    # Columns of sizes from 1 to 1e9, so that each column must be judged against its own terms.
+    jac = torch.randn(m, n, generator=g, dtype=torch.float64) * 10.0 ** (3 * (torch.arange(n) % 4))
     w = torch.randn(m, generator=g, dtype=torch.float64)
     # Make the last row cancel the others' contribution to w^T J for every column.
     jac[-1] = -(w[:-1] @ jac[:-1]) / w[-1] + 1e-3
@@ -24,8 +25,15 @@ def _cancelling(m: int = 64, n: int = 48, dtype=torch.float32):
     return jac.to(dtype), w.to(dtype), exact.to(dtype)
 
 
+@pytest.fixture(params=["whole", "blocks of 5 columns"])
+def block_bytes(request, monkeypatch):
+    """The suspect columns judged all at once, or a few at a time (as under a tight budget's CHECK_BLOCK_BYTES)."""
+    if request.param != "whole":
+        monkeypatch.setattr("autojac._execute.verify.CHECK_BLOCK_BYTES", 5 * 64 * 4)
+
+
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
-def test_cancellation_is_not_taken_for_an_error(layout):
+def test_cancellation_is_not_taken_for_an_error(layout, block_bytes):
     jac, w, exact = _cancelling()
     result = jac if layout == "dense" else jac.to_sparse_coo()
     # float32 rounding of the terms is far above the exact product: the cheap path finds every column suspect.
@@ -33,7 +41,7 @@ def test_cancellation_is_not_taken_for_an_error(layout):
 
 
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
-def test_a_wrong_element_is_found_under_cancellation(layout):
+def test_a_wrong_element_is_found_under_cancellation(layout, block_bytes):
     jac, w, exact = _cancelling()
     row = int((w[:-1].abs() * jac[:-1, 7].abs()).argmax())
     jac[row, 7] *= 3  # the largest of ~64 terms tripled: over 10x the tolerance (2 sqrt(eps) of the terms' sum)

@@ -26,6 +26,9 @@ from .._methods.base import vjp
 from .._core.problem import Problem
 from .._core.pytree import flatten
 
+# The most of |J| (bytes, per output block) the check copies at once when it judges suspect columns.
+CHECK_BLOCK_BYTES = 1 << 18
+
 
 class VerificationError(AutojacError, ArithmeticError):
     """A method's Jacobian disagreed with an independent vector-Jacobian product."""
@@ -118,10 +121,17 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
             if not bool(torch.isfinite(ref).all()):
                 continue  # NaN or Inf at this point: the check cannot tell here
             # |J| for the suspect columns only (dense or sparse COO): a copy of all of it could overrun a budget.
+            # Taken a few columns at a time (at most CHECK_BLOCK_BYTES of |J| at once): under float32 rounding
+            # most columns can be suspect, and two copies of them (selected, absolute) broke an 8.7 MiB budget.
             columns = suspect.nonzero().reshape(-1)
             scale = torch.zeros(columns.numel(), dtype=dtype, device=device)
-            for i, wi in enumerate(w):
-                scale += _vecmat(wi.reshape(-1).to(dtype).abs(), blocks[i][j].index_select(1, columns).abs())
+            rows = max([1] + [int(b[j].shape[0]) for b in blocks])
+            step = max(1, CHECK_BLOCK_BYTES // (rows * torch.empty((), dtype=dtype).element_size()))
+            for lo in range(0, columns.numel(), step):
+                some = columns[lo:lo + step]
+                for i, wi in enumerate(w):
+                    scale[lo:lo + step] += _vecmat(wi.reshape(-1).to(dtype).abs(),
+                                                   blocks[i][j].index_select(1, some).abs())
             bad = ~(difference[columns] <= tolerance * (scale + ref[columns].abs()) + torch.finfo(dtype).tiny)
             if bool(bad.any()):
                 k = int(columns[bad.nonzero()[0, 0]])
