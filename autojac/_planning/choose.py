@@ -21,8 +21,13 @@ PRUNE_PREDICTED = 4.0
 """An alternative predicted to take more than this many times the incumbent's time is not tried."""
 ABORT_PROJECTED = 1.5
 """A trial whose first slice projects to more than this many times the incumbent's time stops there."""
-CONFIRM_WITHIN = 1.10
-"""A measured alternative this close to the best is measured on a second whole call before the plan settles."""
+CONFIRM_WITHIN = 1.5
+"""A measured alternative this close to the best is measured on a second whole call before the plan settles.
+
+An alternative's first whole call is its first on this function (a new vmap engine's first batched pass):
+the `reverse/vmap [autograd]` engine took 1.41-1.46 ms on its first classifier call and 0.96 ms warm, while
+the incumbent's best is the fastest of many runs. Within 1.10 only, that engine lost to a 1.42 ms incumbent
+in a benchmark run and the plan settled 2x slower than `torch.autograd.functional.jacobian`."""
 SWITCH_BELOW = 0.97
 """An alternative replaces the incumbent when its fastest whole call is below this share of the incumbent's."""
 EXPLORE_SHARE = 0.10
