@@ -204,9 +204,12 @@ def jacobian(
       its whole time, and either finishes the call with it or gives the rest to the
       plan's method. Alternatives are tried in order of predicted time (loops from
       the measured evaluation and VJP; vmap and repeat from the plan's own time):
-      a mode needing over 4x the passes, or a method predicted over 2x slower, is
-      not tried. A measured alternative whose fastest whole call beats the plan's
-      method by over 3% replaces it; one within 10% runs a second whole call first.
+      a mode needing over 4x the passes, or a method predicted over 4x slower, is
+      not tried; a trial whose first slice projects over 1.5x the plan's time stops
+      there. Under a budget, forward modes are not tried when a zero tangent the size
+      of the largest tensor `f` holds would not fit. A measured alternative whose
+      fastest whole call beats the plan's method by over 3% replaces it; one within
+      50% runs a second whole call first (a first run is a cold one).
       When nothing is left to try, the plan is settled and calls measure nothing.
     - At run time an out-of-memory chunk is retried at half the size (down to 1);
       a method that fails otherwise hands over to the next feasible one, and last
