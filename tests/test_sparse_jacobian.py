@@ -144,3 +144,41 @@ def test_only_the_colourings_that_can_matter_are_computed():
         torch.testing.assert_close(autojac.jacobian(dense_row, x, sparsity=autojac.sparsity(dense_row, x).to_dense()),
                                    torch.func.jacrev(dense_row)(x))
     assert autojac.last_report().chunk_sizes[-1] <= 2  # two reverse passes for 2501 rows
+
+
+def test_a_pattern_too_full_to_pay_is_dense_before_it_is_spelled_out_or_coloured(monkeypatch):
+    """The planner asks `detect` for at most SAVES x passes x max(n_out, n_in) nonzeros: no colouring of a
+    fuller pattern could halve the passes. It says so at once, and neither materializes nor colours it."""
+    from autojac._core.problem import Problem, Signature
+    from autojac._planning import structure
+    import importlib
+
+    from autojac._structure.detect import TooDense
+
+    detect_module = importlib.import_module("autojac._structure.detect")  # the module (the package exports the function)
+
+    W = t64(300, 300)
+    mixing = lambda t: torch.tanh(t @ W)  # noqa: E731 - every output depends on every input
+    with pytest.raises(TooDense) as full:
+        detect_module.detect(mixing, (t64(300),), max_nnz=300 * 300 - 1)
+    assert full.value.nnz == 300 * 300
+    assert detect_module.detect(mixing, (t64(300),), max_nnz=300 * 300).nnz == 300 * 300  # at the limit: spelled out
+
+    spelled, coloured = [], []
+    monkeypatch.setattr(detect_module.D, "materialize", lambda *a: spelled.append(a) or pytest.fail("materialized"))
+    monkeypatch.setattr(structure, "colorings", lambda p: coloured.append(p) or pytest.fail("coloured"))
+    problem = Problem(inputs=Signature(((300,),), (torch.float64,), torch.device("cpu")), out_shapes=((300,),),
+                      out_dtypes=(torch.float64,))
+    layout, note = structure.layout_for(mixing, (t64(300),), problem, "auto", "dense", "jacobian")
+    assert layout is None and "90000 nonzeros" in note and "at least 300 colours against 300 dense passes" in note
+    assert not spelled and not coloured
+    # An arrow (every output depends on its input and on t[0]; one more output on all): 899 of 90300 nonzeros,
+    # 3 a row on average, so the mean does not rule it out; the most in one row (300) and in one column (301) do,
+    # before any colouring.
+    arrow = lambda t: torch.cat([(t + t[0]).sin(), t.sum()[None]])  # noqa: E731
+    monkeypatch.undo()
+    monkeypatch.setattr(structure, "colorings", lambda p: pytest.fail("coloured"))
+    problem = Problem(inputs=Signature(((300,),), (torch.float64,), torch.device("cpu")), out_shapes=((301,),),
+                      out_dtypes=(torch.float64,))
+    layout, note = structure.layout_for(arrow, (t64(300),), problem, "auto", "dense", "jacobian")
+    assert layout is None and "899 nonzeros" in note and "at least 300 colours" in note

@@ -17,6 +17,7 @@ always coloured and used.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -26,6 +27,7 @@ from .._execute.sparse import SparseLayout
 import numpy as np
 
 from .._structure import Coloring, Pattern, color_columns, color_rows, detect
+from .._structure.detect import TooDense
 
 logger = logging.getLogger("autojac")
 
@@ -105,16 +107,29 @@ def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str)
     """(the layout to use, or None for dense; a note for the plan)."""
     if sparsity is None:
         return None, ""
+    dense_passes = min(problem.n_in, problem.n_out)
     if isinstance(sparsity, str):
+        # No colouring beats its side's lower bound (the most nonzeros in one row or column), and the mean
+        # bounds the most: a pattern this full is dense for the planner before it is spelled out or coloured
+        # (a dense 2048 x 2048 one took 0.2 s to spell out and 0.4 s more to colour, on a first call that then
+        # ran dense anyway).
+        too_many = int(SAVES * dense_passes * max(problem.n_out, problem.n_in))
         try:
-            pattern = detect(f, xs)
+            pattern = detect(f, xs, max_nnz=too_many)
+        except TooDense as full:
+            return None, (f"pattern found ({full.nnz} nonzeros) but at least {math.ceil(full.nnz / max(problem.n_out, problem.n_in))} "
+                          f"colours against {dense_passes} dense passes: dense")
         except Exception as exc:  # noqa: BLE001 - no pattern is no reason to fail: dense works
             logger.debug("sparsity detection failed: %s", exc)
             return None, f"structure detection failed ({type(exc).__name__}); dense"
     else:
         pattern = user_pattern(sparsity, problem, who)
+    if isinstance(sparsity, str):
+        fewest = min(pattern.max_row_nnz, pattern.max_col_nnz)
+        if fewest > SAVES * dense_passes:
+            return None, (f"pattern found ({pattern.nnz} nonzeros) but at least {math.ceil(fewest)} colours "
+                          f"against {dense_passes} dense passes: dense")
     rows, columns = colorings(pattern)
-    dense_passes = min(problem.n_in, problem.n_out)
     compressed = min(rows.n_colors, columns.n_colors)
     if isinstance(sparsity, str) and compressed > SAVES * dense_passes:
         return None, (f"pattern found ({pattern.nnz} nonzeros) but {compressed} colours against {dense_passes} "

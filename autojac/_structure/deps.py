@@ -314,6 +314,14 @@ def groups_from_positions(pos1: np.ndarray, numel: int) -> sp.csr_array:
     return csr(indptr, flat[keep] - 1, numel, canonical=False)
 
 
+def count(d: Deps | None) -> int:
+    """How many (element, input) pairs d holds: the nonzeros `materialize` would spell out."""
+    if d is None:
+        return 0
+    lens = np.diff(d.table.indptr)
+    return int(lens[d.rowmap[d.rowmap >= 0]].sum())
+
+
 def materialize(d: Deps | None, numel: int, n_in: int) -> sp.csr_array:
     """The full `numel x n_in` boolean CSR matrix of d."""
     if d is None:

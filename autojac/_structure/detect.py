@@ -15,13 +15,23 @@ from .trace import record
 _MODES = ("auto", "fake", "real")
 
 
-def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto") -> Pattern:
+class TooDense(Exception):
+    """Internal: the pattern holds more nonzeros than the caller's `max_nnz` (it would not be used)."""
+
+    def __init__(self, nnz: int) -> None:
+        super().__init__(f"{nnz} nonzeros")
+        self.nnz = nnz
+
+
+def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_nnz: int | None = None) -> Pattern:
     """Sparsity pattern of the Jacobian of `f(*xs)` (inputs and outputs flattened and concatenated).
 
     trace="auto" traces f on fake tensors (the pattern then holds for every input of these shapes)
     and falls back to a trace on the real values when f needs them (data-dependent control flow,
     `.item()`, boolean masks): that pattern has `valid_everywhere=False`. "fake" or "real" forces one.
     The result always contains every nonzero; ops without an exact rule are listed in `dense_ops`.
+    With `max_nnz`, a pattern of more nonzeros raises TooDense before it is spelled out (the planner's
+    limit beyond which no colouring could pay).
     """
     if trace not in _MODES:
         raise ValueError(f"trace must be one of {_MODES}, got {trace!r}")
@@ -53,7 +63,10 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto") -> P
     out_deps = engine.run()
     parts = [(d, m.numel) for d, m in zip(out_deps, tape.output_metas)]
     n_out = sum(n for _, n in parts)
-    full = D.materialize(D.concat(parts), n_out, engine.n_in)
+    joined = D.concat(parts)
+    if max_nnz is not None and (nnz := D.count(joined)) > max_nnz:
+        raise TooDense(nnz)
+    full = D.materialize(joined, n_out, engine.n_in)
     return Pattern.from_csr(full, valid_everywhere=tape.mode == "fake",
                             dense_ops=tuple(dict.fromkeys(engine.dense_ops)),
                             seconds=time.perf_counter() - start,
