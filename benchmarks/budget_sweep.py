@@ -141,20 +141,23 @@ def report(rows: list[dict], meta: dict) -> str:
         "",
         "Each budget runs in a fresh process: its first call (the plan is made there, with the process's one-time "
         f"set-up), then {meta['warm_calls']} later call(s) (which may try an alternative method on a slice while the "
-        "plan is not settled). Peak = peak extra memory over the memory before the call. Estimated = "
+        "plan is not settled). Peak = peak extra memory over the memory before the call (on the CPU, peak RSS: it "
+        "also counts the file-backed pages of kernel code a fresh process runs for the first time, shared and clean; "
+        "\"kernel code first run\" is how much those grew during the call, so peak minus it bounds the growth of "
+        "anonymous memory from below). Estimated = "
         "`autojac.plan(f, x).estimated_peak_bytes` after the call: the plan's own prediction from the chunk peaks it "
         "measured (none when it measured nothing: the prior said the whole basis fits, so no chunk was metered).",
         "",
         "| budget | need / budget | first call: plan | chunk sizes | evaluations | estimated peak | measured peak "
-        "| measured / estimated | within budget | time | later calls: peak | within | time | vs default |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| measured / estimated | of it, kernel code first run | within budget | time | later calls: peak | within | time | vs default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = r["budget_bytes"]
         label = "default" + (f" ({mib(r.get('limit_bytes'))})" if r.get("limit_bytes") else "") if b is None else mib(b)
         factor = "–" if b is None else f"{r['factor']:.1f}x"
         if "error" in r:
-            lines.append(f"| {label} | {factor} | {r['error']} |" + " |" * 11)
+            lines.append(f"| {label} | {factor} | {r['error']} |" + " |" * 12)
             continue
         first = r["first"]
         est, peak = first["estimated_peak_bytes"], first["extra_bytes"]
@@ -166,7 +169,7 @@ def report(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {label} | {factor} | {first['plan']} ({first['n_chunks']} chunks) | "
             f"{chunk_text} | {first['evaluations']} | {mib(est) if est is not None else 'none (nothing measured)'} | "
-            f"{mib(peak)} | {ratio} | {_yes(r['first_within'])} | {ms(first['seconds'])} | "
+            f"{mib(peak)} | {ratio} | {mib(first.get('file_bytes'))} | {_yes(r['first_within'])} | {ms(first['seconds'])} | "
             f"{mib(r.get('warm_peak_bytes'))} | {_yes(r.get('warm_within'))} | {ms(r.get('warm_seconds'))} | {vs} |")
     lines += ["", "Later calls: what each did (method, chunks, trial):", ""]
     for r in rows:

@@ -485,9 +485,14 @@ class ProcessPeak:
     def __init__(self, device) -> None:
         self.device = torch.device(device)
         self.extra_bytes: int | None = None
+        self.file_bytes: int | None = None
+        """CPU: how much the file-backed resident pages grew meanwhile (RssFile): code of kernels run for the
+        first time in this process, which the peak RSS counts although it is shared and clean (`extra_bytes`
+        minus this is a lower bound of the peak growth of anonymous memory, `extra_bytes` an upper bound)."""
 
     def __enter__(self):
         gc.collect()
+        self._file = _rss_file_bytes() if self.device.type == "cpu" else None
         self._region = PeakMeter(self.device).region()
         self._region.__enter__()
         return self
@@ -495,7 +500,21 @@ class ProcessPeak:
     def __exit__(self, *exc):
         self._region.__exit__(*exc)
         self.extra_bytes = self._region.peak_bytes
+        after = _rss_file_bytes() if self._file is not None else None
+        self.file_bytes = None if after is None else max(after - self._file, 0)
         return False
+
+
+def _rss_file_bytes() -> int | None:
+    """This process's resident file-backed pages (RssFile in /proc/self/status), or None where unknown."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def warm_process(f, inputs) -> None:
@@ -549,12 +568,12 @@ def _child_budget(problem_name, size, device, budget, warm_calls="3"):
             with ProcessPeak(device) as peak:
                 seconds, got = timed(lambda: autojac.jacobian(f, inputs, memory_budget=budget), device)
         except Exception as exc:  # noqa: BLE001 - MemoryBudgetError is a result of the sweep
-            calls.append({"error": _error_text(exc), "extra_bytes": peak.extra_bytes})
+            calls.append({"error": _error_text(exc), "extra_bytes": peak.extra_bytes, "file_bytes": peak.file_bytes})
             break
         got = None
         r = autojac.last_report()
         plan = autojac.plan(f, inputs, memory_budget=budget)
-        calls.append({"extra_bytes": peak.extra_bytes, "seconds": seconds, "method": r.method,
+        calls.append({"extra_bytes": peak.extra_bytes, "file_bytes": peak.file_bytes, "seconds": seconds, "method": r.method,
                       "chunk_sizes": list(r.chunk_sizes), "evaluations": r.evaluations, "planned": r.planned,
                       "trial": r.trial, "events": list(r.events), "plan": plan_text(plan), "n_chunks": plan.n_chunks,
                       "estimated_peak_bytes": plan.estimated_peak_bytes, "budget_bytes": plan.budget_bytes,
