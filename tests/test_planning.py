@@ -159,6 +159,8 @@ def test_trials_wait_for_credit_then_come_in_prior_order():
     assert e.next_trial() is None
     e.record_call(0.01)
     assert e.credit == pytest.approx(0.001)
+    e.record_call(0.05)  # a slow call (a trial) earns what a plan's call earns, not a share of its own time
+    assert e.credit == pytest.approx(0.002)
     e.credit = 0.005
     trial = e.next_trial()
     assert trial.method.name == "reverse/repeat" and trial.slice_vectors == 40
@@ -272,3 +274,33 @@ _GLOBAL_WEIGHT = torch.zeros(50, 40, dtype=torch.float64)
 
 def _uses_a_global(x):
     return _GLOBAL_WEIGHT @ x
+
+
+def test_a_whole_trial_is_charged_all_it_cost_its_check_included(monkeypatch):
+    """Exploration's share holds only if a trial pays for everything it adds to the call: the alternative's
+    run, its collection and its check (a check that takes 50 ms must cost the credit at least that)."""
+    import autojac
+    from autojac._planning import session
+
+    W = torch.randn(40, 40, dtype=torch.float64)
+    f = lambda x: torch.tanh(x @ W.T)  # noqa: E731 - batch-aware: every alternative can run
+    x = torch.randn(40, dtype=torch.float64)
+    autojac.clear_cache()
+    autojac.jacobian(f, x)
+    autojac.jacobian(f, x)  # the incumbent's warm run: trials may start
+    entry = autojac.plan(f, x).entry
+    assert not entry.settled
+    real_check = session.check_against
+    checked = []
+
+    def slow_check(*args):
+        checked.append(args[0])
+        __import__("time").sleep(0.05)
+        return real_check(*args)
+
+    monkeypatch.setattr(session, "check_against", slow_check)
+    entry.credit = 10.0  # enough for a whole trial
+    autojac.jacobian(f, x)
+    report = autojac.last_report()
+    assert report.trial is not None and "failed" not in report.trial and "stopped" not in report.trial, report.trial
+    assert checked and entry.credit <= 10.0 - 0.05

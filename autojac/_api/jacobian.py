@@ -197,9 +197,10 @@ def jacobian(
       - The result is verified (see "Never silently wrong" in the README) before
         it is returned; a method that fails the check hands over to the next.
     - Later calls run the plan's method (its chunk size from its measured memory
-      line under a budget). While a plan is not settled, every call adds 10% of its
-      own time to an exploration credit (a new plan starts with half its first
-      call's time); when the credit covers a pessimistically priced first slice of
+      line under a budget). While a plan is not settled, every call adds 10% of the
+      plan's fastest call to an exploration credit (a new plan starts with half its
+      first call's time) and every trial is charged all it cost beyond a plan's
+      call; when the credit covers a pessimistically priced first slice of
       the next alternative, that call runs the alternative on that slice, projects
       its whole time, and either finishes the call with it or gives the rest to the
       plan's method. Alternatives are tried in order of predicted time (loops from

@@ -31,7 +31,7 @@ in a benchmark run and the plan settled 2x slower than `torch.autograd.functiona
 SWITCH_BELOW = 0.97
 """An alternative replaces the incumbent when its fastest whole call is below this share of the incumbent's."""
 EXPLORE_SHARE = 0.10
-"""Each call of an unsettled plan adds this share of its own time to the exploration credit."""
+"""Each call of an unsettled plan adds this share of the incumbent's fastest call to the exploration credit."""
 INITIAL_CREDIT = 0.5
 """A new plan starts with this share of its first call's time as exploration credit."""
 PESSIMISM = 1.0

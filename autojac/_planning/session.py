@@ -10,7 +10,8 @@ and pays. Those chunks are the answer. A method that fails on them hands over to
 the next in the chain.
 
 Later calls run the incumbent. While the plan is not settled, each call adds a
-share of its own time to an exploration credit; when the credit covers a first
+share of the incumbent's fastest call to an exploration credit, and each trial is
+charged what it cost beyond an incumbent call; when the credit covers a first
 slice of the next alternative (priced pessimistically), that call runs the
 alternative on that slice first, projects its whole time, and either finishes the
 call with it (a real, whole measurement) or hands the rest to the incumbent. The
@@ -826,7 +827,9 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
             stats.add_run(seconds)
             _learn(stats, log, sizer)
             stats.chunk_size = _planned_chunk(entry, stats)
-            entry.credit -= max(seconds - inc.best, 0.0)
+            # Charged all it cost beyond an incumbent call: the method's time, and the check and collection
+            # around it (an alternative's first run also pays its one-time costs on this function).
+            entry.credit -= max(time.perf_counter() - began - inc.best, 0.0)
             entry.consider_switch()
         call.trial = f"{m.name}: {seconds_text(seconds)} against {seconds_text(inc.best)}"
         call.method_name = m.name
@@ -848,6 +851,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
                                                      start=position, assembler=assembler)
             result = assembler.result()
             if not stats.verified:
+                checking = time.perf_counter()
                 w = random_cotangents(problem)
                 reference = _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)
                 try:
@@ -857,6 +861,9 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
                     with entry.lock:
                         _record_failure(entry, stats, exc, call, [])
                     return _incumbent(call, entry, timed=True)
+                finally:
+                    with entry.lock:
+                        entry.credit -= time.perf_counter() - checking  # the trial's check, too
         call.method_name = f"{m.name} + {inc.method.name}"
         return result
     partial = assembler
