@@ -182,3 +182,23 @@ def test_a_pattern_too_full_to_pay_is_dense_before_it_is_spelled_out_or_coloured
                       out_dtypes=(torch.float64,))
     layout, note = structure.layout_for(arrow, (t64(300),), problem, "auto", "dense", "jacobian")
     assert layout is None and "899 nonzeros" in note and "at least 300 colours" in note
+
+
+def test_detection_past_its_time_limit_stops_between_ops_and_the_plan_stays_dense():
+    """Propagation can cost far more than its estimate (index sets that grow op after op); the planner gives
+    detection a limit, and a stopped detection is dense with a note that says how to detect without one."""
+    from autojac._core.problem import Problem, Signature
+    from autojac._planning import structure
+    from autojac._structure.detect import TooLong
+
+    x = t64(2 * 16 * 16)
+    with pytest.raises(TooLong) as late:
+        autojac._structure.detect(brusselator, (x,), max_seconds=0.0)
+    assert late.value.done == 0 and late.value.total > 10
+    assert autojac._structure.detect(brusselator, (x,), max_seconds=60.0).nnz == 6 * 512  # in time: the pattern
+    problem = Problem(inputs=Signature(((512,),), (torch.float64,), torch.device("cpu")), out_shapes=((512,),),
+                      out_dtypes=(torch.float64,))
+    layout, note = structure.layout_for(brusselator, (x,), problem, "auto", "dense", "jacobian", max_seconds=0.0)
+    assert layout is None and "structure detection stopped after" in note and "autojac.sparsity(f, x)" in note
+    layout, note = structure.layout_for(brusselator, (x,), problem, "auto", "dense", "jacobian", max_seconds=60.0)
+    assert layout is not None

@@ -49,7 +49,7 @@ from .plan import RunReport, seconds_text
 from .cost_model import GROWTH, largest_fitting
 from .keys import largest_captured_bytes
 from .sizing import Sizer
-from .structure import layout_for, might_pay, worth_detecting
+from .structure import DETECT_LIMIT, layout_for, might_pay, worth_detecting
 
 logger = logging.getLogger("autojac")
 
@@ -355,7 +355,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
                 assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state, progress=progress,
                                                                     after_chunk=after_first_slice)
             if verdict.get("look"):
-                layout, note = _find_layout(call, problem)
+                # Detection is stopped past DETECT_LIMIT times the projected dense Jacobian (see there why).
+                layout, note = _find_layout(call, problem, DETECT_LIMIT * verdict["projected"])
                 entry.structure = note
                 if layout is not None:  # start again with one seed per colour (the dense slice is not reused)
                     problem = dataclasses.replace(problem, layout=layout)
@@ -440,10 +441,11 @@ class _Restartable:
         self.chain, self.i = list(chain), 0
 
 
-def _find_layout(call: Call, problem: Problem):
+def _find_layout(call: Call, problem: Problem, max_seconds: float | None = None):
     """Detect (or take the user's) pattern and colour it, outside the evaluations anyone sees."""
     xs = tuple(x.detach() for x in call.xs)
-    return call.f.isolated(lambda raw: layout_for(raw, xs, problem, call.options.sparsity, call.options.output, call.who))
+    return call.f.isolated(lambda raw: layout_for(raw, xs, problem, call.options.sparsity, call.options.output,
+                                                  call.who, max_seconds))
 
 
 class Timed:

@@ -23,7 +23,16 @@ class TooDense(Exception):
         self.nnz = nnz
 
 
-def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_nnz: int | None = None) -> Pattern:
+class TooLong(Exception):
+    """Internal: detection ran past the caller's `max_seconds` (it would cost more than it was allowed)."""
+
+    def __init__(self, seconds: float, done: int, total: int) -> None:
+        super().__init__(f"stopped after {seconds:.2f} s, {done} of {total} ops")
+        self.seconds, self.done, self.total = seconds, done, total
+
+
+def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_nnz: int | None = None,
+           max_seconds: float | None = None) -> Pattern:
     """Sparsity pattern of the Jacobian of `f(*xs)` (inputs and outputs flattened and concatenated).
 
     trace="auto" traces f on fake tensors (the pattern then holds for every input of these shapes)
@@ -31,7 +40,9 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
     `.item()`, boolean masks): that pattern has `valid_everywhere=False`. "fake" or "real" forces one.
     The result always contains every nonzero; ops without an exact rule are listed in `dense_ops`.
     With `max_nnz`, a pattern of more nonzeros raises TooDense before it is spelled out (the planner's
-    limit beyond which no colouring could pay).
+    limit beyond which no colouring could pay). With `max_seconds`, detection that runs longer raises
+    TooLong between two ops (the planner's allowance: index sets that grow op after op, as through a long
+    rollout, can make propagation cost far more than the trace).
     """
     if trace not in _MODES:
         raise ValueError(f"trace must be one of {_MODES}, got {trace!r}")
@@ -60,7 +71,10 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
         if not m.floating:
             raise TypeError(f"output {k} has dtype {m.dtype}; Jacobians need floating-point outputs")
     engine = Engine(tape)
-    out_deps = engine.run()
+    try:
+        out_deps = engine.run(None if max_seconds is None else start + max_seconds)
+    except TooLong as late:
+        raise TooLong(time.perf_counter() - start, late.done, late.total) from None
     parts = [(d, m.numel) for d, m in zip(out_deps, tape.output_metas)]
     n_out = sum(n for _, n in parts)
     joined = D.concat(parts)

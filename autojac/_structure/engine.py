@@ -7,6 +7,8 @@ input) are evaluated for real, so rules can use the actual nonzeros of weights a
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -162,10 +164,16 @@ class Engine:
         store.shadow.as_strided(meta.shape, meta.stride, meta.offset).copy_(value)
 
     # -- replay ---------------------------------------------------------------------------
-    def run(self) -> list[Deps | None]:
+    def run(self, deadline: float | None = None) -> list[Deps | None]:
+        """Propagate dependency sets through the tape; past `deadline` (a `time.perf_counter()` value), raise
+        `detect.TooLong` before the next op."""
         from .registry import Call, op_info  # the rules import this module
 
         for step, op in enumerate(self.tape.ops):
+            if deadline is not None and time.perf_counter() > deadline:
+                from .detect import TooLong
+
+                raise TooLong(0.0, step, len(self.tape.ops))
             self.step = step
             info = op_info(op.func)
             if info.view_like and self._alias(op, info):
