@@ -194,6 +194,12 @@ def jacobian(
         peak, or the process's peak RSS on Linux), then chunks that grow at most
         4x at a time while the measured line says they fit and a larger chunk
         still saves time per vector.
+      - Structure (sparsity="auto"): when the dense Jacobian has at least 64
+        passes and could be long, its first slice is timed; if a trace (about 40
+        evaluations of `f`) is under 10% of the projected dense Jacobian, the
+        pattern is detected (stopped past 3x that projection, or as soon as it is
+        too full to halve the passes) and coloured, and compression is used when
+        it needs at most half the dense passes.
       - The result is verified (see "Never silently wrong" in the README) before
         it is returned; a method that fails the check hands over to the next.
     - Later calls run the plan's method (its chunk size from its measured memory
