@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autojac._bench.problems import rk4_step
 from autojac._measure.meter import PeakMeter, process_peak_rss
 from autojac._measure.tracker import LiveStorageTracker
 
@@ -81,11 +82,7 @@ def _rk4_lorenz(steps=200, dt=0.01):
     def f(s):
         out = []
         for _ in range(steps):
-            k1 = rhs(s)
-            k2 = rhs(s + dt / 2 * k1)
-            k3 = rhs(s + dt / 2 * k2)
-            k4 = rhs(s + dt * k3)
-            s = s + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            s = rk4_step(rhs, s, dt)
             out.append(s)
         return torch.cat(out)  # the trajectory, 3 * steps outputs
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import autojac
-from autojac._bench.problems import BY_NAME
+from autojac._bench.problems import BY_NAME, rk4_step
 from autojac._bench.suite import machine_name, machine_text
 from autojac._planning import session
 
@@ -34,13 +34,8 @@ def rollout(n: int, steps: int, device: torch.device):
         return 0.1 * (u.roll(1) - 2 * u + u.roll(-1)) + torch.tanh(u) - 0.1 * u ** 3
 
     def f(u):
-        h = 0.01
         for _ in range(steps):
-            k1 = rhs(u)
-            k2 = rhs(u + h / 2 * k1)
-            k3 = rhs(u + h / 2 * k2)
-            k4 = rhs(u + h * k3)
-            u = u + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            u = rk4_step(rhs, u, 0.01)
         return u
 
     return f, torch.randn(n, dtype=torch.float64, device=device, generator=None)
