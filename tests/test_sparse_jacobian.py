@@ -202,3 +202,61 @@ def test_detection_past_its_time_limit_stops_between_ops_and_the_plan_stays_dens
     assert layout is None and "structure detection stopped after" in note and "autojac.sparsity(f, x)" in note
     layout, note = structure.layout_for(brusselator, (x,), problem, "auto", "dense", "jacobian", max_seconds=60.0)
     assert layout is not None
+
+
+def _first_call_without_looking(monkeypatch, g, x):
+    """A first call whose rule says the dense Jacobian is too short to pay for a trace (as it says of
+    `pde_residual` (large) on the benchmark machine): made so here, so the later-call path is what runs."""
+    from autojac._planning import session
+
+    monkeypatch.setattr(session, "might_pay", lambda *a: False)
+    autojac.jacobian(g, x)
+    monkeypatch.undo()
+    p = autojac.plan(g, x)
+    assert "not looked for" in str(p) and p.entry.structure_open
+    return p.entry
+
+
+def test_structure_the_first_call_did_not_look_for_is_found_by_a_later_call(monkeypatch):
+    """A later call looks once the exploration credit covers a trace (here: given it), charged what the
+    look took, and the call after it plans again with the pattern. Every result is torch's."""
+    g = lambda u: stencil(u) * 1.0  # noqa: E731 - a new function object: a plan of its own
+    x = t64(400)
+    want = torch.autograd.functional.jacobian(g, x)
+    entry = _first_call_without_looking(monkeypatch, g, x)
+    entry.credit = 10.0
+    torch.testing.assert_close(autojac.jacobian(g, x), want)  # looks, runs dense
+    assert entry.credit < 10.0 and entry.layout_found is not None and not entry.structure_open
+    torch.testing.assert_close(autojac.jacobian(g, x), want)  # plans again, compressed
+    p = autojac.plan(g, x)
+    assert p.problem.layout is not None and min(p.problem.col_passes, p.problem.row_passes) <= 4, str(p)  # periodic: 400 = 3k + 1
+    assert autojac.last_report().planned
+    torch.testing.assert_close(autojac.jacobian(g, x), want)
+
+
+def test_a_dense_function_is_looked_at_once_and_stays_dense(monkeypatch):
+    W = t64(100, 100)
+    g = lambda x: torch.tanh(x @ W)  # noqa: E731
+    x = t64(100)
+    want = torch.autograd.functional.jacobian(g, x)
+    entry = _first_call_without_looking(monkeypatch, g, x)
+    entry.credit = 10.0
+    for _ in range(5):
+        torch.testing.assert_close(autojac.jacobian(g, x), want)
+    p = autojac.plan(g, x)
+    assert p.problem.layout is None and entry.layout_found is None, str(p)
+    assert str(p).count("looked for on call 2") == 1 and "dense" in str(p).split("Structure:")[1]
+
+
+def test_a_plan_does_not_settle_before_structure_has_been_looked_for(monkeypatch):
+    W = t64(100, 100)
+    g = lambda x: torch.tanh(x @ W) + 0.0  # noqa: E731
+    x = t64(100)
+    entry = _first_call_without_looking(monkeypatch, g, x)
+    for s in entry.stats.values():  # nothing left to try but structure
+        if s.status == "untried":
+            s.status = "slower"
+    entry.warm, entry.credit = True, 0.0
+    assert entry.next_trial() is None and not entry.settled
+    entry.structure_open = False
+    assert entry.next_trial() is None and entry.settled

@@ -216,7 +216,10 @@ def jacobian(
       there. Under a budget, forward modes are not tried when a zero tangent the size
       of the largest tensor `f` holds would not fit. A measured alternative whose
       fastest whole call beats the plan's method by over 3% replaces it; one within
-      50% runs a second whole call first (a first run is a cold one).
+      50% runs a second whole call first (a first run is a cold one). Structure
+      is one more alternative: a dense plan (64 passes or more) whose first call
+      did not look for it looks once the credit covers a trace, and the next call
+      plans again with a pattern that halves the passes.
       When nothing is left to try, the plan is settled and calls measure nothing.
     - At run time an out-of-memory chunk is retried at half the size (down to 1);
       a method that fails otherwise hands over to the next feasible one, and last
@@ -313,6 +316,11 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
                 planned = True
                 if key is not None:
                     _cache.put(key, entry)
+            elif entry.layout_found is not None and key is not None:
+                # A later call of this plan found structure that pays: the plan is made again with it.
+                result, entry = session.first_call(call, layout_found=entry.layout_found)
+                planned = True
+                _cache.put(key, entry)
             else:
                 if options.strict:
                     session.check_strict(evaluate_plain(call.f, call.xs, False), "jacobian")

@@ -95,6 +95,10 @@ class PlanEntry:
         """Priors of the alternatives not worked out yet (a first call leaves it to the next call)."""
         self.structure = ""
         """What was decided about sparsity (found, colours, not looked for, and why)."""
+        self.structure_open = False
+        """Sparsity "auto", dense, and not looked for yet: a later call looks when the credit covers a trace."""
+        self.layout_found = None
+        """(layout, note): a pattern a later call found that pays; the next call makes the plan again with it."""
         self.reverify = False
         """Verify every call (a sparsity pattern valid at the first call's point only)."""
         """False until the incumbent has run a call that was not the plan's first."""
@@ -167,6 +171,8 @@ class PlanEntry:
                 return choose.Trial(s.method, n)
             return None
         if not waiting:
+            if self.structure_open:  # not settled before structure has been looked for
+                return None
             self.settled = True
             self.events.append(f"settled after {self.calls} calls")
             return None

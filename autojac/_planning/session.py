@@ -49,7 +49,7 @@ from .plan import RunReport, seconds_text
 from .cost_model import GROWTH, largest_fitting
 from .keys import largest_captured_bytes
 from .sizing import Sizer
-from .structure import DETECT_LIMIT, layout_for, might_pay, worth_detecting
+from .structure import DETECT_LIMIT, MIN_PASSES, layout_for, might_pay, trace_estimate, worth_detecting
 
 logger = logging.getLogger("autojac")
 
@@ -202,7 +202,7 @@ def _first_line(exc: BaseException) -> str:
 
 # --- the first call --------------------------------------------------------------------------------
 
-def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
+def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[object, PlanEntry]:
     """Make a plan by computing the Jacobian (see NOTE: [Planning that pays for itself]); (result, entry).
 
     With `compute=False` (`plan(..., effort="estimate")`), stop after the first
@@ -275,7 +275,13 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
             vjp_seconds = time.perf_counter() - t
     note = ""
     structure_pending = False  # NOTE: [When structure is worth finding]
-    if options.sparsity is not None and compute:
+    looked = False  # whether this call looked for structure (else later calls may: see `_look_for_structure`)
+    if layout_found is not None and compute:  # a pattern a later call of the last plan found: use it
+        layout, note = layout_found
+        looked = True
+        problem = dataclasses.replace(problem, layout=layout)
+        chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+    elif options.sparsity is not None and compute:
         if isinstance(options.sparsity, str):
             structure_pending = might_pay(problem, min(region.seconds, vjp_seconds), vjp_seconds)
             note = "" if structure_pending else "not looked for: the dense Jacobian is too short to pay for a trace"
@@ -355,6 +361,7 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
                 assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state, progress=progress,
                                                                     after_chunk=after_first_slice)
             if verdict.get("look"):
+                looked = True
                 # Detection is stopped past DETECT_LIMIT times the projected dense Jacobian (see there why).
                 layout, note = _find_layout(call, problem, DETECT_LIMIT * verdict["projected"])
                 entry.structure = note
@@ -410,6 +417,8 @@ def first_call(call: Call, compute: bool = True) -> tuple[object, PlanEntry]:
         raise _no_method(call, failures)
     graph = None
     entry.needs_reorder = True  # the priors of the alternatives are worked out when a later call needs them
+    entry.structure_open = (isinstance(options.sparsity, str) and not looked and problem.layout is None
+                            and min(problem.n_in, problem.n_out) >= MIN_PASSES and not options.measures_nothing)
     if options.measures_nothing:  # mode, vectorize and chunk size given: nothing to choose, nothing to measure
         entry.settled = True
     elapsed = time.perf_counter() - began
@@ -627,7 +636,12 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
     with entry.lock:
         if credit is not None:
             entry.credit = max(entry.credit, credit)
-        trial = entry.next_trial() if explore else None
+        look = explore and entry.structure_open and entry.credit >= _trace_estimate(entry)
+        if look:
+            entry.structure_open = False  # one look per plan
+        trial = entry.next_trial() if explore and not look else None
+    if look:
+        _look_for_structure(call, entry)
     if trial is not None:
         result = _trial(call, entry, trial)
     else:
@@ -645,6 +659,28 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
         with entry.lock:
             entry.calls += 1
     return result
+
+
+def _trace_estimate(entry: PlanEntry) -> float:
+    return trace_estimate(entry.facts.eval_seconds or 0.0)
+
+
+def _look_for_structure(call: Call, entry: PlanEntry) -> None:
+    """Structure as one more alternative (see NOTE: [When structure is worth finding]): a plan whose first
+    call did not look for it looks once the exploration credit covers a trace, charged what it took. A
+    pattern that pays is kept for the next call, which makes the plan again with it (`first_call`); this
+    call runs the plan as it is. Propagation may take what the credit holds, and at least DETECT_LIMIT
+    calls of the plan (the first call's limit)."""
+    began = time.perf_counter()
+    allowed = max(entry.credit, DETECT_LIMIT * (entry.chosen().best or 0.0))
+    layout, note = _find_layout(call, entry.problem, allowed)
+    with entry.lock:
+        entry.credit -= time.perf_counter() - began
+        if layout is not None:
+            entry.layout_found = (layout, note)
+            entry.events.append(f"structure found on call {entry.calls + 1}: {note}; the next call plans with it")
+        else:
+            entry.structure = f"looked for on call {entry.calls + 1}: {note}"
 
 
 def fixed_call(call: Call, entry: PlanEntry, name: str, chunk_size: int) -> object:

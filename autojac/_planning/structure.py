@@ -11,7 +11,9 @@ under DETECT_SHARE of that projection, so a dense function's first call is slowe
 by at most that share (plus one extra chunk). With a pattern, compression is
 used when it needs at most SAVES of the dense passes; the dense slice is then
 dropped and the Jacobian computed one seed per colour. A user's pattern is
-always coloured and used.
+always coloured and used. A dense plan whose first call did not look (too short
+for that call to pay a trace) looks on a later call, from the exploration credit
+(`session._look_for_structure`): a Jacobian called again and again pays for it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ logger = logging.getLogger("autojac")
 MIN_PASSES = 64
 """Below this many dense passes, structure is never looked for."""
 TRACE_FACTOR = 40.0
-"""Detection is estimated at this many evaluations of `f` (tracing plus the index-set rules)."""
+"""Detection is estimated at this many evaluations of `f` (tracing plus the index-set rules)..."""
+TRACE_SECONDS_MIN = 0.004
+"""... and at least this long: a fake-tensor trace has a fixed cost (3.7 ms for a 6-op stencil whose
+evaluation takes 22 us, 170 evaluations; 29 ms the first time in a process)."""
+
+
+def trace_estimate(eval_seconds: float) -> float:
+    return max(TRACE_FACTOR * eval_seconds, TRACE_SECONDS_MIN)
 DETECT_SHARE = 0.1
 """Look for structure only if its estimated cost is under this share of the dense Jacobian's estimate."""
 SAVES = 0.5
@@ -60,12 +69,12 @@ LOOP_TO_VMAP = 0.2
 def might_pay(problem: Problem, eval_seconds: float, vjp_seconds: float) -> bool:
     """Whether the dense Jacobian is likely long enough for a trace to pay: worth timing a first slice."""
     passes = min(problem.n_in, problem.n_out)
-    return passes >= MIN_PASSES and TRACE_FACTOR * eval_seconds < DETECT_SHARE * LOOP_TO_VMAP * passes * vjp_seconds
+    return passes >= MIN_PASSES and trace_estimate(eval_seconds) < DETECT_SHARE * LOOP_TO_VMAP * passes * vjp_seconds
 
 
 def worth_detecting(projected_dense_seconds: float, eval_seconds: float) -> bool:
     """Whether the trace is estimated under DETECT_SHARE of the dense Jacobian's projected time."""
-    return TRACE_FACTOR * eval_seconds < DETECT_SHARE * projected_dense_seconds
+    return trace_estimate(eval_seconds) < DETECT_SHARE * projected_dense_seconds
 
 
 def colorings(pattern: Pattern) -> tuple[Coloring, Coloring]:
@@ -129,8 +138,8 @@ def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,
         try:
             pattern = detect(f, xs, max_nnz=too_many, max_seconds=max_seconds)
         except TooLong as late:
-            return None, (f"structure detection stopped after {late.seconds:.2f} s ({late.done} of {late.total} ops): "
-                          f"over its limit ({max_seconds:.2f} s, {DETECT_LIMIT:g}x the projected dense Jacobian); dense. "
+            return None, (f"structure detection stopped after {late.seconds:.2f} s of propagation ({late.done} of "
+                          f"{late.total} ops), over its limit of {max_seconds:.2f} s; dense. "
                           "`sparsity=autojac.sparsity(f, x)` detects without a limit")
         except TooDense as full:
             return None, (f"pattern found ({full.nnz} nonzeros) but at least {math.ceil(full.nnz / max(problem.n_out, problem.n_in))} "

@@ -40,9 +40,10 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
     `.item()`, boolean masks): that pattern has `valid_everywhere=False`. "fake" or "real" forces one.
     The result always contains every nonzero; ops without an exact rule are listed in `dense_ops`.
     With `max_nnz`, a pattern of more nonzeros raises TooDense before it is spelled out (the planner's
-    limit beyond which no colouring could pay). With `max_seconds`, detection that runs longer raises
+    limit beyond which no colouring could pay). With `max_seconds`, propagation that runs longer raises
     TooLong between two ops (the planner's allowance: index sets that grow op after op, as through a long
-    rollout, can make propagation cost far more than the trace).
+    rollout, can make propagation cost far more than the trace; the trace itself costs about one
+    evaluation of `f`, plus fake-tensor set-up the first time in a process).
     """
     if trace not in _MODES:
         raise ValueError(f"trace must be one of {_MODES}, got {trace!r}")
@@ -71,10 +72,11 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
         if not m.floating:
             raise TypeError(f"output {k} has dtype {m.dtype}; Jacobians need floating-point outputs")
     engine = Engine(tape)
+    propagating = time.perf_counter()  # the limit is on propagation: the trace costs about an evaluation
     try:
-        out_deps = engine.run(None if max_seconds is None else start + max_seconds)
+        out_deps = engine.run(None if max_seconds is None else propagating + max_seconds)
     except TooLong as late:
-        raise TooLong(time.perf_counter() - start, late.done, late.total) from None
+        raise TooLong(time.perf_counter() - propagating, late.done, late.total) from None
     parts = [(d, m.numel) for d, m in zip(out_deps, tape.output_metas)]
     n_out = sum(n for _, n in parts)
     joined = D.concat(parts)
