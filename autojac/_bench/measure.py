@@ -17,7 +17,7 @@ import torch
 
 import autojac
 from autojac._measure.device import untracked_reserve
-from autojac._measure.meter import PeakMeter
+from autojac._measure.meter import PeakMeter, _kib_field
 from autojac._measure.tracker import LiveStorageTracker
 
 from .contestants import BY_NAME as CONTESTANTS_BY_NAME
@@ -508,13 +508,10 @@ class ProcessPeak:
 def _rss_file_bytes() -> int | None:
     """This process's resident file-backed pages (RssFile in /proc/self/status), or None where unknown."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        with open("/proc/self/status", "rb") as status:
+            return _kib_field(status.read(), b"RssFile:")
+    except (OSError, ValueError):
         return None
-    return None
 
 
 def warm_process(f, inputs) -> None:

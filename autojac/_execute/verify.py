@@ -126,7 +126,7 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
             columns = suspect.nonzero().reshape(-1)
             scale = torch.zeros(columns.numel(), dtype=dtype, device=device)
             rows = max([1] + [int(b[j].shape[0]) for b in blocks])
-            step = max(1, CHECK_BLOCK_BYTES // (rows * torch.empty((), dtype=dtype).element_size()))
+            step = max(1, CHECK_BLOCK_BYTES // (rows * dtype.itemsize))
             for lo in range(0, columns.numel(), step):
                 some = columns[lo:lo + step]
                 for i, wi in enumerate(w):

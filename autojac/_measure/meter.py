@@ -54,7 +54,6 @@ class _RssCounter(_Counter):
         self.read()  # fails here, not in a region, where /proc/self/status lacks the fields
         self._clear: int | None = None  # set by `probe`
         self._probed = False
-        self._malloc_trim = None
 
     def probe(self) -> bool:
         """Whether the peak can be reset: clear_refs is writable and takes "5" (kernels before 4.0
@@ -84,12 +83,7 @@ class _RssCounter(_Counter):
         os.write(self._clear, b"5")
 
     def trim(self) -> None:
-        if self._malloc_trim is None:
-            try:
-                self._malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc only
-            except (OSError, AttributeError):
-                self._malloc_trim = lambda pad: 0
-        self._malloc_trim(0)
+        release_free_heap()
 
 
 def _kib_field(text: bytes, key: bytes) -> int:

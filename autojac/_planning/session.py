@@ -233,7 +233,6 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         int(CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * region.seconds) if device.type == "cpu" else 0)
     graph_bytes = graph_bytes or 0
     fixed = problem.result_bytes + graph_bytes + untracked_margin(device, budget)  # NOTE: [Memory between the regions]
-    trimming = device.type == "cpu" and options.budget is not None  # see `meter.release_free_heap`
     if problem.result_bytes + (graph_bytes if measured_forward else 0) > budget:
         raise MemoryBudgetError(
             f"{call.who}: the memory budget is {format_bytes(budget)}, but the Jacobian alone "
@@ -327,7 +326,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
                       room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
                       timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
-                      reserve_bytes=reserve + entry.fixed_prior(m), trim_between=trimming)
+                      reserve_bytes=reserve + entry.fixed_prior(m), trim_between=_trimming(call))
         progress = Progress(options.progress, n, m.name)
         adopted = False
         verdict: dict[str, object] = {}
