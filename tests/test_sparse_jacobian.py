@@ -260,3 +260,20 @@ def test_a_plan_does_not_settle_before_structure_has_been_looked_for(monkeypatch
     assert entry.next_trial() is None and not entry.settled
     entry.structure_open = False
     assert entry.next_trial() is None and entry.settled
+
+
+def test_no_later_look_for_structure_under_a_budget_the_caller_gave(monkeypatch):
+    """Detection's index sets are not held to a budget (a look at 32768-wide layers took 2.2 GB under
+    32.6 MiB), so a plan under an explicit budget does not look on later calls."""
+    g = lambda u: stencil(u) * 2.0  # noqa: E731
+    x = t64(400)
+    from autojac._planning import session
+
+    monkeypatch.setattr(session, "might_pay", lambda *a: False)
+    autojac.jacobian(g, x, memory_budget="2GiB")
+    monkeypatch.undo()
+    entry = autojac.plan(g, x, memory_budget="2GiB").entry
+    assert not entry.structure_open
+    entry.credit = 10.0
+    autojac.jacobian(g, x, memory_budget="2GiB")
+    assert entry.layout_found is None and "looked for on call" not in str(autojac.plan(g, x, memory_budget="2GiB"))

@@ -217,9 +217,9 @@ def jacobian(
       of the largest tensor `f` holds would not fit. A measured alternative whose
       fastest whole call beats the plan's method by over 3% replaces it; one within
       50% runs a second whole call first (a first run is a cold one). Structure
-      is one more alternative: a dense plan (64 passes or more) whose first call
-      did not look for it looks once the credit covers a trace, and the next call
-      plans again with a pattern that halves the passes.
+      is one more alternative: a dense plan (64 passes or more, no budget given)
+      whose first call did not look for it looks once the credit covers a trace,
+      and the next call plans again with a pattern that halves the passes.
       When nothing is left to try, the plan is settled and calls measure nothing.
     - At run time an out-of-memory chunk is retried at half the size (down to 1);
       a method that fails otherwise hands over to the next feasible one, and last
