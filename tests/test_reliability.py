@@ -373,6 +373,68 @@ def test_batch_norm_buffers_end_as_one_forward_pass_leaves_them(wrap):
     assert int(net[1].num_batches_tracked) == 1
 
 
+def test_batch_norm_buffers_stay_right_over_many_calls_with_failing_trials():
+    # BatchNorm1d on 2 samples: the repeat trick's batch of copies raises inside `f` after
+    # `num_batches_tracked` was bumped but before the running statistics were written; an
+    # evaluation that raised must not decide which buffers later evaluations put back.
+    torch.manual_seed(0)
+    net = nn.BatchNorm1d(3).double().to(DEVICE).train()
+    twin = nn.BatchNorm1d(3).double().to(DEVICE).train()
+    X = x64(2, 3)
+    for call in range(1, 16):
+        want = torch.autograd.functional.jacobian(twin, X)
+        torch.testing.assert_close(autojac.jacobian(net, X), want)
+        for name, buffer in twin.named_buffers():
+            assert torch.equal(dict(net.named_buffers())[name], buffer), (call, name, autojac.last_report())
+    assert int(net.num_batches_tracked) == 15
+
+
+@pytest.mark.parametrize("vectorize", ["loop", "vmap"])
+def test_batch_norm_in_training_gets_reverse_mode_on_its_one_evaluation(vectorize):
+    # Putting running statistics back between evaluations must not invalidate the graph
+    # that saved them (torch's own loop used to fail with "modified by an inplace operation").
+    torch.manual_seed(0)
+    net = nn.BatchNorm1d(3).double().to(DEVICE).train()
+    twin = nn.BatchNorm1d(3).double().to(DEVICE).train()
+    X = x64(2, 3)
+    want = torch.autograd.functional.jacobian(twin, X)
+    torch.testing.assert_close(autojac.jacobian(net, X, mode="reverse", vectorize=vectorize), want)
+    assert autojac.last_report().method.startswith(f"reverse/{vectorize}")
+    for name, buffer in twin.named_buffers():
+        assert torch.equal(dict(net.named_buffers())[name], buffer), name
+
+
+def test_an_evaluation_that_raised_leaves_no_state_behind():
+    from autojac._core.evaluation import Evaluator
+
+    counter = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    stat = torch.zeros(3, dtype=torch.float64, device=DEVICE)
+    holder = nn.Module()
+    holder.register_buffer("counter", counter)
+    holder.register_buffer("stat", stat)
+    fail = [True]
+
+    def f(t):
+        holder.counter.add_(1)
+        if fail[0]:
+            raise RuntimeError("not this shape")
+        with torch.no_grad():
+            holder.stat.data += t.detach().sum()  # no version bump, as batch norm's kernel does
+        return t * 2
+
+    evaluator = Evaluator(f, torch.device(DEVICE), (holder,))
+    t = x64(3)
+    with pytest.raises(RuntimeError):
+        evaluator(t)
+    fail[0] = False
+    evaluator(t)
+    evaluator(t)
+    evaluator(t)
+    evaluator.finish()
+    assert int(holder.counter) == 1
+    torch.testing.assert_close(holder.stat, torch.full((3,), float(t.sum()), dtype=torch.float64, device=DEVICE))
+
+
 def test_the_evaluation_count_is_what_the_readme_says_for_a_warm_call():
     calls = []
 

@@ -101,6 +101,20 @@ def _set_rng_state(device: torch.device, states: tuple[torch.Tensor, ...]) -> No
         torch.cuda.set_rng_state(states[1], device)
 
 
+def _put(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    """Write a saved value back into a module buffer without bumping its version counter.
+
+    Every put-back leaves the buffer with the values it had when the graphs still in use
+    were recorded (the state before an evaluation, just before `f` runs again, or the state
+    the first evaluation left), so a graph that saved the buffer stays valid. Through
+    `copy_` the version bump broke them: batch norm in training mode saves its running
+    statistics for backward, and after a put-back every method that pushes vectors through
+    the plain evaluation's graph (torch's own loop included) failed with "modified by an
+    inplace operation". Writes `f` itself makes still bump versions as before.
+    """
+    buffer.data.copy_(value)
+
+
 class Evaluator:
     """Stands in for `f` during one call: `evaluator(*xs)` returns what `f` returns.
 
@@ -136,6 +150,10 @@ class Evaluator:
         self._rng_after: tuple[torch.Tensor, ...] | None = None
         self._written: list[int] = []
         self._buffers_after: list[torch.Tensor] = []
+        self._raised = False
+        """Whether the latest evaluation raised."""
+        self._completed = 0
+        """Evaluations that returned since the snapshot the others are restored to."""
 
     def _snapshot(self) -> None:
         """The state the first (counted) evaluation starts from."""
@@ -156,15 +174,45 @@ class Evaluator:
             # A call expected to evaluate `f` once evaluates it again (a fallback, a check):
             # from here on, this evaluation is the first one the others must agree with.
             self._snapshot()
-            self.started = 0
+            self.started = self._completed = 0
         if self.started:
-            self._learn()
-            self._restore(self._rng_before if self._draws_random else None, self._buffers_before)
+            if not self._completed:
+                # Every evaluation so far raised: none of them is the one the others agree with.
+                self._undo_all()
+            else:
+                self._learn()
+                self._note_writes(values=self._raised)
+                self._restore(self._rng_before if self._draws_random else None, self._buffers_before)
         self.started += 1
         self.plain_call = not private
+        self._raised = True
         out = self.arguments.call(self.f, xs if private else [x.clone() for x in xs])
+        self._raised = False
         self.count += 1
+        self._completed += 1
         return out
+
+    def _undo_all(self) -> None:
+        """Put the RNG and every buffer back as before the first evaluation (which raised)."""
+        _set_rng_state(self.device, self._rng_before)
+        with torch.no_grad():
+            for i in self._changed(range(len(self._buffers)), values=True):
+                _put(self._buffers[i], self._buffers_before[i])
+
+    def _changed(self, indices, values: bool) -> list[int]:
+        return [i for i in indices
+                if self._buffers[i]._version != self._versions[i]
+                or (values and not torch.equal(self._buffers[i], self._buffers_before[i]))]
+
+    def _note_writes(self, values: bool) -> None:
+        """Buffers a later evaluation wrote that the first (completed) one did not: put back too, and
+        left at their value before (which is what the first evaluation left). Version counters always;
+        values after an evaluation that raised (a raise can stop `f` before writes it would have made)."""
+        unwritten = [i for i in range(len(self._buffers)) if i not in set(self._written)]
+        more = self._changed(unwritten, values)
+        if more:
+            self._written += more
+            self._buffers_after += [self._buffers_before[i] for i in more]
 
     @property
     def draws_random(self) -> bool:
@@ -196,10 +244,10 @@ class Evaluator:
             with torch.no_grad():
                 if indices is None:  # the state before: one saved copy per buffer
                     for i in self._written:
-                        self._buffers[i].copy_(buffers[i])
+                        _put(self._buffers[i], buffers[i])
                 else:
                     for i, saved in zip(indices, buffers):
-                        self._buffers[i].copy_(saved)
+                        _put(self._buffers[i], saved)
 
     def isolated(self, work: Callable[[Callable], object]) -> object:
         """Run `work(raw)` where `raw(*leaves)` calls `f` directly (for tracing it), leaving the RNG and
@@ -214,7 +262,7 @@ class Evaluator:
             _set_rng_state(self.device, rng)
             with torch.no_grad():
                 for b, value in zip(self._buffers, saved):
-                    b.copy_(value)
+                    _put(b, value)
 
     def finish(self) -> None:
         """Leave the RNG and module buffers as the first evaluation left them.
@@ -223,4 +271,5 @@ class Evaluator:
         the state is what it left, as after torch's one evaluation.
         """
         if self._learnt and self.started > 1 and self._snapshot_taken:
+            self._note_writes(values=self._raised)
             self._restore(self._rng_after, self._buffers_after, self._written)
