@@ -25,10 +25,11 @@ def names(chain):
 
 def test_first_method_follows_the_pass_counts():
     auto = Options()
-    assert names(choose.first_chain(auto, 100, 10, False))[0] == "reverse/vmap [func]"
-    assert names(choose.first_chain(auto, 10, 100, False))[0] == "forward-trick/vmap [func]"
-    assert names(choose.first_chain(auto, 10, 10, False))[0] == "reverse/vmap [func]"  # ties: reverse
-    assert names(choose.first_chain(auto, 10, 30, False))[0] == "reverse/vmap [func]"  # forward only past 4x
+    # the autograd engine: it pushes the chunks through the evaluation the call starts from
+    assert names(choose.first_chain(auto, 100, 10, False))[0] == "reverse/vmap [autograd]"
+    assert names(choose.first_chain(auto, 10, 100, False))[0] == "forward-trick/vmap [autograd]"
+    assert names(choose.first_chain(auto, 10, 10, False))[0] == "reverse/vmap [autograd]"  # ties: reverse
+    assert names(choose.first_chain(auto, 10, 30, False))[0] == "reverse/vmap [autograd]"  # forward only past 4x
 
 
 def test_a_small_basis_is_looped_on_the_first_evaluation():
@@ -40,7 +41,7 @@ def test_a_small_basis_is_looped_on_the_first_evaluation():
 def test_fallbacks_end_with_every_allowed_method_and_repeat_last():
     chain = names(choose.first_chain(Options(), 100, 10, False))
     assert set(chain) == {m.name for m in choose.ALL}
-    assert chain.index("reverse/vmap [autograd]") == 1
+    assert chain.index("reverse/vmap [func]") == 1
     assert all(n.endswith("repeat") for n in chain[-3:])
     # a forward-leaning problem falls back to native forward mode before reverse
     chain = names(choose.first_chain(Options(), 10, 1000, False))

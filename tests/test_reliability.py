@@ -404,6 +404,45 @@ def test_batch_norm_in_training_gets_reverse_mode_on_its_one_evaluation(vectoriz
         assert torch.equal(dict(net.named_buffers())[name], buffer), name
 
 
+class _Accumulating(nn.Module):
+    """Keeps a running level as a plain tensor attribute (not a buffer), written in place by forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.level = torch.ones((), dtype=torch.float64, device=DEVICE)
+
+    def forward(self, t):
+        self.level.mul_(1.5)
+        return t.sin() * self.level
+
+
+@pytest.mark.parametrize("kind", ["closure", "module attribute"])
+def test_an_f_that_writes_what_it_captures_is_evaluated_once_per_call(kind):
+    # Such state cannot be put back: every further evaluation would be a step the caller sees, and a
+    # Jacobian assembled from several evaluations would mix states. torch evaluates once; so must we.
+    if kind == "closure":
+        level = torch.ones((), dtype=torch.float64, device=DEVICE)
+
+        def f(t):
+            level.add_(1)
+            return t.sin() * level
+
+        read = lambda: level  # noqa: E731
+    else:
+        f = _Accumulating()
+        read = lambda: f.level  # noqa: E731
+    x = x64(40)
+    for call in range(12):
+        before = read().clone()
+        got = autojac.jacobian(f, x)
+        after_one = read().clone()
+        assert autojac.last_report().evaluations == 1, (call, autojac.last_report())
+        want = torch.diag(x.cos()) * after_one
+        torch.testing.assert_close(got, want)
+        assert not torch.equal(before, after_one)
+    assert "writes in place into a tensor it captures" in str(autojac.plan(f, x))
+
+
 def test_an_evaluation_that_raised_leaves_no_state_behind():
     from autojac._core.evaluation import Evaluator
 

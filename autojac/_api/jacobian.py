@@ -186,8 +186,11 @@ def jacobian(
         evaluation). If `f` drew random numbers, only methods that evaluate it
         once are allowed, so the result is the Jacobian of one realization.
       - A basis of at most 4 vectors is looped on that evaluation (for reverse
-        mode: torch's own loop); otherwise vmap with the torch.func engine. If a
-        method fails, the next: the autograd engine, the loop, the other modes.
+        mode: torch's own loop); otherwise vmap with the autograd engine. If a
+        method fails, the next: the torch.func engine, the loop, the other modes.
+        If that evaluation wrote in place into a tensor `f` captures (a counter,
+        a running average that is not a module buffer), the plan settles on the
+        method that worked: each call evaluates `f` once and nothing is explored.
       - Chunks: the whole basis if a prior (twice the forward pass plus one input
         and one output per vector) says it fits the budget with room to spare;
         otherwise a first chunk that fits by that prior, measured (CUDA allocator
@@ -267,7 +270,7 @@ def jacobian(
     inference = torch.is_inference_mode_enabled()
     with (_user_call_state(xs) if inference else contextlib.nullcontext(xs)) as xs:
         evaluator = Evaluator(recorder or f, signature.device, modules, once=_evaluates_once(entry, plan) and not has_aux,
-                              arguments=arguments)
+                              arguments=arguments, watch_captured=entry is None)
         if recorder is not None:
             recorder.evaluator = evaluator
         call = session.Call(evaluator, xs, signature, options, "jacobian")
@@ -472,7 +475,8 @@ def _plan(who: str, f, inputs, effort: str, time_limit, argnums, has_aux, raw: d
         entry = _loaded_entry(key, options)
     with _user_call_state(xs) as xs:
         recorder = AuxRecorder(f, who) if has_aux else None
-        evaluator = Evaluator(recorder or f, signature.device, modules, arguments=arguments)
+        evaluator = Evaluator(recorder or f, signature.device, modules, arguments=arguments,
+                              watch_captured=entry is None)
         if recorder is not None:
             recorder.evaluator = evaluator
         call = session.Call(evaluator, xs, signature, options, who)

@@ -68,6 +68,57 @@ def modules_of(f: Callable) -> tuple[nn.Module, ...]:
     return tuple(found.values())
 
 
+def captured_tensors(f: Callable, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Tensors `f` can reach besides its inputs and module buffers: closure cells, globals, defaults,
+    the arguments of a `functools.partial`, the attributes of a callable object, and the parameters
+    and plain tensor attributes (a recurrent cell's state) of the modules it uses (two levels deep)."""
+    found: dict[int, torch.Tensor] = {}
+
+    def visit(obj: object, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            found.setdefault(id(obj), obj)
+        elif depth > 2 or isinstance(obj, nn.Module):
+            return
+        elif isinstance(obj, (tuple, list)) and len(obj) <= 64:
+            for item in obj:
+                visit(item, depth + 1)
+        elif isinstance(obj, dict) and len(obj) <= 64:
+            for item in obj.values():
+                visit(item, depth + 1)
+        elif isinstance(obj, types.MethodType):
+            visit(obj.__self__, depth + 1)
+            visit(obj.__func__, depth + 1)
+        elif isinstance(obj, functools.partial):
+            for item in (obj.func, *obj.args, *obj.keywords.values()):
+                visit(item, depth + 1)
+        elif isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # an empty cell
+                    continue
+            for item in obj.__defaults__ or ():
+                visit(item, depth + 1)
+            for name in obj.__code__.co_names:
+                value = obj.__globals__.get(name)
+                if isinstance(value, (torch.Tensor, types.FunctionType)) and value is not obj:
+                    visit(value, depth + 1)
+        elif callable(obj) and hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for item in vars(obj).values():  # autojac's own wrappers (hessian, batch_jacobian), user callables
+                visit(item, depth + 1)
+
+    visit(f, 0)
+    for root in modules:
+        for m in _all_submodules(root):
+            for t in m._parameters.values():
+                if t is not None:
+                    found.setdefault(id(t), t)
+            for t in vars(m).values():
+                if isinstance(t, torch.Tensor):
+                    found.setdefault(id(t), t)
+    return list(found.values())
+
+
 _submodules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -130,8 +181,12 @@ class Evaluator:
     """
 
     def __init__(self, f: Callable, device: torch.device, modules: Sequence[nn.Module] = (), once: bool = False,
-                 arguments: Arguments = PLAIN_ARGS) -> None:
+                 arguments: Arguments = PLAIN_ARGS, watch_captured: bool = False) -> None:
         self.f = f
+        self._watch_captured = watch_captured
+        """Whether to learn if the first evaluation wrote a tensor `f` captures (see `writes_captured`)."""
+        self._captured: list[tuple[torch.Tensor, int]] = []
+        self._writes_captured = False
         self.arguments = arguments
         self.plain_call = True
         """Whether the evaluation under way runs on the inputs as given (not the repeat trick's copies)."""
@@ -167,6 +222,8 @@ class Evaluator:
         self._versions = [b._version for b in self._buffers]
         self._buffers_before = [b.detach().clone() for b in self._buffers]
         self._rng_before = _rng_state(self.device)
+        if self._watch_captured:
+            self._captured = [(t, t._version) for t in captured_tensors(self.f, self._modules)]
         self._snapshot_taken = True
 
     def __call__(self, *xs: torch.Tensor, private: bool = False) -> object:
@@ -221,11 +278,21 @@ class Evaluator:
             self._learn()
         return self._draws_random
 
+    @property
+    def writes_captured(self) -> bool:
+        """Whether the first evaluation wrote in place into a tensor `f` captures (not a module buffer):
+        state autojac cannot put back, so every further evaluation is a step the caller sees, and
+        evaluations disagree (read it before a second one begins; needs `watch_captured`)."""
+        if self.started and self._snapshot_taken:
+            self._learn()
+        return self._writes_captured
+
     def _learn(self) -> None:
         """Compare the state now, after the first evaluation, with the state before it."""
         if self._learnt:
             return
         self._learnt = True
+        self._writes_captured = any(t._version != v for t, v in self._captured)
         after = _rng_state(self.device)
         self._draws_random = any(not torch.equal(a, b) for a, b in zip(after, self._rng_before))
         self._rng_after = after if self._draws_random else None

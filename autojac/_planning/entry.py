@@ -61,7 +61,8 @@ class PlanEntry:
     """The mutable side of a plan (see the module docstring)."""
 
     def __init__(self, problem: Problem, options: Options, budget_bytes: int | None, fixed_bytes: int,
-                 facts: Facts, candidates: list[MethodId], once_only: bool, tangent_copy_bytes: int = 0) -> None:
+                 facts: Facts, candidates: list[MethodId], once_only: bool, tangent_copy_bytes: int = 0,
+                 once_why: str = "`f` draws random numbers") -> None:
         self.problem = problem
         self.options = options
         self.budget_bytes = budget_bytes
@@ -73,7 +74,7 @@ class PlanEntry:
         if once_only:
             for s in self.stats.values():
                 if not s.method.evaluates_once:
-                    s.status, s.excluded = "not tried", "`f` draws random numbers, and this method evaluates it more than once"
+                    s.status, s.excluded = "not tried", f"{once_why}, and this method evaluates it more than once"
                     s.reason = s.excluded
         self.tangent_copy_bytes = tangent_copy_bytes
         """The largest tensor `f` holds: forward-mode AD may copy it whole as a zero tangent (see `fixed_prior`)."""

@@ -242,7 +242,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         )
     if options.strict:
         check_strict(graph, call.who)
-    once_only = problem.draws_random
+    # NOTE: [An f that writes what it captures]: every evaluation is a step the caller sees and no later
+    # evaluation computes the same function, so one evaluation per call and nothing explored.
+    writes_captured = call.f.writes_captured
+    once_only = problem.draws_random or writes_captured
     candidates = choose.allowed(options, False)
     chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     if not chain:
@@ -294,7 +297,9 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
 
     def new_entry(problem: Problem) -> PlanEntry:
         facts = Facts(problem.col_passes, problem.row_passes, region.seconds, vjp_seconds)
-        made = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only, tangent_copy_bytes=copies)
+        made = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only, tangent_copy_bytes=copies,
+                         once_why=("`f` writes in place into a tensor it captures" if writes_captured else
+                                   "`f` draws random numbers"))
         made.reverify = problem.layout is not None and not problem.layout.pattern.valid_everywhere
         return made
 
@@ -423,6 +428,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                             and options.budget is None)
     if options.measures_nothing:  # mode, vectorize and chunk size given: nothing to choose, nothing to measure
         entry.settled = True
+    if writes_captured:
+        entry.settled, entry.structure_open = True, False
+        entry.events.append("settled at once: `f` writes in place into a tensor it captures (state autojac cannot "
+                            "put back), so each call evaluates it once and tries nothing else")
     elapsed = time.perf_counter() - began
     entry.credit = choose.INITIAL_CREDIT * elapsed
     entry.calls = 1
