@@ -277,3 +277,52 @@ def test_no_later_look_for_structure_under_a_budget_the_caller_gave(monkeypatch)
     entry.credit = 10.0
     autojac.jacobian(g, x, memory_budget="2GiB")
     assert entry.layout_found is None and "looked for on call" not in str(autojac.plan(g, x, memory_budget="2GiB"))
+
+
+# --- NOTE: [Patterns and values]: a pattern holds for the values it was found for -------------------
+
+def _gather(perm):
+    return lambda x: x[perm] * 2.0
+
+
+def _permutation_jacobian(perm):
+    n = perm.numel()
+    want = torch.zeros(n, n, dtype=torch.float64, device=DEVICE)
+    want[torch.arange(n, device=DEVICE), perm] = 2.0
+    return want
+
+
+@pytest.mark.parametrize("how", ["pattern", "plan"])
+def test_a_closure_rebuilt_with_a_new_index_tensor_never_reuses_the_old_pattern(how):
+    # Same code, same captured shapes: the same plan. Its pattern put every product where the first
+    # permutation sent it; this must cost speed only.
+    g = torch.Generator().manual_seed(3)
+    perms = [torch.randperm(300, generator=g).to(DEVICE) for _ in range(4)]
+    x = t64(300)
+    first = _gather(perms[0])
+    pattern = autojac.sparsity(first, x).to_dense()
+    p = autojac.plan(first, x, sparsity=pattern) if how == "plan" else None
+    for step, perm in enumerate(perms):
+        f = _gather(perm)
+        got = autojac.jacobian(f, x, plan=p) if p is not None else autojac.jacobian(f, x, sparsity=pattern)
+        torch.testing.assert_close(got, _permutation_jacobian(perm), msg=f"step {step}")
+        if step:
+            assert autojac.last_report().verified or how == "pattern", autojac.last_report()
+    if how == "pattern":
+        assert "failed the check after the tensors `f` captures changed" in str(autojac.plan(f, x, sparsity=pattern))
+
+
+def test_a_pattern_is_checked_again_after_a_captured_weight_is_written():
+    # A banded weight's zeros make a banded Jacobian; an in-place update fills them in.
+    n = 200
+    W = torch.diag(t64(n)) + torch.diag(t64(n - 1, seed=1), 1)
+    f = lambda x: torch.tanh(W @ x)  # noqa: E731
+    x = t64(n, seed=2)
+    pattern = autojac.sparsity(f, x).to_dense()
+    assert int(pattern.sum()) == 2 * n - 1
+    torch.testing.assert_close(autojac.jacobian(f, x, sparsity=pattern), torch.func.jacfwd(f)(x))
+    torch.testing.assert_close(autojac.jacobian(f, x, sparsity=pattern), torch.func.jacfwd(f)(x))
+    assert not autojac.last_report().verified  # same tensors, unwritten: nothing to check again
+    with torch.no_grad():
+        W += t64(n, n, seed=4)
+    torch.testing.assert_close(autojac.jacobian(f, x, sparsity=pattern), torch.func.jacfwd(f)(x))

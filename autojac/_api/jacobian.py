@@ -328,6 +328,12 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
                 if options.strict:
                     session.check_strict(evaluate_plain(call.f, call.xs, False), "jacobian")
                 result = session.later_call(call, entry)
+    except session.PatternFailed as exc:  # NOTE: [Patterns and values]
+        logger.debug("the sparsity pattern failed the check on new values: dense from now on")
+        result, entry = session.dense_after_all(call, exc)
+        planned = True
+        if key is not None:
+            _cache.put(key, entry)
     except session.OutputsChanged as exc:
         if plan is not None:
             raise PlanMismatchError(f"jacobian: {exc}. Make a new plan with `autojac.plan(f, inputs)`.") from None

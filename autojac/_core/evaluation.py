@@ -166,6 +166,34 @@ def _put(buffer: torch.Tensor, value: torch.Tensor) -> None:
     buffer.data.copy_(value)
 
 
+class ValuesSeen:
+    """Tensors by identity (held weakly) and version counter: equal only if every one is the same
+    tensor, not written since (an in-place write bumps the version)."""
+
+    __slots__ = ("refs", "versions")
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.refs = [weakref.ref(t) for t in tensors]
+        self.versions = [t._version for t in tensors]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ValuesSeen) or len(other.refs) != len(self.refs) or other.versions != self.versions:
+            return False
+        for mine, theirs in zip(self.refs, other.refs):
+            t = mine()
+            if t is None or t is not theirs():
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _leaves_of(tree: object) -> list:
+    from torch.utils import _pytree
+
+    return _pytree.tree_leaves(tree)
+
+
 class Evaluator:
     """Stands in for `f` during one call: `evaluator(*xs)` returns what `f` returns.
 
@@ -277,6 +305,18 @@ class Evaluator:
         if self.started and self._snapshot_taken:
             self._learn()
         return self._draws_random
+
+    def value_sources(self) -> "ValuesSeen":
+        """Every tensor besides the inputs whose values `f`'s sparsity pattern may depend on (an index it
+        gathers with, a weight's zeros): captured tensors, module parameters and buffers, arguments passed
+        through undifferentiated; as identities and version counters."""
+        tensors = captured_tensors(self.f, self._modules)
+        seen = {id(t) for t in tensors}
+        for root in self._modules:
+            for m in _all_submodules(root):
+                tensors += [b for b in m._buffers.values() if b is not None and id(b) not in seen]
+        tensors += [t for t in _leaves_of(self.arguments.fixed) if isinstance(t, torch.Tensor)]
+        return ValuesSeen(tensors)
 
     @property
     def writes_captured(self) -> bool:

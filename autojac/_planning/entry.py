@@ -102,6 +102,8 @@ class PlanEntry:
         """(layout, note): a pattern a later call found that pays; the next call makes the plan again with it."""
         self.reverify = False
         """Verify every call (a sparsity pattern valid at the first call's point only)."""
+        self.values_seen = None
+        """The tensors a sparsity pattern was last checked with (see NOTE: [Patterns and values])."""
         """False until the incumbent has run a call that was not the plan's first."""
         self.events: collections.deque[str] = collections.deque(maxlen=12)
         self.lock = threading.RLock()

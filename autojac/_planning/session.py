@@ -131,6 +131,9 @@ class Call:
         """(`f`, its key, the modules it uses): what it holds, for a forward method's fixed memory."""
         self.work_seconds: float | None = None
         """The chosen method's time in this call: prepare, push, assemble (not checks, not autojac's own work)."""
+        self.must_verify = False
+        """Check this call's Jacobian whatever the method: the values a sparsity pattern was found for changed."""
+        self.values_now = None
 
     @property
     def meter(self) -> PeakMeter:
@@ -185,6 +188,14 @@ class Call:
         self.chunks += [c.size for c in log.chunks]
         self.events += log.events
         return assembler, log, position, seconds, state
+
+
+class PatternFailed(Exception):
+    """Internal: a plan's sparsity pattern failed the check on a later call (see NOTE: [Patterns and values])."""
+
+    def __init__(self, failure: BaseException) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
 
 
 class OutputsChanged(Exception):
@@ -436,6 +447,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     entry.credit = choose.INITIAL_CREDIT * elapsed
     entry.calls = 1
     entry.warm = False
+    if problem.layout is not None:  # checked on these values: see NOTE: [Patterns and values]
+        entry.values_seen = call.f.value_sources()
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("new plan: %s", entry.snapshot())
     return result, entry
@@ -493,12 +506,16 @@ def _measure_first_evaluation(options: Options, device: torch.device) -> bool:
     return options.budget is not None or device.type == "cuda"
 
 
-def _dense_after_all(call: Call, failure: BaseException, began: float) -> tuple[object, PlanEntry]:
+def _dense_after_all(call: Call, failure: BaseException, began: float | None = None,
+                     later: bool = False) -> tuple[object, PlanEntry]:
     """A compressed Jacobian failed the check (a pattern that missed a nonzero): the plan is made again, dense."""
     call.events.append(f"the sparsity pattern failed the check ({_first_line(failure)}); computed densely")
     dense = Call(call.f, call.xs, call.signature, dataclasses.replace(call.options, sparsity=None), call.who)
+    dense.captures = call.captures
     result, entry = first_call(dense)
-    entry.structure = "a sparsity pattern was found but failed the check; dense"
+    entry.structure = ("a sparsity pattern held on the values it was found for, then failed the check after the "
+                       "tensors `f` captures changed; dense from then on" if later else
+                       "a sparsity pattern was found but failed the check; dense")
     call.events += dense.events
     call.chunks, call.verified, call.method_name = dense.chunks, dense.verified, dense.method_name
     return result, entry
@@ -640,9 +657,38 @@ def check_strict(graph: PlainGraph, who: str) -> None:
 
 # --- later calls ----------------------------------------------------------------------------------
 
+def dense_after_all(call: Call, failure: PatternFailed) -> tuple[object, PlanEntry]:
+    """A later call's pattern failed the check: this call and the plan from now on are dense."""
+    return _dense_after_all(call, failure.failure, later=True)
+
+
+# NOTE: [Patterns and values]
+# A sparsity pattern is found for the values `f` holds: a captured index tensor decides where a
+# gather reads, a weight's zeros which products vanish. Plans are keyed by shapes, so a closure
+# rebuilt with a new permutation every step hits the same plan, and its pattern would put every
+# product in the wrong place. So a structured plan remembers the tensors it was checked with (by
+# identity and version counter: `Evaluator.value_sources`); a call on other tensors, or on the same
+# ones written since, is checked whatever its method, and a failed check makes the plan dense.
+
+
+def _values_changed(call: Call, entry: PlanEntry) -> None:
+    if entry.problem.layout is None:
+        return
+    now = call.f.value_sources()
+    if now != entry.values_seen:
+        call.must_verify, call.values_now = True, now
+
+
+def _values_checked(call: Call, entry: PlanEntry) -> None:
+    if call.must_verify and call.verified:
+        with entry.lock:
+            entry.values_seen = call.values_now
+
+
 def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float | None = None) -> object:
     """Run a plan: its incumbent, or (while exploring, credit permitting) a trial of the next alternative."""
     began = time.perf_counter()
+    _values_changed(call, entry)
     timed = not entry.settled or entry.chosen().best is None
     with entry.lock:
         if credit is not None:
@@ -657,6 +703,7 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
         result = _trial(call, entry, trial)
     else:
         result = _incumbent(call, entry, timed)
+    _values_checked(call, entry)
     if timed:
         _sync(call.device)
         seconds = time.perf_counter() - began
@@ -696,7 +743,10 @@ def _look_for_structure(call: Call, entry: PlanEntry) -> None:
 
 def fixed_call(call: Call, entry: PlanEntry, name: str, chunk_size: int) -> object:
     """`jacobian(plan=...)`: exactly that method and chunk size, no exploration (fallbacks only on failure)."""
-    return _incumbent(call, entry, timed=False, first=name, chunk_size=chunk_size)
+    _values_changed(call, entry)
+    result = _incumbent(call, entry, timed=False, first=name, chunk_size=chunk_size)
+    _values_checked(call, entry)
+    return result
 
 
 def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = None,
@@ -743,7 +793,8 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                     call.work_seconds = seconds
                 else:
                     result = assembler.result()
-                if (not stats.verified or entry.reverify) and not (m.is_reference and problem.layout is None):
+                if ((not stats.verified or entry.reverify or call.must_verify)
+                        and not (m.is_reference and problem.layout is None)):
                     w = random_cotangents(problem)
                     reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
                     check_against(name, result, w, reference, problem)
@@ -776,6 +827,8 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         finally:
             if progress is not None:
                 progress.close()
+        if isinstance(failure, VerificationError) and problem.layout is not None:
+            raise PatternFailed(failure)  # the pattern, not the method: NOTE: [Patterns and values]
         # f's own errors propagate unchanged if the outputs changed (a new plan is due) ...
         _check_outputs_unchanged(call, problem, failure)
         with entry.lock:
@@ -863,6 +916,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     else:
         failure = None
     if failure is not None:
+        if isinstance(failure, VerificationError) and problem.layout is not None:
+            raise PatternFailed(failure)  # the pattern, not the method: NOTE: [Patterns and values]
         _check_outputs_unchanged(call, problem, failure)
         with entry.lock:
             _record_failure(entry, stats, failure, call, [])
