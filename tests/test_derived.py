@@ -132,6 +132,25 @@ def test_functions_that_mix_samples_are_refused(name, f):
         autojac.batch_jacobian(f, t64(8, 6))
 
 
+def _mixing(alpha):
+    return lambda X: X.sin() + alpha * X.mean(0)
+
+
+def test_a_closure_that_mixes_samples_only_for_some_captured_values_is_checked_for_each():
+    # The independence check is cached by key (code, captured shapes): a closure rebuilt with a mixing
+    # weight that is no longer zero, or the same weight written in place, must be checked again.
+    X = t64(6, 3)
+    zero = torch.zeros((), dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(autojac.batch_jacobian(_mixing(zero), X), torch.diag_embed(X.cos()))
+    with pytest.raises(autojac.UnsupportedFunctionError, match="mixes samples"):
+        autojac.batch_jacobian(_mixing(torch.ones((), dtype=torch.float64, device=DEVICE)), X)
+    f = _mixing(zero)
+    torch.testing.assert_close(autojac.batch_jacobian(f, X), torch.diag_embed(X.cos()))
+    zero.add_(0.5)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="mixes samples"):
+        autojac.batch_jacobian(f, X)
+
+
 def test_batch_jacobian_splits_the_batch_when_one_pass_does_not_fit():
     X = t64(64, 6)
     result_bytes = 64 * 4 * 6 * 8

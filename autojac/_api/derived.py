@@ -187,7 +187,8 @@ def _check_batch_inputs(inputs, who: str) -> tuple[torch.Tensor, ...]:
 
 
 _BATCH_FACTS: collections.OrderedDict = collections.OrderedDict()
-"""Per function key and input signature: the output leaves' feature dims, once `f` passed the independence check."""
+"""Per function key and input signature: (the output leaves' feature dims, the tensors `f` held), once `f` passed
+the independence check with those tensors."""
 
 
 def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) -> tuple[list[int], int]:
@@ -195,13 +196,16 @@ def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) -> tuple
     function_key, modules = describe_function(f)
     key = (function_key, tuple((tuple(x.shape), x.dtype, x.device) for x in xs), torch.is_grad_enabled(),
            module_modes(modules))
-    known = _BATCH_FACTS.get(key)
-    if known is not None:
+    # Checked for the tensors `f` holds as they are now: a closure with the same key may capture other values
+    # (a mixing term's weight that was zero), and a written tensor may have changed them; then checked again.
+    values = Evaluator(f, xs[0].device, modules, once=True).value_sources()
+    cached = _BATCH_FACTS.get(key)
+    if cached is not None and cached[1] == values:
         _BATCH_FACTS.move_to_end(key)
-        return known
+        return cached[0]
     evaluator = Evaluator(f, xs[0].device, modules)
     known = evaluator.isolated(lambda raw: _shapes_and_independence(raw, xs, batch))  # invisible: state put back
-    _BATCH_FACTS[key] = known
+    _BATCH_FACTS[key] = (known, values)
     while len(_BATCH_FACTS) > 256:
         _BATCH_FACTS.popitem(last=False)
     return known
