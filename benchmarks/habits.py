@@ -149,6 +149,17 @@ def build_rosenbrock(quick, _batch, dtype, device):
     return rosen, _randn(n, seed=0, dtype=dtype, device=device, scale=0.5, shift=1.0), {}
 
 
+def build_stiffness(quick, _batch, dtype, device):
+    """A chain of n = 2000 springs whose stiffness is one more variable: an arrowhead Hessian over a band."""
+    n = 200 if quick else 2000
+
+    def energy(x):
+        k, u = x[0], x[1:]
+        return (k.exp() * (u[1:] - u[:-1]) ** 2).sum() + (u ** 4).sum() + k ** 2
+
+    return energy, _randn(n + 1, seed=0, dtype=dtype, device=device, scale=0.1), {}
+
+
 def build_mlp_params(quick, _batch, dtype, device):
     net = _module(0, mlp_net, dtype, device)
     x = _randn(32, 16, seed=1, dtype=dtype, device=device)
@@ -175,6 +186,8 @@ PROBLEMS = [
             build_net_input, torch.float32),
     Problem("rosenbrock", "hessian", "chained Rosenbrock, n = 2000 (tridiagonal Hessian), float64", build_rosenbrock,
             torch.float64),
+    Problem("stiffness", "hessian", "springs in a chain with a global stiffness, n = 2001 (arrowhead Hessian: one "
+            "dense row and column over a band), float64", build_stiffness, torch.float64),
     Problem("mlp_params", "params", "MLP 16 -> 64 -> 64 -> 8 on 32 inputs, w.r.t. its parameter dict, float32",
             build_mlp_params, torch.float32),
     Problem("cnn_params", "params", "the CNN on 32 inputs, w.r.t. its parameter dict, float32", build_cnn_params,

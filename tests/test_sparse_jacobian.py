@@ -131,6 +131,41 @@ def test_sparse_hessians_through_the_traced_gradient():
     assert autojac.plan(_Gradient(rosenbrock, 0, False), x).problem.layout is not None
 
 
+def springs_with_a_global_stiffness(x):
+    """A chain of springs whose stiffness is one more variable: its Hessian is an arrowhead over a band."""
+    k, u = x[0], x[1:]
+    return (k.exp() * (u[1:] - u[:-1]) ** 2).sum() + (u ** 4).sum() + k ** 2
+
+
+def test_a_hessian_with_a_dense_line_peels_it_off_by_symmetry():
+    # Every row and column colouring of an arrowhead needs n colours; by symmetry, 1 + 3.
+    from autojac._api.derived import _Gradient
+
+    f = springs_with_a_global_stiffness
+    x = t64(1501) * 0.1
+    want = torch.func.hessian(f)(x)
+    pattern = autojac.sparsity(_Gradient(f, 0, False), x).to_dense()
+    torch.testing.assert_close(autojac.hessian(f, x, sparsity=pattern), want)
+    p = autojac.plan(f, x, kind="hessian", sparsity=pattern)
+    assert p.problem.layout is not None and p.problem.col_passes == 4, str(p)
+    assert "dense line(s) peeled off" in str(p)
+    coo = autojac.hessian(f, x, sparsity=pattern, output="sparse")
+    assert coo.layout == torch.sparse_coo
+    torch.testing.assert_close(coo.to_dense(), want)
+
+
+def test_a_jacobian_with_a_symmetric_pattern_but_not_symmetric_values_is_not_peeled():
+    # Same pattern as an arrowhead Hessian, other values across the diagonal: symmetry may not be used.
+    n = 400
+    def f(u):
+        band = u ** 3 - 2 * torch.roll(u, 1)
+        return band + torch.cat([u.sum(0, keepdim=True) * 3, u[:1].expand(n - 1) * torch.arange(1.0, n, dtype=u.dtype, device=u.device)])
+    x = t64(n)
+    pattern = autojac.sparsity(f, x).to_dense()
+    torch.testing.assert_close(autojac.jacobian(f, x, sparsity=pattern), torch.func.jacfwd(f)(x))
+    assert "peeled" not in str(autojac.plan(f, x, sparsity=pattern))
+
+
 def test_only_the_colourings_that_can_matter_are_computed():
     from autojac._planning.structure import colorings
 

@@ -99,3 +99,55 @@ def test_dtype_and_device_of_dense_result():
     d = Decompressor(p, c)
     vals = d.decompress(products(random_jacobian(p), c, [(5,)]))
     assert d.to_dense(vals, dtype=torch.float32).dtype == torch.float32
+
+
+# --- NOTE: [Peeling dense lines of a symmetric Jacobian] ----------------------------------------
+
+@st.composite
+def symmetric_with_dense_lines(draw):
+    """A symmetric pattern: a random band or scatter, plus a few dense rows and their columns."""
+    n = draw(st.integers(12, 60))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    m = rng.random((n, n)) < draw(st.sampled_from([0.0, 0.03, 0.1]))
+    width = draw(st.integers(0, 2))
+    for k in range(-width, width + 1):
+        m |= np.eye(n, k=k, dtype=bool)
+    hubs = rng.choice(n, size=draw(st.integers(1, 3)), replace=False)
+    m[hubs, :] = True
+    m = m | m.T
+    return Pattern.from_user(m)
+
+
+def random_symmetric(p: Pattern, seed=0) -> torch.Tensor:
+    half = random_jacobian(p, seed)
+    return half + half.t()  # the pattern is symmetric, so this stays on it
+
+
+@settings(max_examples=80, deadline=None)
+@given(symmetric_with_dense_lines(), st.booleans())
+def test_peeled_colourings_of_symmetric_matrices_round_trip(p, by_rows):
+    from autojac._structure import color_symmetric
+
+    jac = random_symmetric(p)
+    plain = color_rows(p) if by_rows else color_columns(p)
+    c = color_symmetric(p, plain)
+    assert c.n_colors <= plain.n_colors
+    d = Decompressor(p, c)
+    values = d.decompress(products(jac, c, [(p.shape[0],)]))
+    torch.testing.assert_close(d.to_dense(values), jac, rtol=0, atol=1e-12)
+
+
+def test_an_arrowhead_over_a_band_needs_the_band_plus_one():
+    from autojac._structure import color_symmetric
+
+    n = 500
+    m = np.eye(n, dtype=bool) | np.eye(n, k=1, dtype=bool) | np.eye(n, k=-1, dtype=bool)
+    m[0, :] = m[:, 0] = True
+    p = Pattern.from_user(m)
+    plain = color_columns(p)
+    assert plain.n_colors == n  # the dense row shares a nonzero with every column
+    c = color_symmetric(p, plain)
+    assert c.n_colors == 4 and list(c.peeled) == [0], c
+    jac = random_symmetric(p, seed=1)
+    d = Decompressor(p, c)
+    torch.testing.assert_close(d.to_dense(d.decompress(products(jac, c, [(n,)]))), jac, rtol=0, atol=1e-12)

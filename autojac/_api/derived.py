@@ -33,6 +33,9 @@ from .jacobian import jacobian
 class _Gradient:
     """g(*args) = the gradient of scalar `f` in the arguments `argnums` (with aux if `has_aux`)."""
 
+    jacobian_is_symmetric = True
+    """Its Jacobian (in the same arguments) is a Hessian: sparse plans may use symmetry."""
+
     def __init__(self, f: Callable, argnums: int | tuple[int, ...], has_aux: bool) -> None:
         self.f, self.argnums, self.has_aux = f, argnums, has_aux
 

@@ -63,6 +63,8 @@ class Problem:
     """How `f`'s output leaves nest."""
     draws_random: bool = False
     """Whether `f` drew from the global RNG when it was evaluated (dropout, `torch.randn`)."""
+    symmetric: bool = False
+    """Whether the Jacobian is symmetric by construction (a Hessian: `autojac.hessian`'s gradient)."""
     layout: object = None
     """How the Jacobian is pushed and collected: None for dense (one seed per basis vector), or a
     structured layout (`_execute/layout.py`: colour groups of a sparsity pattern)."""

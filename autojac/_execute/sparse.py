@@ -35,9 +35,13 @@ class SparseLayout:
 
     def describe(self) -> str:
         p = self.pattern
-        text = (f"sparse: {p.nnz} nonzeros of {p.shape[0]} x {p.shape[1]} ({p.source}), "
-                f"{self.rows.n_colors} row colours (at least {self.rows.lower_bound}), "
-                f"{self.columns.n_colors} column colours (at least {self.columns.lower_bound})")
+        text = f"sparse: {p.nnz} nonzeros of {p.shape[0]} x {p.shape[1]} ({p.source}), "
+        if self.columns.peeled is not None:
+            text += (f"{self.columns.n_colors} colours by symmetry ({len(self.columns.peeled)} dense line(s) peeled "
+                     f"off, each its own colour; a row or column colouring needs at least {self.columns.lower_bound})")
+        else:
+            text += (f"{self.rows.n_colors} row colours (at least {self.rows.lower_bound}), "
+                     f"{self.columns.n_colors} column colours (at least {self.columns.lower_bound})")
         if p.dense_ops:
             text += f"; treated as dense: {', '.join(p.dense_ops)}"
         if not p.valid_everywhere:

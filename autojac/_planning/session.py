@@ -235,6 +235,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         out_dtypes=tuple(y.dtype for y in ys),
         out_spec=graph.out_spec,
         draws_random=call.f.draws_random,
+        symmetric=bool(getattr(call.captures[0], "jacobian_is_symmetric", False)),
     )
     graph_bytes = region.peak_bytes
     measured_forward = graph_bytes is not None

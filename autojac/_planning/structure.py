@@ -28,7 +28,7 @@ from .._core.problem import Problem
 from .._execute.sparse import SparseLayout
 import numpy as np
 
-from .._structure import Coloring, Pattern, color_columns, color_rows, detect
+from .._structure import Coloring, Pattern, color_columns, color_rows, color_symmetric, detect
 from .._structure.detect import TooDense, TooLong
 
 logger = logging.getLogger("autojac")
@@ -77,21 +77,24 @@ def worth_detecting(projected_dense_seconds: float, eval_seconds: float) -> bool
     return trace_estimate(eval_seconds) < DETECT_SHARE * projected_dense_seconds
 
 
-def colorings(pattern: Pattern) -> tuple[Coloring, Coloring]:
+def colorings(pattern: Pattern, symmetric: bool = False) -> tuple[Coloring, Coloring]:
     """(row colouring, column colouring), paying for only what can matter.
 
     The side with the smaller lower bound is coloured first; the other only if
     its lower bound is below the colours found (else it cannot be the one used,
     and gets the trivial colouring, one colour per row or column). A structurally
     symmetric pattern (a stencil, a Hessian) is coloured once: its row colouring is
-    its column colouring.
+    its column colouring. A symmetric Jacobian (a Hessian) also tries peeling its
+    dense lines (see NOTE: [Peeling dense lines of a symmetric Jacobian]).
     """
     lower_rows, lower_cols = pattern.max_col_nnz, pattern.max_row_nnz
     first_rows = lower_rows <= lower_cols
     first = color_rows(pattern) if first_rows else color_columns(pattern)
     if pattern.shape[0] == pattern.shape[1] and _symmetric(pattern):
+        if symmetric:
+            first = color_symmetric(pattern, first)
         other = Coloring("column" if first_rows else "row", first.colors, first.n_colors, first.lower_bound,
-                         first.order + " (symmetric pattern)", 0.0)
+                         first.order + " (symmetric pattern)", 0.0, peeled=first.peeled)
     elif (lower_cols if first_rows else lower_rows) < first.n_colors:
         other = color_columns(pattern) if first_rows else color_rows(pattern)
     else:
@@ -149,12 +152,12 @@ def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,
             return None, f"structure detection failed ({type(exc).__name__}); dense"
     else:
         pattern = user_pattern(sparsity, problem, who)
-    if isinstance(sparsity, str):
+    if isinstance(sparsity, str) and not problem.symmetric:  # peeling dense lines beats this bound
         fewest = min(pattern.max_row_nnz, pattern.max_col_nnz)
         if fewest > SAVES * dense_passes:
             return None, (f"pattern found ({pattern.nnz} nonzeros) but at least {math.ceil(fewest)} colours "
                           f"against {dense_passes} dense passes: dense")
-    rows, columns = colorings(pattern)
+    rows, columns = colorings(pattern, problem.symmetric)
     compressed = min(rows.n_colors, columns.n_colors)
     if isinstance(sparsity, str) and compressed > SAVES * dense_passes:
         return None, (f"pattern found ({pattern.nnz} nonzeros) but {compressed} colours against {dense_passes} "

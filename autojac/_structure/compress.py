@@ -51,14 +51,22 @@ class Decompressor:
             if coloring.colors.shape[0] != n_in:
                 raise ValueError(f"column colouring has {coloring.colors.shape[0]} colours entries, pattern has {n_in} columns")
             self.n_other = n_out
-            index = coloring.colors[cols] * n_out + rows
+            vertex, other = cols, rows
         elif coloring.side == "row":
             if coloring.colors.shape[0] != n_out:
                 raise ValueError(f"row colouring has {coloring.colors.shape[0]} entries, pattern has {n_out} rows")
             self.n_other = n_in
-            index = coloring.colors[rows] * n_in + cols
+            vertex, other = rows, cols
         else:
             raise ValueError(f"unknown colouring side {coloring.side!r}")
+        if coloring.peeled is not None:
+            # NOTE: [Peeling dense lines of a symmetric Jacobian]: an entry in a peeled line, read across
+            # (its vertex not peeled), is the transposed entry of that line's own product.
+            peel = np.zeros(n_in, bool)
+            peel[coloring.peeled] = True
+            across = peel[other] & ~peel[vertex]
+            vertex, other = np.where(across, other, vertex), np.where(across, vertex, other)
+        index = coloring.colors[vertex] * self.n_other + other
         self.pattern = pattern
         self.coloring = coloring
         self._index = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
