@@ -8,6 +8,7 @@ import torch
 
 from .._core.problem import Problem
 from .._core.pytree import nest
+from .._core.zeros import zeros
 
 
 class Assembler:
@@ -30,7 +31,7 @@ class Assembler:
     def _block(self, i: int, j: int) -> torch.Tensor:
         if self.blocks[i][j] is None:
             p = self.problem
-            self.blocks[i][j] = torch.zeros(p.out_sizes[i], p.in_sizes[j], dtype=p.inputs.dtypes[j], device=p.inputs.device)
+            self.blocks[i][j] = zeros((p.out_sizes[i], p.in_sizes[j]), p.inputs.dtypes[j], p.inputs.device)
         return self.blocks[i][j]
 
     def add(self, start: int, stop: int, parts: Sequence[torch.Tensor | None]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .._core.zeros import zeros
 from .coloring import Coloring
 from .pattern import Pattern
 
@@ -97,7 +98,7 @@ class Decompressor:
         """The (n_out, n_in) dense Jacobian with `values` at the pattern's positions and zeros elsewhere."""
         device = torch.device(device) if device is not None else values.device
         n_out, n_in = self.pattern.shape
-        out = torch.zeros(n_out * n_in, dtype=dtype or values.dtype, device=device)
+        out = zeros((n_out * n_in,), dtype or values.dtype, device)
         flat = self._on(self._rows, device) * n_in + self._on(self._cols, device)
         out.index_copy_(0, flat, values.to(device=device, dtype=out.dtype))
         return out.view(n_out, n_in)
