@@ -34,40 +34,6 @@ PLAIN_ARGS = Arguments(None, as_args=True)  # leaves are the positional argument
 # by threads and a generator of `f`'s own cannot be put back.
 
 
-def modules_of(f: Callable) -> tuple[nn.Module, ...]:
-    """The `nn.Module`s that `f` is or uses: itself, the object of a bound method, the
-    functions and arguments of a `functools.partial`, and modules a function holds in
-    its closure or names as globals (one level of nested functions deep)."""
-    found: dict[int, nn.Module] = {}
-
-    def visit(obj: object, depth: int) -> None:
-        if isinstance(obj, nn.Module):
-            found.setdefault(id(obj), obj)
-        elif depth > 2:
-            return
-        elif isinstance(obj, types.MethodType):
-            visit(obj.__self__, depth + 1)
-            visit(obj.__func__, depth + 1)
-        elif isinstance(obj, functools.partial):
-            for item in (obj.func, *obj.args, *obj.keywords.values()):
-                visit(item, depth + 1)
-        elif isinstance(obj, types.FunctionType):
-            for cell in obj.__closure__ or ():
-                try:
-                    content = cell.cell_contents
-                except ValueError:  # an empty cell
-                    continue
-                if isinstance(content, (nn.Module, types.FunctionType, functools.partial, types.MethodType)):
-                    visit(content, depth + 1)
-            for name in obj.__code__.co_names:
-                value = obj.__globals__.get(name)
-                if isinstance(value, (nn.Module, types.FunctionType)) and value is not obj:
-                    visit(value, depth + 1)
-
-    visit(f, 0)
-    return tuple(found.values())
-
-
 def captured_tensors(f: Callable, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
     """Tensors `f` can reach besides its inputs and module buffers: closure cells, globals, defaults,
     the arguments of a `functools.partial`, the attributes of a callable object, and the parameters
@@ -293,7 +259,8 @@ class Evaluator:
         """Buffers a later evaluation wrote that the first (completed) one did not: put back too, and
         left at their value before (which is what the first evaluation left). Version counters always;
         values after an evaluation that raised (a raise can stop `f` before writes it would have made)."""
-        unwritten = [i for i in range(len(self._buffers)) if i not in set(self._written)]
+        written = set(self._written)
+        unwritten = [i for i in range(len(self._buffers)) if i not in written]
         more = self._changed(unwritten, values)
         if more:
             self._written += more
