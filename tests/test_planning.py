@@ -74,7 +74,7 @@ def test_alternatives_are_pruned_by_passes_and_predictions():
     assert "predicted" in order["reverse/loop"][1]  # 0.2 s against 0.01 s
     assert order["reverse/repeat"][1] == "" and order["reverse/vmap [autograd]"][1] == ""
     tried = [m.name for m, _, why in choose.exploration_order(choose.ALL, inc, 0.01, FACTS) if not why]
-    assert tried[0] == "reverse/repeat"  # the repeat prior is the lowest
+    assert tried[:2] == ["reverse/vmap [autograd]", "reverse/repeat"]  # the other engine first, then repeat
 
 
 def test_slices_are_what_the_credit_covers_pessimistically():
@@ -164,7 +164,7 @@ def test_trials_wait_for_credit_then_come_in_prior_order():
     assert e.credit == pytest.approx(0.002)
     e.credit = 0.005
     trial = e.next_trial()
-    assert trial.method.name == "reverse/repeat" and trial.slice_vectors == 40
+    assert trial.method.name == "reverse/vmap [autograd]" and trial.slice_vectors == 40  # the other engine first
 
 
 def test_the_fastest_measured_method_takes_over_and_the_plan_settles():

@@ -41,8 +41,11 @@ FORWARD_PASS_COST = 2.0
 """Prior cost of a forward-mode pass against a reverse-mode one."""
 REPEAT_PRIOR = 0.9
 """Prior time of the repeat trick against the incumbent vmap of the same mode: unknown, tried early."""
-ENGINE_PRIOR = 1.0
-"""Prior time of the other vmap engine: unknown until tried (1.1x to 8x either way, see NOTE: [Two engines for vmap])."""
+ENGINE_PRIOR = 0.85
+"""Prior time of the other vmap engine: unknown until tried (1.1x to 8x either way, see NOTE: [Two engines for vmap]),
+so it is tried first, before the repeat trick: a first call runs the autograd engine (NOTE: [The first call's
+engine]), and with the prior at 1.0 the repeat trick went first; habits benchmark, 2-core CPU: a logistic
+loss's Hessian still ran that engine at call 10 (16.8 ms; 5.1 ms settled on torch.func's)."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def first_chain(options: Options, n_in: int, n_out: int, once_only: bool) -> lis
     autograd engine first gave 0.92x the first-call time (geomean; classifier 0.63-0.70x,
     decoder 0.69-0.81x, RK4 rollout 0.40x), losing where its vmap has no batching rule for
     an op and loops over the chunk (grid residual's roll: 2.4x; robot arm 1.6x). Later
-    calls try the torch.func engine first (it is predicted like the incumbent), so a plan
+    calls try the torch.func engine first (ENGINE_PRIOR is below REPEAT_PRIOR), so a plan
     that started on the slower engine leaves it within a few calls. And an `f` that writes a
     captured tensor it also differentiates through (a step counter, a running average)
     keeps a valid graph: a second evaluation bumps that tensor's version and makes the
