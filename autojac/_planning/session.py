@@ -442,6 +442,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         entry.settled = True
     if writes_captured:
         entry.settled, entry.structure_open = True, False
+        for s in entry.stats.values():
+            if s.method.name != entry.incumbent and not s.excluded and s.status != "failed":
+                s.excluded = "`f` writes in place into a tensor it captures: each call evaluates it once, nothing is tried"
+                s.status, s.reason = "not tried", s.excluded
         entry.events.append("settled at once: `f` writes in place into a tensor it captures (state autojac cannot "
                             "put back), so each call evaluates it once and tries nothing else")
     elapsed = time.perf_counter() - began
