@@ -228,8 +228,11 @@ def _shapes_and_independence(f: Callable, xs: tuple[torch.Tensor, ...], batch: i
 def batch_target(f: Callable, inputs, mode: str, who: str):
     """(the function `batch_jacobian` differentiates, its inputs): the sum over the batch, or the broadcast."""
     xs = _check_batch_inputs(inputs, who)
-    batch = xs[0].shape[0]
-    out_dims, out_features = _batch_facts(f, xs, batch)
+    return _target(f, inputs, xs, mode, _batch_facts(f, xs, xs[0].shape[0]))
+
+
+def _target(f: Callable, inputs, xs: tuple[torch.Tensor, ...], mode: str, facts: tuple[list[int], int]):
+    _, out_features = facts
     in_features = sum(x[0].numel() for x in xs)
     if mode == "reverse" or (mode == "auto" and out_features <= in_features):
         return _SumOverBatch(f), inputs
@@ -239,9 +242,10 @@ def batch_target(f: Callable, inputs, mode: str, who: str):
 
 def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict):
     batch = xs[0].shape[0]
-    out_dims, _ = _batch_facts(f, xs, batch)
+    facts = _batch_facts(f, xs, batch)
+    out_dims = facts[0]
     try:
-        target, target_inputs = batch_target(f, inputs, options["mode"], "batch_jacobian")
+        target, target_inputs = _target(f, inputs, xs, options["mode"], facts)
         jac = jacobian(target, target_inputs, **options)
         if isinstance(target, _SumOverBatch):
             # Blocks of the sum's Jacobian are (*out[1:], B, *in[1:]), output-major: bring the batch first.
