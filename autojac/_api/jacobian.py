@@ -330,7 +330,7 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
                 result = session.later_call(call, entry)
     except session.PatternFailed as exc:  # NOTE: [Patterns and values]
         logger.debug("the sparsity pattern failed the check on new values: dense from now on")
-        result, entry = session.dense_after_all(call, exc)
+        result, entry = session.dense_after_all(call, exc.failure, later=True)
         planned = True
         if key is not None:
             _cache.put(key, entry)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .pytree import Arguments
+from .pytree import Arguments, flatten
 
 PLAIN_ARGS = Arguments(None, as_args=True)  # leaves are the positional arguments: f(*leaves)
 
@@ -83,6 +83,17 @@ def captured_tensors(f: Callable, modules: Sequence[nn.Module]) -> list[torch.Te
                 if isinstance(t, torch.Tensor):
                     found.setdefault(id(t), t)
     return list(found.values())
+
+
+def module_buffers(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Every buffer of the modules and their submodules, each once."""
+    seen: dict[int, torch.Tensor] = {}
+    for root in modules:
+        for m in _all_submodules(root):
+            for b in m._buffers.values():
+                if b is not None:
+                    seen.setdefault(id(b), b)
+    return list(seen.values())
 
 
 _submodules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -154,12 +165,6 @@ class ValuesSeen:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _leaves_of(tree: object) -> list:
-    from torch.utils import _pytree
-
-    return _pytree.tree_leaves(tree)
-
-
 class Evaluator:
     """Stands in for `f` during one call: `evaluator(*xs)` returns what `f` returns.
 
@@ -206,13 +211,7 @@ class Evaluator:
 
     def _snapshot(self) -> None:
         """The state the first (counted) evaluation starts from."""
-        seen: dict[int, torch.Tensor] = {}
-        for root in self._modules:
-            for m in _all_submodules(root):
-                for b in m._buffers.values():
-                    if b is not None:
-                        seen.setdefault(id(b), b)
-        self._buffers = list(seen.values())
+        self._buffers = module_buffers(self._modules)
         self._versions = [b._version for b in self._buffers]
         self._buffers_before = [b.detach().clone() for b in self._buffers]
         self._rng_before = _rng_state(self.device)
@@ -279,10 +278,8 @@ class Evaluator:
         through undifferentiated; as identities and version counters."""
         tensors = captured_tensors(self.f, self._modules)
         seen = {id(t) for t in tensors}
-        for root in self._modules:
-            for m in _all_submodules(root):
-                tensors += [b for b in m._buffers.values() if b is not None and id(b) not in seen]
-        tensors += [t for t in _leaves_of(self.arguments.fixed) if isinstance(t, torch.Tensor)]
+        tensors += [b for b in module_buffers(self._modules) if id(b) not in seen]
+        tensors += [t for t in flatten(self.arguments.fixed)[0] if isinstance(t, torch.Tensor)]
         return ValuesSeen(tensors)
 
     @property

@@ -92,6 +92,7 @@ class PlanEntry:
         self.settled = False
         self.effort = "measure"
         self.warm = True
+        """False until the incumbent has run a call that was not the plan's first."""
         self.needs_reorder = False
         """Priors of the alternatives not worked out yet (a first call leaves it to the next call)."""
         self.structure = ""
@@ -104,7 +105,6 @@ class PlanEntry:
         """Verify every call (a sparsity pattern valid at the first call's point only)."""
         self.values_seen = None
         """The tensors a sparsity pattern was last checked with (see NOTE: [Patterns and values])."""
-        """False until the incumbent has run a call that was not the plan's first."""
         self.events: collections.deque[str] = collections.deque(maxlen=12)
         self.lock = threading.RLock()
 

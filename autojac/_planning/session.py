@@ -427,7 +427,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         result = None
         _check_outputs_unchanged(call, problem, failure)
         if isinstance(failure, VerificationError) and problem.layout is not None:
-            return _dense_after_all(call, failure, began)
+            return dense_after_all(call, failure)
         _record_failure(entry, stats, failure, call, failures)
     if entry.incumbent is None:
         raise _no_method(call, failures)
@@ -511,9 +511,10 @@ def _measure_first_evaluation(options: Options, device: torch.device) -> bool:
     return options.budget is not None or device.type == "cuda"
 
 
-def _dense_after_all(call: Call, failure: BaseException, began: float | None = None,
-                     later: bool = False) -> tuple[object, PlanEntry]:
-    """A compressed Jacobian failed the check (a pattern that missed a nonzero): the plan is made again, dense."""
+def dense_after_all(call: Call, failure: BaseException, later: bool = False) -> tuple[object, PlanEntry]:
+    """A compressed Jacobian failed the check (a pattern that missed a nonzero): the plan is made again, dense.
+
+    `later`: the check failed on a later call, after the tensors `f` holds changed (NOTE: [Patterns and values])."""
     call.events.append(f"the sparsity pattern failed the check ({_first_line(failure)}); computed densely")
     dense = Call(call.f, call.xs, call.signature, dataclasses.replace(call.options, sparsity=None), call.who)
     dense.captures = call.captures
@@ -661,11 +662,6 @@ def check_strict(graph: PlainGraph, who: str) -> None:
 
 
 # --- later calls ----------------------------------------------------------------------------------
-
-def dense_after_all(call: Call, failure: PatternFailed) -> tuple[object, PlanEntry]:
-    """A later call's pattern failed the check: this call and the plan from now on are dense."""
-    return _dense_after_all(call, failure.failure, later=True)
-
 
 # NOTE: [Patterns and values]
 # A sparsity pattern is found for the values `f` holds: a captured index tensor decides where a

@@ -44,6 +44,8 @@ evaluation takes 22 us, 170 evaluations; 29 ms the first time in a process)."""
 
 def trace_estimate(eval_seconds: float) -> float:
     return max(TRACE_FACTOR * eval_seconds, TRACE_SECONDS_MIN)
+
+
 DETECT_SHARE = 0.1
 """Look for structure only if its estimated cost is under this share of the dense Jacobian's estimate."""
 SAVES = 0.5
