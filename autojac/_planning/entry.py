@@ -38,6 +38,8 @@ class MethodStats:
     rates: list[tuple[int, float]] = field(default_factory=list)
     """(chunk size, seconds per vector) points."""
     verified: bool = False
+    checked_sizes: set[int] = field(default_factory=set)
+    """Chunk sizes a verified run of a repeat method used (see `unchecked_sizes`)."""
     excluded: str = ""
     """Why this method may not run for this plan at all (a random `f`, evaluations that disagree)."""
 
@@ -47,6 +49,15 @@ class MethodStats:
 
     def memory_line(self) -> Line | None:
         return fit_line(self.memory)
+
+    def unchecked_sizes(self, sizes) -> bool:
+        """Whether a run in chunks of `sizes` needs a check although the method was verified before.
+
+        A repeat method evaluates `f` on a batch of copies, so an `f` that is not batch-aware (it rolls,
+        reduces or normalizes over its first dimension) computes a chunk-size-dependent wrong Jacobian,
+        and one chunk size can pass by coincidence: a roll over a 64-element input through 64 copies
+        gives the right Jacobian, through 16 a wrong one. So each chunk size is checked once."""
+        return self.method.vectorize == "repeat" and not set(sizes) <= self.checked_sizes
 
     def add_run(self, seconds: float) -> bool:
         """Keep a whole call's time; True if it lowered the fastest by over 10% (predictions from it are stale)."""

@@ -41,6 +41,7 @@ from .._execute.verify import VerificationError, check_against, check_columns, r
 from .._measure.device import free_memory, total_bytes, untracked_margin, untracked_reserve
 from .._measure.meter import PeakMeter
 from .._methods import METHODS
+from .._measure.engine_loops import LoopProbe
 from .._methods.base import PlainGraph, evaluate_plain, grad_mode
 from . import choose
 from .choose import Facts, MethodId
@@ -67,6 +68,12 @@ MEASURE_WHEN_PRIOR_ABOVE = 0.25
 """Chunks are measured when the prior peak of the whole basis exceeds this share of the room the budget leaves."""
 PRIOR_FACTOR = 2.0
 """Bytes per basis vector before anything is measured: this times (forward pass + one input + one output)."""
+LOOP_SLICE_SECONDS = 5e-6
+"""What one looped op call of torch.autograd's vmap costs per vector beyond a batched one, at least (a
+grid residual's `roll`: about 8 us a vector and op on the 2-core CPU). See NOTE: [The autograd engine's vmap loops]."""
+LOOP_SHARE = 0.3
+"""The rest of a first call's basis moves to the torch.func engine when the loops are estimated over this
+share of the first chunk's time."""
 
 
 def _method(m: MethodId):
@@ -345,13 +352,18 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                       timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
                       reserve_bytes=reserve + entry.fixed_prior(m), trim_between=_trimming(call))
         progress = Progress(options.progress, n, m.name)
-        adopted = False
+        adopted = switched = False
         verdict: dict[str, object] = {}
+        # NOTE: [The autograd engine's vmap loops]: a first chunk shorter than the basis shows whether the
+        # autograd engine loops; if that costs much, the rest goes to the torch.func engine.
+        probe = LoopProbe() if _may_switch_engine(m, sizer, n, entry) else None
 
         def after_first_slice(log: RunLog, n=n, sizer=sizer) -> bool:
             nonlocal structure_pending
+            if probe is not None and len(log.chunks) == 1:
+                probe.__exit__(None, None, None)
             if not structure_pending:
-                return True
+                return probe is None or len(log.chunks) > 1  # stop after the probed chunk, to decide
             structure_pending = False
             projected = sum(c.seconds for c in log.chunks) * n / max(sum(c.size for c in log.chunks), 1)
             verdict["look"] = worth_detecting(projected, min(region.seconds, vjp_seconds))  # one noisy timing less
@@ -360,7 +372,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                 return False
             sizer.first = None
             sizer.sizes.clear()  # the slice was only to decide: the run goes on in chunks as large as fit
-            return True
+            return probe is None
         try:
             state = None
             t = time.perf_counter()
@@ -374,8 +386,14 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                     graph = None
             adopt_seconds = time.perf_counter() - t
             with grad_mode(options.create_graph):
-                assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state, progress=progress,
-                                                                    after_chunk=after_first_slice)
+                if probe is not None:
+                    probe.__enter__()
+                try:
+                    assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state,
+                                                                        progress=progress, after_chunk=after_first_slice)
+                finally:
+                    if probe is not None:
+                        probe.__exit__(None, None, None)
             if verdict.get("look"):
                 looked = True
                 # Detection is stopped past DETECT_LIMIT times the projected dense Jacobian (see there why).
@@ -390,21 +408,36 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                     methods.restart(chain)
                     progress.close()
                     continue
-                # No structure worth it: the dense run goes on, its chunks no longer held to the slice's size.
+            if position < n:  # stopped after a first slice: no structure worth it, or the engine probe
+                # The dense run goes on, its chunks no longer held to the slice's size.
                 sizer = Sizer(sizer.fixed, room_bytes=sizer.room, prior_bytes_per_vector=sizer.prior, memory=sizer.points,
                               timed=True, measured=sizer.measured, minimum=sizer.minimum, reserve_bytes=sizer.reserve,
                               trim_between=sizer.trim_between)
-                with grad_mode(options.create_graph):
-                    assembler, more, _, rest, state = call.run(m, problem, sizer, state=state, progress=progress,
-                                                               start=position, assembler=assembler)
+                rest = None
+                if probe is not None and _loops_cost(probe, log):
+                    other = dataclasses.replace(m, engine="func")
+                    if sizer.measured:  # its memory per vector is its own: learnt again on a first slice
+                        sizer = Sizer(sizer.fixed, room_bytes=sizer.room, prior_bytes_per_vector=sizer.prior,
+                                      timed=True, measured=True, minimum=sizer.minimum, first=log.chunks[0].size,
+                                      reserve_bytes=sizer.reserve, trim_between=sizer.trim_between)
+                    rest = _rest_on(call, other, problem, sizer, progress, position, assembler, entry)
+                    if rest is not None:
+                        _note_engine_loops(entry, call, m, probe)
+                        m, stats, switched, (more, seconds_rest) = other, entry.stats[other.name], True, rest
+                if rest is None:
+                    with grad_mode(options.create_graph):
+                        assembler, more, _, seconds_rest, state = call.run(m, problem, sizer, state=state,
+                                                                           progress=progress, start=position,
+                                                                           assembler=assembler)
                 log.chunks += more.chunks
-                seconds += rest
+                seconds += seconds_rest
             result, collecting = call.collect(assembler)
             seconds += collecting
             if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
                 w, reference = reference_for_check()
                 check_against(m.name, result, w, reference, problem)
                 call.verified = True
+                stats.checked_sizes.update(c.size for c in log.chunks)
             elif log.chunks and log.chunks[0].seconds:  # torch's loop: one row of it is one VJP
                 vjp_seconds = log.chunks[0].seconds / max(log.chunks[0].size, 1)
                 entry.facts = dataclasses.replace(entry.facts, vjp_seconds=vjp_seconds)
@@ -413,9 +446,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         else:
             graph = None
             evaluation = region.seconds if adopted else 0.0  # the evaluation it started from is part of its cost
-            stats.add_run(evaluation + adopt_seconds + seconds)
+            if not switched:  # a run begun on the other engine times neither: the next call times this one
+                stats.add_run(evaluation + adopt_seconds + seconds)
+                _learn(stats, log, sizer)
             stats.verified, stats.status = True, "chosen"
-            _learn(stats, log, sizer)
             stats.chunk_size = _planned_chunk(entry, stats)
             entry.incumbent = m.name
             call.method_name = m.name
@@ -531,6 +565,49 @@ def _trimming(call: Call) -> bool:
     """Return free heap memory between chunks: on the CPU under a budget the caller gave (see
     `meter.release_free_heap`; about a millisecond a chunk)."""
     return call.device.type == "cpu" and call.options.budget is not None
+
+
+def _may_switch_engine(m: MethodId, sizer: Sizer, n: int, entry: PlanEntry) -> bool:
+    """Whether a first call's run on the autograd engine probes its first chunk for loops (NOTE: [The autograd
+    engine's vmap loops]): only when that chunk is not the whole basis (something is left to move), with no
+    budget of the caller's (the other engine's evaluation and memory per vector are not known before it
+    runs), and when the torch.func engine may evaluate `f` again."""
+    if m.engine != "autograd" or m.vectorize != "vmap" or entry.once_only or entry.options.budget is not None:
+        return False
+    other = entry.stats.get(dataclasses.replace(m, engine="func").name)
+    first = sizer.first if sizer.fixed is None else sizer.fixed
+    return other is not None and not other.excluded and first is not None and first < n
+
+
+def _loops_cost(probe: LoopProbe, log: RunLog) -> bool:
+    """Whether the loops the probe saw are estimated over LOOP_SHARE of the first chunk's time."""
+    chunk = log.chunks[0]
+    if not probe.active or not probe.loops or not chunk.seconds:
+        return False
+    return probe.loops * chunk.size * LOOP_SLICE_SECONDS > LOOP_SHARE * chunk.seconds
+
+
+def _rest_on(call: Call, m: MethodId, problem: Problem, sizer: Sizer, progress, position: int, assembler,
+             entry: PlanEntry):
+    """The rest of the basis (from `position`) on `m`, into the same assembler: (log, seconds), or None if `m`
+    failed (recorded; the caller goes on with the method it began with, and the rows `m` wrote are redone)."""
+    try:
+        with grad_mode(call.options.create_graph):
+            _, log, _, seconds, _ = call.run(m, problem, sizer, progress=progress, start=position, assembler=assembler)
+    except Exception as exc:  # noqa: BLE001 - no batching rule or no functorch support: the first engine finishes
+        _record_failure(entry, entry.stats[m.name], exc, call, [])
+        return None
+    return log, seconds
+
+
+def _note_engine_loops(entry: PlanEntry, call: Call, before: MethodId, probe: LoopProbe) -> None:
+    ops = ", ".join(probe.ops[:4]) + (" and more" if len(probe.ops) > 4 else "")
+    why = (f"loops over each vector in torch.autograd's vmap ({probe.loops} looped op calls in a chunk of "
+           f"{call.chunks[0] if call.chunks else '?'}: no batching rule for {ops}); the torch.func engine took over")
+    s = entry.stats[before.name]
+    s.status, s.reason, s.excluded = "slower", why, why
+    call.events.append(f"{before.name} {why} after the first chunk")
+    logger.debug(call.events[-1])
 
 
 def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
@@ -794,12 +871,14 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                     call.work_seconds = seconds
                 else:
                     result = assembler.result()
-                if ((not stats.verified or entry.reverify or call.must_verify)
+                sizes = [c.size for c in log.chunks]
+                if ((not stats.verified or entry.reverify or call.must_verify or stats.unchecked_sizes(sizes))
                         and not (m.is_reference and problem.layout is None)):
                     w = random_cotangents(problem)
                     reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
                     check_against(name, result, w, reference, problem)
                     call.verified = True
+                    stats.checked_sizes.update(sizes)
         except OutputsChanged:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -880,14 +959,16 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     weight = 2 * PRIOR_FACTOR if m.vectorize == "repeat" and inc.method.vectorize != "repeat" else PRIOR_FACTOR
     prior = (weight * line.per_vector) if line is not None else weight * max(problem.in_bytes, problem.out_bytes)
     measured = (call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room
-    sizer = Sizer(trial.slice_vectors, timed=True, measured=measured, room_bytes=room, prior_bytes_per_vector=prior,
+    fixed = entry.options.chunk_size  # the caller's chunk size holds for trials too: they run as the plan would
+    sizer = Sizer(trial.slice_vectors if fixed is None else min(trial.slice_vectors, fixed, max(n, 1)), timed=True,
+                  measured=measured, room_bytes=room, prior_bytes_per_vector=prior,
                   reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m), trim_between=_trimming(call),
                   cap_fixed=True)
     call.trial = m.name
     verdict = {"stopped": False}
 
     def after_first(log: RunLog) -> bool:
-        sizer.fixed = None  # later chunks: as large as the memory line allows
+        sizer.fixed = fixed if fixed is None else min(fixed, max(n, 1))  # else as large as the memory line allows
         elapsed = time.perf_counter() - began
         # A loop's time is per vector (elapsed * n / k); a small slice of a batched method is mostly fixed
         # cost, so its projection sits between "all fixed" and "all per vector" (elapsed * sqrt(n / k)).
@@ -910,6 +991,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
                 reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
                 check_against(m.name, result, w, reference, problem)
                 call.verified = True
+                stats.checked_sizes.update(c.size for c in log.chunks)
     except OutputsChanged:
         raise
     except Exception as exc:  # noqa: BLE001

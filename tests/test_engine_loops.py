@@ -1,0 +1,158 @@
+"""The autograd engine's vmap loops over ops it has no batching rule for: the probe, and the first call's switch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import autojac
+from autojac._measure.engine_loops import LoopProbe
+from autojac._planning import session
+
+from reference import reference
+
+
+def _grid(x: torch.Tensor) -> torch.Tensor:
+    """A periodic stencil built from `roll`, whose backward has no batching rule in torch.autograd's vmap."""
+    return x.roll(1, 0) + x.roll(-1, 0) - 2 * x + 0.1 * x**3
+
+
+def _batched_backward(y, x, k):
+    return torch.autograd.grad(y.reshape(-1), x, torch.eye(y.numel(), dtype=y.dtype)[:k], is_grads_batched=True,
+                               retain_graph=True)
+
+
+def test_the_probe_sees_the_loops_and_puts_everything_back():
+    x = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    y = _grid(x)
+    filters = list(warnings.filters)
+    before = torch._C._debug_only_are_vmap_fallback_warnings_enabled()
+    with LoopProbe() as probe:
+        _batched_backward(y, x, 4)
+    assert probe.active and probe.loops >= 1 and probe.ops == ["aten::roll"]
+    assert warnings.filters == filters
+    assert torch._C._debug_only_are_vmap_fallback_warnings_enabled() == before
+    with LoopProbe() as probe:  # a backward with batching rules for every op
+        z = (x * x).sum(0, keepdim=True) * x
+        _batched_backward(z, x, 4)
+    assert probe.active and probe.loops == 0
+
+
+def test_the_probe_hands_other_warnings_to_the_caller():
+    class Loud(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            warnings.warn("from the user's backward", RuntimeWarning)
+            return g * 2
+
+    x = torch.randn(5, requires_grad=True)
+    y = Loud.apply(x)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with LoopProbe() as probe:
+            torch.autograd.grad(y, x, torch.ones_like(y))
+    assert probe.loops == 0
+    assert [str(w.message) for w in seen] == ["from the user's backward"]
+
+
+def test_a_second_thread_does_not_probe_while_one_is(monkeypatch):
+    with LoopProbe() as outer:
+        with LoopProbe() as inner:  # the lock is taken: nothing watched, nothing changed
+            assert not inner.active
+        assert outer.active
+
+
+def test_a_first_call_moves_the_rest_to_the_torch_func_engine(monkeypatch):
+    monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)  # any loop counts: the decision, not the timing
+    x = torch.randn(64, dtype=torch.float64)
+    f = lambda x: _grid(x)  # noqa: E731 - a new function object: a new plan
+    got = autojac.jacobian(f, x, chunk_size=16)
+    torch.testing.assert_close(got, reference(f, x))
+    r = autojac.last_report()
+    assert r.method == "reverse/vmap [func]" and r.evaluations == 2 and r.verified
+    assert list(r.chunk_sizes) == [16, 16, 16, 16]
+    text = str(autojac.plan(f, x, chunk_size=16))
+    assert "loops over each vector in torch.autograd's vmap" in text and "aten::roll" in text
+    # later calls run the torch.func engine and never try the looping one again
+    for _ in range(5):
+        torch.testing.assert_close(autojac.jacobian(f, x, chunk_size=16), reference(f, x))
+        assert autojac.last_report().method != "reverse/vmap [autograd]"
+
+
+def test_no_switch_without_loops_or_when_f_may_run_only_once(monkeypatch):
+    monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)
+    x = torch.randn(64, dtype=torch.float64)
+    W = torch.randn(64, 64, dtype=torch.float64)
+    g = lambda x: torch.exp(W @ x) * x  # noqa: E731 - batching rules for every op of its backward
+    torch.testing.assert_close(autojac.jacobian(g, x, chunk_size=16), reference(g, x))
+    assert autojac.last_report().method == "reverse/vmap [autograd]"
+    assert autojac.last_report().evaluations == 1
+
+    drop = torch.nn.Dropout(0.5).train()
+    h = lambda x: drop(_grid(x))  # noqa: E731 - random: one evaluation per call, so no second engine
+    torch.manual_seed(0)
+    got = autojac.jacobian(h, x, chunk_size=16)
+    assert autojac.last_report().method == "reverse/vmap [autograd]" and autojac.last_report().evaluations == 1
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, reference(h, x))
+
+
+class _OldStyle(torch.autograd.Function):
+    """No setup_context: torch.func refuses it, torch.autograd runs it (and loops on its backward's roll)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.roll(-1, 0) * 3
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.roll(1, 0) * 3
+
+
+def test_the_first_engine_finishes_when_the_other_cannot_run_f(monkeypatch):
+    monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)
+    x = torch.randn(48, dtype=torch.float64)
+    f = lambda x: _OldStyle.apply(x) + x**2  # noqa: E731
+    got = autojac.jacobian(f, x, chunk_size=16)
+    torch.testing.assert_close(got, reference(f, x))
+    r = autojac.last_report()
+    assert r.method == "reverse/vmap [autograd]" and r.verified
+    assert "reverse/vmap [func]" in str(autojac.plan(f, x, chunk_size=16)).split("Failed:")[-1]
+
+
+@pytest.mark.parametrize("budget", ["64 MiB"])
+def test_no_switch_under_a_callers_budget(monkeypatch, budget):
+    monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)
+    x = torch.randn(64, dtype=torch.float64)
+    f = lambda x: _grid(x)  # noqa: E731
+    torch.testing.assert_close(autojac.jacobian(f, x, chunk_size=16, memory_budget=budget), reference(f, x))
+    assert autojac.last_report().method == "reverse/vmap [autograd]"
+
+
+def test_a_repeat_method_is_checked_at_every_chunk_size_it_runs():
+    """A roll over the first dimension is not batch-aware: through 64 copies of a 64-element input it gives
+    the right Jacobian by coincidence, through 16 a wrong one. Each call must still be right."""
+    x = torch.randn(64, dtype=torch.float64)
+    f = lambda x: _grid(x)  # noqa: E731
+    want = reference(f, x)
+    for _ in range(12):
+        torch.testing.assert_close(autojac.jacobian(f, x, chunk_size=16), want)
+    text = str(autojac.plan(f, x, chunk_size=16))
+    assert "reverse/repeat" in text.split("Failed:")[-1]
+
+
+def test_unchecked_sizes_are_those_no_verified_run_used():
+    from autojac._planning.choose import BY_NAME
+    from autojac._planning.entry import MethodStats
+
+    s = MethodStats(BY_NAME["reverse/repeat"])
+    s.checked_sizes.update([64])
+    assert s.unchecked_sizes([16, 16]) and not s.unchecked_sizes([64])
+    v = MethodStats(BY_NAME["reverse/vmap [func]"])
+    assert not v.unchecked_sizes([16])  # vmap's result does not depend on the chunk size
