@@ -35,14 +35,14 @@ from .._core.options import Options
 from .._core.problem import Problem, Signature
 from .._core.units import format_bytes, parse_budget
 from .._execute.assemble import Assembler
-from .._execute.layout import collector
+from .._execute.layout import collector, seeds
 from .._execute.run import FixedChunks, RunLog, is_out_of_memory, push
 from .._execute.verify import VerificationError, check_against, check_columns, random_cotangents, reference_product
 from .._measure.device import free_memory, total_bytes, untracked_margin, untracked_reserve
 from .._measure.meter import PeakMeter
 from .._methods import METHODS
 from .._measure.engine_loops import LoopProbe
-from .._methods.base import PlainGraph, evaluate_plain, grad_mode
+from .._methods.base import PlainGraph, evaluate_plain, grad_mode, vjp
 from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
@@ -68,12 +68,19 @@ MEASURE_WHEN_PRIOR_ABOVE = 0.25
 """Chunks are measured when the prior peak of the whole basis exceeds this share of the room the budget leaves."""
 PRIOR_FACTOR = 2.0
 """Bytes per basis vector before anything is measured: this times (forward pass + one input + one output)."""
-LOOP_SLICE_SECONDS = 5e-6
-"""What one looped op call of torch.autograd's vmap costs per vector beyond a batched one, at least (a
-grid residual's `roll`: about 8 us a vector and op on the 2-core CPU). See NOTE: [The autograd engine's vmap loops]."""
-LOOP_SHARE = 0.3
-"""The rest of a first call's basis moves to the torch.func engine when the loops are estimated over this
-share of the first chunk's time."""
+LOOP_SLICE_SECONDS = 1e-6
+"""What the torch.func engine saves per looped op call and vector, at least: its batched backward against
+torch.autograd's loop (RK4 rollout, 160 looped tanh_backward calls per vector on 64-element states: about
+0.9 us each; a grid residual's `roll` on 40 x 40: about 8 us). See NOTE: [The autograd engine's vmap loops]."""
+PROBE_MIN_PASSES = 100
+"""A first call probes the autograd engine for loops only over this many rows: the probe costs about one
+VJP, under 5% of a vmapped run's bound (LOOP_TO_VMAP of a VJP per row) from here on."""
+FUNC_EVALUATION_FACTOR = 2.0
+FUNC_FIXED_SECONDS = 5e-4
+"""What putting the torch.func engine first costs a first call: an evaluation of `f` under its transform,
+counted at FUNC_EVALUATION_FACTOR plain evaluations, and this much of the transforms' own set-up (a per-sample
+MLP over 256 rows: its first call 3.0 ms on the torch.func engine against 2.5 ms on the autograd one,
+which loops twice per vector there, though warm the torch.func engine is 1.7x faster)."""
 
 
 def _method(m: MethodId):
@@ -329,6 +336,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         entry.chosen().status = "chosen"
         entry.effort = "estimate"
         return None, entry
+    chain = _engine_by_probe(chain, problem, graph, entry, region.seconds)
     failures: list[tuple[str, BaseException]] = []
     result = None
     prior = PRIOR_FACTOR * (graph_bytes + max(problem.in_bytes, problem.out_bytes))
@@ -352,18 +360,13 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                       timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
                       reserve_bytes=reserve + entry.fixed_prior(m), trim_between=_trimming(call))
         progress = Progress(options.progress, n, m.name)
-        adopted = switched = False
+        adopted = False
         verdict: dict[str, object] = {}
-        # NOTE: [The autograd engine's vmap loops]: a first chunk shorter than the basis shows whether the
-        # autograd engine loops; if that costs much, the rest goes to the torch.func engine.
-        probe = LoopProbe() if _may_switch_engine(m, sizer, n, entry) else None
 
         def after_first_slice(log: RunLog, n=n, sizer=sizer) -> bool:
             nonlocal structure_pending
-            if probe is not None and len(log.chunks) == 1:
-                probe.__exit__(None, None, None)
             if not structure_pending:
-                return probe is None or len(log.chunks) > 1  # stop after the probed chunk, to decide
+                return True
             structure_pending = False
             projected = sum(c.seconds for c in log.chunks) * n / max(sum(c.size for c in log.chunks), 1)
             verdict["look"] = worth_detecting(projected, min(region.seconds, vjp_seconds))  # one noisy timing less
@@ -372,7 +375,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                 return False
             sizer.first = None
             sizer.sizes.clear()  # the slice was only to decide: the run goes on in chunks as large as fit
-            return probe is None
+            return True
         try:
             state = None
             t = time.perf_counter()
@@ -386,14 +389,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                     graph = None
             adopt_seconds = time.perf_counter() - t
             with grad_mode(options.create_graph):
-                if probe is not None:
-                    probe.__enter__()
-                try:
-                    assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state,
-                                                                        progress=progress, after_chunk=after_first_slice)
-                finally:
-                    if probe is not None:
-                        probe.__exit__(None, None, None)
+                assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state, progress=progress,
+                                                                    after_chunk=after_first_slice)
             if verdict.get("look"):
                 looked = True
                 # Detection is stopped past DETECT_LIMIT times the projected dense Jacobian (see there why).
@@ -408,29 +405,15 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                     methods.restart(chain)
                     progress.close()
                     continue
-            if position < n:  # stopped after a first slice: no structure worth it, or the engine probe
-                # The dense run goes on, its chunks no longer held to the slice's size.
+                # No structure worth it: the dense run goes on, its chunks no longer held to the slice's size.
                 sizer = Sizer(sizer.fixed, room_bytes=sizer.room, prior_bytes_per_vector=sizer.prior, memory=sizer.points,
                               timed=True, measured=sizer.measured, minimum=sizer.minimum, reserve_bytes=sizer.reserve,
                               trim_between=sizer.trim_between)
-                rest = None
-                if probe is not None and _loops_cost(probe, log):
-                    other = dataclasses.replace(m, engine="func")
-                    if sizer.measured:  # its memory per vector is its own: learnt again on a first slice
-                        sizer = Sizer(sizer.fixed, room_bytes=sizer.room, prior_bytes_per_vector=sizer.prior,
-                                      timed=True, measured=True, minimum=sizer.minimum, first=log.chunks[0].size,
-                                      reserve_bytes=sizer.reserve, trim_between=sizer.trim_between)
-                    rest = _rest_on(call, other, problem, sizer, progress, position, assembler, entry)
-                    if rest is not None:
-                        _note_engine_loops(entry, call, m, probe)
-                        m, stats, switched, (more, seconds_rest) = other, entry.stats[other.name], True, rest
-                if rest is None:
-                    with grad_mode(options.create_graph):
-                        assembler, more, _, seconds_rest, state = call.run(m, problem, sizer, state=state,
-                                                                           progress=progress, start=position,
-                                                                           assembler=assembler)
+                with grad_mode(options.create_graph):
+                    assembler, more, _, rest, state = call.run(m, problem, sizer, state=state, progress=progress,
+                                                               start=position, assembler=assembler)
                 log.chunks += more.chunks
-                seconds += seconds_rest
+                seconds += rest
             result, collecting = call.collect(assembler)
             seconds += collecting
             if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
@@ -446,10 +429,9 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         else:
             graph = None
             evaluation = region.seconds if adopted else 0.0  # the evaluation it started from is part of its cost
-            if not switched:  # a run begun on the other engine times neither: the next call times this one
-                stats.add_run(evaluation + adopt_seconds + seconds)
-                _learn(stats, log, sizer)
+            stats.add_run(evaluation + adopt_seconds + seconds)
             stats.verified, stats.status = True, "chosen"
+            _learn(stats, log, sizer)
             stats.chunk_size = _planned_chunk(entry, stats)
             entry.incumbent = m.name
             call.method_name = m.name
@@ -567,47 +549,37 @@ def _trimming(call: Call) -> bool:
     return call.device.type == "cpu" and call.options.budget is not None
 
 
-def _may_switch_engine(m: MethodId, sizer: Sizer, n: int, entry: PlanEntry) -> bool:
-    """Whether a first call's run on the autograd engine probes its first chunk for loops (NOTE: [The autograd
-    engine's vmap loops]): only when that chunk is not the whole basis (something is left to move), with no
-    budget of the caller's (the other engine's evaluation and memory per vector are not known before it
-    runs), and when the torch.func engine may evaluate `f` again."""
-    if m.engine != "autograd" or m.vectorize != "vmap" or entry.once_only or entry.options.budget is not None:
-        return False
-    other = entry.stats.get(dataclasses.replace(m, engine="func").name)
-    first = sizer.first if sizer.fixed is None else sizer.fixed
-    return other is not None and not other.excluded and first is not None and first < n
+def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph | None, entry: PlanEntry,
+                     eval_seconds: float) -> list[MethodId]:
+    """The chain, with the torch.func engine first if torch.autograd's vmap would loop (NOTE: [The autograd
+    engine's vmap loops]).
 
-
-def _loops_cost(probe: LoopProbe, log: RunLog) -> bool:
-    """Whether the loops the probe saw are estimated over LOOP_SHARE of the first chunk's time."""
-    chunk = log.chunks[0]
-    if not probe.active or not probe.loops or not chunk.seconds:
-        return False
-    return probe.loops * chunk.size * LOOP_SLICE_SECONDS > LOOP_SHARE * chunk.seconds
-
-
-def _rest_on(call: Call, m: MethodId, problem: Problem, sizer: Sizer, progress, position: int, assembler,
-             entry: PlanEntry):
-    """The rest of the basis (from `position`) on `m`, into the same assembler: (log, seconds), or None if `m`
-    failed (recorded; the caller goes on with the method it began with, and the rows `m` wrote are redone)."""
+    Probed with one vector pushed batched through the plain evaluation's backward (about one VJP) when the
+    first method is reverse vmap on the autograd engine over at least PROBE_MIN_PASSES rows, and the torch.func
+    engine may evaluate `f` again: not for a random `f` or one that writes what it captures, and not under a
+    budget of the caller's (its evaluation's memory is not known before it runs). The autograd engine stays a
+    candidate: later calls measure it like any alternative.
+    """
+    if not chain or graph is None or entry.once_only or entry.options.budget is not None:
+        return chain
+    m = chain[0]
+    other = dataclasses.replace(m, engine="func")
+    n = m.passes(problem.col_passes, problem.row_passes)
+    if (m.mode, m.vectorize, m.engine) != ("reverse", "vmap", "autograd") or other not in chain or n < PROBE_MIN_PASSES:
+        return chain
     try:
-        with grad_mode(call.options.create_graph):
-            _, log, _, seconds, _ = call.run(m, problem, sizer, progress=progress, start=position, assembler=assembler)
-    except Exception as exc:  # noqa: BLE001 - no batching rule or no functorch support: the first engine finishes
-        _record_failure(entry, entry.stats[m.name], exc, call, [])
-        return None
-    return log, seconds
-
-
-def _note_engine_loops(entry: PlanEntry, call: Call, before: MethodId, probe: LoopProbe) -> None:
+        with LoopProbe() as probe, grad_mode(entry.options.create_graph):
+            vjp(graph.ys, graph.xs, seeds(problem, True, 0, 1), create_graph=False, batched=True)
+    except Exception:  # noqa: BLE001 - only advice: the methods find out for themselves what fails
+        return chain
+    lost = probe.loops * n * LOOP_SLICE_SECONDS
+    if not probe.loops or lost <= FUNC_EVALUATION_FACTOR * eval_seconds + FUNC_FIXED_SECONDS:
+        return chain
     ops = ", ".join(probe.ops[:4]) + (" and more" if len(probe.ops) > 4 else "")
-    why = (f"loops over each vector in torch.autograd's vmap ({probe.loops} looped op calls in a chunk of "
-           f"{call.chunks[0] if call.chunks else '?'}: no batching rule for {ops}); the torch.func engine took over")
-    s = entry.stats[before.name]
-    s.status, s.reason, s.excluded = "slower", why, why
-    call.events.append(f"{before.name} {why} after the first chunk")
-    logger.debug(call.events[-1])
+    entry.events.append(f"{other.name} went first: torch.autograd's vmap loops over the chunk for {ops} "
+                        f"({probe.loops} looped op calls per vector, about {seconds_text(lost)} over the basis)")
+    logger.debug(entry.events[-1])
+    return [other, *(c for c in chain if c != other)]
 
 
 def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
