@@ -110,13 +110,16 @@ def test_growing_chunks_grow_at_most_4x_and_stop_when_a_larger_chunk_does_not_pa
     line = cost_model.Line(0.0, 1.0)
     assert cost_model.next_chunk(1000, [], None, None, None) == 1000  # no budget to keep
     assert cost_model.next_chunk(1000, [], None, 115.0, 10.0) == 10  # the prior alone
-    assert cost_model.next_chunk(1000, [10], line, 1e6, None) == 40  # 4x the largest so far
+    assert cost_model.next_chunk(1000, [10], line, 1e4, None) == 40  # 4x the largest so far
     paid = [(10, 1.0), (40, 0.5)]
-    assert cost_model.next_chunk(1000, [10, 40], line, 1e6, None, paid) == 160
+    assert cost_model.next_chunk(1000, [10, 40], line, 1e4, None, paid) == 160
     unpaid = [(100, 1.0), (400, 0.99)]
-    assert cost_model.next_chunk(10000, [100, 400], line, 1e6, None, unpaid) == 400
+    assert cost_model.next_chunk(10000, [100, 400], line, 1e5, None, unpaid) == 400
     # small chunks are not judged by their noisy timings: they grow
-    assert cost_model.next_chunk(1000, [10, 40], line, 1e6, None, [(10, 1.0), (40, 0.99)]) == 160
+    assert cost_model.next_chunk(1000, [10, 40], line, 1e4, None, [(10, 1.0), (40, 0.99)]) == 160
+    # far from the budget (what is left under 1/16 of the room, by the measured line): all the rest at once
+    assert cost_model.next_chunk(1000, [10], line, 16 * 1.15 * 1000, None) == 1000
+    assert cost_model.next_chunk(1000, [10], line, 16 * 1.15 * 1000 - 1, None) == 40
     # the prior keeps a reserve back for workspaces it cannot know about
     assert cost_model.next_chunk(1000, [], None, 115.0, 10.0, reserve_bytes=57.5) == 5
 
