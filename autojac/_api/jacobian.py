@@ -186,8 +186,12 @@ def jacobian(
         evaluation). If `f` drew random numbers, only methods that evaluate it
         once are allowed, so the result is the Jacobian of one realization.
       - A basis of at most 4 vectors is looped on that evaluation (for reverse
-        mode: torch's own loop); otherwise vmap with the autograd engine. If a
-        method fails, the next: the torch.func engine, the loop, the other modes.
+        mode: torch's own loop); otherwise vmap with the autograd engine, unless
+        a probe (over 100 rows or more: one vector pushed batched through that
+        evaluation's backward) finds torch's vmap looping over ops it has no
+        batching rule for, at a cost (looped op calls x rows x 1 us) above two
+        evaluations of `f` plus 0.5 ms: then the torch.func engine goes first. If a
+        method fails, the next: the other engine, the loop, the other modes.
         If that evaluation wrote in place into a tensor `f` captures (a counter,
         a running average that is not a module buffer), the plan settles on the
         method that worked: each call evaluates `f` once and nothing is explored.
@@ -196,7 +200,8 @@ def jacobian(
         otherwise a first chunk that fits by that prior, measured (CUDA allocator
         peak, or the process's peak RSS on Linux), then chunks that grow at most
         4x at a time while the measured line says they fit and a larger chunk
-        still saves time per vector.
+        still saves time per vector, and take all that is left at once when the
+        line puts it under 1/16 of the budget's room.
       - Structure (sparsity="auto"): when the dense Jacobian has at least 64
         passes and could be long, its first slice is timed; if a trace (about 40
         evaluations of `f`) is under 10% of the projected dense Jacobian, the
