@@ -118,8 +118,12 @@ def test_growing_chunks_grow_at_most_4x_and_stop_when_a_larger_chunk_does_not_pa
     # small chunks are not judged by their noisy timings: they grow
     assert cost_model.next_chunk(1000, [10, 40], line, 1e4, None, [(10, 1.0), (40, 0.99)]) == 160
     # far from the budget (what is left under 1/16 of the room, by the measured line): all the rest at once
-    assert cost_model.next_chunk(1000, [10], line, 16 * 1.15 * 1000, None) == 1000
-    assert cost_model.next_chunk(1000, [10], line, 16 * 1.15 * 1000 - 1, None) == 40
+    assert cost_model.next_chunk(1000, [100], line, 16 * 1.15 * 1000, None) == 1000
+    assert cost_model.next_chunk(1000, [100], line, 16 * 1.15 * 1000 - 1, None) == 400
+    # ... at most 16 times the largest chunk measured, and never on a line without a slope
+    assert cost_model.next_chunk(1000, [10], line, 1e9, None) == 40
+    flat = cost_model.fit_line([(2, 10e6), (8, 9e6)])
+    assert flat.per_vector == 0 and cost_model.next_chunk(100000, [2, 8], flat, 16e9, None) == 32
     # the prior keeps a reserve back for workspaces it cannot know about
     assert cost_model.next_chunk(1000, [], None, 115.0, 10.0, reserve_bytes=57.5) == 5
 

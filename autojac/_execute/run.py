@@ -88,10 +88,7 @@ def push(
         try:
             basis = seeds(problem, method.by_rows, position, position + k)
             if sizer.measured and meter is not None:
-                # Trimmed (malloc_trim, about 1.4 ms) only under a budget the caller gave, where the reading must
-                # hold; under the default budget (half the free memory) a reading that glibc's reuse of freed
-                # blocks makes low or fragments make high only moves chunk sizes far from any limit.
-                with meter.region(trim=trim if meter.kind == "peak RSS" else None) as region:
+                with meter.region() as region:
                     parts = method.chunk(state, basis)
                 seconds, peak = region.seconds, region.peak_bytes
                 if peak is not None:

@@ -15,8 +15,9 @@ GROWTH = 4
 """A chunk may be at most this many times the largest one measured so far (extrapolation stays short)."""
 FAR_FROM_BUDGET = 16
 """A run whose measured line (one chunk's peak charged per vector, if it is the only one) puts everything
-left under 1/FAR_FROM_BUDGET of the room takes it in one chunk, past GROWTH: workspaces a larger chunk
-might meet do not come near the budget. Under the default budget (half the free memory) the bound that
+left under 1/FAR_FROM_BUDGET of the room takes it in one chunk, past GROWTH, if that chunk is at most
+FAR_FROM_BUDGET times the largest measured: workspaces a larger chunk might meet do not come near the
+budget. A line without a slope (a reading of nothing, or two noisy points clipped flat) does not count. Under the default budget (half the free memory) the bound that
 has a first call's chunks measured is loose (24 GB per second of evaluation on 2 threads), so small
 functions were measured and held to GROWTH: a transformer layer ran its first call in chunks of 32, 112
 and 112 (about 12 MiB for all 256 rows), an RK4 rollout in 2, 7 and 7: three backward passes where two
@@ -121,7 +122,8 @@ def next_chunk(
         plenty = room_bytes is not None and memory is not None and (
             (len(sizes_done) >= 2 and 2 * MEMORY_SAFETY * memory.at(n_left) <= room_bytes
              and 4 * GROWTH * max(sizes_done) >= n_left)
-            or FAR_FROM_BUDGET * MEMORY_SAFETY * memory.at(n_left) <= room_bytes)
+            or (memory.per_vector > 0 and FAR_FROM_BUDGET * MEMORY_SAFETY * memory.at(n_left) <= room_bytes
+                and n_left <= FAR_FROM_BUDGET * max(sizes_done)))
         if not plenty:  # extrapolate at most GROWTH times the largest chunk measured, unless far from the budget
             k = min(k, GROWTH * max(sizes_done))
         if len(seconds_per_vector) >= 2:
