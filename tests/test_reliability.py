@@ -609,3 +609,17 @@ def test_a_method_that_returns_nan_where_the_reference_is_finite_is_caught(monke
     got = autojac.jacobian(f, x, cache=False)
     assert not got.isnan().any()
     torch.testing.assert_close(got, torch.autograd.functional.jacobian(f, x))
+
+
+def test_create_graph_under_no_grad_gives_the_jacobian_not_zeros():
+    """create_graph=True on an input that requires grad, called under torch.no_grad(): the inputs are views
+    that keep the caller's graph, and a view made under no_grad would not require grad (a Jacobian of zeros
+    that its own reference, also zero, passed). torch's own jacobian works under enable_grad."""
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for f in (lambda t: t**3, lambda t: torch.sin(t) * t.sum()):
+        want = torch.autograd.functional.jacobian(f, x, create_graph=True)
+        for mode in ("auto", "forward", "forward-trick"):
+            with torch.no_grad():
+                got = autojac.jacobian(f, x, create_graph=True, mode=mode)
+            torch.testing.assert_close(got, want)
+            assert got.abs().sum() > 0

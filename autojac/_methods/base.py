@@ -154,10 +154,11 @@ def grad_inputs(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.T
     As in `torch.autograd.functional`, with `create_graph=True` an input that
     already requires grad stays connected so the Jacobian can be differentiated.
     """
-    return tuple(
-        x.view_as(x) if (create_graph and x.requires_grad) else x.detach().requires_grad_()
-        for x in xs
-    )
+    with torch.enable_grad():  # under no_grad a view would not require grad: a Jacobian of zeros, "checked"
+        return tuple(
+            x.view_as(x) if (create_graph and x.requires_grad) else x.detach().requires_grad_()
+            for x in xs
+        )
 
 
 def plain_inputs(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
