@@ -61,11 +61,60 @@ def test_the_probe_hands_other_warnings_to_the_caller():
     assert [str(w.message) for w in seen] == ["from the user's backward"]
 
 
-def test_a_second_thread_does_not_probe_while_one_is(monkeypatch):
+def test_a_second_thread_does_not_probe_while_one_is():
+    import threading
+
+    seen = {}
+
+    def other():
+        with LoopProbe() as probe:
+            seen["active"] = probe.active
+
     with LoopProbe() as outer:
-        with LoopProbe() as inner:  # the lock is taken: nothing watched, nothing changed
-            assert not inner.active
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
         assert outer.active
+    assert seen == {"active": False}
+    with LoopProbe() as again:  # the lock was given back
+        assert again.active
+
+
+def test_the_callers_filters_still_decide_and_nothing_stays_installed():
+    class Loud(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            warnings.warn("quiet please", RuntimeWarning)
+            return g * 2
+
+    x = torch.randn(5, requires_grad=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message="quiet please")
+        filters, show = list(warnings.filters), warnings.showwarning
+        with LoopProbe() as probe:
+            torch.autograd.grad(Loud.apply(x), x, torch.ones(5))
+        assert probe.active and warnings.filters == filters and warnings.showwarning is show
+    assert seen == []
+
+
+def test_the_callers_own_debug_flag_is_left_alone():
+    x = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with LoopProbe() as probe:
+                _batched_backward(_grid(x), x, 2)
+        assert not probe.active and probe.loops == 0
+        assert any("batching rule for aten::roll" in str(w.message) for w in seen)  # theirs to see
+        assert torch._C._debug_only_are_vmap_fallback_warnings_enabled()
+    finally:
+        torch._C._debug_only_display_vmap_fallback_warnings(False)
 
 
 def test_a_first_call_puts_the_torch_func_engine_first_when_autograd_would_loop(monkeypatch):
@@ -157,3 +206,60 @@ def test_unchecked_sizes_are_those_no_verified_run_used():
     assert s.unchecked_sizes([16, 16]) and not s.unchecked_sizes([64])
     v = MethodStats(BY_NAME["reverse/vmap [func]"])
     assert not v.unchecked_sizes([16])  # vmap's result does not depend on the chunk size
+
+
+def test_an_incumbent_repeat_method_is_checked_again_at_a_new_chunk_size(monkeypatch):
+    """The incumbent runs at a chunk size no verified run used (here: its planned size changed): the call is
+    checked, the wrong Jacobian is caught, and another method answers."""
+    from autojac._planning.entry import PlanEntry
+
+    x = torch.randn(64, dtype=torch.float64)
+    f = lambda x: _grid(x)  # noqa: E731
+    want = reference(f, x)
+    autojac.jacobian(f, x)
+    entries = []
+    original = PlanEntry.next_trial
+
+    def capture(self):
+        entries.append(self)
+        return None  # no exploration: the incumbent runs
+
+    monkeypatch.setattr(PlanEntry, "next_trial", capture)
+    autojac.jacobian(f, x)
+    entry = entries[-1]
+    s = entry.stats["reverse/repeat"]
+    s.verified, s.status, s.checked_sizes, s.chunk_size = True, "chosen", {64}, 16
+    s.runs.append(1e-3)
+    entry.stats[entry.incumbent].status = "measured"
+    entry.incumbent = "reverse/repeat"
+    got = autojac.jacobian(f, x)
+    torch.testing.assert_close(got, want)
+    assert autojac.last_report().method != "reverse/repeat"
+    assert entry.stats["reverse/repeat"].status == "failed"
+    monkeypatch.setattr(PlanEntry, "next_trial", original)
+
+
+def test_a_stopped_trial_whose_slice_ran_at_a_new_chunk_size_is_checked(monkeypatch):
+    """A repeat trial verified before at 64, now stopped after a slice of 16: the stitched Jacobian is checked."""
+    from autojac._planning import choose
+    from autojac._planning.entry import PlanEntry
+
+    x = torch.randn(64, dtype=torch.float64)
+    f = lambda x: _grid(x)  # noqa: E731
+    want = reference(f, x)
+    autojac.jacobian(f, x)
+    fired = []
+
+    def once(self):
+        if fired:
+            return None
+        fired.append(self)
+        s = self.stats["reverse/repeat"]
+        s.verified = True
+        s.checked_sizes.add(64)  # as after a verified whole run at 64
+        return choose.Trial(s.method, 16)
+
+    monkeypatch.setattr(PlanEntry, "next_trial", once)
+    monkeypatch.setattr(choose, "ABORT_PROJECTED", 0.0)  # the slice projects slow: stopped after it
+    torch.testing.assert_close(autojac.jacobian(f, x), want)
+    assert fired and fired[0].stats["reverse/repeat"].status == "failed"

@@ -11,10 +11,18 @@ indexing, gather, cumsum, roll, flip and pad. A grid residual built from `roll`
 took 0.03 ms per vector this way against 0.01 ms on the torch.func engine.
 
 torch reports each loop as a warning only while a debug flag is set. `LoopProbe`
-sets it around one chunk, records those warnings (re-emitting any others, so a
-user's warnings still reach them), and puts flag and warning filters back. Warning
-filters are process-wide, so one probe runs at a time; a thread that finds another
-probe running skips probing (it only costs speed).
+sets it around one batched backward and counts those warnings. It touches the
+warnings machinery as little as it can, since filters and `showwarning` belong to
+the whole process: one filter, in front, that lets the loop warnings through
+(`"always"`, for that message only), and a `showwarning` that keeps them and hands
+every other warning to the one it replaced, so the caller's filters, registries
+and display decide as before. Both are taken out afterwards. If another thread's
+`catch_warnings` interleaves and puts them back, what stays is harmless: the
+filter matches only what the debug flag (off again) makes torch say, and the hook
+forwards everything once no probe is open. One probe runs at a time (a thread
+that finds another probe open skips probing: it is only advice). The flag is
+global too, so a loop in another thread's batched backward meanwhile counts as
+this probe's: that can only change which engine goes first.
 """
 
 from __future__ import annotations
@@ -32,31 +40,60 @@ _OP = re.compile(r"batching rule for (\S+?)\.")
 _MARK = "There is a performance drop because we have not yet implemented the batching rule"
 
 
+class _Hook:
+    """The `showwarning` a probe installs: loop warnings to the open probe, everything else to `saved`."""
+
+    def __init__(self, saved) -> None:
+        self.saved = saved
+        self.probe: LoopProbe | None = None
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        probe = self.probe
+        if probe is not None and str(message).startswith(_MARK):
+            probe._note(str(message))
+            return None
+        return self.saved(message, category, filename, lineno, file, line)
+
+
 class LoopProbe:
     """`with LoopProbe() as probe: <one batched backward>`; then `probe.loops` (looped op calls) and `probe.ops`.
 
     `probe.active` is False where nothing could be watched (another thread probing,
-    or a torch without the flag); `loops` is then 0 and means nothing.
+    the debug flag already on by the caller's wish, or a torch without it); `loops`
+    is then 0 and means nothing.
     """
 
     def __init__(self) -> None:
         self.active = False
         self._open = False
         self.loops = 0
-        self.ops: list[str] = []
-        self._before = False
-        self._catcher = None
-        self._records = None
+        self._ops: dict[str, None] = {}
+        self._hook: _Hook | None = None
+        self._filter = None
+
+    @property
+    def ops(self) -> list[str]:
+        return list(self._ops)
+
+    def _note(self, text: str) -> None:
+        self.loops += 1
+        match = _OP.search(text)
+        if match:
+            self._ops.setdefault(match.group(1))
 
     def __enter__(self) -> LoopProbe:
         if _FLAG is None or _FLAG_NOW is None or not _LOCK.acquire(blocking=False):
             return self
+        if _FLAG_NOW():  # the caller's own debugging: theirs to see, and nothing to count
+            _LOCK.release()
+            return self
         self.active = self._open = True
         try:
-            self._before = bool(_FLAG_NOW())
-            self._catcher = warnings.catch_warnings(record=True)
-            self._records = self._catcher.__enter__()
-            warnings.simplefilter("always")
+            warnings.filterwarnings("always", message=re.escape(_MARK), category=UserWarning)
+            self._filter = warnings.filters[0]
+            self._hook = _Hook(warnings.showwarning)
+            self._hook.probe = self
+            warnings.showwarning = self._hook
             _FLAG(True)
         except BaseException:
             self._release()
@@ -69,25 +106,20 @@ class LoopProbe:
 
     def _release(self) -> None:
         self._open = False
-        records = list(self._records or ())
         try:
             if _FLAG is not None:
-                _FLAG(self._before)
+                _FLAG(False)
         finally:
-            try:
-                if self._catcher is not None:
-                    self._catcher.__exit__(None, None, None)
-            finally:
-                self._catcher = None
-                _LOCK.release()
-        ops: dict[str, None] = {}
-        for r in records:
-            text = str(r.message)
-            if text.startswith(_MARK) and not self._before:  # the user's own flag: theirs to see
-                self.loops += 1
-                match = _OP.search(text)
-                if match:
-                    ops.setdefault(match.group(1))
-            else:  # not ours to keep: the caller's filters decide, as if no probe had been there
-                warnings.warn_explicit(r.message, r.category, r.filename, r.lineno, source=r.source)
-        self.ops = list(ops)
+            hook, self._hook = self._hook, None
+            if hook is not None:
+                hook.probe = None  # if it stays installed (see the NOTE), it only forwards
+                if warnings.showwarning is hook:
+                    warnings.showwarning = hook.saved
+            if self._filter is not None:
+                try:
+                    warnings.filters.remove(self._filter)
+                except ValueError:
+                    pass
+                getattr(warnings, "_filters_mutated", lambda: None)()  # (private; the filters' cache key)
+                self._filter = None
+            _LOCK.release()

@@ -906,7 +906,8 @@ def _attempts(entry: PlanEntry, first: str | None):
     """`first` (default: the incumbent), then (only if it fails: a cached call stays cheap) the other
     candidates that can run, fastest first, then reverse/loop."""
     head = first or entry.incumbent
-    yield head
+    if first is not None or entry.stats[head].status != "failed":  # an incumbent that failed a check since: skip
+        yield head
     names = [head]
     plan = entry.snapshot()
     names += [c.name for c in plan.fallbacks if c.name not in names
@@ -1005,20 +1006,27 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     call.trial = f"{m.name}: stopped, {stats.reason}"
     if same_side:
         with grad_mode(call.options.create_graph):
-            assembler, _, _, _, inc_state = call.run(inc.method, problem,
-                                                     FixedChunks(entry.chunk_size(inc.method.name), _trimming(call)),
-                                                     start=position, assembler=assembler)
+            assembler, inc_log, _, _, inc_state = call.run(inc.method, problem,
+                                                           FixedChunks(entry.chunk_size(inc.method.name),
+                                                                       _trimming(call)),
+                                                           start=position, assembler=assembler)
             result = assembler.result()
-            if not stats.verified:
+            # Both parts are checked unless each ran as it was checked before: a repeat method at a chunk size
+            # of its own (the rest of the basis can make the incumbent's last chunk one it never ran).
+            rest = [c.size for c in inc_log.chunks]
+            slice_unchecked = not stats.verified or stats.unchecked_sizes([log.chunks[0].size])
+            if slice_unchecked or inc.unchecked_sizes(rest):
                 checking = time.perf_counter()
                 w = random_cotangents(problem)
                 reference = _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)
                 try:
                     check_against(m.name, result, w, reference, problem)
                     stats.verified = True
-                except VerificationError as exc:  # the slice was wrong: the incumbent redoes it
+                    stats.checked_sizes.add(log.chunks[0].size)
+                    inc.checked_sizes.update(rest)
+                except VerificationError as exc:  # the unchecked part was wrong: the incumbent redoes the call
                     with entry.lock:
-                        _record_failure(entry, stats, exc, call, [])
+                        _record_failure(entry, stats if slice_unchecked else inc, exc, call, [])
                     return _incumbent(call, entry, timed=True)
                 finally:
                     with entry.lock:
