@@ -201,7 +201,8 @@ def jacobian(
         peak, or the process's peak RSS on Linux), then chunks that grow at most
         4x at a time while the measured line says they fit and a larger chunk
         still saves time per vector, and take all that is left at once when the
-        line puts it under 1/16 of the budget's room.
+        line puts it under 1/16 of the budget's room (at most 16x the largest
+        chunk measured).
       - Structure (sparsity="auto"): when the dense Jacobian has at least 64
         passes and could be long, its first slice is timed; if a trace (about 40
         evaluations of `f`) is under 10% of the projected dense Jacobian, the
