@@ -1,10 +1,10 @@
-"""The autograd engine's vmap loops over ops it has no batching rule for: the probe, and the first call's switch."""
+"""The autograd engine's vmap loops over ops it has no batching rule for: the probe, and the engine a first call
+puts first."""
 
 from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 
 import autojac
@@ -183,83 +183,3 @@ def test_no_probe_under_a_callers_budget(monkeypatch):
     f = lambda x: _grid(x)  # noqa: E731
     torch.testing.assert_close(autojac.jacobian(f, x, memory_budget="256 MiB"), reference(f, x))
     assert autojac.last_report().method == "reverse/vmap [autograd]"
-
-
-def test_a_repeat_method_is_checked_at_every_chunk_size_it_runs():
-    """A roll over the first dimension is not batch-aware: through 64 copies of a 64-element input it gives
-    the right Jacobian by coincidence, through 16 a wrong one. Each call must still be right."""
-    x = torch.randn(64, dtype=torch.float64)
-    f = lambda x: _grid(x)  # noqa: E731
-    want = reference(f, x)
-    for _ in range(12):
-        torch.testing.assert_close(autojac.jacobian(f, x, chunk_size=16), want)
-    text = str(autojac.plan(f, x, chunk_size=16))
-    assert "reverse/repeat" in text.split("Failed:")[-1]
-
-
-def test_unchecked_sizes_are_those_no_verified_run_used():
-    from autojac._planning.choose import BY_NAME
-    from autojac._planning.entry import MethodStats
-
-    s = MethodStats(BY_NAME["reverse/repeat"])
-    s.checked_sizes.update([64])
-    assert s.unchecked_sizes([16, 16]) and not s.unchecked_sizes([64])
-    v = MethodStats(BY_NAME["reverse/vmap [func]"])
-    assert not v.unchecked_sizes([16])  # vmap's result does not depend on the chunk size
-
-
-def test_an_incumbent_repeat_method_is_checked_again_at_a_new_chunk_size(monkeypatch):
-    """The incumbent runs at a chunk size no verified run used (here: its planned size changed): the call is
-    checked, the wrong Jacobian is caught, and another method answers."""
-    from autojac._planning.entry import PlanEntry
-
-    x = torch.randn(64, dtype=torch.float64)
-    f = lambda x: _grid(x)  # noqa: E731
-    want = reference(f, x)
-    autojac.jacobian(f, x)
-    entries = []
-    original = PlanEntry.next_trial
-
-    def capture(self):
-        entries.append(self)
-        return None  # no exploration: the incumbent runs
-
-    monkeypatch.setattr(PlanEntry, "next_trial", capture)
-    autojac.jacobian(f, x)
-    entry = entries[-1]
-    s = entry.stats["reverse/repeat"]
-    s.verified, s.status, s.checked_sizes, s.chunk_size = True, "chosen", {64}, 16
-    s.runs.append(1e-3)
-    entry.stats[entry.incumbent].status = "measured"
-    entry.incumbent = "reverse/repeat"
-    got = autojac.jacobian(f, x)
-    torch.testing.assert_close(got, want)
-    assert autojac.last_report().method != "reverse/repeat"
-    assert entry.stats["reverse/repeat"].status == "failed"
-    monkeypatch.setattr(PlanEntry, "next_trial", original)
-
-
-def test_a_stopped_trial_whose_slice_ran_at_a_new_chunk_size_is_checked(monkeypatch):
-    """A repeat trial verified before at 64, now stopped after a slice of 16: the stitched Jacobian is checked."""
-    from autojac._planning import choose
-    from autojac._planning.entry import PlanEntry
-
-    x = torch.randn(64, dtype=torch.float64)
-    f = lambda x: _grid(x)  # noqa: E731
-    want = reference(f, x)
-    autojac.jacobian(f, x)
-    fired = []
-
-    def once(self):
-        if fired:
-            return None
-        fired.append(self)
-        s = self.stats["reverse/repeat"]
-        s.verified = True
-        s.checked_sizes.add(64)  # as after a verified whole run at 64
-        return choose.Trial(s.method, 16)
-
-    monkeypatch.setattr(PlanEntry, "next_trial", once)
-    monkeypatch.setattr(choose, "ABORT_PROJECTED", 0.0)  # the slice projects slow: stopped after it
-    torch.testing.assert_close(autojac.jacobian(f, x), want)
-    assert fired and fired[0].stats["reverse/repeat"].status == "failed"

@@ -269,6 +269,44 @@ def check_batched_outputs(ys: Sequence[torch.Tensor], problem: Problem, k: int) 
         )
 
 
+def check_batch_aware(f: Callable, xs: Sequence[torch.Tensor], problem: Problem) -> None:
+    """Raise NotBatchAwareError unless `f` on a batch of two different rows gives each row's own output.
+
+    NOTE: [Batch-aware, checked on different rows]
+    The repeat trick runs `f` on identical copies, and its Jacobian's check runs
+    at the caller's point: both can miss an `f` that is not batch-aware. Copies
+    of x give `x * x[0]` (first row times all) the same rows; at x = 0 every
+    Jacobian of it is zero, so a wrong one passes; a roll over 64 copies of a
+    64-element input happens to be right. So before a repeat method is first
+    checked in a plan, `f` runs on the rows [x, x + d] (d random, from a private
+    generator, about a tenth of x's scale) and plainly on x and on x + d: each
+    batched row must match within sqrt(eps), relative to the output's largest
+    element (batched kernels sum in other orders; NaN where both give NaN). Three
+    evaluations, under no_grad, once per plan.
+    """
+    generator = torch.Generator(device=problem.inputs.device).manual_seed(0xBA7C)
+    shifted = []
+    for x in xs:
+        scale = 0.1 * (x.detach().abs().mean() + 1.0) if x.numel() else 1.0
+        d = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) * scale
+        shifted.append(x.detach() + d)
+    rows = tuple(torch.stack([x.detach(), s]) for x, s in zip(xs, shifted))
+    with torch.no_grad():
+        batched = call(f, rows, private=True)
+        check_batched_outputs(batched, problem, 2)
+        plain = (call(f, tuple(x.detach() for x in xs)), call(f, tuple(shifted)))
+    for i, y in enumerate(batched):
+        for r in range(2):
+            want = plain[r][i]
+            tol = torch.finfo(want.dtype).eps ** 0.5 if want.is_floating_point() else 0.0  # batched kernels round
+            scale = float(want.abs().nan_to_num(posinf=0.0).max()) if want.numel() else 0.0  # otherwise
+            if not torch.allclose(y[r], want, rtol=tol, atol=tol * scale, equal_nan=True):
+                raise NotBatchAwareError(
+                    f"vectorize='repeat' needs `f` to treat a leading batch dimension as independent rows, but "
+                    f"`f` on a batch of two different inputs gave row {r} of output {i} unlike `f` on that input "
+                    f"alone (it mixes rows, or reads the first dimension as data). Use vectorize='vmap' or 'loop'.")
+
+
 @dataclass
 class BatchState:
     """What a repeat-trick chunk needs: it reruns `f` on every chunk, so nothing is precomputed."""

@@ -99,6 +99,8 @@ class PlanEntry:
                     s.reason = s.excluded
         self.incumbent: str | None = None
         self.credit = 0.0
+        self.batch_aware_checked = False
+        """Whether `f` passed `check_batch_aware` (before a repeat method's first check in this plan)."""
         self.calls = 0
         self.settled = False
         self.effort = "measure"

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._core.errors import MemoryBudgetError, PlanMismatchError, UnsupportedFunctionError
+from .._core.errors import MemoryBudgetError, NotBatchAwareError, PlanMismatchError, UnsupportedFunctionError
 from .._core.options import Options
 from .._core.problem import Problem, Signature
 from .._core.units import format_bytes, parse_budget
@@ -42,7 +42,7 @@ from .._measure.device import free_memory, total_bytes, untracked_margin, untrac
 from .._measure.meter import PeakMeter
 from .._methods import METHODS
 from .._measure.engine_loops import LoopProbe
-from .._methods.base import PlainGraph, evaluate_plain, grad_mode, vjp
+from .._methods.base import PlainGraph, check_batch_aware, evaluate_plain, grad_mode, vjp
 from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
@@ -388,6 +388,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                     # keep it for a fallback that can start from it (no extra evaluation if this one fails).
                     graph = None
             adopt_seconds = time.perf_counter() - t
+            _batch_aware_once(call, entry, m)
             with grad_mode(options.create_graph):
                 assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state, progress=progress,
                                                                     after_chunk=after_first_slice)
@@ -629,7 +630,9 @@ def _learn(stats, log: RunLog, sizer: Sizer) -> None:
 
 
 def _record_failure(entry: PlanEntry, stats, failure: BaseException, call: Call, failures: list) -> None:
-    if isinstance(failure, VerificationError) and not stats.method.evaluates_once:
+    if isinstance(failure, NotBatchAwareError):
+        _not_batch_aware(entry, failure)
+    elif isinstance(failure, VerificationError) and not stats.method.evaluates_once:
         if stats.method.vectorize == "repeat":
             _not_batch_aware(entry, failure)
         else:
@@ -638,6 +641,14 @@ def _record_failure(entry: PlanEntry, stats, failure: BaseException, call: Call,
     failures.append((stats.method.name, failure))
     call.events.append(f"{stats.method.name} failed ({_first_line(failure)})")
     logger.debug(call.events[-1])
+
+
+def _batch_aware_once(call: Call, entry: PlanEntry, m: MethodId) -> None:
+    """Before a plan's first repeat method runs: `f` on two different rows (NOTE: [Batch-aware, checked on
+    different rows]); raises NotBatchAwareError, which drops every repeat method of the plan."""
+    if m.vectorize == "repeat" and not entry.batch_aware_checked:
+        check_batch_aware(call.f, call.xs, entry.problem)
+        entry.batch_aware_checked = True
 
 
 def _not_batch_aware(entry: PlanEntry, failure: BaseException) -> None:
@@ -835,6 +846,8 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             progress = Progress(call.options.progress, n, name)
             progress.expect(stats.best)
         try:
+            if not stats.verified:
+                _batch_aware_once(call, entry, m)
             with grad_mode(call.options.create_graph):
                 assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
                 if timed or unmeasured:
@@ -955,6 +968,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
 
     result = None
     try:
+        _batch_aware_once(call, entry, m)
         with grad_mode(call.options.create_graph):
             assembler, log, position, seconds, state = call.run(m, problem, sizer, after_chunk=after_first)
             if position == n:

@@ -1,0 +1,134 @@
+"""The safety net around the repeat trick: an `f` that is not batch-aware must never be answered wrongly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autojac
+
+from reference import reference
+
+
+def _grid(x: torch.Tensor) -> torch.Tensor:
+    """A periodic stencil built from `roll` over the first dimension: not batch-aware."""
+    return x.roll(1, 0) + x.roll(-1, 0) - 2 * x + 0.1 * x**3
+
+
+def test_a_repeat_method_is_checked_at_every_chunk_size_it_runs():
+    """A roll over the first dimension is not batch-aware: through 64 copies of a 64-element input it gives
+    the right Jacobian by coincidence, through 16 a wrong one. Each call must still be right."""
+    x = torch.randn(64, dtype=torch.float64)
+    f = lambda x: _grid(x)  # noqa: E731
+    want = reference(f, x)
+    for _ in range(12):
+        torch.testing.assert_close(autojac.jacobian(f, x, chunk_size=16), want)
+    text = str(autojac.plan(f, x, chunk_size=16))
+    assert "reverse/repeat" in text.split("Failed:")[-1]
+
+
+def test_unchecked_sizes_are_those_no_verified_run_used():
+    from autojac._planning.choose import BY_NAME
+    from autojac._planning.entry import MethodStats
+
+    s = MethodStats(BY_NAME["reverse/repeat"])
+    s.checked_sizes.update([64])
+    assert s.unchecked_sizes([16, 16]) and not s.unchecked_sizes([64])
+    v = MethodStats(BY_NAME["reverse/vmap [func]"])
+    assert not v.unchecked_sizes([16])  # vmap's result does not depend on the chunk size
+
+
+def test_an_incumbent_repeat_method_is_checked_again_at_a_new_chunk_size(monkeypatch):
+    """The incumbent runs at a chunk size no verified run used (here: its planned size changed): the call is
+    checked, the wrong Jacobian is caught, and another method answers."""
+    from autojac._planning.entry import PlanEntry
+
+    x = torch.randn(64, dtype=torch.float64)
+    f = lambda x: _grid(x)  # noqa: E731
+    want = reference(f, x)
+    autojac.jacobian(f, x)
+    entries = []
+    original = PlanEntry.next_trial
+
+    def capture(self):
+        entries.append(self)
+        return None  # no exploration: the incumbent runs
+
+    monkeypatch.setattr(PlanEntry, "next_trial", capture)
+    autojac.jacobian(f, x)
+    entry = entries[-1]
+    s = entry.stats["reverse/repeat"]
+    s.verified, s.status, s.checked_sizes, s.chunk_size = True, "chosen", {64}, 16
+    s.runs.append(1e-3)
+    entry.stats[entry.incumbent].status = "measured"
+    entry.incumbent = "reverse/repeat"
+    got = autojac.jacobian(f, x)
+    torch.testing.assert_close(got, want)
+    assert autojac.last_report().method != "reverse/repeat"
+    assert entry.stats["reverse/repeat"].status == "failed"
+    monkeypatch.setattr(PlanEntry, "next_trial", original)
+
+
+def test_a_stopped_trial_whose_slice_ran_at_a_new_chunk_size_is_checked(monkeypatch):
+    """A repeat trial verified before at 64, now stopped after a slice of 16: the stitched Jacobian is checked."""
+    from autojac._planning import choose
+    from autojac._planning.entry import PlanEntry
+
+    x = torch.randn(64, dtype=torch.float64)
+    f = lambda x: _grid(x)  # noqa: E731
+    want = reference(f, x)
+    autojac.jacobian(f, x)
+    fired = []
+
+    def once(self):
+        if fired:
+            return None
+        fired.append(self)
+        s = self.stats["reverse/repeat"]
+        s.verified = True
+        s.checked_sizes.add(64)  # as after a verified whole run at 64
+        return choose.Trial(s.method, 16)
+
+    monkeypatch.setattr(PlanEntry, "next_trial", once)
+    monkeypatch.setattr(choose, "ABORT_PROJECTED", 0.0)  # the slice projects slow: stopped after it
+    torch.testing.assert_close(autojac.jacobian(f, x), want)
+    assert fired and fired[0].stats["reverse/repeat"].status == "failed"
+
+
+def test_a_function_not_batch_aware_is_found_out_even_at_a_point_where_its_jacobian_vanishes():
+    """x * x[0] reads the first dimension as data: at x = 0 every Jacobian of it is zero, so a repeat trick
+    checked there passed and was used at other points. It now runs on two different rows first."""
+    f = lambda x: x * x[0]  # noqa: E731
+    x0 = torch.zeros(6, dtype=torch.float64)
+    for _ in range(30):
+        autojac.jacobian(f, x0)
+    assert "reverse/repeat" not in autojac.plan(f, x0).name
+    x1 = torch.randn(6, dtype=torch.float64)
+    for _ in range(5):
+        torch.testing.assert_close(autojac.jacobian(f, x1), reference(f, x1))
+    with pytest.raises(autojac.UnsupportedFunctionError, match="batch"):
+        autojac.jacobian(lambda x: x * x[0], x0, mode="reverse", vectorize="repeat")
+    # a batch-aware function passes the same check, at zeros too
+    g = lambda x: torch.tanh(x) * x  # noqa: E731
+    torch.testing.assert_close(autojac.jacobian(g, x0, mode="reverse", vectorize="repeat"), reference(g, x0))
+
+
+def test_an_inf_in_the_reference_leaves_the_finite_elements_checked():
+    """sqrt at 0 puts an Inf in the reference's element 3; the other elements must still be judged."""
+    f = lambda x: x * x.sum(0) + x.sqrt()  # noqa: E731 - not batch-aware either
+    x = torch.rand(8, dtype=torch.float64) + 0.5
+    x[3] = 0
+    from autojac._execute.verify import VerificationError, check_against
+
+    want = reference(f, x)
+    wrong = want.clone()
+    wrong[0, 1] += 1.0
+    problem = autojac.plan(f, x).problem
+    w = (torch.randn(8, dtype=torch.float64),)
+    ref = (w[0] @ torch.where(torch.isfinite(want), want, torch.full_like(want, float("inf"))),)
+    with pytest.raises(VerificationError):
+        check_against("test", wrong, w, ref, problem)
+    for _ in range(20):  # and no call returns a wrong finite element
+        got = autojac.jacobian(f, x)
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite])
