@@ -126,10 +126,22 @@ def test_batch_jacobian_of_several_inputs_and_outputs():
     ("batch norm in training", torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)).double().to(DEVICE)),
     ("mean over the batch", lambda x: x - x.mean(0)),
     ("attention across the batch", lambda x: torch.softmax(x @ x.T, dim=0) @ x),
+    # mixing that does not reach every sample (a pullback from one sample missed these: errors up to 4.5)
+    ("a running sum over the batch", lambda x: torch.tanh(x.cumsum(0))),
+    ("each sample coupled to the next", lambda x: torch.tanh(x) + torch.cat([x[1:] ** 2, torch.zeros_like(x[:1])])),
+    ("two samples coupled", lambda x: torch.tanh(x) + torch.cat([x[2:3] * x[3:4], torch.zeros_like(x[1:])])),
+    ("the last sample reads the first", lambda x: torch.cat([x[:-1], x[-1:] + x[:1] ** 2])),
 ])
-def test_functions_that_mix_samples_are_refused(name, f):
+@pytest.mark.parametrize("batch", [8, 11])
+def test_functions_that_mix_samples_are_refused(name, f, batch):
     with pytest.raises(autojac.UnsupportedFunctionError, match="mixes samples"):
-        autojac.batch_jacobian(f, t64(8, 6))
+        autojac.batch_jacobian(f, t64(batch, 6))
+
+
+@pytest.mark.parametrize("batch", [2, 3, 5, 7, 16, 33])
+def test_independent_samples_pass_the_check_at_every_batch_size(batch):
+    X = t64(batch, 6)
+    torch.testing.assert_close(autojac.batch_jacobian(MLP, X), per_sample(MLP, X))
 
 
 def _mixing(alpha):
@@ -206,3 +218,14 @@ def test_batch_jacobian_checks_independence_once_per_function():
         autojac.batch_jacobian(f, X)
         reported += autojac.last_report().evaluations
     assert len(calls) == reported  # no evaluation besides the Jacobian's own
+
+
+def test_a_function_that_mixes_samples_only_for_some_inputs_is_checked_each_call_with_cache_false():
+    """relu of a batch sum: no mixing while the sum is under 3, mixing above. The verdict is kept for the
+    function, not the inputs' values; cache=False checks every call."""
+    f = lambda X: torch.tanh(X) + torch.relu(X.sum(0, keepdim=True) - 3)  # noqa: E731
+    small = t64(4, 3) * 0.1
+    large = small.abs() + 1.0
+    torch.testing.assert_close(autojac.batch_jacobian(f, small, cache=False), per_sample(f, small))
+    with pytest.raises(autojac.UnsupportedFunctionError, match="mixes samples"):
+        autojac.batch_jacobian(f, large, cache=False)
