@@ -364,3 +364,13 @@ def test_a_pattern_is_checked_again_after_a_captured_weight_is_written():
     with torch.no_grad():
         W += t64(n, n, seed=4)
     torch.testing.assert_close(autojac.jacobian(f, x, sparsity=pattern), torch.func.jacfwd(f)(x))
+
+
+def test_the_pattern_autojac_sparsity_returns_is_taken_as_it_is():
+    f = lambda x: torch.sin(x) * x.roll(1)  # noqa: E731
+    x = t64(300)
+    pattern = autojac.sparsity(f, x)
+    torch.testing.assert_close(autojac.jacobian(f, x, sparsity=pattern), torch.autograd.functional.jacobian(f, x))
+    assert autojac.last_report().chunk_sizes == (2,)
+    with pytest.raises(autojac.InputError, match="300 x 300, but the Jacobian is 200 x 200"):
+        autojac.jacobian(f, t64(200), sparsity=pattern)

@@ -114,8 +114,14 @@ def _symmetric(pattern: Pattern) -> bool:
 
 
 def user_pattern(mask: object, problem: Problem, who: str) -> Pattern:
-    """A user's pattern (bool tensor, dense or sparse, (n_out, n_in) or out_shape + in_shape), checked."""
+    """A user's pattern (bool tensor, dense or sparse, (n_out, n_in) or out_shape + in_shape, or the `Pattern`
+    that `autojac.sparsity` returned), checked."""
     shape = (problem.n_out, problem.n_in)
+    if isinstance(mask, Pattern):
+        if mask.shape != shape:
+            raise InputError(f"{who}: the `sparsity` pattern is {mask.shape[0]} x {mask.shape[1]}, but the Jacobian is "
+                             f"{shape[0]} x {shape[1]}. Find it with `autojac.sparsity` on the same shapes.")
+        return mask
     if not isinstance(mask, torch.Tensor):
         raise InputError(f"{who}: `sparsity` must be 'auto', None, or a bool tensor marking the Jacobian's possible nonzeros, but got {type(mask).__name__}.")
     if mask.is_sparse or mask.layout != torch.strided:
