@@ -40,19 +40,22 @@ def test_the_probe_sees_the_loops_and_puts_everything_back():
     assert probe.active and probe.loops == 0
 
 
+class _Loud(torch.autograd.Function):
+    """Doubles; its backward warns (a user's warning the probe must pass on, or the user's filters hide)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        warnings.warn("from the user's backward", RuntimeWarning)
+        return g * 2
+
+
 def test_the_probe_hands_other_warnings_to_the_caller():
-    class Loud(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
-
-        @staticmethod
-        def backward(ctx, g):
-            warnings.warn("from the user's backward", RuntimeWarning)
-            return g * 2
-
     x = torch.randn(5, requires_grad=True)
-    y = Loud.apply(x)
+    y = _Loud.apply(x)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with LoopProbe() as probe:
@@ -81,23 +84,13 @@ def test_a_second_thread_does_not_probe_while_one_is():
 
 
 def test_the_callers_filters_still_decide_and_nothing_stays_installed():
-    class Loud(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
-
-        @staticmethod
-        def backward(ctx, g):
-            warnings.warn("quiet please", RuntimeWarning)
-            return g * 2
-
     x = torch.randn(5, requires_grad=True)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        warnings.filterwarnings("ignore", message="quiet please")
+        warnings.filterwarnings("ignore", message="from the user's backward")
         filters, show = list(warnings.filters), warnings.showwarning
         with LoopProbe() as probe:
-            torch.autograd.grad(Loud.apply(x), x, torch.ones(5))
+            torch.autograd.grad(_Loud.apply(x), x, torch.ones(5))
         assert probe.active and warnings.filters == filters and warnings.showwarning is show
     assert seen == []
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -374,3 +376,54 @@ def test_the_pattern_autojac_sparsity_returns_is_taken_as_it_is():
     assert autojac.last_report().chunk_sizes == (2,)
     with pytest.raises(autojac.InputError, match="300 x 300, but the Jacobian is 200 x 200"):
         autojac.jacobian(f, t64(200), sparsity=pattern)
+
+
+class _Holder:
+    """A plain object (not callable) whose attribute is the index: reached through a bound method."""
+
+    def __init__(self, perm):
+        self.perm = perm
+
+    def f(self, x):
+        return x[self.perm] * 2.0
+
+
+_NS = types.SimpleNamespace(perm=None)
+_GLOBAL_PERM = torch.arange(300)
+_SHIFT = 1
+
+
+def _through_namespace(x):
+    return x[_NS.perm] * 2.0
+
+
+def _through_global_tensor(x):
+    return x[_GLOBAL_PERM] * 2.0
+
+
+def _through_global_number(x):
+    return x.roll(_SHIFT) * 2.0
+
+
+@pytest.mark.parametrize("how", ["bound method of a plain object", "namespace", ".data write", "global number",
+                                 "number in a captured dict"])
+def test_a_pattern_is_checked_again_when_what_f_reads_changes_out_of_sight(how):
+    """Found by a second reader: the index behind a pattern, held where the walk for captured values did not
+    look (an attribute of a plain object, a namespace, a tensor written through .data, a global number, a
+    number in a dict), changed between calls that shared a plan; the old pattern gave errors up to 3.8."""
+    global _SHIFT
+    g = torch.Generator().manual_seed(5)
+    x = t64(300)
+    holder, opts = _Holder(torch.randperm(300, generator=g)), {"shift": 1}
+    f = {"bound method of a plain object": holder.f, "namespace": _through_namespace,
+         ".data write": _through_global_tensor, "global number": _through_global_number,
+         "number in a captured dict": lambda x: x.roll(opts["shift"]) * 2.0}[how]
+    _NS.perm = torch.randperm(300, generator=g)
+    pattern = autojac.sparsity(f, x).to_dense()
+    for step in range(4):
+        torch.testing.assert_close(autojac.jacobian(f, x, sparsity=pattern), torch.func.jacfwd(f)(x), msg=f"{step}")
+        holder.perm = torch.randperm(300, generator=g)
+        _NS.perm = torch.randperm(300, generator=g)
+        _GLOBAL_PERM.data.copy_(torch.randperm(300, generator=g))
+        _SHIFT += 1
+        opts["shift"] += 2

@@ -35,22 +35,47 @@ PLAIN_ARGS = Arguments(None, as_args=True)  # leaves are the positional argument
 
 
 def captured_tensors(f: Callable, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
-    """Tensors `f` can reach besides its inputs and module buffers: closure cells, globals, defaults,
-    the arguments of a `functools.partial`, the attributes of a callable object, and the parameters
-    and plain tensor attributes (a recurrent cell's state) of the modules it uses (two levels deep)."""
-    found: dict[int, torch.Tensor] = {}
+    """Tensors `f` can reach besides its inputs and module buffers (see `captured`)."""
+    return captured(f, modules)[0]
 
-    def visit(obj: object, depth: int) -> None:
+
+_SCALARS = (bool, int, float, complex, str)
+_CAPTURE_DEPTH = 4
+_CAPTURE_WIDTH = 64
+
+
+def captured(f: Callable, modules: Sequence[nn.Module]) -> tuple[list[torch.Tensor], list[object]]:
+    """(tensors, plain values) `f` can reach besides its inputs and module buffers: through closure cells,
+    the globals it names, defaults, the arguments of a `functools.partial`, the object of a bound method,
+    and the attributes of objects, containers and namespaces on the way (up to _CAPTURE_DEPTH deep and
+    _CAPTURE_WIDTH items wide); and the parameters and plain tensor attributes (a recurrent cell's
+    state) of the modules it uses. Plain values are numbers and strings, in the order met (not those in
+    lists, often a log `f` appends to): a shift, an index or a flag read from a global, a dict or an
+    attribute changes what `f` computes as much as a tensor does."""
+    found: dict[int, torch.Tensor] = {}
+    values: list[object] = []
+    visited: set[int] = set()
+
+    def visit(obj: object, depth: int, plain: bool = True) -> None:
         if isinstance(obj, torch.Tensor):
             found.setdefault(id(obj), obj)
-        elif depth > 2 or isinstance(obj, nn.Module):
             return
-        elif isinstance(obj, (tuple, list)) and len(obj) <= 64:
-            for item in obj:
-                visit(item, depth + 1)
-        elif isinstance(obj, dict) and len(obj) <= 64:
-            for item in obj.values():
-                visit(item, depth + 1)
+        if isinstance(obj, _SCALARS):
+            if plain:
+                values.append(obj)
+            return
+        if (depth > _CAPTURE_DEPTH or obj is None or isinstance(obj, (nn.Module, type, types.ModuleType))
+                or id(obj) in visited):
+            return
+        visited.add(id(obj))
+        if isinstance(obj, (tuple, list)):
+            if len(obj) <= _CAPTURE_WIDTH:
+                for item in obj:  # a list's numbers are often a log `f` appends to, not what it computes with
+                    visit(item, depth + 1, plain=isinstance(obj, tuple))
+        elif isinstance(obj, dict):
+            if len(obj) <= _CAPTURE_WIDTH:
+                for item in obj.values():
+                    visit(item, depth + 1)
         elif isinstance(obj, types.MethodType):
             visit(obj.__self__, depth + 1)
             visit(obj.__func__, depth + 1)
@@ -66,12 +91,13 @@ def captured_tensors(f: Callable, modules: Sequence[nn.Module]) -> list[torch.Te
             for item in obj.__defaults__ or ():
                 visit(item, depth + 1)
             for name in obj.__code__.co_names:
-                value = obj.__globals__.get(name)
-                if isinstance(value, (torch.Tensor, types.FunctionType)) and value is not obj:
-                    visit(value, depth + 1)
-        elif callable(obj) and hasattr(obj, "__dict__") and not isinstance(obj, type):
-            for item in vars(obj).values():  # autojac's own wrappers (hessian, batch_jacobian), user callables
-                visit(item, depth + 1)
+                if name in obj.__globals__:
+                    visit(obj.__globals__[name], depth + 1)
+        elif not isinstance(obj, types.BuiltinFunctionType) and hasattr(obj, "__dict__"):
+            attributes = vars(obj)
+            if len(attributes) <= _CAPTURE_WIDTH:  # autojac's own wrappers, user objects, namespaces, configs
+                for item in attributes.values():
+                    visit(item, depth + 1)
 
     visit(f, 0)
     for root in modules:
@@ -82,7 +108,7 @@ def captured_tensors(f: Callable, modules: Sequence[nn.Module]) -> list[torch.Te
             for t in vars(m).values():
                 if isinstance(t, torch.Tensor):
                     found.setdefault(id(t), t)
-    return list(found.values())
+    return list(found.values()), values
 
 
 def module_buffers(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -143,26 +169,44 @@ def _put(buffer: torch.Tensor, value: torch.Tensor) -> None:
     buffer.data.copy_(value)
 
 
+_CONTENT_ELEMENTS = 1 << 16
+
+
 class ValuesSeen:
-    """Tensors by identity (held weakly) and version counter: equal only if every one is the same
-    tensor, not written since (an in-place write bumps the version)."""
+    """Tensors by identity (held weakly) and version counter, and plain values by value: equal only if
+    every tensor is the same one, not written since (an in-place write bumps the version), and every plain
+    value is equal. Small integer and bool tensors (indices, masks) are also compared by content: a write
+    through `.data` does not bump the version."""
 
-    __slots__ = ("refs", "versions")
+    __slots__ = ("refs", "versions", "plain", "contents")
 
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], plain: Sequence[object] = ()) -> None:
         self.refs = [weakref.ref(t) for t in tensors]
         self.versions = [t._version for t in tensors]
+        self.plain = list(plain)
+        self.contents = [(i, t.detach().clone()) for i, t in enumerate(tensors) if _by_content(t)]
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ValuesSeen) or len(other.refs) != len(self.refs) or other.versions != self.versions:
+        if (not isinstance(other, ValuesSeen) or len(other.refs) != len(self.refs) or other.versions != self.versions
+                or other.plain != self.plain):
             return False
         for mine, theirs in zip(self.refs, other.refs):
             t = mine()
             if t is None or t is not theirs():
                 return False
+        if len(self.contents) != len(other.contents):
+            return False
+        for (i, mine), (j, theirs) in zip(self.contents, other.contents):  # both are snapshots
+            if i != j or not torch.equal(mine, theirs):
+                return False
         return True
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _by_content(t: torch.Tensor) -> bool:
+    return (not t.is_floating_point() and not t.is_complex() and t.numel() <= _CONTENT_ELEMENTS
+            and t.layout == torch.strided and t.device.type != "meta")
 
 
 class Evaluator:
@@ -276,11 +320,13 @@ class Evaluator:
         """Every tensor besides the inputs whose values `f`'s sparsity pattern may depend on (an index it
         gathers with, a weight's zeros): captured tensors, module parameters and buffers, arguments passed
         through undifferentiated; as identities and version counters."""
-        tensors = captured_tensors(self.f, self._modules)
+        tensors, plain = captured(self.f, self._modules)
         seen = {id(t) for t in tensors}
         tensors += [b for b in module_buffers(self._modules) if id(b) not in seen]
-        tensors += [t for t in flatten(self.arguments.fixed)[0] if isinstance(t, torch.Tensor)]
-        return ValuesSeen(tensors)
+        fixed = flatten(self.arguments.fixed)[0]
+        tensors += [t for t in fixed if isinstance(t, torch.Tensor)]
+        plain += [v for v in fixed if isinstance(v, _SCALARS)]
+        return ValuesSeen(tensors, plain)
 
     @property
     def writes_captured(self) -> bool:

@@ -733,11 +733,17 @@ def check_strict(graph: PlainGraph, who: str) -> None:
 
 
 def _values_changed(call: Call, entry: PlanEntry) -> None:
-    if entry.problem.layout is None:
+    """A call on values other than those the plan was checked on is checked, if the plan's answer depends on
+    them beyond what autograd sees: a sparsity pattern (NOTE: [Patterns and values]), or a repeat method
+    (whether `f` is batch-aware can depend on a captured weight: `m * y.roll(1, 0)` is, at m = 0)."""
+    repeat = entry.incumbent is not None and entry.chosen().method.vectorize == "repeat"
+    if entry.problem.layout is None and not repeat:
         return
     now = call.f.value_sources()
     if now != entry.values_seen:
         call.must_verify, call.values_now = True, now
+        if repeat:
+            entry.batch_aware_checked = False  # the rows check runs again before the call's repeat method
 
 
 def _values_checked(call: Call, entry: PlanEntry) -> None:
@@ -846,7 +852,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             progress = Progress(call.options.progress, n, name)
             progress.expect(stats.best)
         try:
-            if not stats.verified:
+            if not stats.verified or call.must_verify:
                 _batch_aware_once(call, entry, m)
             with grad_mode(call.options.create_graph):
                 assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
