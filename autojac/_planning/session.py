@@ -649,6 +649,8 @@ def _batch_aware_once(call: Call, entry: PlanEntry, m: MethodId) -> None:
     if m.vectorize == "repeat" and not entry.batch_aware_checked:
         check_batch_aware(call.f, call.xs, entry.problem)
         entry.batch_aware_checked = True
+        if entry.problem.layout is None:  # what the verdict holds for (a pattern's values are its own)
+            entry.values_seen = call.f.value_sources()
 
 
 def _not_batch_aware(entry: PlanEntry, failure: BaseException) -> None:
@@ -742,7 +744,7 @@ def _values_changed(call: Call, entry: PlanEntry) -> None:
     now = call.f.value_sources()
     if now != entry.values_seen:
         call.must_verify, call.values_now = True, now
-        if repeat:
+        if repeat and entry.values_seen is not None:
             entry.batch_aware_checked = False  # the rows check runs again before the call's repeat method
 
 
@@ -944,6 +946,20 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     stats = entry.stats[m.name]
     n = m.passes(problem.col_passes, problem.row_passes)
     same_side = m.by_rows == inc.method.by_rows
+    if m.vectorize == "repeat" and not entry.batch_aware_checked:
+        # Before the trial's clock starts (its slice's projection must not carry it), charged to the credit.
+        checking = time.perf_counter()
+        try:
+            _batch_aware_once(call, entry, m)
+        except Exception as exc:  # noqa: BLE001 - not batch-aware (or f fails on two rows): no repeat method
+            _check_outputs_unchanged(call, problem, exc)
+            with entry.lock:
+                _record_failure(entry, stats, exc, call, [])
+                entry.credit -= time.perf_counter() - checking
+            call.trial = f"{m.name}: failed"
+            return _incumbent(call, entry, timed=True)
+        with entry.lock:
+            entry.credit -= time.perf_counter() - checking
     began = time.perf_counter()
     room = entry.room_bytes()
     line = inc.memory_line()
@@ -974,7 +990,6 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
 
     result = None
     try:
-        _batch_aware_once(call, entry, m)
         with grad_mode(call.options.create_graph):
             assembler, log, position, seconds, state = call.run(m, problem, sizer, after_chunk=after_first)
             if position == n:
