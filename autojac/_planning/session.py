@@ -743,9 +743,10 @@ def _values_changed(call: Call, entry: PlanEntry) -> None:
         return
     now = call.f.value_sources()
     if now != entry.values_seen:
+        # The call's Jacobian is checked (one plain evaluation and one VJP); the rows check is not made again:
+        # it guards against a point where the Jacobian vanishes, and a closure rebuilt every step with a new
+        # target would pay its three evaluations every step.
         call.must_verify, call.values_now = True, now
-        if repeat and entry.values_seen is not None:
-            entry.batch_aware_checked = False  # the rows check runs again before the call's repeat method
 
 
 def _values_checked(call: Call, entry: PlanEntry) -> None:
