@@ -855,8 +855,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             progress = Progress(call.options.progress, n, name)
             progress.expect(stats.best)
         try:
-            if not stats.verified or call.must_verify:
-                _batch_aware_once(call, entry, m)
+            _batch_aware_once(call, entry, m)  # once per plan; a no-op for other methods
             with grad_mode(call.options.create_graph):
                 assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
                 if timed or unmeasured:
@@ -939,6 +938,17 @@ def _attempts(entry: PlanEntry, first: str | None):
     yield from names[1:]
 
 
+def _trial_failed(call: Call, entry: PlanEntry, stats, failure: BaseException, began: float) -> object:
+    """A trial's method failed (an error of `f` itself propagates): recorded, charged what it took since
+    `began`, and the plan's method answers the call."""
+    _check_outputs_unchanged(call, entry.problem, failure)
+    with entry.lock:
+        _record_failure(entry, stats, failure, call, [])
+        entry.credit -= time.perf_counter() - began
+    call.trial = f"{stats.method.name}: failed"
+    return _incumbent(call, entry, timed=True)
+
+
 def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     """Try `trial.method` on this call (see NOTE: [Planning that pays for itself])."""
     problem = entry.problem
@@ -953,12 +963,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
         try:
             _batch_aware_once(call, entry, m)
         except Exception as exc:  # noqa: BLE001 - not batch-aware (or f fails on two rows): no repeat method
-            _check_outputs_unchanged(call, problem, exc)
-            with entry.lock:
-                _record_failure(entry, stats, exc, call, [])
-                entry.credit -= time.perf_counter() - checking
-            call.trial = f"{m.name}: failed"
-            return _incumbent(call, entry, timed=True)
+            return _trial_failed(call, entry, stats, exc, checking)
         with entry.lock:
             entry.credit -= time.perf_counter() - checking
     began = time.perf_counter()
@@ -1010,12 +1015,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     if failure is not None:
         if isinstance(failure, VerificationError) and problem.layout is not None:
             raise PatternFailed(failure)  # the pattern, not the method: NOTE: [Patterns and values]
-        _check_outputs_unchanged(call, problem, failure)
-        with entry.lock:
-            _record_failure(entry, stats, failure, call, [])
-            entry.credit -= time.perf_counter() - began
-        call.trial = f"{m.name}: failed"
-        return _incumbent(call, entry, timed=True)
+        return _trial_failed(call, entry, stats, failure, began)
     if result is not None:  # the alternative computed the whole Jacobian, verified
         with entry.lock:
             stats.verified = True
