@@ -35,7 +35,10 @@ def test_first_method_follows_the_pass_counts():
 def test_a_small_basis_is_looped_on_the_first_evaluation():
     chain = names(choose.first_chain(Options(), 2048, 1, False))
     assert chain[0] == "reverse/loop"
-    assert names(choose.first_chain(Options(), 3, 50, False))[0] == "forward-trick/loop"
+    assert names(choose.first_chain(Options(), 2, 50, False))[0] == "forward-trick/loop"
+    # from 3 vectors on, one batched pass beats a loop of single ones
+    assert names(choose.first_chain(Options(), 3, 50, False))[0] == "forward-trick/vmap [autograd]"
+    assert names(choose.first_chain(Options(), 3, 3, False))[0] == "reverse/vmap [autograd]"
 
 
 def test_fallbacks_end_with_every_allowed_method_and_repeat_last():
@@ -74,7 +77,22 @@ def test_alternatives_are_pruned_by_passes_and_predictions():
     assert "predicted" in order["reverse/loop"][1]  # 0.2 s against 0.01 s
     assert order["reverse/repeat"][1] == "" and order["reverse/vmap [autograd]"][1] == ""
     tried = [m.name for m, _, why in choose.exploration_order(choose.ALL, inc, 0.01, FACTS) if not why]
-    assert tried[:2] == ["reverse/vmap [autograd]", "reverse/repeat"]  # the other engine first, then repeat
+    assert tried[:2] == ["reverse/repeat", "reverse/vmap [autograd]"]  # repeat first, then the other engine
+
+
+def test_the_engine_probe_orders_the_engines():
+    inc = BY_NAME["reverse/vmap [autograd]"]
+
+    def tried(loops):
+        facts = Facts(n_in=1000, n_out=100, eval_seconds=1e-3, vjp_seconds=2e-3, autograd_loops=loops)
+        return [m.name for m, _, why in choose.exploration_order(choose.ALL, inc, 0.01, facts) if not why]
+
+    assert tried(0)[:2] == ["reverse/repeat", "reverse/vmap [func]"]  # no loops: the engines are alike
+    assert tried(3)[:2] == ["reverse/vmap [func]", "reverse/repeat"]  # loops the probe did not find costly enough
+    func = BY_NAME["reverse/vmap [func]"]
+    facts = Facts(n_in=1000, n_out=100, eval_seconds=1e-3, vjp_seconds=2e-3, autograd_loops=5)
+    order = {m.name: prior for m, prior, _ in choose.exploration_order(choose.ALL, func, 0.01, facts)}
+    assert order["reverse/vmap [autograd]"] > order["reverse/repeat"]  # the probe made func go first: autograd last
 
 
 def test_slices_are_what_the_credit_covers_pessimistically():
@@ -171,7 +189,20 @@ def test_trials_wait_for_credit_then_come_in_prior_order():
     assert e.credit == pytest.approx(0.002)
     e.credit = 0.005
     trial = e.next_trial()
-    assert trial.method.name == "reverse/vmap [autograd]" and trial.slice_vectors == 40  # the other engine first
+    assert trial.method.name == "reverse/repeat" and trial.slice_vectors == 40  # the repeat trick first
+
+
+def test_a_sliced_first_run_is_confirmed_at_its_per_chunk_cost():
+    # The repeat trick's trial ran in two chunks (a slice, then the rest): 30 ms against the incumbent's 24 ms.
+    e = entry_with({"reverse/vmap [autograd]": [0.024, 0.024], "reverse/repeat": [0.030]}, "reverse/vmap [autograd]")
+    for s in e.stats.values():
+        if s.status == "untried":
+            s.status = "slower"
+    e.credit = 0.001
+    assert e.next_trial() is None  # a whole run expected at 30 ms: 6 ms over the incumbent, more than the credit
+    e.stats["reverse/repeat"].sliced_share = 0.5  # one chunk where it ran two: about 15 ms
+    trial = e.next_trial()
+    assert trial.method.name == "reverse/repeat" and trial.slice_vectors == 100  # a whole second run
 
 
 def test_the_fastest_measured_method_takes_over_and_the_plan_settles():

@@ -185,7 +185,7 @@ def jacobian(
         double-VJP trick (which needs no forward formulas and starts from the same
         evaluation). If `f` drew random numbers, only methods that evaluate it
         once are allowed, so the result is the Jacobian of one realization.
-      - A basis of at most 4 vectors is looped on that evaluation (for reverse
+      - A basis of at most 2 vectors is looped on that evaluation (for reverse
         mode: torch's own loop); otherwise vmap with the autograd engine, unless
         a probe (over 100 rows or more: one vector pushed batched through that
         evaluation's backward) finds torch's vmap looping over ops it has no

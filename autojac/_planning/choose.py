@@ -13,21 +13,27 @@ from dataclasses import dataclass
 
 from .._core.options import Options
 
-LOOP_MAX = 4
-"""A basis of at most this many vectors is pushed one vector at a time (a loop has no vmap overhead)."""
+LOOP_MAX = 2
+"""A basis of at most this many vectors is pushed one vector at a time (a loop has no vmap overhead).
+
+Measured with torch's own loop against its batched VJP (2-core CPU, warm, medians of interleaved rounds), for a
+3 -> 3 map and a 64-wide MLP: n = 2 ties (1.05x, 0.92x), n = 3 the loop takes 1.45x and 1.27x, n = 4 1.86x and
+1.54x, n = 6 2.55x and 2.11x. At 4 the suite's 3 -> 3 problem kept a loop 1.5x slower than torch's vectorized call."""
 PRUNE_PASSES = 4
 """A mode needing more than this many times the passes of the other is not tried (unless asked for)."""
 PRUNE_PREDICTED = 4.0
 """An alternative predicted to take more than this many times the incumbent's time is not tried."""
 ABORT_PROJECTED = 1.5
 """A trial whose first slice projects to more than this many times the incumbent's time stops there."""
-CONFIRM_WITHIN = 1.5
+CONFIRM_WITHIN = 2.0
 """A measured alternative this close to the best is measured on a second whole call before the plan settles.
 
 An alternative's first whole call is its first on this function (a new vmap engine's first batched pass):
 the `reverse/vmap [autograd]` engine took 1.41-1.46 ms on its first classifier call and 0.96 ms warm, while
 the incumbent's best is the fastest of many runs. Within 1.10 only, that engine lost to a 1.42 ms incumbent
-in a benchmark run and the plan settled 2x slower than `torch.autograd.functional.jacobian`."""
+in a benchmark run and the plan settled 2x slower than `torch.autograd.functional.jacobian`. Within 1.5 only,
+the repeat trick's first run (21.8 ms on the RK4 rollout, its first batch of copies paying the pages of a 16x larger
+forward pass; 11.8 ms warm) lost to the autograd engine's 15.2 ms without a second run."""
 SWITCH_BELOW = 0.97
 """An alternative replaces the incumbent when its fastest whole call is below this share of the incumbent's."""
 EXPLORE_SHARE = 0.10
@@ -39,13 +45,22 @@ PESSIMISM = 1.0
 
 FORWARD_PASS_COST = 2.0
 """Prior cost of a forward-mode pass against a reverse-mode one."""
-REPEAT_PRIOR = 0.9
-"""Prior time of the repeat trick against the incumbent vmap of the same mode: unknown, tried early."""
-ENGINE_PRIOR = 0.85
-"""Prior time of the other vmap engine: unknown until tried (1.1x to 8x either way, see NOTE: [Two engines for vmap]),
-so it is tried first, before the repeat trick: a first call runs the autograd engine (NOTE: [The first call's
-engine]), and with the prior at 1.0 the repeat trick went first; habits benchmark, 2-core CPU: a logistic
-loss's Hessian still ran that engine at call 10 (16.8 ms; 5.1 ms settled on torch.func's)."""
+REPEAT_PRIOR = 0.85
+"""Prior time of the repeat trick against the incumbent vmap of the same mode: unknown, tried first.
+
+Measured warm on the suite's 18 problem sizes (2-core CPU, reverse mode): the repeat trick was the fastest reverse
+method on 11 (robot arm 0.42 against 0.75 ms for the autograd engine, RK4 rollout 11.8 against 18.9 ms, the
+transformer layer 5.1 against 10.2 ms); the other vmap engine won on 4, by 1.05x to 1.4x but for a probe-detected
+loop (grid residual)."""
+ENGINE_PRIOR = 0.9
+"""Prior time of the other vmap engine: unknown until tried (1.1x to 8x either way, see NOTE: [Two engines for vmap]).
+
+Where the first call probed torch.autograd's vmap for loops (`Facts.autograd_loops`), the prior follows the probe:
+no loops, the engines run the same kernels and the torch.func engine is tried after the repeat trick
+(ENGINE_PRIOR_NO_LOOPS); loops, the func engine went first and the autograd engine is predicted slower
+(ENGINE_PRIOR_LOOPS)."""
+ENGINE_PRIOR_NO_LOOPS = 1.0
+ENGINE_PRIOR_LOOPS = 2.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +147,7 @@ def first_chain(options: Options, n_in: int, n_out: int, once_only: bool) -> lis
     autograd engine first gave 0.92x the first-call time (geomean; classifier 0.63-0.70x,
     decoder 0.69-0.81x, RK4 rollout 0.40x), losing where its vmap has no batching rule for
     an op and loops over the chunk (grid residual's roll: 2.4x; robot arm 1.6x). Later
-    calls try the torch.func engine first (ENGINE_PRIOR is below REPEAT_PRIOR), so a plan
+    calls try the repeat trick, then the torch.func engine (REPEAT_PRIOR, ENGINE_PRIOR), so a plan
     that started on the slower engine leaves it within a few calls. And an `f` that writes a
     captured tensor it also differentiates through (a step counter, a running average)
     keeps a valid graph: a second evaluation bumps that tensor's version and makes the
@@ -189,6 +204,8 @@ class Facts:
     n_out: int
     eval_seconds: float | None
     vjp_seconds: float | None
+    autograd_loops: int | None = None
+    """Op calls torch.autograd's vmap looped over per vector in the first call's probe (None: not probed)."""
 
 
 def prior_seconds(m: MethodId, incumbent: MethodId, incumbent_seconds: float, facts: Facts) -> float | None:
@@ -205,7 +222,14 @@ def prior_seconds(m: MethodId, incumbent: MethodId, incumbent_seconds: float, fa
         per_pass = {"reverse": facts.vjp_seconds, "forward-trick": 2 * facts.vjp_seconds,
                     "forward": 2 * facts.eval_seconds}[m.mode]
         return facts.eval_seconds + n * per_pass
-    factor = REPEAT_PRIOR if m.vectorize == "repeat" else ENGINE_PRIOR
+    if m.vectorize == "repeat":
+        factor = REPEAT_PRIOR
+    elif facts.autograd_loops is None or m.mode != "reverse":
+        factor = ENGINE_PRIOR
+    elif m.engine == "autograd":
+        factor = ENGINE_PRIOR_LOOPS if facts.autograd_loops else ENGINE_PRIOR_NO_LOOPS
+    else:
+        factor = 1 / ENGINE_PRIOR_LOOPS if facts.autograd_loops else ENGINE_PRIOR_NO_LOOPS
     if m.by_rows != incumbent.by_rows:  # a forward pass costs more than a reverse one (see FORWARD_RATIO)
         factor *= FORWARD_PASS_COST if incumbent.by_rows else 1 / FORWARD_PASS_COST
     return incumbent_seconds * ratio * factor

@@ -47,7 +47,7 @@ from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
 from .plan import RunReport, seconds_text
-from .cost_model import GROWTH, largest_fitting
+from .cost_model import GROWTH, largest_fitting, n_chunks
 from .keys import largest_captured_bytes
 from .sizing import Sizer
 from .structure import DETECT_LIMIT, MIN_PASSES, layout_for, might_pay, trace_estimate, worth_detecting
@@ -573,6 +573,7 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
             vjp(graph.ys, graph.xs, seeds(problem, True, 0, 1), create_graph=False, batched=True)
     except Exception:  # noqa: BLE001 - only advice: the methods find out for themselves what fails
         return chain
+    entry.facts = dataclasses.replace(entry.facts, autograd_loops=probe.loops)  # the alternatives' priors
     lost = probe.loops * n * LOOP_SLICE_SECONDS
     if not probe.loops or lost <= FUNC_EVALUATION_FACTOR * eval_seconds + FUNC_FIXED_SECONDS:
         return chain
@@ -1023,6 +1024,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
             stats.add_run(seconds)
             _learn(stats, log, sizer)
             stats.chunk_size = _planned_chunk(entry, stats)
+            planned = n_chunks(n, stats.chunk_size or n)
+            stats.sliced_share = min(planned / len(log.chunks), 1.0) if len(stats.runs) == 1 else 1.0
             # Charged all it cost beyond an incumbent call: the method's time, and the check and collection
             # around it (an alternative's first run also pays its one-time costs on this function).
             entry.credit -= max(time.perf_counter() - began - inc.best, 0.0)

@@ -63,7 +63,8 @@ def record(stable_key: str, entry: PlanEntry) -> dict | None:
             "out_spec": pytree.dumps(p.out_spec), "draws_random": p.draws_random,
         },
         "budget_bytes": entry.budget_bytes, "fixed_bytes": entry.fixed_bytes,
-        "facts": {"eval_seconds": entry.facts.eval_seconds, "vjp_seconds": entry.facts.vjp_seconds},
+        "facts": {"eval_seconds": entry.facts.eval_seconds, "vjp_seconds": entry.facts.vjp_seconds,
+                  "autograd_loops": entry.facts.autograd_loops},
         "incumbent": entry.incumbent, "settled": entry.settled, "calls": entry.calls, "once_only": entry.once_only,
         "methods": {
             name: {"status": s.status, "reason": s.reason, "prior": s.prior, "runs": s.runs,
@@ -80,7 +81,8 @@ def entry_from(data: dict, options: Options) -> PlanEntry:
                           torch.device(p["device"]), pytree.loads(p["in_spec"]))
     problem = Problem(signature, tuple(tuple(s) for s in p["out_shapes"]), tuple(_dtype(d) for d in p["out_dtypes"]),
                       pytree.loads(p["out_spec"]), p["draws_random"])
-    facts = Facts(problem.col_passes, problem.row_passes, data["facts"]["eval_seconds"], data["facts"]["vjp_seconds"])
+    facts = Facts(problem.col_passes, problem.row_passes, data["facts"]["eval_seconds"], data["facts"]["vjp_seconds"],
+                  data["facts"].get("autograd_loops"))
     methods = [BY_NAME[name] for name in data["methods"]]
     entry = PlanEntry(problem, options, data["budget_bytes"], data["fixed_bytes"], facts, methods, data["once_only"])
     for name, m in data["methods"].items():
