@@ -187,10 +187,11 @@ def jacobian(
         once are allowed, so the result is the Jacobian of one realization.
       - A basis of at most 2 vectors is looped on that evaluation (for reverse
         mode: torch's own loop); otherwise vmap with the autograd engine, unless
-        a probe (over 100 rows or more: one vector pushed batched through that
-        evaluation's backward) finds torch's vmap looping over ops it has no
-        batching rule for, at a cost (looped op calls x rows x 1 us) above two
-        evaluations of `f` plus 0.5 ms: then the torch.func engine goes first. If a
+        a probe (over 100 rows or more: 8 vectors pushed batched through that
+        evaluation's backward, timed) finds torch's vmap looping over ops it has
+        no batching rule for, at a cost (looped op calls x rows x 1 us) above two
+        evaluations of `f` plus 0.5 ms, or batching no faster than half a plain
+        VJP per vector at a like cost: then the torch.func engine goes first. If a
         method fails, the next: the other engine, the loop, the other modes.
         If that evaluation wrote in place into a tensor `f` captures (a counter,
         a running average that is not a module buffer), the plan settles on the
@@ -219,13 +220,14 @@ def jacobian(
       the next alternative, that call runs the alternative on that slice, projects
       its whole time, and either finishes the call with it or gives the rest to the
       plan's method. Alternatives are tried in order of predicted time (loops from
-      the measured evaluation and VJP; vmap and repeat from the plan's own time):
+      the measured evaluation and VJP; vmap and repeat from the plan's own time,
+      the repeat trick before the other vmap engine unless the probe found loops):
       a mode needing over 4x the passes, or a method predicted over 4x slower, is
       not tried; a trial whose first slice projects over 1.5x the plan's time stops
       there. Under a budget, forward modes are not tried when a zero tangent the size
       of the largest tensor `f` holds would not fit. A measured alternative whose
       fastest whole call beats the plan's method by over 3% replaces it; one within
-      50% runs a second whole call first (a first run is a cold one). Structure
+      2x runs a second whole call first (a first run is a cold one, or sliced). Structure
       is one more alternative: a dense plan (64 passes or more, no budget given)
       whose first call did not look for it looks once the credit covers a trace,
       and the next call plans again with a pattern that halves the passes.

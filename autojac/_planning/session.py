@@ -75,6 +75,15 @@ torch.autograd's loop (RK4 rollout, 160 looped tanh_backward calls per vector on
 PROBE_MIN_PASSES = 100
 """A first call probes the autograd engine for loops only over this many rows: the probe costs about one
 VJP, under 5% of a vmapped run's bound (LOOP_TO_VMAP of a VJP per row) from here on."""
+PROBE_VECTORS = 8
+LOOP_LIKE = 0.5
+VMAP_PER_VJP = 0.2
+"""The probe pushes PROBE_VECTORS vectors; over LOOP_LIKE of a plain VJP's time per vector, the autograd
+engine's batching is loop-like, and the torch.func engine is expected at VMAP_PER_VJP of a VJP per vector.
+`tanh(W @ x)` with a 512 x 512 W (float64): torch.autograd's vmap runs `mv`'s backward as one `bmm` over
+copies of W, 265 ms for the 512 rows against 12.5 ms for torch.func.jacrev and 81 ms for a loop of VJPs;
+no op falls back to a loop, so counting loops alone missed it (`W @ x` only: `x @ W.T` and `nn.Linear` batch
+as one matmul)."""
 FUNC_EVALUATION_FACTOR = 2.0
 FUNC_FIXED_SECONDS = 5e-4
 """What putting the torch.func engine first costs a first call: an evaluation of `f` under its transform,
@@ -553,13 +562,13 @@ def _trimming(call: Call) -> bool:
 def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph | None, entry: PlanEntry,
                      eval_seconds: float) -> list[MethodId]:
     """The chain, with the torch.func engine first if torch.autograd's vmap would loop (NOTE: [The autograd
-    engine's vmap loops]).
+    engine's vmap loops]) or runs a few vectors no faster than a loop of VJPs.
 
-    Probed with one vector pushed batched through the plain evaluation's backward (about one VJP) when the
-    first method is reverse vmap on the autograd engine over at least PROBE_MIN_PASSES rows, and the torch.func
-    engine may evaluate `f` again: not for a random `f` or one that writes what it captures, and not under a
-    budget of the caller's (its evaluation's memory is not known before it runs). The autograd engine stays a
-    candidate: later calls measure it like any alternative.
+    Probed with PROBE_VECTORS vectors pushed batched through the plain evaluation's backward (their time is
+    also compared with the plain VJP's) when the first method is reverse vmap on the autograd engine over at
+    least PROBE_MIN_PASSES rows, and the torch.func engine may evaluate `f` again: not for a random `f` or one
+    that writes what it captures, and not under a budget of the caller's (its evaluation's memory is not known
+    before it runs). The autograd engine stays a candidate: later calls measure it like any alternative.
     """
     if not chain or graph is None or entry.once_only or entry.options.budget is not None:
         return chain
@@ -568,18 +577,32 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
     n = m.passes(problem.col_passes, problem.row_passes)
     if (m.mode, m.vectorize, m.engine) != ("reverse", "vmap", "autograd") or other not in chain or n < PROBE_MIN_PASSES:
         return chain
+    k = min(PROBE_VECTORS, n)
     try:
         with LoopProbe() as probe, grad_mode(entry.options.create_graph):
-            vjp(graph.ys, graph.xs, seeds(problem, True, 0, 1), create_graph=False, batched=True)
+            _sync(problem.inputs.device)
+            began = time.perf_counter()
+            vjp(graph.ys, graph.xs, seeds(problem, True, 0, k), create_graph=False, batched=True)
+            _sync(problem.inputs.device)
+            per_vector = (time.perf_counter() - began) / k
     except Exception:  # noqa: BLE001 - only advice: the methods find out for themselves what fails
         return chain
-    entry.facts = dataclasses.replace(entry.facts, autograd_loops=probe.loops)  # the alternatives' priors
+    vjp_seconds = entry.facts.vjp_seconds or 0.0
+    loop_like = vjp_seconds > 0 and per_vector > LOOP_LIKE * vjp_seconds
+    entry.facts = dataclasses.replace(entry.facts, autograd_loops=max(probe.loops, int(loop_like)))  # for priors
+    worth = FUNC_EVALUATION_FACTOR * eval_seconds + FUNC_FIXED_SECONDS
     lost = probe.loops * n * LOOP_SLICE_SECONDS
-    if not probe.loops or lost <= FUNC_EVALUATION_FACTOR * eval_seconds + FUNC_FIXED_SECONDS:
+    slow = n * (per_vector - VMAP_PER_VJP * vjp_seconds) if loop_like else 0.0
+    if lost > worth and probe.loops:
+        ops = ", ".join(probe.ops[:4]) + (" and more" if len(probe.ops) > 4 else "")
+        why = (f"torch.autograd's vmap loops over the chunk for {ops} ({probe.loops} looped op calls per vector, "
+               f"about {seconds_text(lost)} over the basis)")
+    elif slow > worth:
+        why = (f"torch.autograd's vmap took {seconds_text(per_vector)} a vector over {k} vectors, "
+               f"{per_vector / vjp_seconds:.1f}x a plain VJP (a batching rule no faster than a loop)")
+    else:
         return chain
-    ops = ", ".join(probe.ops[:4]) + (" and more" if len(probe.ops) > 4 else "")
-    entry.events.append(f"{other.name} went first: torch.autograd's vmap loops over the chunk for {ops} "
-                        f"({probe.loops} looped op calls per vector, about {seconds_text(lost)} over the basis)")
+    entry.events.append(f"{other.name} went first: {why}")
     logger.debug(entry.events[-1])
     return [other, *(c for c in chain if c != other)]
 
