@@ -343,3 +343,15 @@ def test_a_whole_trial_is_charged_all_it_cost_its_check_included(monkeypatch):
     report = autojac.last_report()
     assert report.trial is not None and "failed" not in report.trial and "stopped" not in report.trial, report.trial
     assert checked and entry.credit <= 10.0 - 0.05
+
+
+def test_a_probed_pace_can_make_structure_worth_a_look():
+    from autojac._planning.structure import might_pay
+
+    sig = Signature(((1024,),), (torch.float32,), torch.device("cpu"), False)
+    problem = Problem(sig, ((1024,),), (torch.float32,), False)
+    # a 0.1 ms VJP counted at a fifth a pass: 1024 passes are 20 ms, a 4 ms trace is not under a tenth of that
+    assert not might_pay(problem, 1e-4, 1e-4)
+    # the probe measured 0.14 ms a vector batched: 143 ms, and the trace is worth timing a slice for
+    assert might_pay(problem, 1e-4, 1e-4, per_pass=1.4e-4)
+    assert not might_pay(problem, 1e-4, 1e-4, per_pass=1e-6)  # never below the prior's pace

@@ -243,7 +243,7 @@ def test_exploration_finds_a_much_faster_method_and_never_returns_a_wrong_answer
 
     want = reference(g, x)
     names = []
-    for _ in range(30):
+    for _ in range(60):  # a close alternative runs twice: trying three takes more calls
         assert_same_structure_and_close(autojac.jacobian(g, x), want)
         names.append(autojac.last_report().method)
     p = autojac.plan(g, x)

@@ -249,7 +249,7 @@ def _first_call_without_looking(monkeypatch, g, x):
     `pde_residual` (large) on the benchmark machine): made so here, so the later-call path is what runs."""
     from autojac._planning import session
 
-    monkeypatch.setattr(session, "might_pay", lambda *a: False)
+    monkeypatch.setattr(session, "might_pay", lambda *a, **k: False)
     autojac.jacobian(g, x)
     monkeypatch.undo()
     p = autojac.plan(g, x)
@@ -309,7 +309,7 @@ def test_no_later_look_for_structure_under_a_budget_the_caller_gave(monkeypatch)
     x = t64(400)
     from autojac._planning import session
 
-    monkeypatch.setattr(session, "might_pay", lambda *a: False)
+    monkeypatch.setattr(session, "might_pay", lambda *a, **k: False)
     autojac.jacobian(g, x, memory_budget="2GiB")
     monkeypatch.undo()
     entry = autojac.plan(g, x, memory_budget="2GiB").entry

@@ -206,6 +206,8 @@ class Facts:
     vjp_seconds: float | None
     autograd_loops: int | None = None
     """Op calls torch.autograd's vmap looped over per vector in the first call's probe (None: not probed)."""
+    probe_seconds_per_vector: float | None = None
+    """The probe's time per vector, its few vectors batched on the autograd engine (None: not probed)."""
 
 
 def prior_seconds(m: MethodId, incumbent: MethodId, incumbent_seconds: float, facts: Facts) -> float | None:

@@ -68,10 +68,13 @@ LOOP_TO_VMAP = 0.2
 (the slice's extra chunk costs a dense function a few percent, so only a Jacobian likely to be long pays it)."""
 
 
-def might_pay(problem: Problem, eval_seconds: float, vjp_seconds: float) -> bool:
-    """Whether the dense Jacobian is likely long enough for a trace to pay: worth timing a first slice."""
+def might_pay(problem: Problem, eval_seconds: float, vjp_seconds: float, per_pass: float | None = None) -> bool:
+    """Whether the dense Jacobian is likely long enough for a trace to pay: worth timing a first slice.
+
+    A dense pass costs `per_pass` seconds where the engine probe measured it, LOOP_TO_VMAP plain VJPs otherwise."""
     passes = min(problem.n_in, problem.n_out)
-    return passes >= MIN_PASSES and trace_estimate(eval_seconds) < DETECT_SHARE * LOOP_TO_VMAP * passes * vjp_seconds
+    per_pass = LOOP_TO_VMAP * vjp_seconds if per_pass is None else max(per_pass, LOOP_TO_VMAP * vjp_seconds)
+    return passes >= MIN_PASSES and trace_estimate(eval_seconds) < DETECT_SHARE * passes * per_pass
 
 
 def worth_detecting(projected_dense_seconds: float, eval_seconds: float) -> bool:
