@@ -355,3 +355,21 @@ def test_a_probed_pace_can_make_structure_worth_a_look():
     # the probe measured 0.14 ms a vector batched: 143 ms, and the trace is worth timing a slice for
     assert might_pay(problem, 1e-4, 1e-4, per_pass=1.4e-4)
     assert not might_pay(problem, 1e-4, 1e-4, per_pass=1e-6)  # never below the prior's pace
+
+
+def test_a_repeat_plan_checked_on_every_call_counts_its_checks():
+    # a closure rebuilt every step: the repeat trick (5 ms) is checked on each call's new captured values (4 ms)
+    e = entry_with({"reverse/repeat": [0.005, 0.005], "reverse/vmap [autograd]": [0.007, 0.007]}, "reverse/repeat")
+    e.stats["reverse/repeat"].note_values(True, 0.001)
+    e.consider_switch()
+    assert e.incumbent == "reverse/repeat"  # 6 ms against 7: the repeat trick is still the faster
+    for _ in range(3):
+        e.stats["reverse/repeat"].note_values(True, 0.004)
+    e.stats["reverse/repeat"].recheck_seconds = 0.004
+    e.consider_switch()
+    assert e.incumbent == "reverse/vmap [autograd]"  # 9 ms against 7
+    assert "of checks a call on new captured values" in e.events[-1]
+    repeat = e.stats["reverse/repeat"]
+    for _ in range(8):  # the same closure again and again: no checks, the extra cost fades
+        repeat.note_values(False, None)
+    assert repeat.extra == 0.0 and repeat.cost == 0.005

@@ -42,6 +42,10 @@ class MethodStats:
     """Chunk sizes a verified run of a repeat method used (see `unchecked_sizes`)."""
     excluded: str = ""
     """Why this method may not run for this plan at all (a random `f`, evaluations that disagree)."""
+    recent_checks: list[bool] = field(default_factory=list)
+    """Whether each of a repeat method's recent calls was checked for new captured values."""
+    recheck_seconds: float | None = None
+    """What such a check took (the fastest seen)."""
     sliced_share: float = 1.0
     """For a method whose only run was a trial cut into more chunks than its plan would run (a first slice the
     credit covered, then the rest): the plan's chunks over the chunks it ran. Each chunk paid the fixed costs
@@ -62,6 +66,25 @@ class MethodStats:
         and one chunk size can pass by coincidence: a roll over a 64-element input through 64 copies
         gives the right Jacobian, through 16 a wrong one. So each chunk size is checked once."""
         return self.method.vectorize == "repeat" and not set(sizes) <= self.checked_sizes
+
+    @property
+    def extra(self) -> float:
+        """Seconds a call of this method costs beyond its run: checks on new captured values, at the share of
+        its recent calls that needed one (NOTE: [A repeat plan on changing values])."""
+        if self.recheck_seconds is None or not self.recent_checks:
+            return 0.0
+        return self.recheck_seconds * sum(self.recent_checks) / len(self.recent_checks)
+
+    @property
+    def cost(self) -> float | None:
+        """The fastest run plus `extra`: what the plan compares."""
+        return None if self.best is None else self.best + self.extra
+
+    def note_values(self, checked: bool, seconds: float | None) -> None:
+        self.recent_checks.append(checked)
+        del self.recent_checks[:-RUNS_KEPT]
+        if seconds is not None:
+            self.recheck_seconds = seconds if self.recheck_seconds is None else min(self.recheck_seconds, seconds)
 
     def add_run(self, seconds: float) -> bool:
         """Keep a whole call's time; True if it lowered the fastest by over 10% (predictions from it are stale)."""
@@ -183,7 +206,7 @@ class PlanEntry:
         waiting = [s for s in self.stats.values() if s.status == "untried"]
         confirm = [s for s in self.stats.values()
                    if s.status == "measured" and s.method.name != self.incumbent and len(s.runs) < 2
-                   and s.best is not None and s.best < choose.CONFIRM_WITHIN * inc.best]
+                   and s.best is not None and s.cost < choose.CONFIRM_WITHIN * inc.cost]
         if confirm:  # a close contender gets a second whole run (noise only adds time, so keep the fastest)
             s = confirm[0]
             n = s.method.passes(self.problem.col_passes, self.problem.row_passes)
@@ -221,10 +244,11 @@ class PlanEntry:
         """Make the fastest measured method the incumbent (by its fastest whole call)."""
         inc = self.chosen()
         best = min((s for s in self.stats.values() if s.status in ("measured", "chosen") and s.best is not None),
-                   key=lambda s: s.best, default=None)
-        if best is not None and inc.best is not None and best is not inc and best.best < choose.SWITCH_BELOW * inc.best:
-            self.events.append(f"switched from {inc.method.name} ({seconds_text(inc.best)}) to "
-                               f"{best.method.name} ({seconds_text(best.best)})")
+                   key=lambda s: s.cost, default=None)
+        if best is not None and inc.best is not None and best is not inc and best.cost < choose.SWITCH_BELOW * inc.cost:
+            checks = (f" + {seconds_text(inc.extra)} of checks a call on new captured values" if inc.extra else "")
+            self.events.append(f"switched from {inc.method.name} ({seconds_text(inc.best)}{checks}) to "
+                               f"{best.method.name} ({seconds_text(best.cost)})")
             inc.status = "measured"
             best.status = "chosen"
             self.incumbent = best.method.name
