@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+import autojac
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -373,3 +374,13 @@ def test_a_repeat_plan_checked_on_every_call_counts_its_checks():
     for _ in range(8):  # the same closure again and again: no checks, the extra cost fades
         repeat.note_values(False, None)
     assert repeat.extra == 0.0 and repeat.cost == 0.005
+
+
+def test_a_plan_counts_each_call_once():
+    W = torch.randn(6, 6, dtype=torch.float64)
+    g = lambda x: torch.tanh(x @ W)  # noqa: E731
+    x = torch.randn(6, dtype=torch.float64)
+    for _ in range(7):
+        autojac.jacobian(g, x)
+    p = autojac.plan(g, x)
+    assert p.calls == 7 and "after 7 call(s)" in str(p)

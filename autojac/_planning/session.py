@@ -826,13 +826,13 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
                 if entry.chosen().add_run(call.work_seconds):
                     entry.needs_reorder = True  # the alternatives' priors were scaled from a slower time
                 entry.warm = True
+    else:
+        with entry.lock:
+            entry.calls += 1
     if trial is None and call.method_name == entry.incumbent and entry.chosen().method.vectorize == "repeat":
         with entry.lock:
             entry.chosen().note_values(call.must_verify, call.recheck_seconds)
             entry.consider_switch()  # NOTE: [A repeat plan on changing values]
-    else:
-        with entry.lock:
-            entry.calls += 1
     return result
 
 
