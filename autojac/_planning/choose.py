@@ -205,7 +205,8 @@ class Facts:
     eval_seconds: float | None
     vjp_seconds: float | None
     autograd_loops: int | None = None
-    """Op calls torch.autograd's vmap looped over per vector in the first call's probe (None: not probed)."""
+    """Op calls torch.autograd's vmap looped over per vector in the first call's probe, at least 1 where its
+    batching was timed no faster than a loop (None: not probed). Only whether it is 0 orders the engines."""
     probe_seconds_per_vector: float | None = None
     """The probe's time per vector, its few vectors batched on the autograd engine (None: not probed)."""
 

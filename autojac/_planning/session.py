@@ -604,7 +604,7 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
     worth = FUNC_EVALUATION_FACTOR * eval_seconds + FUNC_FIXED_SECONDS
     lost = probe.loops * n * LOOP_SLICE_SECONDS
     slow = n * (per_vector - VMAP_PER_VJP * vjp_seconds) if loop_like else 0.0
-    if lost > worth and probe.loops:
+    if lost > worth:  # some loops
         ops = ", ".join(probe.ops[:4]) + (" and more" if len(probe.ops) > 4 else "")
         why = (f"torch.autograd's vmap loops over the chunk for {ops} ({probe.loops} looped op calls per vector, "
                f"about {seconds_text(lost)} over the basis)")
@@ -832,7 +832,8 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
     if trial is None and call.method_name == entry.incumbent and entry.chosen().method.vectorize == "repeat":
         with entry.lock:
             entry.chosen().note_values(call.must_verify, call.recheck_seconds)
-            entry.consider_switch()  # NOTE: [A repeat plan on changing values]
+            if call.must_verify:  # only a check raises the incumbent's cost: NOTE: [A repeat plan on changing values]
+                entry.consider_switch()
     return result
 
 
@@ -914,14 +915,17 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                 sizes = [c.size for c in log.chunks]
                 if ((not stats.verified or entry.reverify or call.must_verify or stats.unchecked_sizes(sizes))
                         and not (m.is_reference and problem.layout is None)):
+                    # Made for new captured values alone (not a first check, a new chunk size or a pattern's)?
+                    for_values = (call.must_verify and stats.verified and not entry.reverify
+                                  and not stats.unchecked_sizes(sizes))
                     checking = time.perf_counter()
                     w = random_cotangents(problem)
                     reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
                     check_against(name, result, w, reference, problem)
                     call.verified = True
                     stats.checked_sizes.update(sizes)
-                    if call.must_verify and stats.verified and not stats.unchecked_sizes(sizes):
-                        call.recheck_seconds = time.perf_counter() - checking  # for new values alone
+                    if for_values:
+                        call.recheck_seconds = time.perf_counter() - checking
         except OutputsChanged:
             raise
         except Exception as exc:  # noqa: BLE001
