@@ -427,3 +427,48 @@ def test_a_pattern_is_checked_again_when_what_f_reads_changes_out_of_sight(how):
         _GLOBAL_PERM.data.copy_(torch.randperm(300, generator=g))
         _SHIFT += 1
         opts["shift"] += 2
+
+
+# --- NOTE: [When structure is worth finding]: the first slice's zeros are a hint -------------------
+
+def test_a_sparse_looking_slice_lets_the_trace_take_a_larger_share():
+    from autojac._planning.structure import DETECT_SHARE, SPARSE_DETECT_SHARE, trace_estimate, worth_detecting
+
+    trace = trace_estimate(1e-3)
+    between = trace / ((DETECT_SHARE + SPARSE_DETECT_SHARE) / 2)  # a projection the trace is 10-50% of
+    assert not worth_detecting(between, 1e-3)  # no hint: the dense bound
+    assert not worth_detecting(between, 1e-3, 0.5)  # a dense-looking slice
+    assert worth_detecting(between, 1e-3, 6 / 2048)  # a stencil's rows
+    assert not worth_detecting(trace / SPARSE_DETECT_SHARE / 2, 1e-3, 0.0)  # still bounded
+
+
+def test_nonzero_share_counts_the_rows_written_so_far():
+    from autojac._core.problem import Problem, Signature
+    from autojac._execute.assemble import Assembler
+
+    sig = Signature(((4,), (2,)), (torch.float64, torch.float64), torch.device(DEVICE), False)
+    problem = Problem(sig, ((3,),), (torch.float64,), False)
+    rows = Assembler(problem, by_rows=True)
+    rows.add(0, 2, [torch.tensor([[1.0, 0, 0, 0], [0, 0, 2, 0]], device=DEVICE),
+                    torch.tensor([[0.0, 0], [0, 3]], device=DEVICE)])
+    assert rows.nonzero_share(0, 2) == 3 / 12
+    cols = Assembler(problem, by_rows=False)
+    cols.add(0, 2, [torch.tensor([[1.0, 0, 0], [0, 0, 0]], device=DEVICE)])
+    assert cols.nonzero_share(0, 2) == 1 / 6
+
+
+def test_the_first_slice_hands_its_density_to_the_decision(monkeypatch):
+    """A first call that times a dense slice passes the share of nonzeros it computed; a tridiagonal
+    residual's rows are 3 in 400 nonzero, a dense layer's (nearly) all nonzero."""
+    from autojac._planning import session
+
+    seen = []
+    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
+    monkeypatch.setattr(session, "worth_detecting", lambda projected, ev, share=None: seen.append(share) or False)
+    g = lambda u: stencil(u) * 3.0  # noqa: E731
+    x = t64(400)
+    torch.testing.assert_close(autojac.jacobian(g, x), torch.autograd.functional.jacobian(g, x))
+    W = t64(400, 400) / 20  # not saturated: tanh's derivative is exactly 0 in float64 far out
+    h = lambda u: torch.tanh(W @ u)  # noqa: E731
+    torch.testing.assert_close(autojac.jacobian(h, x), torch.autograd.functional.jacobian(h, x))
+    assert len(seen) == 2 and seen[0] is not None and seen[0] <= 3 / 400 and seen[1] > 0.9, seen

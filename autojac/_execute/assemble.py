@@ -63,6 +63,29 @@ class Assembler:
                         self._block(i, j)[:, lo - offset : hi - offset].copy_(flat.T)
             offset += size
 
+    def nonzero_share(self, start: int, stop: int) -> float | None:
+        """The share of nonzero entries among the rows (reverse) or columns (forward) start..stop written so
+        far, over every block; None if they were not kept apart (one chunk held the whole basis)."""
+        p = self.problem
+        basis_sizes = p.out_sizes if self.by_rows else p.in_sizes
+        other = sum(p.in_sizes) if self.by_rows else sum(p.out_sizes)
+        total = (stop - start) * other
+        if total <= 0:
+            return None
+        nonzero, offset = 0, 0
+        for b, size in enumerate(basis_sizes):
+            lo, hi = max(start, offset) - offset, min(stop, offset + size) - offset
+            if lo < hi:
+                for q in range(len(p.in_sizes) if self.by_rows else len(p.out_sizes)):
+                    i, j = (b, q) if self.by_rows else (q, b)
+                    block = self.blocks[i][j]
+                    if block is None:
+                        continue
+                    part = block[lo:hi] if self.by_rows else block[:, lo:hi]
+                    nonzero += int(torch.count_nonzero(part))
+            offset += size
+        return nonzero / total
+
     def result(self) -> object:
         """The Jacobian, nested output-major (see `_core/pytree.py`)."""
         p = self.problem

@@ -387,8 +387,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             if not structure_pending:
                 return True
             structure_pending = False
-            projected = sum(c.seconds for c in log.chunks) * n / max(sum(c.size for c in log.chunks), 1)
-            verdict["look"] = worth_detecting(projected, min(region.seconds, vjp_seconds))  # one noisy timing less
+            done = sum(c.size for c in log.chunks)
+            projected = sum(c.seconds for c in log.chunks) * n / max(done, 1)
+            share = slice_assembler.nonzero_share(0, done) if slice_assembler is not None else None
+            verdict["look"] = worth_detecting(projected, min(region.seconds, vjp_seconds), share)  # one noisy timing less
             verdict["projected"] = projected
             if verdict["look"]:
                 return False
@@ -408,9 +410,12 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                     graph = None
             adopt_seconds = time.perf_counter() - t
             _batch_aware_once(call, entry, m)
+            # The slice's rows are kept apart (a dense collector) so that their zeros can hint at structure.
+            slice_assembler = collector(problem, m.by_rows) if structure_pending and problem.layout is None else None
             with grad_mode(options.create_graph):
                 assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state, progress=progress,
-                                                                    after_chunk=after_first_slice)
+                                                                    after_chunk=after_first_slice,
+                                                                    assembler=slice_assembler)
             if verdict.get("look"):
                 looked = True
                 # Detection is stopped past DETECT_LIMIT times the projected dense Jacobian (see there why).

@@ -8,7 +8,11 @@ VJP per pass: a loop) could pay for a trace (about TRACE_FACTOR evaluations of
 `f`) runs its dense method on a first slice of the basis, times it, and projects
 the whole dense Jacobian; structure is looked for only if the trace is estimated
 under DETECT_SHARE of that projection, so a dense function's first call is slowed
-by at most that share (plus one extra chunk). With a pattern, compression is
+by at most that share (plus one extra chunk). The slice's own rows (or columns)
+are a free hint: where at most LOOKS_SPARSE of their entries are nonzero, the
+trace may take up to SPARSE_DETECT_SHARE of the projection (a 2-D Brusselator's
+first 64 rows hold 6 nonzeros in 2048 each; its trace, about 40 evaluations, was
+12% of the projection, so its first call ran dense: 130 ms against 40 ms). With a pattern, compression is
 used when it needs at most SAVES of the dense passes; the dense slice is then
 dropped and the Jacobian computed one seed per colour. A user's pattern is
 always coloured and used. A dense plan whose first call did not look (too short
@@ -77,9 +81,20 @@ def might_pay(problem: Problem, eval_seconds: float, vjp_seconds: float, per_pas
     return passes >= MIN_PASSES and trace_estimate(eval_seconds) < DETECT_SHARE * passes * per_pass
 
 
-def worth_detecting(projected_dense_seconds: float, eval_seconds: float) -> bool:
-    """Whether the trace is estimated under DETECT_SHARE of the dense Jacobian's projected time."""
-    return trace_estimate(eval_seconds) < DETECT_SHARE * projected_dense_seconds
+LOOKS_SPARSE = 1 / 16
+SPARSE_DETECT_SHARE = 0.5
+"""A first slice whose computed entries are at most LOOKS_SPARSE nonzero lets the trace take up to this share
+of the dense projection. Exact zeros in the values are only a hint (the pattern itself comes from the trace,
+which sees every op, so a hint can only cost time): a function whose Jacobian is numerically sparse at this
+point but structurally dense pays at most this share once, on its first call."""
+
+
+def worth_detecting(projected_dense_seconds: float, eval_seconds: float, nonzero_share: float | None = None) -> bool:
+    """Whether the trace is estimated under DETECT_SHARE of the dense Jacobian's projected time (under
+    SPARSE_DETECT_SHARE when the first slice's entries were at most LOOKS_SPARSE nonzero)."""
+    sparse_looking = nonzero_share is not None and nonzero_share <= LOOKS_SPARSE
+    share = SPARSE_DETECT_SHARE if sparse_looking else DETECT_SHARE
+    return trace_estimate(eval_seconds) < share * projected_dense_seconds
 
 
 def colorings(pattern: Pattern, symmetric: bool = False) -> tuple[Coloring, Coloring]:
