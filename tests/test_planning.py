@@ -384,3 +384,65 @@ def test_a_plan_counts_each_call_once():
         autojac.jacobian(g, x)
     p = autojac.plan(g, x)
     assert p.calls == 7 and "after 7 call(s)" in str(p)
+
+
+def test_a_method_stopped_on_its_slice_gets_one_whole_run_before_the_plan_settles():
+    # A slice's projection overstates a batched method (a few vectors are mostly fixed cost): one projected
+    # within RETRY_PROJECTED of the incumbent is run whole once, when the credit covers it; then it settles.
+    e = entry_with({"reverse/repeat": [0.010, 0.010]}, "reverse/repeat")
+    for s in e.stats.values():
+        if s.status == "untried":
+            s.status = "slower"  # predicted or measured slower: not re-tried
+    func = e.stats["reverse/vmap [func]"]
+    func.prior, func.stopped_on_slice = 0.025, True  # projected from its slice at 2.5x the incumbent
+    far = e.stats["forward/vmap"]
+    far.prior, far.stopped_on_slice = 0.5, True  # projected at 50x: not worth a whole run
+    e.credit = 0.01
+    assert e.next_trial() is None and not e.settled  # 15 ms over an incumbent call: more than the credit
+    e.credit = 0.02
+    trial = e.next_trial()
+    assert trial.method.name == "reverse/vmap [func]" and trial.slice_vectors == 100 and func.retried
+    func.status = "slower"  # stopped again (under a budget, its first chunk can be a slice again)
+    assert e.next_trial() is None and e.settled  # once only
+
+
+def test_a_plans_repeat_methods_share_the_cost_of_checks_on_new_values():
+    e = entry_with({"reverse/repeat": [0.005, 0.005], "forward-trick/repeat": [0.006],
+                    "reverse/vmap [func]": [0.0075]}, "reverse/repeat")
+    for _ in range(4):
+        e.stats["reverse/repeat"].note_values(True, 0.004)  # a closure with a new target every call
+    assert e.stats["forward-trick/repeat"].extra == 0.004  # the same checks await any repeat method
+    assert e.stats["reverse/vmap [func]"].extra == 0.0
+    e.consider_switch()
+    assert e.incumbent == "reverse/vmap [func]", e.events  # 7.5 ms against 9 and 10, not the 6 ms repeat trick
+
+
+def test_a_trials_own_evaluation_is_not_projected_as_if_paid_per_slice(monkeypatch):
+    """A trial's first slice is projected to a whole run from its chunk's time; the evaluation of `f` the
+    alternative makes once (here 20 ms, as the incumbent's calls do) is added once, not scaled with the chunk
+    (which stopped every vmap trial of a slow `f`: 20 ms x sqrt(64 / 2) against 1.5 x 20 ms)."""
+    import time as _time
+
+    import autojac
+    from autojac._planning import choose, session
+
+    W = torch.randn(64, 64, dtype=torch.float64) / 8
+
+    def f(x):
+        _time.sleep(0.02)
+        return torch.tanh(W @ x)
+
+    x = torch.randn(64, dtype=torch.float64)
+    autojac.clear_cache()
+    autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
+    autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
+    entry = autojac.plan(f, x, mode="reverse", vectorize="vmap").entry
+    other = next(s for s in entry.stats.values() if s.method.vectorize == "vmap" and s.method.name != entry.incumbent)
+    assert other.status == "untried", str(entry.snapshot())
+    monkeypatch.setattr(choose, "slice_for", lambda *a, **k: 2)
+    entry.credit, entry.structure_open = 1.0, False  # the credit goes to the trial, not to a look for structure
+    want = torch.autograd.functional.jacobian(f, x)
+    torch.testing.assert_close(autojac.jacobian(f, x, mode="reverse", vectorize="vmap"), want)
+    report = autojac.last_report()
+    assert report.trial is not None and report.trial.startswith(other.method.name), report.trial
+    assert "stopped" not in report.trial and other.status in ("measured", "chosen"), report.trial
