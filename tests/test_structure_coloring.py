@@ -143,3 +143,18 @@ def test_heavy_random_pattern_is_valid_and_bounded():
     c = color_columns(p)
     assert c.is_valid(p) and c.lower_bound <= c.n_colors < 1500
     assert time.perf_counter() - start < 10
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 400))
+def test_the_validity_check_agrees_with_an_independent_one_whatever_the_colour_count(seed, k):
+    # Few colours are judged with a count array, many (beside the entries) by sorting: the verdict is the same.
+    from autojac._structure.coloring import _nets, _valid
+
+    rng = np.random.default_rng(seed)
+    m = sp.random(30, 40, density=0.08, random_state=rng, format="csr") != 0
+    p = pattern(m)
+    colors = rng.integers(0, k, size=40)
+    dense = p.to_dense().numpy()
+    independent = all(np.unique(colors[np.nonzero(row)[0]]).size == np.count_nonzero(row) for row in dense)
+    assert _valid(_nets(p, "column"), colors) == independent
