@@ -102,18 +102,18 @@ class Problem:
     @cached_property
     def in_bytes(self) -> int:
         """Bytes of one input vector (all inputs): what one row of the Jacobian takes."""
-        return sum(n * torch.empty((), dtype=dt).element_size() for n, dt in zip(self.in_sizes, self.inputs.dtypes))
+        return sum(n * dt.itemsize for n, dt in zip(self.in_sizes, self.inputs.dtypes))
 
     @cached_property
     def out_bytes(self) -> int:
         """Bytes of one output vector (all outputs): what one column of the Jacobian takes."""
-        return sum(m * torch.empty((), dtype=dt).element_size() for m, dt in zip(self.out_sizes, self.out_dtypes))
+        return sum(m * dt.itemsize for m, dt in zip(self.out_sizes, self.out_dtypes))
 
     @cached_property
     def result_bytes(self) -> int:
         """Bytes of the returned Jacobian: one block per (output, input) pair."""
         return sum(
-            m * n * torch.empty((), dtype=dt).element_size()
+            m * n * dt.itemsize
             for m in self.out_sizes
             for n, dt in zip(self.in_sizes, self.inputs.dtypes)
         )
