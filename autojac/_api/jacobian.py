@@ -191,8 +191,10 @@ def jacobian(
         evaluation's backward, timed) finds torch's vmap looping over ops it has
         no batching rule for, at a cost (looped op calls x rows x 1 us) above two
         evaluations of `f` plus 0.5 ms, or batching no faster than half a plain
-        VJP per vector at a like cost: then the torch.func engine goes first. If a
-        method fails, the next: the other engine, the loop, the other modes.
+        VJP per vector at a like cost: then the torch.func engine goes first. Below
+        100 rows the autograd engine's own run counts its loops, for later calls'
+        order. If a method fails, the next: the other engine, the loop, the other
+        modes.
         If that evaluation wrote in place into a tensor `f` captures (a counter,
         a running average that is not a module buffer), the plan settles on the
         method that worked: each call evaluates `f` once and nothing is explored.
@@ -206,8 +208,9 @@ def jacobian(
         chunk measured).
       - Structure (sparsity="auto"): when the dense Jacobian has at least 64
         passes and could be long, its first slice is timed; if a trace (about 40
-        evaluations of `f`) is under 10% of the projected dense Jacobian, the
-        pattern is detected (stopped past 3x that projection, or as soon as it is
+        evaluations of `f`) is under 10% of the projected dense Jacobian (50%
+        when at most 1/16 of the slice's entries are nonzero), the pattern is
+        detected (stopped past 3x that projection, or as soon as it is
         too full to halve the passes) and coloured, and compression is used when
         it needs at most half the dense passes.
       - The result is verified (see "Never silently wrong" in the README) before
@@ -223,8 +226,11 @@ def jacobian(
       the measured evaluation and VJP; vmap and repeat from the plan's own time,
       the repeat trick before the other vmap engine unless the probe found loops):
       a mode needing over 4x the passes, or a method predicted over 4x slower, is
-      not tried; a trial whose first slice projects over 1.5x the plan's time stops
-      there. Under a budget, forward modes are not tried when a zero tangent the size
+      not tried; a trial whose first slice projects over 1.5x the plan's time (its
+      one evaluation of `f` counted once, the slice's chunk scaled up; the plan's
+      time with the checks a repeat plan pays on new captured values) stops
+      there, and if that projection is under 4x, the alternative gets one whole
+      run before the plan settles. Under a budget, forward modes are not tried when a zero tangent the size
       of the largest tensor `f` holds would not fit. A measured alternative whose
       fastest whole call beats the plan's method by over 3% replaces it; one within
       2x runs a second whole call first (a first run is a cold one, or sliced). Structure
