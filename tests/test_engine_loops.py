@@ -129,7 +129,7 @@ def test_no_probe_without_loops_below_the_row_count_or_when_f_may_run_only_once(
     monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)
     x = torch.randn(128, dtype=torch.float64)
     W = torch.randn(128, 128, dtype=torch.float64)
-    g = lambda x: torch.exp(W @ x / 10) * x  # noqa: E731 - batching rules for every op of its backward
+    g = lambda x: torch.exp(x @ W.T / 10) * x  # noqa: E731 - batching rules for every op of its backward
     torch.testing.assert_close(autojac.jacobian(g, x), reference(g, x))
     assert autojac.last_report().method == "reverse/vmap [autograd]"
     assert autojac.last_report().evaluations == 1
@@ -185,26 +185,9 @@ def test_a_batching_rule_no_faster_than_a_loop_puts_the_torch_func_engine_first(
     W = torch.randn(512, 512, dtype=torch.float64) / 512**0.5
     x = torch.randn(512, dtype=torch.float64)
     f = lambda x: torch.tanh(W @ x)  # noqa: E731
-    want = reference(f, x)
+    want = reference(f, x)  # also runs these kernels once: a process's first VJP of them can be several times slower
     torch.testing.assert_close(autojac.jacobian(f, x), want)
     assert autojac.last_report().method == "reverse/vmap [func]"
     assert "no faster than a loop" in str(autojac.plan(f, x))
     torch.testing.assert_close(autojac.jacobian(f, x), want)
 
-
-def test_a_cold_reference_vjp_does_not_hide_a_loop_like_batching(monkeypatch):
-    # The first call times one plain VJP (the check's reference); in a process that never ran these kernels it
-    # can be several times slower than warm, and the probe's batched vectors then look no slower than a loop.
-    # Near the line, a second VJP is timed and the faster counts.
-    real = session.Call.reference
-
-    def cold(self, *args, **kwargs):
-        __import__("time").sleep(0.0003)  # a few times the warm VJP (about 0.05 ms; batched: 0.08 ms a vector)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(session.Call, "reference", cold)
-    W = torch.randn(512, 512, dtype=torch.float64) / 512**0.5
-    x = torch.randn(512, dtype=torch.float64)
-    f = lambda x: torch.tanh(W @ x) * 1.0  # noqa: E731
-    torch.testing.assert_close(autojac.jacobian(f, x), reference(f, x))
-    assert autojac.last_report().method == "reverse/vmap [func]", str(autojac.plan(f, x))

@@ -65,14 +65,14 @@ class Assembler:
 
     def nonzero_share(self, start: int, stop: int) -> float | None:
         """The share of nonzero entries among the rows (reverse) or columns (forward) start..stop written so
-        far, over every block; None if they were not kept apart (one chunk held the whole basis)."""
+        far, over every block (a block never written counts as zeros); None for an empty range."""
         p = self.problem
         basis_sizes = p.out_sizes if self.by_rows else p.in_sizes
         other = sum(p.in_sizes) if self.by_rows else sum(p.out_sizes)
         total = (stop - start) * other
         if total <= 0:
             return None
-        nonzero, offset = 0, 0
+        nonzero, offset = None, 0
         for b, size in enumerate(basis_sizes):
             lo, hi = max(start, offset) - offset, min(stop, offset + size) - offset
             if lo < hi:
@@ -82,9 +82,10 @@ class Assembler:
                     if block is None:
                         continue
                     part = block[lo:hi] if self.by_rows else block[:, lo:hi]
-                    nonzero += int(torch.count_nonzero(part))
+                    count = torch.count_nonzero(part)
+                    nonzero = count if nonzero is None else nonzero + count
             offset += size
-        return nonzero / total
+        return 0.0 if nonzero is None else int(nonzero) / total  # one device sync
 
     def result(self) -> object:
         """The Jacobian, nested output-major (see `_core/pytree.py`)."""

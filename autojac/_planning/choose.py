@@ -24,7 +24,8 @@ PRUNE_PASSES = 4
 PRUNE_PREDICTED = 4.0
 """An alternative predicted to take more than this many times the incumbent's time is not tried."""
 ABORT_PROJECTED = 1.5
-"""A trial whose first slice projects to more than this many times the incumbent's time stops there."""
+"""A trial whose first slice projects to more than this many times the incumbent's cost (its fastest call, plus
+a repeat plan's checks on new captured values) stops there."""
 RETRY_PROJECTED = 4.0
 """A trial stopped on its first slice's projection, if that projection is under this many times the incumbent's
 cost, is run once more on a whole call before the plan settles: a 3-row slice of the torch.func engine on a
@@ -60,7 +61,8 @@ loop (grid residual)."""
 ENGINE_PRIOR = 0.9
 """Prior time of the other vmap engine: unknown until tried (1.1x to 8x either way, see NOTE: [Two engines for vmap]).
 
-Where the first call probed torch.autograd's vmap for loops (`Facts.autograd_loops`), the prior follows the probe:
+Where the first call probed torch.autograd's vmap for loops, or counted them in its own first chunk on that engine
+(`Facts.autograd_loops`), the prior follows the count:
 no loops, the engines run the same kernels and the torch.func engine is tried after the repeat trick
 (ENGINE_PRIOR_NO_LOOPS); loops, the func engine went first and the autograd engine is predicted slower
 (ENGINE_PRIOR_LOOPS)."""

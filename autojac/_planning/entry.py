@@ -254,7 +254,7 @@ class PlanEntry:
             # cost): one stopped within RETRY_PROJECTED of the incumbent gets one whole run, once the credit
             # covers what that run would cost beyond an incumbent call by the projection.
             retry = [s for s in self.stats.values() if s.status == "slower" and s.stopped_on_slice and not s.retried
-                     and s.prior is not None and s.prior < choose.RETRY_PROJECTED * inc.cost]
+                     and s.prior is not None and s.prior + s.extra < choose.RETRY_PROJECTED * inc.cost]
             if retry:
                 s = min(retry, key=lambda s: s.prior)
                 if self.credit >= s.prior - inc.cost:
@@ -332,8 +332,9 @@ class PlanEntry:
             text = f"Settled after {self.calls} call(s): the fastest of {len(measured)} measured method(s)"
         else:
             waiting = [s.method.name for s in self.stats.values() if s.status == "untried"]
+            pending = "a second run of a close contender, or a whole run of one stopped on its slice"
             text = (f"Still exploring after {self.calls} call(s): the fastest so far of {len(measured)} measured; "
-                    f"to try: {', '.join(waiting) if waiting else 'a second run of a close contender'}")
+                    f"to try: {', '.join(waiting) if waiting else pending}")
         if self.budget_bytes is not None and inc.chunk_size is not None and inc.chunk_size < inc.method.passes(
                 self.problem.col_passes, self.problem.row_passes):
             text += "; its chunk size is the largest whose measured peak fits the budget"

@@ -79,14 +79,12 @@ VJP, under 5% of a vmapped run's bound (LOOP_TO_VMAP of a VJP per row) from here
 PROBE_VECTORS = 8
 LOOP_LIKE = 0.5
 VMAP_PER_VJP = 0.2
-"""The probe pushes PROBE_VECTORS vectors; over LOOP_LIKE of a plain VJP's time per vector, the autograd
-engine's batching is loop-like, and the torch.func engine is expected at VMAP_PER_VJP of a VJP per vector.
+"""The probe pushes PROBE_VECTORS vectors; over LOOP_LIKE of a plain VJP's time per vector beyond the first (the
+first pays about a VJP's fixed work), the autograd engine's batching is loop-like, and the torch.func engine is expected at VMAP_PER_VJP of a VJP per vector.
 `tanh(W @ x)` with a 512 x 512 W (float64): torch.autograd's vmap runs `mv`'s backward as one `bmm` over
 copies of W, 265 ms for the 512 rows against 12.5 ms for torch.func.jacrev and 81 ms for a loop of VJPs;
 no op falls back to a loop, so counting loops alone missed it (`W @ x` only: `x @ W.T` and `nn.Linear` batch
 as one matmul)."""
-RETIME_WITHIN = 4.0
-"""A probe within this factor below the loop-like line times a second plain VJP (the first may have been cold)."""
 FUNC_EVALUATION_FACTOR = 2.0
 FUNC_FIXED_SECONDS = 5e-4
 """What putting the torch.func engine first costs a first call: an evaluation of `f` under its transform,
@@ -413,17 +411,29 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                     graph = None
             adopt_seconds = time.perf_counter() - t
             _batch_aware_once(call, entry, m)
-            # The slice's rows are kept apart (a dense collector) so that their zeros can hint at structure.
+            # The run's collector, made here so that the slice's callback can count the zeros of its rows (a hint
+            # of structure).
             slice_assembler = collector(problem, m.by_rows) if structure_pending and problem.layout is None else None
-            # Unprobed, the autograd engine's run counts its own loops (a few microseconds, no extra work): the
-            # exploration order of later calls follows (NOTE: [The autograd engine's vmap loops]).
+            # Unprobed, the autograd engine's first chunk counts its own loops (a few microseconds, no extra work):
+            # the exploration order of later calls follows (NOTE: [The autograd engine's vmap loops]). The counter
+            # is process-wide, so it is held for that chunk only.
             counting = (m.mode, m.vectorize, m.engine) == ("reverse", "vmap", "autograd") and \
                 entry.facts.autograd_loops is None and not entry.once_only
-            with grad_mode(options.create_graph), (LoopProbe() if counting else contextlib.nullcontext()) as loops:
-                assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state, progress=progress,
-                                                                    after_chunk=after_first_slice,
-                                                                    assembler=slice_assembler)
-            if counting and loops.active:
+            loops = LoopProbe() if counting else None
+
+            def after_chunk(log: RunLog, loops=loops) -> bool:
+                if loops is not None:
+                    loops.__exit__(None, None, None)  # closing twice is harmless
+                return after_first_slice(log)
+            try:
+                with grad_mode(options.create_graph), (loops if loops is not None else contextlib.nullcontext()):
+                    assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state,
+                                                                        progress=progress, after_chunk=after_chunk,
+                                                                        assembler=slice_assembler)
+            finally:
+                if loops is not None:
+                    loops.__exit__(None, None, None)
+            if loops is not None and loops.active:
                 entry.facts = dataclasses.replace(entry.facts, autograd_loops=loops.loops)
             if verdict.get("look"):
                 looked = True
@@ -608,35 +618,30 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
             began = time.perf_counter()
             vjp(graph.ys, graph.xs, seeds(problem, True, 0, k), create_graph=False, batched=True)
             _sync(problem.inputs.device)
-            per_vector = (time.perf_counter() - began) / k
+            batched = time.perf_counter() - began
+            per_vector = batched / k
     except Exception:  # noqa: BLE001 - only advice: the methods find out for themselves what fails
         return chain
     vjp_seconds = entry.facts.vjp_seconds or 0.0
-    if vjp_seconds > 0 and LOOP_LIKE * vjp_seconds / RETIME_WITHIN < per_vector <= LOOP_LIKE * vjp_seconds:
-        # Near the line, the one reference VJP timed so far may have been cold (a process's first kernels of
-        # these shapes): one more plain VJP, and the faster counts.
-        try:
-            with grad_mode(entry.options.create_graph):
-                _sync(problem.inputs.device)
-                began = time.perf_counter()
-                vjp(graph.ys, graph.xs, [b[0] for b in seeds(problem, True, 0, 1)], create_graph=False)
-                _sync(problem.inputs.device)
-                vjp_seconds = min(vjp_seconds, time.perf_counter() - began)
-        except Exception:  # noqa: BLE001 - only advice
-            pass
-    loop_like = vjp_seconds > 0 and per_vector > LOOP_LIKE * vjp_seconds
-    entry.facts = dataclasses.replace(entry.facts, autograd_loops=max(probe.loops, int(loop_like)),  # for priors
-                                      probe_seconds_per_vector=per_vector)
+    # A batched backward costs about a plain VJP's fixed work, then its vectors: the marginal cost per vector is
+    # what a loop would pay in full (W @ x on 128 rows: 16 us a vector over 8, but 13 us beyond the first, against
+    # a 38 us VJP; on 512 rows 82 us beyond the first, against 53 us).
+    marginal = max(batched - vjp_seconds, 0.0) / max(k - 1, 1)
+    loop_like = vjp_seconds > 0 and marginal > LOOP_LIKE * vjp_seconds
+    # Loops counted only where the probe could watch (another thread probing at the same time: unknown, unless
+    # the timing alone says loop-like).
+    loops = max(probe.loops, int(loop_like)) if probe.active or loop_like else None
+    entry.facts = dataclasses.replace(entry.facts, autograd_loops=loops, probe_seconds_per_vector=per_vector)  # priors
     worth = FUNC_EVALUATION_FACTOR * eval_seconds + FUNC_FIXED_SECONDS
     lost = probe.loops * n * LOOP_SLICE_SECONDS
-    slow = n * (per_vector - VMAP_PER_VJP * vjp_seconds) if loop_like else 0.0
+    slow = n * (marginal - VMAP_PER_VJP * vjp_seconds) if loop_like else 0.0
     if lost > worth:  # some loops
         ops = ", ".join(probe.ops[:4]) + (" and more" if len(probe.ops) > 4 else "")
         why = (f"torch.autograd's vmap loops over the chunk for {ops} ({probe.loops} looped op calls per vector, "
                f"about {seconds_text(lost)} over the basis)")
     elif slow > worth:
-        why = (f"torch.autograd's vmap took {seconds_text(per_vector)} a vector over {k} vectors, "
-               f"{per_vector / vjp_seconds:.1f}x a plain VJP (a batching rule no faster than a loop)")
+        why = (f"torch.autograd's vmap took {seconds_text(marginal)} a vector beyond the first of {k}, "
+               f"{marginal / vjp_seconds:.1f}x a plain VJP (a batching rule no faster than a loop)")
     else:
         return chain
     entry.events.append(f"{other.name} went first: {why}")
@@ -1071,11 +1076,14 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
         # the torch.func engine on a 48-row robot arm projected 2.2 ms against the repeat trick's 0.45 ms (0.22 ms
         # and a check on new captured values); jacrev takes 0.25 ms.
         power = 1.0 if m.vectorize == "loop" else 0.5
-        chunk = log.chunks[0].seconds if log.chunks[0].seconds is not None else elapsed
-        projected = (elapsed - chunk) + chunk * (n / max(log.chunks[0].size, 1)) ** power
-        if projected > choose.ABORT_PROJECTED * inc.cost:  # the incumbent's calls with their checks
+        done = sum(c.size for c in log.chunks)
+        work = sum(c.seconds for c in log.chunks) if all(c.seconds is not None for c in log.chunks) else elapsed
+        projected = (elapsed - work) + work * (n / max(done, 1)) ** power
+        # Both sides with the checks their calls pay on new captured values (a repeat method's).
+        if projected + stats.extra > choose.ABORT_PROJECTED * inc.cost:
             verdict["stopped"] = True
             verdict["projected"] = projected
+            verdict["vectors"] = done
             return False
         return True
 
@@ -1122,7 +1130,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     projected = verdict.get("projected", math.inf)
     with entry.lock:
         stats.status = "slower"
-        stats.reason = f"projected {seconds_text(projected)} from {log.chunks[0].size} vectors"
+        stats.reason = f"projected {seconds_text(projected)} from {verdict.get('vectors', log.chunks[0].size)} vectors"
         stats.prior = projected
         stats.stopped_on_slice = True
         _learn(stats, log, sizer)
