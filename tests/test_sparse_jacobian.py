@@ -472,3 +472,17 @@ def test_the_first_slice_hands_its_density_to_the_decision(monkeypatch):
     h = lambda u: torch.tanh(W @ u)  # noqa: E731
     torch.testing.assert_close(autojac.jacobian(h, x), torch.autograd.functional.jacobian(h, x))
     assert len(seen) == 2 and seen[0] is not None and seen[0] <= 3 / 400 and seen[1] > 0.9, seen
+
+
+def test_a_first_call_that_finds_structure_evaluates_f_once_beside_the_trace(monkeypatch):
+    """The compressed run pushes the colours' seeds through the backward of the plain evaluation the call
+    started from, instead of evaluating `f` again (the trace, on fake tensors, is not counted)."""
+    from autojac._planning import session
+
+    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
+    monkeypatch.setattr(session, "worth_detecting", lambda *a, **k: True)
+    g = lambda u: stencil(u) * 4.0  # noqa: E731
+    x = t64(400)
+    torch.testing.assert_close(autojac.jacobian(g, x), torch.autograd.functional.jacobian(g, x))
+    report = autojac.last_report()
+    assert autojac.plan(g, x).problem.layout is not None and report.evaluations == 1, report

@@ -234,6 +234,9 @@ def prior_seconds(m: MethodId, incumbent: MethodId, incumbent_seconds: float, fa
         return facts.eval_seconds + n * per_pass
     if m.vectorize == "repeat":
         factor = REPEAT_PRIOR
+        if facts.autograd_loops and (incumbent.vectorize, incumbent.engine) == ("vmap", "autograd"):
+            # Its backward is one plain pass, untouched by the loops that slow the incumbent: still first.
+            factor /= ENGINE_PRIOR_LOOPS
     elif facts.autograd_loops is None or m.mode != "reverse":
         factor = ENGINE_PRIOR
     elif m.engine == "autograd":

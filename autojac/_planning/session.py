@@ -445,7 +445,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                     entry = new_entry(problem)
                     entry.structure = note
                     chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
-                    graph = None
+                    # The plain evaluation stays: a method that starts from it pushes the colours' seeds through
+                    # its backward, with no evaluation of `f` beyond the call's first (and the trace).
                     methods.restart(chain)
                     progress.close()
                     continue
