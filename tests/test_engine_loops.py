@@ -186,8 +186,15 @@ def test_a_batching_rule_no_faster_than_a_loop_puts_the_torch_func_engine_first(
     x = torch.randn(512, dtype=torch.float64)
     f = lambda x: torch.tanh(W @ x)  # noqa: E731
     want = reference(f, x)  # also runs these kernels once: a process's first VJP of them can be several times slower
-    torch.testing.assert_close(autojac.jacobian(f, x), want)
-    assert autojac.last_report().method == "reverse/vmap [func]"
+    # The decision compares two timings of one sample each (the check's reference VJP, 50 us here, and the
+    # probe's 8 vectors); a scheduler hiccup on one of them can flip it, so up to three fresh plans are made
+    # and one must decide right (each answer is checked all the same).
+    for _ in range(3):
+        autojac.clear_cache()
+        torch.testing.assert_close(autojac.jacobian(f, x), want)
+        if autojac.last_report().method == "reverse/vmap [func]":
+            break
+    assert autojac.last_report().method == "reverse/vmap [func]", str(autojac.plan(f, x))
     assert "no faster than a loop" in str(autojac.plan(f, x))
     torch.testing.assert_close(autojac.jacobian(f, x), want)
 

@@ -436,3 +436,19 @@ def test_random_compositions_are_exact(program):
     f, shape = program
     torch.manual_seed(1)
     check(f, rnd(shape[0] * shape[1]) + 0.1, exact=True)
+
+
+def test_a_constant_operand_too_large_to_spell_out_is_taken_as_dense(monkeypatch):
+    # A weight with a few exact zeros would need every (output, input) pair spelled out; past the limit the
+    # operand counts as dense: a superset of the pattern (never a missed nonzero), and the op is named.
+    from autojac._structure import linear
+
+    W = torch.randn(6, 5, dtype=torch.float64)
+    W[0, 0] = 0.0
+    f = lambda x: W @ x  # noqa: E731
+    x = torch.randn(5, dtype=torch.float64)
+    exact = detect(f, (x,))
+    assert not exact.to_dense()[0, 0] and not exact.dense_ops
+    monkeypatch.setattr(linear, "EXACT_PAIRS_LIMIT", 10)
+    capped = detect(f, (x,))
+    assert capped.to_dense().all() and any("too large to spell out" in op for op in capped.dense_ops)

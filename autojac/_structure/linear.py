@@ -18,12 +18,35 @@ from .registry import Call, rule
 
 def _view3(call: Call, t, pos: torch.Tensor):
     """Deps and value of t rearranged by a 1-based position tensor of shape (b, r, c)."""
-    flat = pos.reshape(-1).numpy()
-    d = D.take(call.deps(t), flat) if call.deps(t) is not None else None
+    d = D.take(call.deps(t), pos.reshape(-1).numpy()) if call.deps(t) is not None else None
     v = call.value(t)
     if v is not None:
-        v = v.reshape(-1)[pos - 1]
+        flat = v.reshape(-1)
+        if (pos.is_contiguous() and pos.numel() == flat.numel()
+                and torch.equal(pos.reshape(-1), torch.arange(1, flat.numel() + 1, dtype=pos.dtype, device=pos.device))):
+            v = flat.reshape(pos.shape)  # the layout as it is (an mm's operands): no gather of a large weight
+        else:
+            v = flat[pos - 1]
     return d, v
+
+
+EXACT_PAIRS_LIMIT = 4_000_000
+"""A constant operand's exact pattern is spelled out up to this many (output, input) pairs; beyond, the operand
+is taken as dense (every entry may be nonzero: a superset, never a missed nonzero) and the op is listed among
+those treated as dense. A 32768 x 512 weight with a few exact zeros built 16.7 million pairs: 13 s and 3 GB
+for a pattern that came out dense anyway (wide_mlp, a later call's look for structure)."""
+
+
+def _nearly_dense(pattern: np.ndarray, repeats: int) -> bool:
+    """Whether to take a constant operand's pattern as dense: no zero in it, or too many pairs to spell out
+    (each of its nonzeros times `repeats` rows or columns of the other side)."""
+    nonzero = int(np.count_nonzero(pattern))
+    if nonzero == pattern.size:
+        return True
+    if nonzero * max(repeats, 1) > EXACT_PAIRS_LIMIT:
+        D.CAPPED.append(f"a constant operand of {nonzero} nonzeros too large to spell out")
+        return True
+    return False
 
 
 def bmm_deps(a: tuple, b: tuple, shape_a: tuple, shape_b: tuple) -> D.Deps | None:
@@ -34,7 +57,7 @@ def bmm_deps(a: tuple, b: tuple, shape_a: tuple, shape_b: tuple) -> D.Deps | Non
     parts = []
     if da is not None and k:
         pat = None if vb is None else (vb != 0).numpy()
-        if pat is None or pat.all():
+        if pat is None or _nearly_dense(pat, n):
             rows = reduce_deps(da, shape_a, [2])  # (B, n): union over the row of A
             parts.append(D.take(rows, pos_map((nb, n)).unsqueeze(-1).expand(nb, n, m).reshape(-1).numpy()))
         else:
@@ -46,7 +69,7 @@ def bmm_deps(a: tuple, b: tuple, shape_a: tuple, shape_b: tuple) -> D.Deps | Non
             parts.append(D.reduce(da, groups))
     if db is not None and k:
         pat = None if va is None else (va != 0).numpy()
-        if pat is None or pat.all():
+        if pat is None or _nearly_dense(pat, m):
             cols = reduce_deps(db, shape_b, [1])  # (B, m): union over the column of B
             parts.append(D.take(cols, pos_map((nb, m)).unsqueeze(1).expand(nb, n, m).reshape(-1).numpy()))
         else:
