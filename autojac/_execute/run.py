@@ -44,6 +44,10 @@ class RunLog:
     events: list[str] = field(default_factory=list)
 
     @property
+    def vectors(self) -> int:
+        return sum(c.size for c in self.chunks)
+
+    @property
     def seconds(self) -> float | None:
         if not self.chunks or any(c.seconds is None for c in self.chunks):
             return None

@@ -83,26 +83,13 @@ class MethodStats:
         return self.method.vectorize == "repeat" and not set(sizes) <= self.checked_sizes
 
     @property
-    def recent_checks(self) -> list[bool]:
-        return self.checks.recent if self.checks is not None else []
-
-    @property
-    def recheck_seconds(self) -> float | None:
-        return self.checks.seconds if self.checks is not None else None
-
-    @recheck_seconds.setter
-    def recheck_seconds(self, seconds: float | None) -> None:
-        if self.checks is not None:
-            self.checks.seconds = seconds
-
-    @property
     def extra(self) -> float:
         """Seconds a call of this method costs beyond its run: checks on new captured values, at the share of
         the plan's recent calls that needed one (NOTE: [A repeat plan on changing values])."""
-        recent = self.recent_checks
-        if self.recheck_seconds is None or not recent:
+        checks = self.checks
+        if checks is None or checks.seconds is None or not checks.recent:
             return 0.0
-        return self.recheck_seconds * sum(recent) / len(recent)
+        return checks.seconds * sum(checks.recent) / len(checks.recent)
 
     @property
     def cost(self) -> float | None:
@@ -283,8 +270,8 @@ class PlanEntry:
         if not self.settled:
             # With the checks a repeat incumbent pays on new captured values (NOTE: [A repeat plan on changing
             # values]): they are part of what its calls cost.
-            best = self.chosen().cost if self.incumbent is not None else None
-            self.credit += choose.EXPLORE_SHARE * (best if best is not None else seconds)
+            cost = self.chosen().cost if self.incumbent is not None else None
+            self.credit += choose.EXPLORE_SHARE * (cost if cost is not None else seconds)
 
     def consider_switch(self) -> None:
         """Make the fastest measured method the incumbent (by its fastest whole call)."""

@@ -80,7 +80,8 @@ PROBE_VECTORS = 8
 LOOP_LIKE = 0.5
 VMAP_PER_VJP = 0.2
 """The probe pushes PROBE_VECTORS vectors; over LOOP_LIKE of a plain VJP's time per vector beyond the first (the
-first pays about a VJP's fixed work), the autograd engine's batching is loop-like, and the torch.func engine is expected at VMAP_PER_VJP of a VJP per vector.
+first pays about a VJP's fixed work), the autograd engine's batching is loop-like, and the torch.func engine is
+expected at VMAP_PER_VJP of a VJP per vector.
 `tanh(W @ x)` with a 512 x 512 W (float64): torch.autograd's vmap runs `mv`'s backward as one `bmm` over
 copies of W, 265 ms for the 512 rows against 12.5 ms for torch.func.jacrev and 81 ms for a loop of VJPs;
 no op falls back to a loop, so counting loops alone missed it (`W @ x` only: `x @ W.T` and `nn.Linear` batch
@@ -388,8 +389,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             if not structure_pending:
                 return True
             structure_pending = False
-            done = sum(c.size for c in log.chunks)
-            projected = sum(c.seconds for c in log.chunks) * n / max(done, 1)
+            done = log.vectors
+            projected = (log.seconds or 0.0) * n / max(done, 1)
             share = slice_assembler.nonzero_share(0, done) if slice_assembler is not None else None
             verdict["look"] = worth_detecting(projected, min(region.seconds, vjp_seconds), share)  # one noisy timing less
             verdict["projected"] = projected
@@ -425,14 +426,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                 if loops is not None:
                     loops.__exit__(None, None, None)  # closing twice is harmless
                 return after_first_slice(log)
-            try:
-                with grad_mode(options.create_graph), (loops if loops is not None else contextlib.nullcontext()):
-                    assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state,
-                                                                        progress=progress, after_chunk=after_chunk,
-                                                                        assembler=slice_assembler)
-            finally:
-                if loops is not None:
-                    loops.__exit__(None, None, None)
+            with grad_mode(options.create_graph), (loops if loops is not None else contextlib.nullcontext()):
+                assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state,
+                                                                    progress=progress, after_chunk=after_chunk,
+                                                                    assembler=slice_assembler)
             if loops is not None and loops.active:
                 entry.facts = dataclasses.replace(entry.facts, autograd_loops=loops.loops)
             if verdict.get("look"):
@@ -1077,8 +1074,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
         # the torch.func engine on a 48-row robot arm projected 2.2 ms against the repeat trick's 0.45 ms (0.22 ms
         # and a check on new captured values); jacrev takes 0.25 ms.
         power = 1.0 if m.vectorize == "loop" else 0.5
-        done = sum(c.size for c in log.chunks)
-        work = sum(c.seconds for c in log.chunks) if all(c.seconds is not None for c in log.chunks) else elapsed
+        done = log.vectors
+        work = log.seconds if log.seconds is not None else elapsed
         projected = (elapsed - work) + work * (n / max(done, 1)) ** power
         # Both sides with the checks their calls pay on new captured values (a repeat method's).
         if projected + stats.extra > choose.ABORT_PROJECTED * inc.cost:
