@@ -486,3 +486,23 @@ def test_a_first_call_that_finds_structure_evaluates_f_once_beside_the_trace(mon
     torch.testing.assert_close(autojac.jacobian(g, x), torch.autograd.functional.jacobian(g, x))
     report = autojac.last_report()
     assert autojac.plan(g, x).problem.layout is not None and report.evaluations == 1, report
+
+
+def test_the_safety_net_reads_a_compressed_results_nonzeros_not_its_dense_matrix(monkeypatch):
+    """w^T J of a compressed run is taken over the pattern's nonzeros (a dense n x n product read the whole
+    matrix: a quarter of a permutation's first call); a wrong pattern is still caught by it (test above)."""
+    from autojac._planning import session
+
+    seen = []
+    real = session.check_against
+
+    def spy(name, result, *args, **kwargs):
+        seen.append([t.layout for t in torch.utils._pytree.tree_leaves(result)])
+        return real(name, result, *args, **kwargs)
+
+    monkeypatch.setattr(session, "check_against", spy)
+    x = t64(300)
+    got = autojac.jacobian(stencil, x, sparsity=band_rows(300))
+    assert got.layout == torch.strided
+    torch.testing.assert_close(got, torch.func.jacfwd(stencil)(x))
+    assert seen and all(layouts == [torch.sparse_coo] for layouts in seen), seen

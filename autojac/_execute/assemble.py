@@ -98,3 +98,7 @@ class Assembler:
             for i, out_shape in enumerate(p.out_shapes)
         ]
         return nest(rows, p.out_spec, p.inputs.spec)
+
+    def checkable(self, result: object) -> object:
+        """What the safety net's product w^T J is taken from: the result itself."""
+        return result

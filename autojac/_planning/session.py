@@ -460,7 +460,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             seconds += collecting
             if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
                 w, reference = reference_for_check()
-                check_against(m.name, result, w, reference, problem)
+                check_against(m.name, assembler.checkable(result), w, reference, problem)
                 call.verified = True
                 stats.checked_sizes.update(c.size for c in log.chunks)
             elif log.chunks and log.chunks[0].seconds:  # torch's loop: one row of it is one VJP
@@ -950,7 +950,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                     checking = time.perf_counter()
                     w = random_cotangents(problem)
                     reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
-                    check_against(name, result, w, reference, problem)
+                    check_against(name, assembler.checkable(result), w, reference, problem)
                     call.verified = True
                     stats.checked_sizes.update(sizes)
                     if for_values:
@@ -1094,7 +1094,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
                 seconds += collecting
                 w = random_cotangents(problem)
                 reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
-                check_against(m.name, result, w, reference, problem)
+                check_against(m.name, assembler.checkable(result), w, reference, problem)
                 call.verified = True
                 stats.checked_sizes.update(c.size for c in log.chunks)
     except OutputsChanged:
@@ -1150,7 +1150,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
                 w = random_cotangents(problem)
                 reference = _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)
                 try:
-                    check_against(m.name, result, w, reference, problem)
+                    check_against(m.name, assembler.checkable(result), w, reference, problem)
                     stats.verified = True
                     stats.checked_sizes.add(log.chunks[0].size)
                     inc.checked_sizes.update(rest)
