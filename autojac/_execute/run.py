@@ -92,10 +92,7 @@ def push(
         try:
             basis = seeds(problem, method.by_rows, position, position + k)
             if sizer.measured and meter is not None:
-                # The heap is returned to the kernel first only under a budget the caller gave (malloc_trim: 2 ms,
-                # 6% of a Brusselator's first call); under the default one (half the free memory) a reading
-                # low by the free heap's few megabytes cannot matter.
-                with meter.region(trim=None if trim else False) as region:
+                with meter.region() as region:
                     parts = method.chunk(state, basis)
                 seconds, peak = region.seconds, region.peak_bytes
                 if peak is not None:
