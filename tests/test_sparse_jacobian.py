@@ -476,11 +476,15 @@ def test_the_first_slice_hands_its_density_to_the_decision(monkeypatch):
 
 def test_a_first_call_that_finds_structure_evaluates_f_once_beside_the_trace(monkeypatch):
     """The compressed run pushes the colours' seeds through the backward of the plain evaluation the call
-    started from, instead of evaluating `f` again (the trace, on fake tensors, is not counted)."""
+    started from, instead of evaluating `f` again (the trace, on fake tensors, is not counted). The engine probe
+    is held to torch.autograd's engine, which starts from that evaluation too: when its timing put torch.func's
+    first, the dense slice evaluated `f` its own way (a second evaluation, not the compressed run's)."""
     from autojac._planning import session
 
     monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
     monkeypatch.setattr(session, "worth_detecting", lambda *a, **k: True)
+    monkeypatch.setattr(session, "_engine_by_probe",
+                        lambda chain, *a, **k: sorted(chain, key=lambda m: "[func]" in m.name))
     g = lambda u: stencil(u) * 4.0  # noqa: E731
     x = t64(400)
     torch.testing.assert_close(autojac.jacobian(g, x), torch.autograd.functional.jacobian(g, x))
@@ -506,3 +510,51 @@ def test_the_safety_net_reads_a_compressed_results_nonzeros_not_its_dense_matrix
     assert got.layout == torch.strided
     torch.testing.assert_close(got, torch.func.jacfwd(stencil)(x))
     assert seen and all(layouts == [torch.sparse_coo] for layouts in seen), seen
+
+
+def _two_by_two(a, b):
+    """Two outputs of two inputs, each output row depending on one row of each input (and a neighbour of a)."""
+    return (a * b).sum(-1) + a[:, 0].roll(1), torch.stack([a[:, 1] * b[:, 1], b[:, 0].sin()], -1)
+
+
+@pytest.mark.parametrize("output", ["dense", "sparse"])
+def test_a_wrong_pattern_with_several_inputs_and_outputs_is_caught(output):
+    """The check of a compressed result reads each (output, input) block's nonzeros: a pattern that misses
+    the roll's entries (an off-diagonal of the first output's block in a) fails it, whatever the output."""
+    a, b = t64(40, 2), t64(40, 2, seed=1)
+    want = torch.autograd.functional.jacobian(_two_by_two, (a, b))
+    full = autojac.sparsity(_two_by_two, (a, b)).to_dense()
+    assert full.shape == (120, 160)
+    right = autojac.jacobian(_two_by_two, (a, b), sparsity=full, output=output)
+    wrong_mask = full.clone()
+    rows = torch.arange(40)
+    wrong_mask[rows, ((rows - 1) % 40) * 2] = False  # output 0, element i, misses a[i - 1, 0]
+    wrong_mask[rows, rows * 2] = True
+    wrong = autojac.jacobian(_two_by_two, (a, b), sparsity=wrong_mask, output=output)
+    assert any("failed the check" in e for e in autojac.last_report().events)
+    for got in (right, wrong):
+        for g_row, w_row in zip(got, want):
+            for g, w in zip(g_row, w_row):
+                assert g.shape == w.shape
+                torch.testing.assert_close(g.to_dense() if g.layout != torch.strided else g, w)
+
+
+def test_a_pattern_too_full_for_a_cheap_sparse_check_is_checked_on_the_dense_result(monkeypatch):
+    """A user pattern over a twelfth full would make the COO copy of its nonzeros larger than a quarter of the
+    dense result: the check reads the dense result instead."""
+    from autojac._planning import session
+
+    seen = []
+    real = session.check_against
+
+    def spy(name, result, *args, **kwargs):
+        seen.append([t.layout for t in torch.utils._pytree.tree_leaves(result)])
+        return real(name, result, *args, **kwargs)
+
+    monkeypatch.setattr(session, "check_against", spy)
+    x = t64(60)
+    i = torch.arange(60)
+    band = (i[:, None] - i[None, :]).abs() <= 8  # 17 of 60 per row: a superset of the stencil's 3
+    got = autojac.jacobian(stencil, x, sparsity=band.to(DEVICE))
+    torch.testing.assert_close(got, torch.func.jacfwd(stencil)(x))
+    assert seen and all(layouts == [torch.strided] for layouts in seen), seen

@@ -158,3 +158,14 @@ def test_the_validity_check_agrees_with_an_independent_one_whatever_the_colour_c
     dense = p.to_dense().numpy()
     independent = all(np.unique(colors[np.nonzero(row)[0]]).size == np.count_nonzero(row) for row in dense)
     assert _valid(_nets(p, "column"), colors) == independent
+
+
+@given(st.lists(st.integers(0, 3000), min_size=0, max_size=300, unique=True))
+@settings(max_examples=200, deadline=None)
+def test_grid_strides_read_in_python_agree_with_numpy(values):
+    """Short nets are read in plain Python, long ones with NumPy: the same strides either way."""
+    from autojac._structure.coloring import _run_strides, _run_strides_numpy
+
+    vs = np.array(sorted(values), dtype=np.int64)
+    short = vs[:128]
+    assert _run_strides(short) == _run_strides_numpy(short)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils import _pytree
 
@@ -32,6 +33,7 @@ class SparseLayout:
         self.col_passes = columns.n_colors
         self._decompressors = {True: Decompressor(pattern, rows), False: Decompressor(pattern, columns)}
         self._colors: dict[tuple[bool, torch.device], torch.Tensor] = {}
+        self._pairs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def describe(self) -> str:
         p = self.pattern
@@ -47,6 +49,15 @@ class SparseLayout:
         if not p.valid_everywhere:
             text += "; valid at this point only, verified on every call"
         return text
+
+    def pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pattern's (row, column) indices as int64 tensors on `device` (copied there once)."""
+        got = self._pairs.get(device)
+        if got is None:
+            p = self.pattern
+            got = self._pairs[device] = (torch.from_numpy(p.rows.astype(np.int64)).to(device),
+                                         torch.from_numpy(p.cols.astype(np.int64)).to(device))
+        return got
 
     def _color_tensor(self, by_rows: bool, device: torch.device) -> torch.Tensor:
         key = (by_rows, device)
@@ -85,11 +96,13 @@ class SparseCollector:
         self.n_other = problem.n_in if by_rows else problem.n_out
         dtype = functools.reduce(torch.promote_types, (*problem.inputs.dtypes, *problem.out_dtypes))
         self.products = torch.zeros(n_colors, self.n_other, dtype=dtype, device=problem.inputs.device)
+        self.values: torch.Tensor | None = None  # a dense result's nonzeros, for `checkable`
 
     def add(self, start: int, stop: int, parts: Sequence[torch.Tensor | None]) -> None:
         k = stop - start
         sizes = self.problem.in_sizes if self.by_rows else self.problem.out_sizes
         offset = 0
+        self.values = None
         for part, size in zip(parts, sizes):
             if part is not None:
                 self.products[start:stop, offset:offset + size].copy_(part.reshape(k, size))
@@ -98,23 +111,31 @@ class SparseCollector:
     def result(self) -> object:
         p, layout = self.problem, self.layout
         decompressor = layout._decompressors[self.by_rows]
-        values = self.values = decompressor.decompress(self.products)
+        values = decompressor.decompress(self.products)
         if layout.output == "dense":
+            self.values = values
             full = decompressor.to_dense(values)
             blocks = _blocks(full, p, lambda block, j: block.to(p.inputs.dtypes[j]).contiguous())
         else:
             blocks = _sparse_blocks(values, layout, p)
         return nest(blocks, p.out_spec, p.inputs.spec)
 
-
     def checkable(self, result: object) -> object:
-        """What the safety net's product w^T J is taken from: for a dense result, the same values as sparse COO
-        blocks (w^T J over the nonzeros alone; a dense n x n product read 200 MB for a 5000-element permutation,
-        a quarter of its first call). The dense result is a scatter of exactly these values."""
-        if self.layout.output != "dense" or getattr(self, "values", None) is None:
+        """What the safety net's product w^T J is taken from: for a dense result of a sparse enough pattern, the
+        same values as 2-D sparse COO blocks (w^T J over the nonzeros alone: a dense n x n product read 200 MB
+        for a 5000-element permutation, a quarter of its first call). The dense result is a scatter of exactly
+        these values. A pattern whose COO form would take over a quarter of the dense result's bytes is checked
+        on the dense result, as before (the COO copy could break a budget the dense product does not)."""
+        if self.values is None:
             return result
         p = self.problem
-        return nest(_sparse_blocks(self.values, self.layout, p, "sparse"), p.out_spec, p.inputs.spec)
+        if self.values.numel() * COO_BYTES_PER_NONZERO > p.result_bytes // 4:
+            return result
+        return nest(_sparse_blocks(self.values, self.layout, p, "sparse", flat=True), p.out_spec, p.inputs.spec)
+
+
+COO_BYTES_PER_NONZERO = 24
+"""Two int64 indices and a float64 value."""
 
 
 def as_output(result: object, in_sizes: Sequence[int], output: str) -> object:
@@ -145,13 +166,18 @@ def _blocks(full: torch.Tensor, p: Problem, finish) -> list[list[torch.Tensor]]:
     return rows
 
 
-def _sparse_blocks(values: torch.Tensor, layout: SparseLayout, p: Problem, output: str | None = None) -> list[list[torch.Tensor]]:
-    """One sparse tensor per (output, input) block: COO in the block's dense shape, or a 2-D CSR matrix
-    (`output`, the layout's own by default)."""
+def _sparse_blocks(values: torch.Tensor, layout: SparseLayout, p: Problem, output: str | None = None,
+                   flat: bool = False) -> list[list[torch.Tensor]]:
+    """One sparse tensor per (output, input) block: COO in the block's dense shape (2-D with `flat`), or a 2-D
+    CSR matrix (`output`, the layout's own by default)."""
     output = output or layout.output
-    pattern = layout.pattern
-    rows = torch.from_numpy(pattern.rows.copy()).to(values.device)
-    cols = torch.from_numpy(pattern.cols.copy()).to(values.device)
+    rows, cols = layout.pairs(values.device)
+    if len(p.out_shapes) == 1 and len(p.inputs.shapes) == 1 and output != "csr":
+        m, n = p.out_sizes[0], p.in_sizes[0]
+        single = torch.sparse_coo_tensor(torch.stack([rows, cols]), values.to(p.inputs.dtypes[0]), (m, n),
+                                         is_coalesced=True, check_invariants=False)
+        shape = (*p.out_shapes[0], *p.inputs.shapes[0])
+        return [[single if flat or (len(p.out_shapes[0]), len(p.inputs.shapes[0])) == (1, 1) else _reshape_coo(single, shape)]]
     out_offsets = [0, *torch.tensor(p.out_sizes).cumsum(0).tolist()]
     in_offsets = [0, *torch.tensor(p.in_sizes).cumsum(0).tolist()]
     blocks = []
@@ -169,8 +195,8 @@ def _sparse_blocks(values: torch.Tensor, layout: SparseLayout, p: Problem, outpu
                 torch.cumsum(counts, 0, out=crow[1:])
                 row.append(torch.sparse_csr_tensor(crow, c, v, (m, n), check_invariants=False))
             else:
-                flat = torch.sparse_coo_tensor(torch.stack([r, c]), v, (m, n), is_coalesced=True, check_invariants=False)
-                row.append(flat if (len(out_shape), len(in_shape)) == (1, 1) else _reshape_coo(flat, (*out_shape, *in_shape)))
+                matrix = torch.sparse_coo_tensor(torch.stack([r, c]), v, (m, n), is_coalesced=True, check_invariants=False)
+                row.append(matrix if flat or (len(out_shape), len(in_shape)) == (1, 1) else _reshape_coo(matrix, (*out_shape, *in_shape)))
         blocks.append(row)
     return blocks
 

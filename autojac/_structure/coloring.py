@@ -301,8 +301,10 @@ def _modular(g: _Graph, lb: int, tries: int, sample: np.ndarray) -> np.ndarray |
 
 def _run_strides(vs: np.ndarray) -> list[int]:
     """Strides of a box-shaped net: for x + 32y + 1024c (a conv window) the runs of consecutive x
-    start 32 apart, and the runs of those runs start 1024 apart. (Plain Python on the net's list: on
-    nets of a few elements NumPy's per-call overhead made this 90% of the lattice search.)"""
+    start 32 apart, and the runs of those runs start 1024 apart. Plain Python on short nets (NumPy's
+    per-call cost made this 90% of a stencil's lattice search), NumPy on long ones."""
+    if vs.size > 128:
+        return _run_strides_numpy(vs)
     out: list[int] = []
     level = vs.tolist()
     for depth in range(3):
@@ -315,6 +317,24 @@ def _run_strides(vs: np.ndarray) -> list[int]:
         if depth:
             out.append(step)
         if len(starts) == len(level):
+            break
+        level = starts
+    return out
+
+
+def _run_strides_numpy(vs: np.ndarray) -> list[int]:
+    out = []
+    level = vs
+    for _ in range(3):
+        if level.size < 3:
+            break
+        d = np.diff(level)
+        vals, counts = np.unique(d, return_counts=True)
+        step = int(vals[counts.argmax()])
+        starts = level[np.concatenate([[True], d != step])]
+        if level is not vs:
+            out.append(step)
+        if starts.size == level.size:
             break
         level = starts
     return out
@@ -503,10 +523,11 @@ def _color(pattern, side: str, seed: int) -> Coloring:
         # Bitmasks for this many colours would not fit: nearly dense lines leave little to gain anyway.
         return done(np.arange(n, dtype=np.int64), "trivial (too dense to colour)")
     structured = min((_n_colors(c) for c, _ in candidates), default=n + 1)
-    # Greedy orders rarely beat a structured colouring within 2 of the bound (on the Brusselator two of them cost
-    # 5 ms, a third of the colouring, for 12 colours against the lattice's 8); the iterated greedy below still
-    # works on it.
-    if (small and structured > lb + 2) or structured > 1.5 * lb + 2:
+    # Greedy orders rarely beat a structured colouring within 2 (and a third) of the bound (on the Brusselator two
+    # of them cost 5 ms, a third of the colouring, for 12 colours against the lattice's 8); the iterated greedy
+    # below still works on it.
+    close = structured <= min(lb + 2, 4 * lb / 3)
+    if (small and not close) or structured > 1.5 * lb + 2:
         # Largest-first: conflict degree estimated by the summed sizes of a vertex's nets.
         load = np.zeros(n, np.int64)
         np.add.at(load, nets.indices, np.repeat(g.net_size - 1, g.net_size))
