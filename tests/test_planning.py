@@ -349,15 +349,27 @@ def test_a_whole_trial_is_charged_all_it_cost_its_check_included(monkeypatch):
 
 
 def test_a_probed_pace_can_make_structure_worth_a_look():
-    from autojac._planning.structure import might_pay
+    from autojac._planning.structure import DETECT_SHARE, might_pay
 
     sig = Signature(((1024,),), (torch.float32,), torch.device("cpu"), False)
     problem = Problem(sig, ((1024,),), (torch.float32,), False)
     # a 0.1 ms VJP counted at a fifth a pass: 1024 passes are 20 ms, a 4 ms trace is not under a tenth of that
-    assert not might_pay(problem, 1e-4, 1e-4)
+    assert not might_pay(problem, 1e-4, 1e-4, share=DETECT_SHARE)
     # the probe measured 0.14 ms a vector batched: 143 ms, and the trace is worth timing a slice for
-    assert might_pay(problem, 1e-4, 1e-4, per_pass=1.4e-4)
-    assert not might_pay(problem, 1e-4, 1e-4, per_pass=1e-6)  # never below the prior's pace
+    assert might_pay(problem, 1e-4, 1e-4, per_pass=1.4e-4, share=DETECT_SHARE)
+    assert not might_pay(problem, 1e-4, 1e-4, per_pass=1e-6, share=DETECT_SHARE)  # never below the prior's pace
+
+
+def test_a_slice_is_timed_when_the_trace_is_under_a_quarter_of_the_dense_estimate():
+    """The slice decides whether to look (with the share its entries allow); the estimate before it only
+    decides whether to time one, under SLICE_SHARE: a 4 ms trace against a 20 ms estimate is timed, against
+    a 15 ms one it is not."""
+    from autojac._planning.structure import DETECT_SHARE, might_pay
+
+    sig = Signature(((1024,),), (torch.float32,), torch.device("cpu"), False)
+    problem = Problem(sig, ((1024,),), (torch.float32,), False)
+    assert might_pay(problem, 1e-4, 1e-4)  # 1024 x 0.2 x 0.1 ms = 20 ms: a quarter is 5 ms > 4 ms
+    assert not might_pay(problem, 1e-4, 0.75e-4)  # 15 ms: a quarter is 3.75 ms < 4 ms
 
 
 def test_a_repeat_plan_checked_on_every_call_counts_its_checks():

@@ -51,7 +51,7 @@ from .plan import RunReport, seconds_text
 from .cost_model import GROWTH, largest_fitting, n_chunks
 from .keys import largest_captured_bytes
 from .sizing import Sizer
-from .structure import DETECT_LIMIT, MIN_PASSES, layout_for, might_pay, trace_estimate, worth_detecting
+from .structure import DETECT_LIMIT, DETECT_SHARE, MIN_PASSES, layout_for, might_pay, trace_estimate, worth_detecting
 
 logger = logging.getLogger("autojac")
 
@@ -353,9 +353,11 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     if (not structure_pending and note and isinstance(options.sparsity, str) and layout_found is None
             and entry.facts.probe_seconds_per_vector is not None
             and might_pay(problem, min(region.seconds, vjp_seconds), vjp_seconds,
-                          per_pass=entry.facts.probe_seconds_per_vector)):
+                          per_pass=entry.facts.probe_seconds_per_vector, share=DETECT_SHARE)):
         # The probe timed batched vectors: a dense run it puts over the bar is timed on a first slice after all
-        # (a per-sample MLP on 256 samples: 0.14 ms a row batched, 1.4 plain VJPs, not the 0.2 assumed).
+        # (a per-sample MLP on 256 samples: 0.14 ms a row batched, 1.4 plain VJPs, not the 0.2 assumed). Held to
+        # the strict share: a few vectors' time each carries the batch's fixed cost over a few, so it overstates a
+        # long run (at SLICE_SHARE the suite's per_sample_mlp large split its 256 rows for a slice: 2.0 -> 2.9 ms).
         structure_pending, note = True, ""
         entry.structure = note
     failures: list[tuple[str, BaseException]] = []
