@@ -492,9 +492,8 @@ def test_a_first_call_that_finds_structure_evaluates_f_once_beside_the_trace(mon
     assert autojac.plan(g, x).problem.layout is not None and report.evaluations == 1, report
 
 
-def test_the_safety_net_reads_a_compressed_results_nonzeros_not_its_dense_matrix(monkeypatch):
-    """w^T J of a compressed run is taken over the pattern's nonzeros (a dense n x n product read the whole
-    matrix: a quarter of a permutation's first call); a wrong pattern is still caught by it (test above)."""
+def _layouts_checked(monkeypatch) -> list:
+    """Record the layouts of the blocks each safety-net check of the planner reads (a list filled as it runs)."""
     from autojac._planning import session
 
     seen = []
@@ -505,6 +504,13 @@ def test_the_safety_net_reads_a_compressed_results_nonzeros_not_its_dense_matrix
         return real(name, result, *args, **kwargs)
 
     monkeypatch.setattr(session, "check_against", spy)
+    return seen
+
+
+def test_the_safety_net_reads_a_compressed_results_nonzeros_not_its_dense_matrix(monkeypatch):
+    """w^T J of a compressed run is taken over the pattern's nonzeros (a dense n x n product read the whole
+    matrix: a quarter of a permutation's first call); a wrong pattern is still caught by it (test above)."""
+    seen = _layouts_checked(monkeypatch)
     x = t64(300)
     got = autojac.jacobian(stencil, x, sparsity=band_rows(300))
     assert got.layout == torch.strided
@@ -542,16 +548,7 @@ def test_a_wrong_pattern_with_several_inputs_and_outputs_is_caught(output):
 def test_a_pattern_too_full_for_a_cheap_sparse_check_is_checked_on_the_dense_result(monkeypatch):
     """A user pattern over a twelfth full would make the COO copy of its nonzeros larger than a quarter of the
     dense result: the check reads the dense result instead."""
-    from autojac._planning import session
-
-    seen = []
-    real = session.check_against
-
-    def spy(name, result, *args, **kwargs):
-        seen.append([t.layout for t in torch.utils._pytree.tree_leaves(result)])
-        return real(name, result, *args, **kwargs)
-
-    monkeypatch.setattr(session, "check_against", spy)
+    seen = _layouts_checked(monkeypatch)
     x = t64(60)
     i = torch.arange(60)
     band = (i[:, None] - i[None, :]).abs() <= 8  # 17 of 60 per row: a superset of the stencil's 3

@@ -207,7 +207,8 @@ def jacobian(
         line puts it under 1/16 of the budget's room (at most 16x the largest
         chunk measured).
       - Structure (sparsity="auto"): when the dense Jacobian has at least 64
-        passes and could be long, its first slice is timed; if a trace (about 40
+        passes and could be long (a trace estimated under a quarter of it), its
+        first slice is timed; if a trace (about 40
         evaluations of `f`) is under 10% of the projected dense Jacobian (50%
         when at most 1/16 of the slice's entries are nonzero), the pattern is
         detected (stopped past 3x that projection, or as soon as it is
