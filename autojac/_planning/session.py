@@ -633,8 +633,12 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
     loops = max(probe.loops, int(loop_like)) if probe.active or loop_like else None
     entry.facts = dataclasses.replace(entry.facts, autograd_loops=loops, probe_seconds_per_vector=per_vector)  # priors
     worth = FUNC_EVALUATION_FACTOR * eval_seconds + FUNC_FIXED_SECONDS
-    lost = probe.loops * n * LOOP_SLICE_SECONDS
-    slow = n * (marginal - VMAP_PER_VJP * vjp_seconds) if loop_like else 0.0
+    slow = n * (marginal - VMAP_PER_VJP * vjp_seconds) if loop_like or probe.loops else 0.0
+    # Counted loops cost at least LOOP_SLICE_SECONDS a call and vector, and what the probe's vectors beyond the
+    # first measured where that is more: a looped op's fallback is not always cheap (tanh(W x) on 512 rows,
+    # one looped tanh_backward a vector: 37 ms on the autograd engine against 6 ms on torch.func's, which 1 us a
+    # call put at 0.5 ms lost).
+    lost = max(probe.loops * n * LOOP_SLICE_SECONDS, slow if probe.loops else 0.0)
     if lost > worth:  # some loops
         ops = ", ".join(probe.ops[:4]) + (" and more" if len(probe.ops) > 4 else "")
         why = (f"torch.autograd's vmap loops over the chunk for {ops} ({probe.loops} looped op calls per vector, "
