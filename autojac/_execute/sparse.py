@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch.utils import _pytree
 
@@ -33,7 +32,6 @@ class SparseLayout:
         self.col_passes = columns.n_colors
         self._decompressors = {True: Decompressor(pattern, rows), False: Decompressor(pattern, columns)}
         self._colors: dict[tuple[bool, torch.device], torch.Tensor] = {}
-        self._pairs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def describe(self) -> str:
         p = self.pattern
@@ -49,15 +47,6 @@ class SparseLayout:
         if not p.valid_everywhere:
             text += "; valid at this point only, verified on every call"
         return text
-
-    def pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pattern's (row, column) indices as int64 tensors on `device` (copied there once)."""
-        got = self._pairs.get(device)
-        if got is None:
-            p = self.pattern
-            got = self._pairs[device] = (torch.from_numpy(p.rows.astype(np.int64)).to(device),
-                                         torch.from_numpy(p.cols.astype(np.int64)).to(device))
-        return got
 
     def _color_tensor(self, by_rows: bool, device: torch.device) -> torch.Tensor:
         key = (by_rows, device)
@@ -171,29 +160,28 @@ def _sparse_blocks(values: torch.Tensor, layout: SparseLayout, p: Problem, outpu
     """One sparse tensor per (output, input) block: COO in the block's dense shape (2-D with `flat`), or a 2-D
     CSR matrix (`output`, the layout's own by default)."""
     output = output or layout.output
-    rows, cols = layout.pairs(values.device)
-    if len(p.out_shapes) == 1 and len(p.inputs.shapes) == 1 and output != "csr":
-        m, n = p.out_sizes[0], p.in_sizes[0]
-        single = torch.sparse_coo_tensor(torch.stack([rows, cols]), values.to(p.inputs.dtypes[0]), (m, n),
-                                         is_coalesced=True, check_invariants=False)
-        shape = (*p.out_shapes[0], *p.inputs.shapes[0])
-        return [[single if flat or (len(p.out_shapes[0]), len(p.inputs.shapes[0])) == (1, 1) else _reshape_coo(single, shape)]]
+    rows, cols = layout._decompressors[True].pairs(values.device)
+    single = len(p.out_shapes) == 1 and len(p.inputs.shapes) == 1  # one block: every nonzero, no masks
     out_offsets = [0, *torch.tensor(p.out_sizes).cumsum(0).tolist()]
     in_offsets = [0, *torch.tensor(p.in_sizes).cumsum(0).tolist()]
     blocks = []
     for i, out_shape in enumerate(p.out_shapes):
         row = []
-        in_rows = (rows >= out_offsets[i]) & (rows < out_offsets[i + 1])
+        in_rows = None if single else (rows >= out_offsets[i]) & (rows < out_offsets[i + 1])
         for j, in_shape in enumerate(p.inputs.shapes):
-            keep = in_rows & (cols >= in_offsets[j]) & (cols < in_offsets[j + 1])
-            r, c = rows[keep] - out_offsets[i], cols[keep] - in_offsets[j]
-            v = values[keep].to(p.inputs.dtypes[j])
+            if single:
+                r, c, v = rows, cols, values.to(p.inputs.dtypes[j])
+            else:
+                keep = in_rows & (cols >= in_offsets[j]) & (cols < in_offsets[j + 1])
+                r, c = rows[keep] - out_offsets[i], cols[keep] - in_offsets[j]
+                v = values[keep].to(p.inputs.dtypes[j])
             m, n = p.out_sizes[i], p.in_sizes[j]
             if output == "csr":
                 counts = torch.bincount(r, minlength=m)
                 crow = torch.zeros(m + 1, dtype=torch.int64, device=values.device)
                 torch.cumsum(counts, 0, out=crow[1:])
-                row.append(torch.sparse_csr_tensor(crow, c, v, (m, n), check_invariants=False))
+                # one block: the cached column indices themselves, so the caller gets a copy of them
+                row.append(torch.sparse_csr_tensor(crow, c.clone() if single else c, v, (m, n), check_invariants=False))
             else:
                 matrix = torch.sparse_coo_tensor(torch.stack([r, c]), v, (m, n), is_coalesced=True, check_invariants=False)
                 row.append(matrix if flat or (len(out_shape), len(in_shape)) == (1, 1) else _reshape_coo(matrix, (*out_shape, *in_shape)))

@@ -72,25 +72,24 @@ LOOP_TO_VMAP = 0.2
 (the slice's extra chunk costs a dense function a few percent, so only a Jacobian likely to be long pays it)."""
 
 
-def might_pay(problem: Problem, eval_seconds: float, vjp_seconds: float, per_pass: float | None = None,
-              share: float | None = None) -> bool:
-    """Whether the dense Jacobian is likely long enough for a trace to pay: worth timing a first slice.
-
-    A dense pass costs `per_pass` seconds where the engine probe measured it, LOOP_TO_VMAP plain VJPs otherwise.
-    The bar is `share` (SLICE_SHARE by default) of the estimate: the slice, not this estimate, then decides
-    (`worth_detecting`, with the share its own entries allow)."""
-    passes = min(problem.n_in, problem.n_out)
-    per_pass = LOOP_TO_VMAP * vjp_seconds if per_pass is None else max(per_pass, LOOP_TO_VMAP * vjp_seconds)
-    share = SLICE_SHARE if share is None else share
-    return passes >= MIN_PASSES and trace_estimate(eval_seconds) < share * passes * per_pass
-
-
 SLICE_SHARE = 0.25
 """A first slice is timed when the trace is estimated under this share of the dense estimate. Held to
 DETECT_SHARE (0.1), a per-sample MLP whose estimate sat at 0.95 of that bar after a noisy timing ran dense
 for 100-120 ms, against 21-33 ms compressed, in 4 of 5 first calls of a benchmark run; at SPARSE_DETECT_SHARE
 (0.5) short dense runs were split for a slice they could not use (pde_residual small: 256 passes estimated at
 8 ms, run in 1.6 ms; its first call 1.64 -> 1.98 ms)."""
+
+
+def might_pay(problem: Problem, eval_seconds: float, vjp_seconds: float, per_pass: float | None = None,
+              share: float = SLICE_SHARE) -> bool:
+    """Whether the dense Jacobian is likely long enough for a trace to pay: worth timing a first slice.
+
+    A dense pass costs `per_pass` seconds where the engine probe measured it, LOOP_TO_VMAP plain VJPs otherwise.
+    The bar is `share` of the estimate: the slice, not this estimate, then decides
+    (`worth_detecting`, with the share its own entries allow)."""
+    passes = min(problem.n_in, problem.n_out)
+    per_pass = LOOP_TO_VMAP * vjp_seconds if per_pass is None else max(per_pass, LOOP_TO_VMAP * vjp_seconds)
+    return passes >= MIN_PASSES and trace_estimate(eval_seconds) < share * passes * per_pass
 
 
 LOOKS_SPARSE = 1 / 16

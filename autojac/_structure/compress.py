@@ -74,9 +74,14 @@ class Decompressor:
         self._by_device: dict[torch.device, torch.Tensor] = {}
         self._rows = torch.from_numpy(rows.copy())
         self._cols = torch.from_numpy(cols.copy())
+        self._pairs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _on(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return t if t.device == device else t.to(device)
+    def pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pattern's (row, column) indices (int64, row-major order) on `device`, copied there once."""
+        got = self._pairs.get(device)
+        if got is None:
+            got = self._pairs[device] = (self._rows.to(device), self._cols.to(device))
+        return got
 
     def index(self, device: torch.device) -> torch.Tensor:
         idx = self._by_device.get(device)
@@ -99,22 +104,22 @@ class Decompressor:
         device = torch.device(device) if device is not None else values.device
         n_out, n_in = self.pattern.shape
         out = zeros((n_out * n_in,), dtype or values.dtype, device)
-        flat = self._on(self._rows, device) * n_in + self._on(self._cols, device)
+        rows, cols = self.pairs(device)
+        flat = rows * n_in + cols
         out.index_copy_(0, flat, values.to(device=device, dtype=out.dtype))
         return out.view(n_out, n_in)
 
     def to_sparse_coo(self, values: torch.Tensor) -> torch.Tensor:
         """A coalesced torch sparse COO tensor of shape (n_out, n_in)."""
-        idx = torch.stack([self._rows, self._cols]).to(values.device)
+        idx = torch.stack(self.pairs(values.device))
         return torch.sparse_coo_tensor(idx, values, self.pattern.shape, is_coalesced=True, check_invariants=False)
 
     def to_sparse_csr(self, values: torch.Tensor) -> torch.Tensor:
         """A torch sparse CSR tensor of shape (n_out, n_in)."""
         n_out = self.pattern.shape[0]
-        counts = torch.bincount(self._rows, minlength=n_out)
-        crow = torch.zeros(n_out + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=crow[1:])
+        rows, cols = self.pairs(values.device)
+        crow = torch.zeros(n_out + 1, dtype=torch.int64, device=values.device)
+        torch.cumsum(torch.bincount(rows, minlength=n_out), 0, out=crow[1:])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(crow.to(values.device), self._cols.to(values.device), values,
-                                           self.pattern.shape, check_invariants=False)
+            return torch.sparse_csr_tensor(crow, cols, values, self.pattern.shape, check_invariants=False)
