@@ -555,3 +555,26 @@ def test_a_pattern_too_full_for_a_cheap_sparse_check_is_checked_on_the_dense_res
     got = autojac.jacobian(stencil, x, sparsity=band.to(DEVICE))
     torch.testing.assert_close(got, torch.func.jacfwd(stencil)(x))
     assert seen and all(layouts == [torch.strided] for layouts in seen), seen
+
+
+def test_a_function_that_writes_what_it_captures_is_not_traced(monkeypatch):
+    """A trace runs `f` once more, and its in-place write (even on fake tensors) bumped the captured buffer's
+    version: the call's own backward then failed, every fallback evaluated `f` again, and the call raised after
+    7 writes. Such an `f` is evaluated once per call and never traced, first call or later."""
+    from autojac._planning import session
+
+    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
+    monkeypatch.setattr(session, "worth_detecting", lambda *a, **k: True)
+    x = t64(400)
+    want = torch.func.jacfwd(stencil)(x)
+    buf = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+
+    def f(u):
+        buf.add_(1.0)
+        return stencil(u) * buf
+
+    for step in range(1, 4):
+        got = autojac.jacobian(f, x)
+        assert float(buf) == step and autojac.last_report().evaluations == 1
+        torch.testing.assert_close(got, want * step)
+    assert "writes in place" in autojac.plan(f, x).entry.structure

@@ -323,7 +323,12 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         problem = dataclasses.replace(problem, layout=layout)
         chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     elif options.sparsity is not None and compute:
-        if isinstance(options.sparsity, str):
+        if isinstance(options.sparsity, str) and writes_captured:
+            # The trace runs `f` once more, and even on fake tensors its in-place write bumps the captured tensor's
+            # version, which breaks the backward of the evaluation this call started from (later calls never look
+            # for such an `f` either: below).
+            note = "not looked for: `f` writes in place into a tensor it captures (a trace would run it again)"
+        elif isinstance(options.sparsity, str):
             structure_pending = might_pay(problem, min(region.seconds, vjp_seconds), vjp_seconds)
             note = "" if structure_pending else "not looked for: the dense Jacobian is too short to pay for a trace"
         else:
