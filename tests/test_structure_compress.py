@@ -151,3 +151,33 @@ def test_an_arrowhead_over_a_band_needs_the_band_plus_one():
     jac = random_symmetric(p, seed=1)
     d = Decompressor(p, c)
     torch.testing.assert_close(d.to_dense(d.decompress(products(jac, c, [(n,)]))), jac, rtol=0, atol=1e-12)
+
+
+def test_large_dense_results_start_from_fresh_zeros_and_stay_valid():
+    """Dense results of sparse patterns come from calloc or, when the writes reach few pages, an anonymous
+    mapping (NOTE: [Pages a sparse result touches]): zeros everywhere else, writable, alive after the
+    allocating call returns, whatever dtype."""
+    import gc
+
+    from autojac._core import zeros as Z
+
+    n = 3000  # 3000 x 3000 float64 = 72 MB: the diagonal reaches 3000 of its 17578 pages
+    p = Pattern.from_user(np.eye(n, dtype=bool))
+    d = Decompressor(p, color_rows(p))
+    values = torch.arange(1.0, n + 1, dtype=torch.float64)
+    flat = torch.arange(n) * (n + 1)
+    assert Z.pages_touched(flat, 8) == n
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        dense = d.to_dense(values, dtype=dtype)
+        gc.collect()
+        assert dense.shape == (n, n) and dense.dtype == dtype
+        assert torch.equal(dense.diagonal(), values.to(dtype))
+        assert int(torch.count_nonzero(dense)) == n  # every other entry zero
+        dense[0, 1] = 5.0  # an ordinary writable tensor
+        assert float(dense[0, 1]) == 5.0 and int(torch.count_nonzero(dense)) == n + 1
+    # Writes reaching most pages: the calloc path; small results: torch.zeros.
+    assert Z.pages_touched(torch.arange(0, 1 << 20, 512), 8) == 1 << 11
+    full = Z.zeros((512, 512), torch.float64, torch.device("cpu"), touched_pages=512)
+    assert full.shape == (512, 512) and not bool(full.any())
+    tiny = Z.zeros((4, 4), torch.float32, torch.device("cpu"), touched_pages=1)
+    assert tiny.shape == (4, 4) and not bool(tiny.any())

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._core.zeros import zeros
+from .._core.zeros import pages_touched, zeros
 from .coloring import Coloring
 from .pattern import Pattern
 
@@ -75,6 +75,7 @@ class Decompressor:
         self._rows = torch.from_numpy(rows.copy())
         self._cols = torch.from_numpy(cols.copy())
         self._pairs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pages: dict[int, int] = {}  # pages a dense result's writes reach, per item size (CPU)
 
     def pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The pattern's (row, column) indices (int64, row-major order) on `device`, copied there once."""
@@ -103,9 +104,15 @@ class Decompressor:
         """The (n_out, n_in) dense Jacobian with `values` at the pattern's positions and zeros elsewhere."""
         device = torch.device(device) if device is not None else values.device
         n_out, n_in = self.pattern.shape
-        out = zeros((n_out * n_in,), dtype or values.dtype, device)
+        dtype = dtype or values.dtype
         rows, cols = self.pairs(device)
         flat = rows * n_in + cols
+        pages = None
+        if device.type == "cpu":
+            pages = self._pages.get(dtype.itemsize)
+            if pages is None:
+                pages = self._pages[dtype.itemsize] = pages_touched(flat, dtype.itemsize)
+        out = zeros((n_out * n_in,), dtype, device, touched_pages=pages)
         out.index_copy_(0, flat, values.to(device=device, dtype=out.dtype))
         return out.view(n_out, n_in)
 
