@@ -119,6 +119,9 @@ def test_a_first_call_puts_the_torch_func_engine_first_when_autograd_would_loop(
     torch.testing.assert_close(autojac.jacobian(f, x), want)
     r = autojac.last_report()
     assert r.method == "reverse/vmap [func]" and r.evaluations == 2 and r.verified
+    # The probe's 8 rows (torch.autograd's engine) are the answer's first rows: the torch.func engine pushes the
+    # rest (NOTE: [The probe's rows are kept]), and the whole is checked and right.
+    assert sum(r.chunk_sizes) == 128 - session.PROBE_VECTORS, r
     p = autojac.plan(f, x)
     assert "reverse/vmap [func] went first: torch.autograd's vmap loops over the chunk for aten::roll" in str(p)
     # the autograd engine stays a candidate that later calls measure; every answer is right
@@ -134,6 +137,12 @@ def test_no_probe_without_loops_below_the_row_count_or_when_f_may_run_only_once(
     torch.testing.assert_close(autojac.jacobian(g, x), reference(g, x))
     assert autojac.last_report().method == "reverse/vmap [autograd]"
     assert autojac.last_report().evaluations == 1
+    assert sum(autojac.last_report().chunk_sizes) == 128 - session.PROBE_VECTORS  # the probe's rows are kept
+    # Under create_graph the probe's rows (pushed without a graph) are not kept: every row is differentiable.
+    x2 = x.clone().requires_grad_()
+    got = autojac.jacobian(g, x2, create_graph=True)
+    assert sum(autojac.last_report().chunk_sizes) == 128 and got.requires_grad
+    torch.testing.assert_close(got.detach(), reference(g, x))
 
     small = torch.randn(64, dtype=torch.float64)
     f = lambda x: _grid(x)  # noqa: E731 - loops, but 64 rows do not pay for a probe

@@ -188,7 +188,8 @@ def jacobian(
       - A basis of at most 2 vectors is looped on that evaluation (for reverse
         mode: torch's own loop); otherwise vmap with the autograd engine, unless
         a probe (over 100 rows or more: 8 vectors pushed batched through that
-        evaluation's backward, timed) finds torch's vmap looping over ops it has
+        evaluation's backward, timed, and kept as the first rows) finds torch's
+        vmap looping over ops it has
         no batching rule for, at a cost (looped op calls x rows x 1 us) above two
         evaluations of `f` plus 0.5 ms, or batching no faster than half a plain
         VJP per vector at a like cost: then the torch.func engine goes first. Below

@@ -354,7 +354,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         entry.chosen().status = "chosen"
         entry.effort = "estimate"
         return None, entry
-    chain = _engine_by_probe(chain, problem, graph, entry, region.seconds)
+    probed: dict = {}
+    chain = _engine_by_probe(chain, problem, graph, entry, region.seconds, keep=probed)
     if (not structure_pending and note and isinstance(options.sparsity, str) and layout_found is None
             and entry.facts.probe_seconds_per_vector is not None
             and might_pay(problem, min(region.seconds, vjp_seconds), vjp_seconds,
@@ -398,7 +399,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             structure_pending = False
             done = log.vectors
             projected = (log.seconds or 0.0) * n / max(done, 1)
-            share = slice_assembler.nonzero_share(0, done) if slice_assembler is not None else None
+            share = slice_assembler.nonzero_share(0, start + done) if slice_assembler is not None else None
             verdict["look"] = worth_detecting(projected, min(region.seconds, vjp_seconds), share)  # one noisy timing less
             verdict["projected"] = projected
             if verdict["look"]:
@@ -422,6 +423,14 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             # The run's collector, made here so that the slice's callback can count the zeros of its rows (a hint
             # of structure).
             slice_assembler = collector(problem, m.by_rows) if structure_pending and problem.layout is None else None
+            # The engine probe's vectors are this run's first rows (NOTE: [The probe's rows are kept]).
+            start, probe_seconds = 0, 0.0
+            rows = probed.pop("rows", None)
+            if rows is not None and m.by_rows and problem.layout is None:
+                start, parts, probe_seconds = rows
+                slice_assembler = slice_assembler or collector(problem, m.by_rows)
+                slice_assembler.add(0, start, parts)
+                progress.update(start)
             # Unprobed, the autograd engine's first chunk counts its own loops (a few microseconds, no extra work):
             # the exploration order of later calls follows (NOTE: [The autograd engine's vmap loops]). The counter
             # is process-wide, so it is held for that chunk only.
@@ -436,7 +445,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             with grad_mode(options.create_graph), (loops if loops is not None else contextlib.nullcontext()):
                 assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state,
                                                                     progress=progress, after_chunk=after_chunk,
-                                                                    assembler=slice_assembler)
+                                                                    assembler=slice_assembler, start=start)
+            seconds += probe_seconds
             if loops is not None and loops.active:
                 entry.facts = dataclasses.replace(entry.facts, autograd_loops=loops.loops)
             if verdict.get("look"):
@@ -599,9 +609,12 @@ def _trimming(call: Call) -> bool:
 
 
 def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph | None, entry: PlanEntry,
-                     eval_seconds: float) -> list[MethodId]:
+                     eval_seconds: float, keep: dict | None = None) -> list[MethodId]:
     """The chain, with the torch.func engine first if torch.autograd's vmap would loop (NOTE: [The autograd
     engine's vmap loops]) or runs a few vectors no faster than a loop of VJPs.
+
+    The probe's vectors are the Jacobian's first rows: with `keep` given, they are left there (`keep["rows"]`:
+    (k, parts, seconds)) for the run that follows to start after them.
 
     Probed with PROBE_VECTORS vectors pushed batched through the plain evaluation's backward (their time is
     also compared with the plain VJP's) when the first method is reverse vmap on the autograd engine over at
@@ -621,12 +634,14 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
         with LoopProbe() as probe, grad_mode(entry.options.create_graph):
             _sync(problem.inputs.device)
             began = time.perf_counter()
-            vjp(graph.ys, graph.xs, seeds(problem, True, 0, k), create_graph=False, batched=True)
+            rows = vjp(graph.ys, graph.xs, seeds(problem, True, 0, k), create_graph=False, batched=True)
             _sync(problem.inputs.device)
             batched = time.perf_counter() - began
             per_vector = batched / k
     except Exception:  # noqa: BLE001 - only advice: the methods find out for themselves what fails
         return chain
+    if keep is not None and problem.layout is None and not entry.options.create_graph:
+        keep["rows"] = (k, rows, batched)
     vjp_seconds = entry.facts.vjp_seconds or 0.0
     # A batched backward costs about a plain VJP's fixed work, then its vectors: the marginal cost per vector is
     # what a loop would pay in full (W @ x on 128 rows: 16 us a vector over 8, but 13 us beyond the first, against
@@ -656,6 +671,14 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
     entry.events.append(f"{other.name} went first: {why}")
     logger.debug(entry.events[-1])
     return [other, *(c for c in chain if c != other)]
+
+
+# NOTE: [The probe's rows are kept]
+# The engine probe pushes the first PROBE_VECTORS rows of the basis through the plain evaluation's backward:
+# those are the Jacobian's first rows, whichever engine then goes first (the engines compute the same rows).
+# The run starts after them, so the probe costs a first call one chunk boundary instead of PROBE_VECTORS
+# vectors; the safety net checks the assembled whole as before. Not kept under `create_graph` (the probe
+# builds no graph) or with a pattern's seeds (the probe pushes dense rows).
 
 
 def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
