@@ -206,6 +206,11 @@ def test_a_sliced_first_run_is_confirmed_at_its_per_chunk_cost():
     e.stats["reverse/repeat"].sliced_share = 0.5  # one chunk where it ran two: about 15 ms
     trial = e.next_trial()
     assert trial.method.name == "reverse/repeat" and trial.slice_vectors == 100  # a whole second run
+    # Expected faster than the incumbent, the second run does not wait for the debt its first trial left.
+    e.credit = -0.009
+    assert e.next_trial().method.name == "reverse/repeat"
+    e.stats["reverse/repeat"].sliced_share = 1.0  # expected 6 ms slower: it waits
+    assert e.next_trial() is None
 
 
 def test_the_fastest_measured_method_takes_over_and_the_plan_settles():

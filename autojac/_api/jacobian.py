@@ -235,7 +235,8 @@ def jacobian(
       run before the plan settles. Under a budget, forward modes are not tried when a zero tangent the size
       of the largest tensor `f` holds would not fit. A measured alternative whose
       fastest whole call beats the plan's method by over 3% replaces it; one within
-      2x runs a second whole call first (a first run is a cold one, or sliced). Structure
+      2x runs a second whole call first (a first run is a cold one, or sliced),
+      waiting for credit only if it is expected slower than the plan's call. Structure
       is one more alternative: a dense plan (64 passes or more, no budget given)
       whose first call did not look for it looks once the credit covers a trace,
       and the next call plans again with a pattern that halves the passes.
