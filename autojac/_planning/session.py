@@ -51,7 +51,8 @@ from .plan import RunReport, seconds_text
 from .cost_model import GROWTH, largest_fitting, n_chunks
 from .keys import largest_captured_bytes
 from .sizing import Sizer
-from .structure import DETECT_LIMIT, DETECT_SHARE, MIN_PASSES, layout_for, might_pay, trace_estimate, worth_detecting
+from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, layout_for, might_pay, trace_estimate,
+                        worth_detecting)
 
 logger = logging.getLogger("autojac")
 
@@ -366,6 +367,24 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         # long run (at SLICE_SHARE the suite's per_sample_mlp large split its 256 rows for a slice: 2.0 -> 2.9 ms).
         structure_pending, note = True, ""
         entry.structure = note
+    if structure_pending and "rows" in probed:  # NOTE: [Sparse probe rows decide without a slice]
+        k, rows, batched = probed["rows"]
+        share = _nonzero_share(rows, k, problem)
+        projected = problem.row_passes * max(batched - vjp_seconds, 0.0) / max(k - 1, 1)
+        if (share is not None and share <= LOOKS_SPARSE
+                and worth_detecting(projected, min(region.seconds, vjp_seconds), share)):
+            structure_pending, looked = False, True
+            layout, note = _find_layout(call, problem, DETECT_LIMIT * projected)
+            entry.structure = note
+            if layout is not None:  # one seed per colour; the probe's dense rows are not colour products
+                probed.clear()
+                facts = entry.facts
+                problem = dataclasses.replace(problem, layout=layout)
+                entry = new_entry(problem)
+                entry.facts = dataclasses.replace(entry.facts, autograd_loops=facts.autograd_loops,
+                                                  probe_seconds_per_vector=facts.probe_seconds_per_vector)
+                entry.structure = note
+                chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     failures: list[tuple[str, BaseException]] = []
     result = None
     prior = PRIOR_FACTOR * (graph_bytes + max(problem.in_bytes, problem.out_bytes))
@@ -671,6 +690,25 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
     entry.events.append(f"{other.name} went first: {why}")
     logger.debug(entry.events[-1])
     return [other, *(c for c in chain if c != other)]
+
+
+def _nonzero_share(parts, k: int, problem: Problem) -> float | None:
+    """The share of nonzero entries in k rows given as per-input parts (None parts: zeros)."""
+    total = k * sum(problem.in_sizes)
+    if total <= 0:
+        return None
+    nonzero = sum(int(torch.count_nonzero(p)) for p in parts if p is not None)
+    return nonzero / total
+
+
+# NOTE: [Sparse probe rows decide without a slice]
+# Where structure might pay, a first slice of the dense run (up to 64 vectors, timed) decides whether to look
+# for it (NOTE: [When structure is worth finding]). The engine probe's rows hold the same evidence when they are
+# sparse: their nonzero share, and a pace (the batched time of its vectors beyond the first, which leaves out
+# the fixed work a slice's projection also carries). If at most LOOKS_SPARSE of their entries are nonzero and
+# that pace already puts the trace under the sparse share of the dense run, the pattern is looked for at once:
+# the slice (5-7 ms of a per-sample MLP's 23 ms first call, then thrown away) is not run. Otherwise the slice
+# decides, as before.
 
 
 # NOTE: [The probe's rows are kept]
