@@ -606,3 +606,52 @@ def test_a_function_that_writes_what_it_captures_is_not_traced(monkeypatch):
         assert float(buf) == step and autojac.last_report().evaluations == 1
         torch.testing.assert_close(got, want * step)
     assert "writes in place" in autojac.plan(f, x).entry.structure
+
+
+def _forced_structure(monkeypatch):
+    from autojac._planning import session
+
+    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
+    monkeypatch.setattr(session, "worth_detecting", lambda *a, **k: True)
+
+
+def test_a_first_calls_real_trace_is_checked_until_a_fake_trace_confirms_it(monkeypatch):
+    """A cheap `f` is traced on its real values on its first call (NOTE: [A real trace first]): its pattern holds
+    at that point only, so calls are checked until the next call's fake-tensor trace confirms it."""
+    _forced_structure(monkeypatch)
+    g = lambda u: stencil(u) * 6.0  # noqa: E731
+    x = t64(400)
+    want = torch.autograd.functional.jacobian(g, x)
+    torch.testing.assert_close(autojac.jacobian(g, x), want)
+    p = autojac.plan(g, x)
+    assert p.problem.layout.pattern.source == "real trace" and p.entry.reverify and p.entry.confirm_trace
+    torch.testing.assert_close(autojac.jacobian(g, x), want)  # the confirming call: the trace runs before its method
+    p = autojac.plan(g, x)
+    assert not p.entry.reverify and not p.entry.confirm_trace
+    assert "confirmed on fake tensors on call 2" in str(p)
+    torch.testing.assert_close(autojac.jacobian(g, x), want)
+    assert not autojac.last_report().verified  # confirmed: no check per call
+
+
+def test_a_real_trace_that_fake_tensors_cannot_confirm_stays_checked_and_is_never_wrong(monkeypatch):
+    """`.tolist()` reads values where no trace sees it: on the first call's real trace `f` took the diagonal branch;
+    the fake trace fails, so every call stays checked, and the call that takes the other branch (a nonzero outside
+    the pattern) is caught and answered densely."""
+    _forced_structure(monkeypatch)
+
+    def f(u):
+        if u.tolist()[0] > 0:
+            return u.sin() * 2.0
+        return u.sin() * u.roll(1, 0)
+
+    x = t64(400)
+    x[0] = 1.0
+    torch.testing.assert_close(autojac.jacobian(f, x), torch.autograd.functional.jacobian(f, x))
+    assert autojac.plan(f, x).problem.layout.pattern.source == "real trace"
+    torch.testing.assert_close(autojac.jacobian(f, x), torch.autograd.functional.jacobian(f, x))
+    p = autojac.plan(f, x)
+    assert p.entry.reverify and "pattern not confirmed on call 2 (the fake trace failed" in str(p), str(p)
+    y = x.clone()
+    y[0] = -1.0
+    torch.testing.assert_close(autojac.jacobian(f, y), torch.autograd.functional.jacobian(f, y))
+    torch.testing.assert_close(autojac.jacobian(f, x), torch.autograd.functional.jacobian(f, x))

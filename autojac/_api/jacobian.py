@@ -216,7 +216,9 @@ def jacobian(
         already puts the trace under half the dense run, decide at once, with
         no slice; stopped past 3x that projection, or as soon as it is
         too full to halve the passes) and coloured, and compression is used when
-        it needs at most half the dense passes.
+        it needs at most half the dense passes. An `f` evaluated in under 2 ms is
+        traced on its real values, its calls checked until the second call's
+        fake-tensor trace confirms the pattern.
       - The result is verified (see "Never silently wrong" in the README) before
         it is returned; a method that fails the check hands over to the next.
     - Later calls run the plan's method (its chunk size from its measured memory

@@ -163,6 +163,8 @@ class PlanEntry:
         """(layout, note): a pattern a later call found that pays; the next call makes the plan again with it."""
         self.reverify = False
         """Verify every call (a sparsity pattern valid at the first call's point only)."""
+        self.confirm_trace = False
+        """A first call's real-trace pattern awaits a fake trace's confirmation (NOTE: [A real trace first])."""
         self.values_seen = None
         """The tensors a sparsity pattern was last checked with (see NOTE: [Patterns and values])."""
         self.events: collections.deque[str] = collections.deque(maxlen=12)
@@ -252,7 +254,7 @@ class PlanEntry:
                     s.retried = True
                     return choose.Trial(s.method, s.method.passes(self.problem.col_passes, self.problem.row_passes))
                 return None
-            if self.structure_open:  # not settled before structure has been looked for
+            if self.structure_open or self.confirm_trace:  # not settled before structure is looked for, confirmed
                 return None
             self.settled = True
             self.events.append(f"settled after {self.calls} calls")

@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .._core.errors import MemoryBudgetError, NotBatchAwareError, PlanMismatchError, UnsupportedFunctionError
@@ -44,6 +45,7 @@ from .._measure.meter import PeakMeter
 from .._methods import METHODS
 from .._measure.engine_loops import LoopProbe
 from .._methods.base import PlainGraph, check_batch_aware, evaluate_plain, grad_mode, vjp
+from .._structure import detect
 from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
@@ -51,8 +53,8 @@ from .plan import RunReport, seconds_text
 from .cost_model import GROWTH, largest_fitting, n_chunks
 from .keys import largest_captured_bytes
 from .sizing import Sizer
-from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, layout_for, might_pay, trace_estimate,
-                        worth_detecting)
+from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW, layout_for, might_pay,
+                        trace_estimate, worth_detecting)
 
 logger = logging.getLogger("autojac")
 
@@ -346,6 +348,9 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                          once_why=("`f` writes in place into a tensor it captures" if writes_captured else
                                    "`f` draws random numbers"))
         made.reverify = problem.layout is not None and not problem.layout.pattern.valid_everywhere
+        # A real trace the first call chose (not one a failed fake trace fell back to): confirmed later.
+        made.confirm_trace = (made.reverify and problem.layout.pattern.source == "real trace"
+                              and not problem.layout.pattern.notes and _first_trace(problem, region.seconds) == "real")
         return made
 
     entry = new_entry(problem)
@@ -374,7 +379,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         if (share is not None and share <= LOOKS_SPARSE
                 and worth_detecting(projected, min(region.seconds, vjp_seconds), share)):
             structure_pending, looked = False, True
-            layout, note = _find_layout(call, problem, DETECT_LIMIT * projected)
+            layout, note = _find_layout(call, problem, DETECT_LIMIT * projected, _first_trace(problem, region.seconds))
             entry.structure = note
             if layout is not None:  # one seed per colour; the probe's dense rows are not colour products
                 probed.clear()
@@ -471,7 +476,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             if verdict.get("look"):
                 looked = True
                 # Detection is stopped past DETECT_LIMIT times the projected dense Jacobian (see there why).
-                layout, note = _find_layout(call, problem, DETECT_LIMIT * verdict["projected"])
+                layout, note = _find_layout(call, problem, DETECT_LIMIT * verdict["projected"],
+                                            _first_trace(problem, region.seconds))
                 entry.structure = note
                 if layout is not None:  # start again with one seed per colour (the dense slice is not reused)
                     problem = dataclasses.replace(problem, layout=layout)
@@ -573,11 +579,43 @@ class _Restartable:
         self.chain, self.i = list(chain), 0
 
 
-def _find_layout(call: Call, problem: Problem, max_seconds: float | None = None):
+def _find_layout(call: Call, problem: Problem, max_seconds: float | None = None, trace: str = "auto"):
     """Detect (or take the user's) pattern and colour it, outside the evaluations anyone sees."""
     xs = tuple(x.detach() for x in call.xs)
     return call.f.isolated(lambda raw: layout_for(raw, xs, problem, call.options.sparsity, call.options.output,
-                                                  call.who, max_seconds))
+                                                  call.who, max_seconds, trace))
+
+
+def _first_trace(problem: Problem, eval_seconds: float) -> str:
+    """How a first call traces `f` (NOTE: [A real trace first])."""
+    return "real" if eval_seconds < REAL_TRACE_BELOW and not problem.draws_random else "auto"
+
+
+def _confirm_pattern(call: Call, entry: PlanEntry) -> None:
+    """Trace `f` on fake tensors to confirm a first call's real-trace pattern (NOTE: [A real trace first])."""
+    began = time.perf_counter()
+    pattern = entry.problem.layout.pattern
+    xs = tuple(x.detach() for x in call.xs)
+    allowed = max(entry.credit, DETECT_LIMIT * (entry.chosen().best or 0.0))
+    try:
+        fake = call.f.isolated(lambda raw: detect(raw, xs, trace="fake", max_nnz=pattern.nnz, max_seconds=allowed))
+        within = fake.nnz == 0 or bool(np.isin(fake.rows * pattern.shape[1] + fake.cols,
+                                                pattern.rows * pattern.shape[1] + pattern.cols,
+                                                assume_unique=True).all())
+        why = "" if within else f"the fake trace's pattern ({fake.nnz} nonzeros) reaches beyond it"
+    except Exception as exc:  # noqa: BLE001 - unconfirmed: every call stays checked
+        within, why = False, f"the fake trace failed ({type(exc).__name__})"
+    with entry.lock:
+        entry.credit -= time.perf_counter() - began
+        if within:
+            entry.reverify = False
+            entry.structure = entry.structure.replace(
+                "; valid at this point only, verified on every call",
+                f"; found on a real trace, confirmed on fake tensors on call {entry.calls + 1}")
+            entry.events.append(f"pattern confirmed on fake tensors on call {entry.calls + 1}: valid for every input "
+                                "of these shapes, calls are no longer checked")
+        else:
+            entry.events.append(f"pattern not confirmed on call {entry.calls + 1} ({why}): every call is checked")
 
 
 class Timed:
@@ -910,9 +948,15 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
         look = explore and entry.structure_open and entry.credit >= _trace_estimate(entry)
         if look:
             entry.structure_open = False  # one look per plan
-        trial = entry.next_trial() if explore and not look else None
+        # On the plan's second call, credit or not: until then every call pays a check (NOTE: [A real trace first]).
+        confirm = explore and not look and entry.confirm_trace
+        if confirm:
+            entry.confirm_trace = False  # one confirmation per plan
+        trial = entry.next_trial() if explore and not look and not confirm else None
     if look:
         _look_for_structure(call, entry)
+    if confirm:
+        _confirm_pattern(call, entry)
     if trial is not None:
         result = _trial(call, entry, trial)
     else:
