@@ -11,6 +11,7 @@ sparse tensors that never hold the zeros.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -181,7 +182,10 @@ def _sparse_blocks(values: torch.Tensor, layout: SparseLayout, p: Problem, outpu
                 crow = torch.zeros(m + 1, dtype=torch.int64, device=values.device)
                 torch.cumsum(counts, 0, out=crow[1:])
                 # one block: the cached column indices themselves, so the caller gets a copy of them
-                row.append(torch.sparse_csr_tensor(crow, c.clone() if single else c, v, (m, n), check_invariants=False))
+                with warnings.catch_warnings():  # torch's "in beta" notice: the user asked for CSR
+                    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                    row.append(torch.sparse_csr_tensor(crow, c.clone() if single else c, v, (m, n),
+                                                       check_invariants=False))
             else:
                 matrix = torch.sparse_coo_tensor(torch.stack([r, c]), v, (m, n), is_coalesced=True, check_invariants=False)
                 row.append(matrix if flat or (len(out_shape), len(in_shape)) == (1, 1) else _reshape_coo(matrix, (*out_shape, *in_shape)))
