@@ -46,6 +46,7 @@ from .._methods import METHODS
 from .._measure.engine_loops import LoopProbe
 from .._methods.base import PlainGraph, check_batch_aware, evaluate_plain, grad_mode, vjp
 from .._structure import detect
+from .._structure.detect import TooDense
 from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
@@ -603,6 +604,8 @@ def _confirm_pattern(call: Call, entry: PlanEntry) -> None:
                                                 pattern.rows * pattern.shape[1] + pattern.cols,
                                                 assume_unique=True).all())
         why = "" if within else f"the fake trace's pattern ({fake.nnz} nonzeros) reaches beyond it"
+    except TooDense as more:
+        within, why = False, f"the fake trace's pattern holds {more.nnz} nonzeros against {pattern.nnz}"
     except Exception as exc:  # noqa: BLE001 - unconfirmed: every call stays checked
         within, why = False, f"the fake trace failed ({type(exc).__name__})"
     with entry.lock:
