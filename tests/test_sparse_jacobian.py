@@ -457,14 +457,25 @@ def test_nonzero_share_counts_the_rows_written_so_far():
     assert cols.nonzero_share(0, 2) == 1 / 6
 
 
+def _forced_structure(monkeypatch, look: bool = True, shares: list | None = None):
+    """A first call times a slice wherever structure could be looked for, and `worth_detecting` answers `look`
+    (noting each nonzero share it is asked about in `shares`)."""
+    from autojac._planning import session
+
+    def decide(projected, eval_seconds, share=None):
+        if shares is not None:
+            shares.append(share)
+        return look
+
+    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
+    monkeypatch.setattr(session, "worth_detecting", decide)
+
+
 def test_the_first_slice_hands_its_density_to_the_decision(monkeypatch):
     """A first call that times a dense slice passes the share of nonzeros it computed; a tridiagonal
     residual's rows are 3 in 400 nonzero, a dense layer's (nearly) all nonzero."""
-    from autojac._planning import session
-
     seen = []
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
-    monkeypatch.setattr(session, "worth_detecting", lambda projected, ev, share=None: seen.append(share) or False)
+    _forced_structure(monkeypatch, look=False, shares=seen)
     g = lambda u: stencil(u) * 3.0  # noqa: E731
     x = t64(400)
     torch.testing.assert_close(autojac.jacobian(g, x), torch.autograd.functional.jacobian(g, x))
@@ -480,11 +491,8 @@ def test_the_first_slice_hands_its_density_to_the_decision(monkeypatch):
 def test_sparse_probe_rows_look_for_structure_without_a_dense_slice(monkeypatch):
     """Where the engine probe's rows are sparse and their pace already says a trace pays, the pattern is looked
     for at once: no dense slice is pushed, the colours' seeds go through the first evaluation's backward."""
-    from autojac._planning import session
-
     shares = []
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
-    monkeypatch.setattr(session, "worth_detecting", lambda projected, ev, share=None: shares.append(share) or True)
+    _forced_structure(monkeypatch, look=True, shares=shares)
     g = lambda u: stencil(u) * 5.0  # noqa: E731
     x = t64(400)
     torch.testing.assert_close(autojac.jacobian(g, x), torch.autograd.functional.jacobian(g, x))
@@ -495,7 +503,7 @@ def test_sparse_probe_rows_look_for_structure_without_a_dense_slice(monkeypatch)
     assert sum(report.chunk_sizes) == layout.row_passes, report  # the colours only: no dense slice
 
     # Dense probe rows: the slice decides, as before (here it says no, and the dense run goes on).
-    monkeypatch.setattr(session, "worth_detecting", lambda projected, ev, share=None: shares.append(share) or False)
+    _forced_structure(monkeypatch, look=False, shares=shares)
     W = t64(400, 400) / 20
     h = lambda u: torch.tanh(u @ W.T)  # noqa: E731 - batches on torch.autograd's engine: no loops
     torch.testing.assert_close(autojac.jacobian(h, x), torch.autograd.functional.jacobian(h, x))
@@ -509,8 +517,7 @@ def test_a_first_call_that_finds_structure_evaluates_f_once_beside_the_trace(mon
     first, the dense slice evaluated `f` its own way (a second evaluation, not the compressed run's)."""
     from autojac._planning import session
 
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
-    monkeypatch.setattr(session, "worth_detecting", lambda *a, **k: True)
+    _forced_structure(monkeypatch)
     monkeypatch.setattr(session, "_engine_by_probe",
                         lambda chain, *a, **k: sorted(chain, key=lambda m: "[func]" in m.name))
     g = lambda u: stencil(u) * 4.0  # noqa: E731
@@ -589,10 +596,7 @@ def test_a_function_that_writes_what_it_captures_is_not_traced(monkeypatch):
     """A trace runs `f` once more, and its in-place write (even on fake tensors) bumped the captured buffer's
     version: the call's own backward then failed, every fallback evaluated `f` again, and the call raised after
     7 writes. Such an `f` is evaluated once per call and never traced, first call or later."""
-    from autojac._planning import session
-
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
-    monkeypatch.setattr(session, "worth_detecting", lambda *a, **k: True)
+    _forced_structure(monkeypatch)
     x = t64(400)
     want = torch.func.jacfwd(stencil)(x)
     buf = torch.zeros(1, dtype=torch.float64, device=DEVICE)
@@ -606,13 +610,6 @@ def test_a_function_that_writes_what_it_captures_is_not_traced(monkeypatch):
         assert float(buf) == step and autojac.last_report().evaluations == 1
         torch.testing.assert_close(got, want * step)
     assert "writes in place" in autojac.plan(f, x).entry.structure
-
-
-def _forced_structure(monkeypatch):
-    from autojac._planning import session
-
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
-    monkeypatch.setattr(session, "worth_detecting", lambda *a, **k: True)
 
 
 def test_a_first_calls_real_trace_is_checked_until_a_fake_trace_confirms_it(monkeypatch):

@@ -24,6 +24,10 @@ from .._structure import Coloring, Decompressor, Pattern
 OUTPUTS = ("dense", "sparse", "csr")
 
 
+AT_ONE_POINT = "; valid at this point only, verified on every call"
+"""How a layout's description ends when its pattern holds at the first call's point only."""
+
+
 class SparseLayout:
     """A pattern with its row and column colourings; `output` is "dense", "sparse" (COO) or "csr"."""
 
@@ -46,7 +50,7 @@ class SparseLayout:
         if p.dense_ops:
             text += f"; treated as dense: {', '.join(p.dense_ops)}"
         if not p.valid_everywhere:
-            text += "; valid at this point only, verified on every call"
+            text += AT_ONE_POINT
         return text
 
     def _color_tensor(self, by_rows: bool, device: torch.device) -> torch.Tensor:

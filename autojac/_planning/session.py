@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from .._core.errors import MemoryBudgetError, NotBatchAwareError, PlanMismatchError, UnsupportedFunctionError
@@ -38,6 +37,7 @@ from .._core.problem import Problem, Signature
 from .._core.units import format_bytes, parse_budget
 from .._execute.assemble import Assembler
 from .._execute.layout import collector, seeds
+from .._execute.sparse import AT_ONE_POINT
 from .._execute.run import FixedChunks, RunLog, is_out_of_memory, push
 from .._execute.verify import VerificationError, check_against, check_columns, random_cotangents, reference_product
 from .._measure.device import free_memory, total_bytes, untracked_margin, untracked_reserve
@@ -45,8 +45,6 @@ from .._measure.meter import PeakMeter
 from .._methods import METHODS
 from .._measure.engine_loops import LoopProbe
 from .._methods.base import PlainGraph, check_batch_aware, evaluate_plain, grad_mode, vjp
-from .._structure import detect
-from .._structure.detect import TooDense
 from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
@@ -54,8 +52,8 @@ from .plan import RunReport, seconds_text
 from .cost_model import GROWTH, largest_fitting, n_chunks
 from .keys import largest_captured_bytes
 from .sizing import Sizer
-from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW, layout_for, might_pay,
-                        trace_estimate, worth_detecting)
+from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW, confirm_real_trace,
+                        layout_for, might_pay, trace_estimate, worth_detecting)
 
 logger = logging.getLogger("autojac")
 
@@ -351,7 +349,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         made.reverify = problem.layout is not None and not problem.layout.pattern.valid_everywhere
         # A real trace the first call chose (not one a failed fake trace fell back to): confirmed later.
         made.confirm_trace = (made.reverify and problem.layout.pattern.source == "real trace"
-                              and not problem.layout.pattern.notes and _first_trace(problem, region.seconds) == "real")
+                              and not problem.layout.pattern.notes)
         return made
 
     entry = new_entry(problem)
@@ -598,23 +596,13 @@ def _confirm_pattern(call: Call, entry: PlanEntry) -> None:
     pattern = entry.problem.layout.pattern
     xs = tuple(x.detach() for x in call.xs)
     allowed = max(entry.credit, DETECT_LIMIT * (entry.chosen().best or 0.0))
-    try:
-        fake = call.f.isolated(lambda raw: detect(raw, xs, trace="fake", max_nnz=pattern.nnz, max_seconds=allowed))
-        within = fake.nnz == 0 or bool(np.isin(fake.rows * pattern.shape[1] + fake.cols,
-                                                pattern.rows * pattern.shape[1] + pattern.cols,
-                                                assume_unique=True).all())
-        why = "" if within else f"the fake trace's pattern ({fake.nnz} nonzeros) reaches beyond it"
-    except TooDense as more:
-        within, why = False, f"the fake trace's pattern holds {more.nnz} nonzeros against {pattern.nnz}"
-    except Exception as exc:  # noqa: BLE001 - unconfirmed: every call stays checked
-        within, why = False, f"the fake trace failed ({type(exc).__name__})"
+    why = call.f.isolated(lambda raw: confirm_real_trace(raw, xs, pattern, allowed))
     with entry.lock:
         entry.credit -= time.perf_counter() - began
-        if within:
+        if not why:
             entry.reverify = False
             entry.structure = entry.structure.replace(
-                "; valid at this point only, verified on every call",
-                f"; found on a real trace, confirmed on fake tensors on call {entry.calls + 1}")
+                AT_ONE_POINT, f"; found on a real trace, confirmed on fake tensors on call {entry.calls + 1}")
             entry.events.append(f"pattern confirmed on fake tensors on call {entry.calls + 1}: valid for every input "
                                 "of these shapes, calls are no longer checked")
         else:

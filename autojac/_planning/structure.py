@@ -127,6 +127,22 @@ tensors (NOTE: [A real trace first])."""
 # again, dense).
 
 
+def confirm_real_trace(f, xs, pattern: Pattern, max_seconds: float | None) -> str:
+    """Trace `f` on fake tensors; "" if that pattern (valid for every input of these shapes) lies within
+    `pattern`, a first call's real-trace one, else why not (NOTE: [A real trace first])."""
+    try:
+        fake = detect(f, xs, trace="fake", max_nnz=pattern.nnz, max_seconds=max_seconds)
+    except TooDense as more:
+        return f"the fake trace's pattern holds {more.nnz} nonzeros against {pattern.nnz}"
+    except Exception as exc:  # noqa: BLE001 - unconfirmed: every call stays checked
+        return f"the fake trace failed ({type(exc).__name__})"
+    n_in = pattern.shape[1]
+    if fake.nnz and not np.isin(fake.rows * n_in + fake.cols, pattern.rows * n_in + pattern.cols,
+                                assume_unique=True).all():
+        return f"the fake trace's pattern ({fake.nnz} nonzeros) reaches beyond it"
+    return ""
+
+
 def colorings(pattern: Pattern, symmetric: bool = False) -> tuple[Coloring, Coloring]:
     """(row colouring, column colouring), paying for only what can matter.
 

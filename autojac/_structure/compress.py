@@ -75,6 +75,7 @@ class Decompressor:
         self._rows = torch.from_numpy(rows.copy())
         self._cols = torch.from_numpy(cols.copy())
         self._pairs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._flat: dict[torch.device, torch.Tensor] = {}  # row * n_in + col: where a dense result is written
         self._pages: dict[int, int] = {}  # pages a dense result's writes reach, per item size (CPU)
 
     def pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +106,10 @@ class Decompressor:
         device = torch.device(device) if device is not None else values.device
         n_out, n_in = self.pattern.shape
         dtype = dtype or values.dtype
-        rows, cols = self.pairs(device)
-        flat = rows * n_in + cols
+        flat = self._flat.get(device)
+        if flat is None:  # once per device, not on every call
+            rows, cols = self.pairs(device)
+            flat = self._flat[device] = rows * n_in + cols
         pages = None
         if device.type == "cpu":
             pages = self._pages.get(dtype.itemsize)
