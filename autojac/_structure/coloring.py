@@ -433,10 +433,12 @@ def _lattice(g: _Graph, lb: int, best: int, sample: np.ndarray, work: float) -> 
                     + np.arange(int(lens.sum()))]
         screens.append((verts, np.repeat(np.arange(part.size), lens)))
     found = None
+    coords: list[np.ndarray] = []  # per chain: the digits of the sampled nets' vertices (the same for every k)
     for chain in chains:
         # Box colouring: digit i taken modulo the widest extent of digit i inside one net.
         verts, net = screens[1]
         digits = _coords(verts, chain)
+        coords.append(digits)
         lo = np.full((sample.size, digits.shape[1]), np.iinfo(np.int64).max)
         hi = np.full((sample.size, digits.shape[1]), np.iinfo(np.int64).min)
         np.minimum.at(lo, net, digits)
@@ -461,18 +463,19 @@ def _lattice(g: _Graph, lb: int, best: int, sample: np.ndarray, work: float) -> 
     for k in range(max(lb, 2), best):
         if len(chains) and k ** max(len(c) for c in chains) > 20_000:
             break  # too many coefficient combinations to screen
-        for chain in chains:
+        for c, chain in enumerate(chains):
             coefs = _coefficients(k, len(chain))
             work -= coefs.shape[0] * screens[0][0].size
             if work < 0:
                 return (found[0], found[2]) if found is not None else None
             for verts, net in screens:
-                key = np.sort(net[:, None] * k + (_coords(verts, chain) @ coefs.T) % k, axis=0)
+                digits = coords[c][:verts.size]  # the quick screen's nets come first in the thorough one's
+                key = np.sort(net[:, None] * k + (digits @ coefs.T) % k, axis=0)
                 coefs = coefs[~(key[1:] == key[:-1]).any(0)]  # keep coefficient rows with no clash
                 if coefs.shape[0] == 0:
                     break
-            for c in coefs[:4]:  # the screen is strong: a few full checks at most
-                colors = (_coords(np.arange(g.n, dtype=np.int64), chain) @ c) % k
+            for a in coefs[:4]:  # the screen is strong: a few full checks at most
+                colors = (_coords(np.arange(g.n, dtype=np.int64), chain) @ a) % k
                 if _valid(g.nets, colors):
                     return colors, f"lattice {'x'.join(map(str, chain))} mod {k}"
     return (found[0], found[2]) if found is not None else None
