@@ -652,3 +652,59 @@ def test_a_real_trace_that_fake_tensors_cannot_confirm_stays_checked_and_is_neve
     y[0] = -1.0
     torch.testing.assert_close(autojac.jacobian(f, y), torch.autograd.functional.jacobian(f, y))
     torch.testing.assert_close(autojac.jacobian(f, x), torch.autograd.functional.jacobian(f, x))
+
+
+# -- a sparse result whose dense form is over the budget (NOTE: [Structure first when only a sparse result fits]) --
+
+@pytest.mark.parametrize("output", ["sparse", "csr"])
+def test_a_sparse_output_whose_dense_form_is_over_the_budget_is_found_first_and_computed(output):
+    x = t64(60, 60)  # 3600 x 3600: 98.9 MiB dense, 17760 nonzeros
+    want = torch.autograd.functional.jacobian(heat2d, x).reshape(3600, 3600)
+    autojac.clear_cache()
+    for call in range(2):
+        got = autojac.jacobian(heat2d, x, output=output, memory_budget="48MiB")
+        report = autojac.last_report()
+        assert report.planned == (call == 0) and (report.verified or call), report
+        dense = got.to_dense().reshape(3600, 3600)
+        torch.testing.assert_close(dense, want)
+    p = autojac.plan(heat2d, x, output=output, memory_budget="48MiB")
+    assert p.problem.layout is not None and p.problem.layout.pattern.nnz == 17760, str(p)
+    assert p.problem.result_bytes < 4 * 2**20 < 48 * 2**20 < p.problem.dense_result_bytes
+
+
+def test_a_users_pattern_lets_a_sparse_output_over_the_dense_budget_through():
+    x = t64(60, 60)
+    want = torch.autograd.functional.jacobian(heat2d, x)
+    mask = want != 0
+    got = autojac.jacobian(heat2d, x, output="sparse", memory_budget="48MiB", sparsity=mask, cache=False)
+    torch.testing.assert_close(got.to_dense(), want)
+
+
+def test_a_dense_output_over_the_budget_is_refused_and_pointed_to_a_sparse_one():
+    with pytest.raises(autojac.MemoryBudgetError, match="output='sparse' or 'csr' returns it without them"):
+        autojac.jacobian(heat2d, t64(60, 60), memory_budget="48MiB", cache=False)
+
+
+def test_a_sparse_output_of_a_dense_jacobian_over_the_budget_is_refused_before_a_vector_is_pushed(monkeypatch):
+    from autojac._execute import run
+
+    pushed = []
+    monkeypatch.setattr(run, "seeds", lambda *a, **k: pushed.append(1))
+    coupled = lambda u: u * u.sum()  # noqa: E731 - every entry depends on every input: 12.96 million nonzeros
+    with pytest.raises(autojac.MemoryBudgetError, match="no sparsity pattern that fits was found"):
+        autojac.jacobian(coupled, t64(60, 60), output="sparse", memory_budget="48MiB", cache=False)
+    assert not pushed
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU's peak RSS; CUDA budgets are covered by the budget sweep")
+def test_finding_and_colouring_a_pattern_first_stay_within_the_budget():
+    from autojac._measure.meter import PeakMeter
+
+    meter = PeakMeter(torch.device("cpu"))
+    if meter.kind == "none":
+        pytest.skip("no peak-RSS counter on this system")
+    x = t64(200, 200)  # 40000 x 40000: 11.9 GiB dense, 199200 nonzeros
+    with meter.region() as region:
+        got = autojac.jacobian(heat2d, x, output="sparse", memory_budget="64MiB", cache=False)
+    assert got._nnz() == 199200 and autojac.last_report().verified
+    assert region.peak_bytes is not None and region.peak_bytes < 64 * 2**20, region.peak_bytes

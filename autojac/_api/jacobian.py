@@ -180,7 +180,9 @@ def jacobian(
     - A new plan is made by the first call, which computes the Jacobian as it goes:
       - `f` is evaluated once with a plain autograd graph, to learn the output
         shapes. If the result (plus that forward pass) does not fit the budget,
-        `MemoryBudgetError` comes now, before any basis vector is pushed.
+        `MemoryBudgetError` comes now, before any basis vector is pushed; with
+        `output="sparse"` or `"csr"` the sparsity pattern is found first and the
+        sparse result must fit (finding it is charged 192 bytes a nonzero).
       - Reverse mode, unless the outputs outnumber the inputs over 4x: then the
         double-VJP trick (which needs no forward formulas and starts from the same
         evaluation). If `f` drew random numbers, only methods that evaluate it

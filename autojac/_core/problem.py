@@ -110,13 +110,20 @@ class Problem:
         return sum(m * dt.itemsize for m, dt in zip(self.out_sizes, self.out_dtypes))
 
     @cached_property
-    def result_bytes(self) -> int:
-        """Bytes of the returned Jacobian: one block per (output, input) pair."""
+    def dense_result_bytes(self) -> int:
+        """Bytes of the Jacobian as dense blocks: one per (output, input) pair."""
         return sum(
             m * n * dt.itemsize
             for m in self.out_sizes
             for n, dt in zip(self.in_sizes, self.inputs.dtypes)
         )
+
+    @cached_property
+    def result_bytes(self) -> int:
+        """Bytes of the returned Jacobian: dense blocks, or for a structured layout with a sparse output what
+        making the sparse blocks takes (see `SparseLayout.result_bytes`)."""
+        sparse = getattr(self.layout, "result_bytes", None)
+        return self.dense_result_bytes if sparse is None else sparse(self)
 
 
 def check_inputs(inputs: object, who: str = "jacobian", argnums: object = None) -> tuple[tuple[torch.Tensor, ...], Signature, Arguments]:

@@ -80,6 +80,23 @@ class SparseLayout:
     def collector(self, problem: Problem, by_rows: bool) -> SparseCollector:
         return SparseCollector(self, problem, by_rows)
 
+    def result_bytes(self, problem: Problem) -> int:
+        """What making the result takes: the dense blocks for a dense output; for a sparse one, the stacked
+        products of every colour (the larger side's), the nonzeros gathered from them, and the sparse blocks'
+        values and int64 indices (one per dimension of a COO block; a CSR block's column indices and row
+        pointers)."""
+        if self.output == "dense":
+            return problem.dense_result_bytes
+        itemsize = max(dt.itemsize for dt in (*problem.inputs.dtypes, *problem.out_dtypes))
+        products = max(self.row_passes * problem.n_in, self.col_passes * problem.n_out) * itemsize
+        nnz = self.pattern.nnz
+        if self.output == "csr":
+            indices = nnz * 8 + sum(8 * (m + 1) for m in problem.out_sizes) * len(problem.in_sizes)
+        else:
+            ndim = max(len(o) + len(i) for o in problem.out_shapes for i in problem.inputs.shapes)
+            indices = nnz * 8 * max(ndim, 2)
+        return products + 2 * nnz * itemsize + indices
+
 
 class SparseCollector:
     """Stacks the products of every colour, then decompresses them in one gather."""
@@ -123,7 +140,7 @@ class SparseCollector:
         if self.values is None:
             return result
         p = self.problem
-        if self.values.numel() * COO_BYTES_PER_NONZERO > p.result_bytes // 4:
+        if self.values.numel() * COO_BYTES_PER_NONZERO > p.dense_result_bytes // 4:
             return result
         return nest(_sparse_blocks(self.values, self.layout, p, "sparse", flat=True), p.out_spec, p.inputs.spec)
 

@@ -52,7 +52,7 @@ from .plan import RunReport, seconds_text
 from .cost_model import GROWTH, largest_fitting, n_chunks
 from .keys import largest_captured_bytes
 from .sizing import Sizer
-from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW, confirm_real_trace,
+from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW, STRUCTURE_BYTES_PER_NONZERO, confirm_real_trace,
                         layout_for, might_pay, trace_estimate, worth_detecting)
 
 logger = logging.getLogger("autojac")
@@ -273,14 +273,18 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     graph_bound = graph_bytes if measured_forward else (
         int(CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * region.seconds) if device.type == "cpu" else 0)
     graph_bytes = graph_bytes or 0
-    fixed = problem.result_bytes + graph_bytes + untracked_margin(device, budget)  # NOTE: [Memory between the regions]
-    if problem.result_bytes + (graph_bytes if measured_forward else 0) > budget:
-        raise MemoryBudgetError(
-            f"{call.who}: the memory budget is {format_bytes(budget)}, but the Jacobian alone "
-            f"({problem.n_out} x {problem.n_in}) takes {format_bytes(problem.result_bytes)}"
-            + (f" and the forward pass {format_bytes(graph_bytes)}" if measured_forward and graph_bytes else "")
-            + ". Raise `memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time."
-        )
+    forward_bytes = graph_bytes if measured_forward else 0
+    # NOTE: [Structure first when only a sparse result fits]
+    # A sparse output is asked for so that a Jacobian whose dense form cannot fit never exists densely (a
+    # 450 x 450 heat equation: 305 GiB dense, 1.0 million nonzeros). When its dense blocks alone are over the
+    # budget, the pattern is found before anything else (no dense probe or slice: their collector is the
+    # dense result), used however many colours it takes, and the budget is held against the sparse result.
+    # Only if no pattern fits is the call refused.
+    structure_first = (problem.result_bytes + forward_bytes > budget and options.output != "dense"
+                       and options.sparsity is not None)
+    if not structure_first:
+        _check_result_fits(call, problem, budget, graph_bytes, measured_forward,
+                           hint=options.output == "dense" and options.sparsity is not None)
     if options.strict:
         check_strict(graph, call.who)
     # NOTE: [An f that writes what it captures]: every evaluation is a step the caller sees and no later
@@ -324,6 +328,19 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         looked = True
         problem = dataclasses.replace(problem, layout=layout)
         chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+    elif structure_first:
+        layout, note = _find_layout(call, problem, None, _first_trace(problem, region.seconds),
+                                    max_nnz=max(int(budget - forward_bytes) // STRUCTURE_BYTES_PER_NONZERO, 1))
+        looked = True
+        if layout is None:
+            raise MemoryBudgetError(
+                f"{call.who}: the memory budget is {format_bytes(budget)}, but the dense Jacobian "
+                f"({problem.n_out} x {problem.n_in}) takes {format_bytes(problem.result_bytes)}, and for "
+                f"output={options.output!r} no sparsity pattern that fits was found: {note}. Raise "
+                "`memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time.")
+        problem = dataclasses.replace(problem, layout=layout)
+        _check_result_fits(call, problem, budget, graph_bytes, measured_forward)
+        chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     elif options.sparsity is not None and compute:
         if isinstance(options.sparsity, str) and writes_captured:
             # The trace runs `f` once more, and even on fake tensors its in-place write bumps the captured tensor's
@@ -343,6 +360,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
 
     def new_entry(problem: Problem) -> PlanEntry:
         facts = Facts(problem.col_passes, problem.row_passes, region.seconds, vjp_seconds)
+        fixed = problem.result_bytes + graph_bytes + untracked_margin(device, budget)  # NOTE: [Memory between the regions]
         made = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only, tangent_copy_bytes=copies,
                          once_why=("`f` writes in place into a tensor it captures" if writes_captured else
                                    "`f` draws random numbers"))
@@ -578,11 +596,29 @@ class _Restartable:
         self.chain, self.i = list(chain), 0
 
 
-def _find_layout(call: Call, problem: Problem, max_seconds: float | None = None, trace: str = "auto"):
+def _check_result_fits(call: Call, problem: Problem, budget: int, graph_bytes: int, measured_forward: bool,
+                       hint: bool = False) -> None:
+    """MemoryBudgetError before any basis vector is pushed if the result (and the measured forward pass) cannot fit;
+    `hint`: say that a sparse output may fit where the dense one does not."""
+    if problem.result_bytes + (graph_bytes if measured_forward else 0) > budget:
+        sparse = problem.layout is not None and problem.layout.output != "dense"
+        raise MemoryBudgetError(
+            f"{call.who}: the memory budget is {format_bytes(budget)}, but the Jacobian alone "
+            f"({problem.n_out} x {problem.n_in}"
+            + (f", {problem.layout.pattern.nnz} nonzeros as {problem.layout.output} blocks" if sparse else "")
+            + f") takes {format_bytes(problem.result_bytes)}"
+            + (f" and the forward pass {format_bytes(graph_bytes)}" if measured_forward and graph_bytes else "")
+            + ". Raise `memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time"
+            + (". If it is mostly zeros, output='sparse' or 'csr' returns it without them." if hint else ".")
+        )
+
+
+def _find_layout(call: Call, problem: Problem, max_seconds: float | None = None, trace: str = "auto",
+                 max_nnz: int | None = None):
     """Detect (or take the user's) pattern and colour it, outside the evaluations anyone sees."""
     xs = tuple(x.detach() for x in call.xs)
     return call.f.isolated(lambda raw: layout_for(raw, xs, problem, call.options.sparsity, call.options.output,
-                                                  call.who, max_seconds, trace))
+                                                  call.who, max_seconds, trace, max_nnz))
 
 
 def _first_trace(problem: Problem, eval_seconds: float) -> str:

@@ -52,6 +52,14 @@ def trace_estimate(eval_seconds: float) -> float:
 
 DETECT_SHARE = 0.1
 """Look for structure only if its estimated cost is under this share of the dense Jacobian's estimate."""
+STRUCTURE_BYTES_PER_NONZERO = 192
+"""What finding and colouring a pattern takes at its peak, per nonzero (NOTE: [Structure first when only a sparse
+result fits]). Measured peaks over the call's start (MALLOC_MMAP_THRESHOLD_=131072): detection 40-141 bytes a
+nonzero (a real trace holds `f`'s real intermediates; fake tensors 40-85), colouring 34-68 after it; a whole first
+call of a 450 x 450 heat equation (1.0 million nonzeros, output="sparse") peaked at 182 MiB, 189 bytes a nonzero,
+with its forward pass, reference product and sparse result."""
+
+
 SAVES = 0.5
 """Use compression only if it needs at most this share of the dense passes."""
 DETECT_LIMIT = 3.0
@@ -199,25 +207,33 @@ def user_pattern(mask: object, problem: Problem, who: str) -> Pattern:
 
 
 def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,
-               max_seconds: float | None = None, trace: str = "auto") -> tuple[SparseLayout | None, str]:
+               max_seconds: float | None = None, trace: str = "auto",
+               max_nnz: int | None = None) -> tuple[SparseLayout | None, str]:
     """(the layout to use, or None for dense; a note for the plan). Detection may take `max_seconds` at most;
-    `trace` as in `detect` (a first call's cheap `f` is traced on its real values: NOTE: [A real trace first])."""
+    `trace` as in `detect` (a first call's cheap `f` is traced on its real values: NOTE: [A real trace first]).
+    With `max_nnz` (NOTE: [Structure first when only a sparse result fits]) the dense Jacobian cannot be
+    made at all: a pattern of at most that many nonzeros is used however many colours it needs."""
     if sparsity is None:
         return None, ""
     dense_passes = min(problem.n_in, problem.n_out)
+    must = max_nnz is not None
     if isinstance(sparsity, str):
         # No colouring beats its side's lower bound (the most nonzeros in one row or column), and the mean
         # bounds the most: a pattern this full is dense for the planner before it is spelled out or coloured
         # (a dense 2048 x 2048 one took 0.2 s to spell out and 0.4 s more to colour, on a first call that then
         # ran dense anyway).
-        too_many = int(SAVES * dense_passes * max(problem.n_out, problem.n_in))
+        too_many = max_nnz if must else int(SAVES * dense_passes * max(problem.n_out, problem.n_in))
         try:
-            pattern = detect(f, xs, trace=trace, max_nnz=too_many, max_seconds=max_seconds)
+            pattern = detect(f, xs, trace=trace, max_nnz=too_many, max_seconds=max_seconds,
+                             max_stored=max_nnz)  # structure first: the propagation's memory is bounded too
         except TooLong as late:
             return None, (f"structure detection stopped after {late.seconds:.2f} s of propagation ({late.done} of "
                           f"{late.total} ops), over its limit of {max_seconds:.2f} s; dense. "
                           "`sparsity=autojac.sparsity(f, x)` detects without a limit")
         except TooDense as full:
+            if must:
+                return None, (f"the pattern, or an intermediate's dependency sets ({full.nnz} entries), holds more than "
+                              f"the budget does ({max_nnz} at {STRUCTURE_BYTES_PER_NONZERO} bytes each)")
             return None, (f"pattern found ({full.nnz} nonzeros) but at least {math.ceil(full.nnz / max(problem.n_out, problem.n_in))} "
                           f"colours against {dense_passes} dense passes: dense")
         except Exception as exc:  # noqa: BLE001 - no pattern is no reason to fail: dense works
@@ -225,14 +241,16 @@ def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,
             return None, f"structure detection failed ({type(exc).__name__}); dense"
     else:
         pattern = user_pattern(sparsity, problem, who)
-    if isinstance(sparsity, str) and not problem.symmetric:  # peeling dense lines beats this bound
+    if must and pattern.nnz > max_nnz:  # a pattern the user gave
+        return None, f"the pattern's {pattern.nnz} nonzeros are more than the budget holds ({max_nnz})"
+    if isinstance(sparsity, str) and not problem.symmetric and not must:  # peeling dense lines beats this bound
         fewest = min(pattern.max_row_nnz, pattern.max_col_nnz)
         if fewest > SAVES * dense_passes:
             return None, (f"pattern found ({pattern.nnz} nonzeros) but at least {math.ceil(fewest)} colours "
                           f"against {dense_passes} dense passes: dense")
     rows, columns = colorings(pattern, problem.symmetric)
     compressed = min(rows.n_colors, columns.n_colors)
-    if isinstance(sparsity, str) and compressed > SAVES * dense_passes:
+    if isinstance(sparsity, str) and compressed > SAVES * dense_passes and not must:
         return None, (f"pattern found ({pattern.nnz} nonzeros) but {compressed} colours against {dense_passes} "
                       "dense passes: dense")
     layout = SparseLayout(pattern, rows, columns, output)

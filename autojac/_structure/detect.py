@@ -32,7 +32,7 @@ class TooLong(Exception):
 
 
 def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_nnz: int | None = None,
-           max_seconds: float | None = None) -> Pattern:
+           max_seconds: float | None = None, max_stored: int | None = None) -> Pattern:
     """Sparsity pattern of the Jacobian of `f(*xs)` (inputs and outputs flattened and concatenated).
 
     trace="auto" traces f on fake tensors (the pattern then holds for every input of these shapes)
@@ -43,7 +43,8 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
     limit beyond which no colouring could pay). With `max_seconds`, propagation that runs longer raises
     TooLong between two ops (the planner's allowance: index sets that grow op after op, as through a long
     rollout, can make propagation cost far more than the trace; the trace itself costs about one
-    evaluation of `f`, plus fake-tensor set-up the first time in a process).
+    evaluation of `f`, plus fake-tensor set-up the first time in a process). With `max_stored`, an op
+    whose dependency sets store more entries raises TooDense as soon as it is propagated (a memory bound).
     """
     if trace not in _MODES:
         raise ValueError(f"trace must be one of {_MODES}, got {trace!r}")
@@ -74,7 +75,7 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
     engine = Engine(tape)
     propagating = time.perf_counter()  # the limit is on propagation: the trace costs about an evaluation
     try:
-        out_deps = engine.run(None if max_seconds is None else propagating + max_seconds)
+        out_deps = engine.run(None if max_seconds is None else propagating + max_seconds, max_stored)
     except TooLong as late:
         raise TooLong(time.perf_counter() - propagating, late.done, late.total) from None
     parts = [(d, m.numel) for d, m in zip(out_deps, tape.output_metas)]

@@ -164,9 +164,10 @@ class Engine:
         store.shadow.as_strided(meta.shape, meta.stride, meta.offset).copy_(value)
 
     # -- replay ---------------------------------------------------------------------------
-    def run(self, deadline: float | None = None) -> list[Deps | None]:
+    def run(self, deadline: float | None = None, max_stored: int | None = None) -> list[Deps | None]:
         """Propagate dependency sets through the tape; past `deadline` (a `time.perf_counter()` value), raise
-        `detect.TooLong` before the next op."""
+        `detect.TooLong` before the next op; an op whose dependency sets store more than `max_stored` entries
+        (row map and table) raises `detect.TooDense` (a memory bound: the sets of several ops are alive at once)."""
         from .registry import Call, op_info  # the rules import this module
 
         for step, op in enumerate(self.tape.ops):
@@ -191,6 +192,12 @@ class Engine:
                 if D.CAPPED:
                     self.dense_ops.append(f"aten.{info.name}.{info.overload} ({D.CAPPED[0]})")
                     D.CAPPED.clear()
+                if max_stored is not None:
+                    stored = sum(d.numel + d.table.nnz for d in out_deps if d is not None)
+                    if stored > max_stored:
+                        from .detect import TooDense
+
+                        raise TooDense(stored)
             for k, (t, m) in enumerate(results):
                 d = out_deps[k] if m.floating else None
                 v = values[k] if values is not None else None
