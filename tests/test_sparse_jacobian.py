@@ -708,3 +708,24 @@ def test_finding_and_colouring_a_pattern_first_stay_within_the_budget():
         got = autojac.jacobian(heat2d, x, output="sparse", memory_budget="64MiB", cache=False)
     assert got._nnz() == 199200 and autojac.last_report().verified
     assert region.peak_bytes is not None and region.peak_bytes < 64 * 2**20, region.peak_bytes
+
+
+def test_a_wrong_users_pattern_over_the_dense_budget_is_refused_saying_why():
+    x = t64(60, 60)
+    diagonal = torch.eye(3600, dtype=torch.bool, device=DEVICE)  # misses the stencil's neighbours
+    with pytest.raises(autojac.MemoryBudgetError, match="pattern failed the check.*cannot be made instead"):
+        autojac.jacobian(heat2d, x, output="sparse", memory_budget="48MiB", sparsity=diagonal, cache=False)
+
+
+def test_a_closure_with_a_new_permutation_over_the_dense_budget_finds_its_pattern_again():
+    y = t64(3600)
+    g = torch.Generator().manual_seed(3)
+    autojac.clear_cache()
+    for step in range(3):
+        index = torch.randperm(3600, generator=g).to(DEVICE)
+        f = lambda u, index=index: u[index] * 2.0  # noqa: E731 - rebuilt every step, one plan key
+        got = autojac.jacobian(f, y, output="sparse", memory_budget="48MiB")
+        want = torch.autograd.functional.jacobian(f, y)
+        torch.testing.assert_close(got.to_dense(), want)
+        report = autojac.last_report()
+        assert report.verified and (step == 0 or any("found again" in e for e in report.events)), report

@@ -80,15 +80,20 @@ class SparseLayout:
     def collector(self, problem: Problem, by_rows: bool) -> SparseCollector:
         return SparseCollector(self, problem, by_rows)
 
+    def products_bytes(self, problem: Problem, by_rows: bool) -> int:
+        """The stacked products of every colour on one side (what `SparseCollector` holds)."""
+        itemsize = max(dt.itemsize for dt in (*problem.inputs.dtypes, *problem.out_dtypes))
+        return (self.row_passes * problem.n_in if by_rows else self.col_passes * problem.n_out) * itemsize
+
     def result_bytes(self, problem: Problem) -> int:
         """What making the result takes: the dense blocks for a dense output; for a sparse one, the stacked
-        products of every colour (the larger side's), the nonzeros gathered from them, and the sparse blocks'
-        values and int64 indices (one per dimension of a COO block; a CSR block's column indices and row
-        pointers)."""
+        products of every colour (on the side with fewer colours: a method on the other side needs more, see
+        `PlanEntry`), the nonzeros gathered from them, and the sparse blocks' values and int64 indices (one per
+        dimension of a COO block; a CSR block's column indices and row pointers)."""
         if self.output == "dense":
             return problem.dense_result_bytes
         itemsize = max(dt.itemsize for dt in (*problem.inputs.dtypes, *problem.out_dtypes))
-        products = max(self.row_passes * problem.n_in, self.col_passes * problem.n_out) * itemsize
+        products = min(self.products_bytes(problem, True), self.products_bytes(problem, False))
         nnz = self.pattern.nnz
         if self.output == "csr":
             indices = nnz * 8 + sum(8 * (m + 1) for m in problem.out_sizes) * len(problem.in_sizes)

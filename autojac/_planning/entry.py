@@ -144,6 +144,18 @@ class PlanEntry:
                         f"its products would copy a {format_bytes(tangent_copy_bytes)} tensor `f` holds as a zero "
                         f"tangent, more than the budget leaves ({format_bytes(room)})")
                     s.reason = s.excluded
+        layout = problem.layout
+        if room is not None and layout is not None and layout.output != "dense":
+            # A sparse result's bytes count the smaller side's stacked products (NOTE: [Structure first when only
+            # a sparse result fits]); a side whose products would take more than the budget leaves is not run.
+            counted = min(layout.products_bytes(problem, True), layout.products_bytes(problem, False))
+            for s in self.stats.values():
+                extra = layout.products_bytes(problem, s.method.by_rows) - counted
+                if extra > room and not s.excluded:
+                    s.status, s.excluded = "not tried", (
+                        f"its colours' products would take {format_bytes(extra)} more than the budget leaves "
+                        f"({format_bytes(room)})")
+                    s.reason = s.excluded
         self.incumbent: str | None = None
         self.credit = 0.0
         self.batch_aware_checked = False

@@ -677,7 +677,22 @@ def dense_after_all(call: Call, failure: BaseException, later: bool = False) -> 
     call.events.append(f"the sparsity pattern failed the check ({_first_line(failure)}); computed densely")
     dense = Call(call.f, call.xs, call.signature, dataclasses.replace(call.options, sparsity=None), call.who)
     dense.captures = call.captures
-    result, entry = first_call(dense)
+    try:
+        result, entry = first_call(dense)
+    except MemoryBudgetError as exc:
+        if not (later and isinstance(call.options.sparsity, str) and call.options.output != "dense"):
+            raise MemoryBudgetError(f"{call.who}: the sparsity pattern failed the check ({_first_line(failure)}), and "
+                                    f"the dense Jacobian cannot be made instead: {exc}") from None
+        # A sparse output that only fits sparse, on new values (a closure rebuilt around a new index tensor): the
+        # pattern is found again for them (NOTE: [Structure first when only a sparse result fits]). The dense
+        # attempt cost one evaluation of `f`, before its result was refused.
+        call.events[-1] = f"the sparsity pattern failed the check on new values ({_first_line(failure)}); found again"
+        again = Call(call.f, call.xs, call.signature, call.options, call.who)
+        again.captures = call.captures
+        result, entry = first_call(again)
+        call.events += again.events
+        call.chunks, call.verified, call.method_name = again.chunks, again.verified, again.method_name
+        return result, entry
     entry.structure = ("a sparsity pattern held on the values it was found for, then failed the check after the "
                        "tensors `f` captures changed; dense from then on" if later else
                        "a sparsity pattern was found but failed the check; dense")
