@@ -330,7 +330,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     elif structure_first:
         layout, note = _find_layout(call, problem, None, _first_trace(problem, region.seconds),
-                                    max_nnz=max(int(budget - forward_bytes) // STRUCTURE_BYTES_PER_NONZERO, 1))
+                                    max_nnz=max(int(budget - forward_bytes - untracked_margin(device, budget))
+                                                // STRUCTURE_BYTES_PER_NONZERO, 1))
         looked = True
         if layout is None:
             raise MemoryBudgetError(

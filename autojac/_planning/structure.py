@@ -224,16 +224,18 @@ def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,
         # ran dense anyway).
         too_many = max_nnz if must else int(SAVES * dense_passes * max(problem.n_out, problem.n_in))
         try:
+            # Structure first: the propagation's memory is bounded too; an op's sets store a row map entry per
+            # element and a table entry per distinct dependency, so a pattern within max_nnz stores at most twice it.
             pattern = detect(f, xs, trace=trace, max_nnz=too_many, max_seconds=max_seconds,
-                             max_stored=max_nnz)  # structure first: the propagation's memory is bounded too
+                             max_stored=None if max_nnz is None else 2 * max_nnz)
         except TooLong as late:
             return None, (f"structure detection stopped after {late.seconds:.2f} s of propagation ({late.done} of "
                           f"{late.total} ops), over its limit of {max_seconds:.2f} s; dense. "
                           "`sparsity=autojac.sparsity(f, x)` detects without a limit")
         except TooDense as full:
             if must:
-                return None, (f"the pattern, or an intermediate's dependency sets ({full.nnz} entries), holds more than "
-                              f"the budget does ({max_nnz} at {STRUCTURE_BYTES_PER_NONZERO} bytes each)")
+                return None, (f"the pattern, or an intermediate's dependency sets, came to {full.nnz} entries: more than "
+                              f"the budget allows ({max_nnz} nonzeros at {STRUCTURE_BYTES_PER_NONZERO} bytes each)")
             return None, (f"pattern found ({full.nnz} nonzeros) but at least {math.ceil(full.nnz / max(problem.n_out, problem.n_in))} "
                           f"colours against {dense_passes} dense passes: dense")
         except Exception as exc:  # noqa: BLE001 - no pattern is no reason to fail: dense works
