@@ -452,3 +452,20 @@ def test_a_constant_operand_too_large_to_spell_out_is_taken_as_dense(monkeypatch
     monkeypatch.setattr(linear, "EXACT_PAIRS_LIMIT", 10)
     capped = detect(f, (x,))
     assert capped.to_dense().all() and any("too large to spell out" in op for op in capped.dense_ops)
+
+
+def test_a_memory_bound_stops_a_convolution_before_it_builds_its_sets():
+    """`max_stored` (structure first under a budget) is checked by the convolution rule before it builds its
+    sets (its transient is several times its result), not swallowed into a dense fallback; above the bound the
+    pattern is exact."""
+    from autojac._structure.detect import TooDense
+
+    n = 40
+    stencil = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).reshape(1, 1, 3, 3)
+    f = lambda u: F.conv2d(u.reshape(1, 1, n, n), stencil, padding=1).reshape(-1)  # noqa: E731
+    x = rnd(n * n)
+    with pytest.raises(TooDense) as caught:
+        detect(f, x, max_stored=5 * n * n - 1)  # the rule foresees 5 taps x n^2 outputs
+    assert caught.value.nnz == 5 * n * n
+    p = detect(f, x, max_stored=10 * n * n)
+    assert p.nnz == 5 * n * n - 4 * n and not p.dense_ops

@@ -24,6 +24,15 @@ UNION_LIMIT = 30_000_000
 CAPPED: list[str] = []
 
 
+class TooDense(Exception):
+    """Internal: the pattern, or one op's dependency sets, would hold more than the caller's limit (`max_nnz`
+    of `detect`, or its `max_stored`: a memory bound)."""
+
+    def __init__(self, nnz: int) -> None:
+        super().__init__(f"{nnz} nonzeros")
+        self.nnz = nnz
+
+
 class Deps:
     """Factored per-element dependency sets: `rowmap` (int64, -1 = none) into `table` (CSR, bool)."""
 

@@ -8,19 +8,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import deps as D
+from .deps import TooDense  # noqa: F401 - raised here and by the engine; callers catch it from here
 from .engine import Engine
 from .pattern import Pattern
 from .trace import record
 
 _MODES = ("auto", "fake", "real")
-
-
-class TooDense(Exception):
-    """Internal: the pattern holds more nonzeros than the caller's `max_nnz` (it would not be used)."""
-
-    def __init__(self, nnz: int) -> None:
-        super().__init__(f"{nnz} nonzeros")
-        self.nnz = nnz
 
 
 class TooLong(Exception):

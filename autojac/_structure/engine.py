@@ -65,6 +65,8 @@ class Engine:
         self.detached: dict[int, int] = {}  # tensor id -> index of the op that detached it
         self.step = 0
         self.dense_ops: list[str] = []
+        self.max_stored: int | None = None
+        """What one op's dependency sets may store (see `run`); rules that can foresee more say so first."""
         offset = 0
         for m in tape.input_metas:
             store = Store(m.storage_numel)
@@ -170,6 +172,7 @@ class Engine:
         (row map and table) raises `detect.TooDense` (a memory bound: the sets of several ops are alive at once)."""
         from .registry import Call, op_info  # the rules import this module
 
+        self.max_stored = max_stored
         for step, op in enumerate(self.tape.ops):
             if deadline is not None and time.perf_counter() > deadline:
                 from .detect import TooLong
@@ -187,6 +190,8 @@ class Engine:
             else:
                 try:
                     out_deps = info.rule(call)
+                except D.TooDense:  # a rule that foresaw it would hold more than max_stored (`Call.expect`)
+                    raise
                 except Exception as e:  # a rule that cannot handle these arguments: stay conservative
                     out_deps = call.dense(f"rule failed: {type(e).__name__}: {str(e)[:80]}")
                 if D.CAPPED:
@@ -195,9 +200,7 @@ class Engine:
                 if max_stored is not None:
                     stored = sum(d.numel + d.table.nnz for d in out_deps if d is not None)
                     if stored > max_stored:
-                        from .detect import TooDense
-
-                        raise TooDense(stored)
+                        raise D.TooDense(stored)
             for k, (t, m) in enumerate(results):
                 d = out_deps[k] if m.floating else None
                 v = values[k] if values is not None else None

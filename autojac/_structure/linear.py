@@ -207,6 +207,9 @@ def conv_rule(call: Call) -> list:
     parts = []
     dx, dw = call.deps(x), call.deps(w)
     wv = call.value(w)
+    if dx is not None and not transposed:
+        taps = int(np.prod(ws[1:])) if wv is None or wv.numel() == 0 else int((wv != 0).reshape(ws[0], -1).sum(1).max())
+        call.expect(int(np.prod(out)) * taps * _largest_set(dx))
     if dx is not None:
         if transposed:
             parts.append(_transposed_input(call, dx, xs, ws, wv, out, stride, padding, dilation, groups))
@@ -247,6 +250,12 @@ def conv_backward_rule(call: Call) -> list:
         else:
             results.append(D.dense(everything, meta.numel))
     return results
+
+
+def _largest_set(d: D.Deps) -> int:
+    """The most input elements one element of d depends on."""
+    lens = np.diff(d.table.indptr)
+    return int(lens.max()) if lens.size else 0
 
 
 def _conv_input(dx, xs, ws, wv, out, stride, padding, dilation, groups) -> D.Deps | None:
