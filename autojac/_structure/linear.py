@@ -207,7 +207,7 @@ def conv_rule(call: Call) -> list:
     parts = []
     dx, dw = call.deps(x), call.deps(w)
     wv = call.value(w)
-    if dx is not None and not transposed:
+    if dx is not None and not transposed and call.engine.max_stored is not None:  # structure first, under a budget
         taps = int(np.prod(ws[1:])) if wv is None or wv.numel() == 0 else int((wv != 0).reshape(ws[0], -1).sum(1).max())
         call.expect(int(np.prod(out)) * taps * _largest_set(dx))
     if dx is not None:
