@@ -469,3 +469,21 @@ def test_a_memory_bound_stops_a_convolution_before_it_builds_its_sets():
     assert caught.value.nnz == 5 * n * n
     p = detect(f, x, max_stored=10 * n * n)
     assert p.nnz == 5 * n * n - 4 * n and not p.dense_ops
+
+
+def test_capped_union_notes_belong_to_their_own_thread_and_detection():
+    """A note that a union was capped (made conservative) is read by the detection of the op that capped it:
+    not by a detection running in another thread, and not by the next detection after an aborted one."""
+    import threading
+
+    from autojac._structure import deps as D
+
+    def other_thread():
+        D.capped().append("a note of another thread's op")
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert detect(lambda u: u.sin() * 2, rnd(50)).dense_ops == ()
+    D.capped().append("left by a detection that stopped")
+    assert detect(lambda u: u.sin() * 2, rnd(50)).dense_ops == ()

@@ -10,6 +10,7 @@ that are all the same. `None` stands for "no element depends on anything".
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,9 +20,18 @@ _I64 = np.int64
 
 # Largest number of (element, input) pairs one union may spell out; beyond it the union is replaced
 # by the conservative "every element depends on everything either side depends on" and noted in
-# `CAPPED`, so an intermediate such as x - x.mean() on a huge x cannot exhaust memory.
+# `capped()`, so an intermediate such as x - x.mean() on a huge x cannot exhaust memory.
 UNION_LIMIT = 30_000_000
-CAPPED: list[str] = []
+_notes = threading.local()
+
+
+def capped() -> list[str]:
+    """This thread's notes of sets replaced by a conservative union since the engine last read them (per thread:
+    detections may run in several threads at once, and each op's notes belong to its own)."""
+    notes = getattr(_notes, "capped", None)
+    if notes is None:
+        notes = _notes.capped = []
+    return notes
 
 
 class TooDense(Exception):
@@ -175,7 +185,7 @@ def _union2(a: Deps, b: Deps) -> Deps:
             if np.isin(other, cols, assume_unique=True).all():
                 return big
     if _spelled_out(a) + _spelled_out(b) > UNION_LIMIT:
-        CAPPED.append(f"union of {ra.shape[0]} elements too large to spell out")
+        capped().append(f"union of {ra.shape[0]} elements too large to spell out")
         return uniform(all_columns([a, b]), ra.shape[0], a.n_in)
     if ra.min() >= 0 and _increasing(ra):
         # Every pair (ra[i], rb[i]) is distinct already: no deduplication to do.

@@ -173,6 +173,7 @@ class Engine:
         from .registry import Call, op_info  # the rules import this module
 
         self.max_stored = max_stored
+        D.capped().clear()  # notes an aborted detection in this thread left behind
         for step, op in enumerate(self.tape.ops):
             if deadline is not None and time.perf_counter() > deadline:
                 from .detect import TooLong
@@ -194,9 +195,10 @@ class Engine:
                     raise
                 except Exception as e:  # a rule that cannot handle these arguments: stay conservative
                     out_deps = call.dense(f"rule failed: {type(e).__name__}: {str(e)[:80]}")
-                if D.CAPPED:
-                    self.dense_ops.append(f"aten.{info.name}.{info.overload} ({D.CAPPED[0]})")
-                    D.CAPPED.clear()
+                notes = D.capped()
+                if notes:
+                    self.dense_ops.append(f"aten.{info.name}.{info.overload} ({notes[0]})")
+                    notes.clear()
                 if max_stored is not None:
                     stored = sum(d.numel + d.table.nnz for d in out_deps if d is not None)
                     if stored > max_stored:

@@ -44,7 +44,7 @@ def _nearly_dense(pattern: np.ndarray, repeats: int) -> bool:
     if nonzero == pattern.size:
         return True
     if nonzero * max(repeats, 1) > EXACT_PAIRS_LIMIT:
-        D.CAPPED.append(f"a constant operand of {nonzero} nonzeros too large to spell out")
+        D.capped().append(f"a constant operand of {nonzero} nonzeros too large to spell out")
         return True
     return False
 
