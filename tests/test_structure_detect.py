@@ -487,3 +487,20 @@ def test_capped_union_notes_belong_to_their_own_thread_and_detection():
     assert detect(lambda u: u.sin() * 2, rnd(50)).dense_ops == ()
     D.capped().append("left by a detection that stopped")
     assert detect(lambda u: u.sin() * 2, rnd(50)).dense_ops == ()
+
+
+def test_a_memory_bound_stops_a_matmul_before_its_groups_are_spelled_out():
+    """Under `max_stored`, the union a matmul (or any reduction) builds is refused from the size of its groups,
+    before their index arrays exist; the bound is this detection's alone (cleared after it, even when it raised)."""
+    from autojac._structure import deps as D
+    from autojac._structure.detect import TooDense
+
+    w1, w2 = torch.randn(16, 64, dtype=torch.float64), torch.randn(64, 4, dtype=torch.float64)
+    f = lambda X: torch.tanh(X @ w1) @ w2  # noqa: E731 - block diagonal, 64 nonzeros a sample
+    x = torch.randn(500, 16, dtype=torch.float64)
+    with pytest.raises(TooDense) as caught:
+        detect(f, x, max_stored=500 * 64 - 1)  # the second product groups 64 hidden units per output row
+    assert caught.value.nnz >= 500 * 64
+    assert D.stored_limit() is None
+    p = detect(f, x)
+    assert p.nnz == 500 * 4 * 16 and not p.dense_ops

@@ -34,6 +34,16 @@ def capped() -> list[str]:
     return notes
 
 
+def stored_limit() -> int | None:
+    """This thread's bound on what one op's sets may store (`detect`'s `max_stored`, set by the engine while it
+    propagates); None: no bound."""
+    return getattr(_notes, "max_stored", None)
+
+
+def set_stored_limit(limit: int | None) -> None:
+    _notes.max_stored = limit
+
+
 class TooDense(Exception):
     """Internal: the pattern, or one op's dependency sets, would hold more than the caller's limit (`max_nnz`
     of `detect`, or its `max_stored`: a memory bound)."""
@@ -304,6 +314,9 @@ def reduce(d: Deps | None, groups: sp.csr_array) -> Deps | None:
     """Output element r depends on the union of d's elements in row r of `groups` (out x numel)."""
     if d is None:
         return None
+    limit = stored_limit()
+    if limit is not None and groups.nnz > limit:  # its index arrays alone take ~50 bytes a group entry
+        raise TooDense(int(groups.nnz))
     cols = d.rowmap[groups.indices]
     keep = cols >= 0
     row_of = np.repeat(np.arange(groups.shape[0], dtype=_I64), np.diff(groups.indptr))

@@ -170,10 +170,17 @@ class Engine:
         """Propagate dependency sets through the tape; past `deadline` (a `time.perf_counter()` value), raise
         `detect.TooLong` before the next op; an op whose dependency sets store more than `max_stored` entries
         (row map and table) raises `detect.TooDense` (a memory bound: the sets of several ops are alive at once)."""
-        from .registry import Call, op_info  # the rules import this module
-
         self.max_stored = max_stored
         D.capped().clear()  # notes an aborted detection in this thread left behind
+        D.set_stored_limit(max_stored)  # `deps.reduce` (matmuls, reductions, convolutions) refuses before building
+        try:
+            return self._propagate(deadline, max_stored)
+        finally:
+            D.set_stored_limit(None)
+
+    def _propagate(self, deadline: float | None, max_stored: int | None) -> list[Deps | None]:
+        from .registry import Call, op_info  # the rules import this module
+
         for step, op in enumerate(self.tape.ops):
             if deadline is not None and time.perf_counter() > deadline:
                 from .detect import TooLong
