@@ -57,6 +57,18 @@ def rosenbrock(n: int, device):
     return f, torch.randn(n, generator=g, dtype=torch.float64).to(device)
 
 
+def per_sample_mlp(batch: int, device):
+    """An MLP 16 -> 64 -> 4 (tanh) on a batch: block diagonal, 64 nonzeros a sample."""
+    g = torch.Generator().manual_seed(batch)
+    w1 = torch.randn(16, 64, generator=g, dtype=torch.float64).to(device)
+    w2 = torch.randn(64, 4, generator=g, dtype=torch.float64).to(device)
+
+    def f(X):
+        return torch.tanh(X @ w1) @ w2
+
+    return f, torch.randn(batch, 16, generator=g, dtype=torch.float64).to(device)
+
+
 # (name, builder, size, quick size, budget, quick budget, kind): budgets far below the dense Jacobian.
 CASES = [
     ("heat 200 x 200", heat, 200, 40, "64MiB", "16MiB", "jacobian"),
@@ -64,6 +76,9 @@ CASES = [
     ("heat 450 x 450, budget below its pattern", heat, 450, 200, "64MiB", "24MiB", "jacobian"),
     ("1-D stencil, 10^6", stencil, 1_000_000, 20_000, "640MiB", "24MiB", "jacobian"),
     ("Rosenbrock Hessian, 10^5", rosenbrock, 100_000, 5_000, "128MiB", "16MiB", "hessian"),
+    ("per-sample MLP, 2 x 10^4 samples", per_sample_mlp, 20_000, 500, "512MiB", "16MiB", "jacobian"),
+    ("per-sample MLP, 10^5 samples, budget below its pattern", per_sample_mlp, 100_000, 20_000, "256MiB", "48MiB",
+     "jacobian"),
 ]
 
 
