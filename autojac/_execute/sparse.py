@@ -80,10 +80,11 @@ class SparseLayout:
     def collector(self, problem: Problem, by_rows: bool) -> SparseCollector:
         return SparseCollector(self, problem, by_rows)
 
-    def products_bytes(self, problem: Problem, by_rows: bool) -> int:
-        """The stacked products of every colour on one side (what `SparseCollector` holds)."""
-        itemsize = max(dt.itemsize for dt in (*problem.inputs.dtypes, *problem.out_dtypes))
-        return (self.row_passes * problem.n_in if by_rows else self.col_passes * problem.n_out) * itemsize
+    def products_bytes(self, problem: Problem, by_rows: bool | None = None) -> int:
+        """The stacked products of every colour on one side (what `SparseCollector` holds); None: the smaller side."""
+        if by_rows is None:
+            return min(self.products_bytes(problem, True), self.products_bytes(problem, False))
+        return (self.row_passes * problem.n_in if by_rows else self.col_passes * problem.n_out) * _itemsize(problem)
 
     def result_bytes(self, problem: Problem) -> int:
         """What making the result takes: the dense blocks for a dense output; for a sparse one, the stacked
@@ -92,15 +93,18 @@ class SparseLayout:
         dimension of a COO block; a CSR block's column indices and row pointers)."""
         if self.output == "dense":
             return problem.dense_result_bytes
-        itemsize = max(dt.itemsize for dt in (*problem.inputs.dtypes, *problem.out_dtypes))
-        products = min(self.products_bytes(problem, True), self.products_bytes(problem, False))
         nnz = self.pattern.nnz
         if self.output == "csr":
             indices = nnz * 8 + sum(8 * (m + 1) for m in problem.out_sizes) * len(problem.in_sizes)
         else:
             ndim = max(len(o) + len(i) for o in problem.out_shapes for i in problem.inputs.shapes)
             indices = nnz * 8 * max(ndim, 2)
-        return products + 2 * nnz * itemsize + indices
+        return self.products_bytes(problem) + 2 * nnz * _itemsize(problem) + indices
+
+
+def _itemsize(problem: Problem) -> int:
+    """Bytes of one element of the stacked products (the promoted dtype of every input and output)."""
+    return max(dt.itemsize for dt in (*problem.inputs.dtypes, *problem.out_dtypes))
 
 
 class SparseCollector:

@@ -148,7 +148,7 @@ class PlanEntry:
         if room is not None and layout is not None and layout.output != "dense":
             # A sparse result's bytes count the smaller side's stacked products (NOTE: [Structure first when only
             # a sparse result fits]); a side whose products would take more than the budget leaves is not run.
-            counted = min(layout.products_bytes(problem, True), layout.products_bytes(problem, False))
+            counted = layout.products_bytes(problem)
             for s in self.stats.values():
                 extra = layout.products_bytes(problem, s.method.by_rows) - counted
                 if extra > room and not s.excluded:

@@ -283,7 +283,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     structure_first = (problem.result_bytes + forward_bytes > budget and options.output != "dense"
                        and options.sparsity is not None)
     if not structure_first:
-        _check_result_fits(call, problem, budget, graph_bytes, measured_forward,
+        _check_result_fits(call, problem, budget, forward_bytes,
                            hint=options.output == "dense" and options.sparsity is not None)
     if options.strict:
         check_strict(graph, call.who)
@@ -340,7 +340,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                 f"output={options.output!r} no sparsity pattern that fits was found: {note}. Raise "
                 "`memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time.")
         problem = dataclasses.replace(problem, layout=layout)
-        _check_result_fits(call, problem, budget, graph_bytes, measured_forward)
+        _check_result_fits(call, problem, budget, forward_bytes)
         chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     elif options.sparsity is not None and compute:
         if isinstance(options.sparsity, str) and writes_captured:
@@ -597,18 +597,17 @@ class _Restartable:
         self.chain, self.i = list(chain), 0
 
 
-def _check_result_fits(call: Call, problem: Problem, budget: int, graph_bytes: int, measured_forward: bool,
-                       hint: bool = False) -> None:
-    """MemoryBudgetError before any basis vector is pushed if the result (and the measured forward pass) cannot fit;
-    `hint`: say that a sparse output may fit where the dense one does not."""
-    if problem.result_bytes + (graph_bytes if measured_forward else 0) > budget:
+def _check_result_fits(call: Call, problem: Problem, budget: int, forward_bytes: int, hint: bool = False) -> None:
+    """MemoryBudgetError before any basis vector is pushed if the result and the forward pass (its measured bytes,
+    0 when not measured) cannot fit; `hint`: say that a sparse output may fit where the dense one does not."""
+    if problem.result_bytes + forward_bytes > budget:
         sparse = problem.layout is not None and problem.layout.output != "dense"
         raise MemoryBudgetError(
             f"{call.who}: the memory budget is {format_bytes(budget)}, but the Jacobian alone "
             f"({problem.n_out} x {problem.n_in}"
             + (f", {problem.layout.pattern.nnz} nonzeros as {problem.layout.output} blocks" if sparse else "")
             + f") takes {format_bytes(problem.result_bytes)}"
-            + (f" and the forward pass {format_bytes(graph_bytes)}" if measured_forward and graph_bytes else "")
+            + (f" and the forward pass {format_bytes(forward_bytes)}" if forward_bytes else "")
             + ". Raise `memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time"
             + (". If it is mostly zeros, output='sparse' or 'csr' returns it without them." if hint else ".")
         )
@@ -678,8 +677,12 @@ def dense_after_all(call: Call, failure: BaseException, later: bool = False) -> 
     call.events.append(f"the sparsity pattern failed the check ({_first_line(failure)}); computed densely")
     dense = Call(call.f, call.xs, call.signature, dataclasses.replace(call.options, sparsity=None), call.who)
     dense.captures = call.captures
+    made = dense
     try:
         result, entry = first_call(dense)
+        entry.structure = ("a sparsity pattern held on the values it was found for, then failed the check after the "
+                           "tensors `f` captures changed; dense from then on" if later else
+                           "a sparsity pattern was found but failed the check; dense")
     except MemoryBudgetError as exc:
         if not (later and isinstance(call.options.sparsity, str) and call.options.output != "dense"):
             raise MemoryBudgetError(f"{call.who}: the sparsity pattern failed the check ({_first_line(failure)}), and "
@@ -688,17 +691,11 @@ def dense_after_all(call: Call, failure: BaseException, later: bool = False) -> 
         # pattern is found again for them (NOTE: [Structure first when only a sparse result fits]). The dense
         # attempt cost one evaluation of `f`, before its result was refused.
         call.events[-1] = f"the sparsity pattern failed the check on new values ({_first_line(failure)}); found again"
-        again = Call(call.f, call.xs, call.signature, call.options, call.who)
-        again.captures = call.captures
-        result, entry = first_call(again)
-        call.events += again.events
-        call.chunks, call.verified, call.method_name = again.chunks, again.verified, again.method_name
-        return result, entry
-    entry.structure = ("a sparsity pattern held on the values it was found for, then failed the check after the "
-                       "tensors `f` captures changed; dense from then on" if later else
-                       "a sparsity pattern was found but failed the check; dense")
-    call.events += dense.events
-    call.chunks, call.verified, call.method_name = dense.chunks, dense.verified, dense.method_name
+        made = Call(call.f, call.xs, call.signature, call.options, call.who)
+        made.captures = call.captures
+        result, entry = first_call(made)
+    call.events += made.events
+    call.chunks, call.verified, call.method_name = made.chunks, made.verified, made.method_name
     return result, entry
 
 

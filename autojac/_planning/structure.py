@@ -58,8 +58,6 @@ result fits]). Measured peaks over the call's start (MALLOC_MMAP_THRESHOLD_=1310
 nonzero (a real trace holds `f`'s real intermediates; fake tensors 40-85), colouring 34-68 after it; a whole first
 call of a 450 x 450 heat equation (1.0 million nonzeros, output="sparse") peaked at 182 MiB, 189 bytes a nonzero,
 with its forward pass, reference product and sparse result."""
-
-
 SAVES = 0.5
 """Use compression only if it needs at most this share of the dense passes."""
 DETECT_LIMIT = 3.0
@@ -227,7 +225,7 @@ def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,
             # Structure first: the propagation's memory is bounded too; an op's sets store a row map entry per
             # element and a table entry per distinct dependency, so a pattern within max_nnz stores at most twice it.
             pattern = detect(f, xs, trace=trace, max_nnz=too_many, max_seconds=max_seconds,
-                             max_stored=None if max_nnz is None else 2 * max_nnz)
+                             max_stored=2 * max_nnz if must else None)
         except TooLong as late:
             return None, (f"structure detection stopped after {late.seconds:.2f} s of propagation ({late.done} of "
                           f"{late.total} ops), over its limit of {max_seconds:.2f} s; dense. "

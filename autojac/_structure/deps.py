@@ -44,6 +44,13 @@ def set_stored_limit(limit: int | None) -> None:
     _notes.max_stored = limit
 
 
+def check_stored(entries: int) -> None:
+    """Raise TooDense if sets of `entries` entries would pass this thread's bound (see `stored_limit`)."""
+    limit = stored_limit()
+    if limit is not None and entries > limit:
+        raise TooDense(int(entries))
+
+
 class TooDense(Exception):
     """Internal: the pattern, or one op's dependency sets, would hold more than the caller's limit (`max_nnz`
     of `detect`, or its `max_stored`: a memory bound)."""
@@ -314,9 +321,7 @@ def reduce(d: Deps | None, groups: sp.csr_array) -> Deps | None:
     """Output element r depends on the union of d's elements in row r of `groups` (out x numel)."""
     if d is None:
         return None
-    limit = stored_limit()
-    if limit is not None and groups.nnz > limit:  # its index arrays alone take ~50 bytes a group entry
-        raise TooDense(int(groups.nnz))
+    check_stored(groups.nnz)  # before its index arrays, ~50 bytes a group entry
     cols = d.rowmap[groups.indices]
     keep = cols >= 0
     row_of = np.repeat(np.arange(groups.shape[0], dtype=_I64), np.diff(groups.indptr))

@@ -65,8 +65,6 @@ class Engine:
         self.detached: dict[int, int] = {}  # tensor id -> index of the op that detached it
         self.step = 0
         self.dense_ops: list[str] = []
-        self.max_stored: int | None = None
-        """What one op's dependency sets may store (see `run`); rules that can foresee more say so first."""
         offset = 0
         for m in tape.input_metas:
             store = Store(m.storage_numel)
@@ -170,15 +168,16 @@ class Engine:
         """Propagate dependency sets through the tape; past `deadline` (a `time.perf_counter()` value), raise
         `detect.TooLong` before the next op; an op whose dependency sets store more than `max_stored` entries
         (row map and table) raises `detect.TooDense` (a memory bound: the sets of several ops are alive at once)."""
-        self.max_stored = max_stored
         D.capped().clear()  # notes an aborted detection in this thread left behind
-        D.set_stored_limit(max_stored)  # `deps.reduce` (matmuls, reductions, convolutions) refuses before building
+        # Read by `deps.reduce` (matmuls, reductions, convolutions) and the convolution rule, which refuse
+        # before building their sets, and by the check below after every op.
+        D.set_stored_limit(max_stored)
         try:
-            return self._propagate(deadline, max_stored)
+            return self._propagate(deadline)
         finally:
             D.set_stored_limit(None)
 
-    def _propagate(self, deadline: float | None, max_stored: int | None) -> list[Deps | None]:
+    def _propagate(self, deadline: float | None) -> list[Deps | None]:
         from .registry import Call, op_info  # the rules import this module
 
         for step, op in enumerate(self.tape.ops):
@@ -198,7 +197,7 @@ class Engine:
             else:
                 try:
                     out_deps = info.rule(call)
-                except D.TooDense:  # a rule that foresaw it would hold more than max_stored (`Call.expect`)
+                except D.TooDense:  # a rule that foresaw it would hold more than the bound (`deps.check_stored`)
                     raise
                 except Exception as e:  # a rule that cannot handle these arguments: stay conservative
                     out_deps = call.dense(f"rule failed: {type(e).__name__}: {str(e)[:80]}")
@@ -206,10 +205,8 @@ class Engine:
                 if notes:
                     self.dense_ops.append(f"aten.{info.name}.{info.overload} ({notes[0]})")
                     notes.clear()
-                if max_stored is not None:
-                    stored = sum(d.numel + d.table.nnz for d in out_deps if d is not None)
-                    if stored > max_stored:
-                        raise D.TooDense(stored)
+                if D.stored_limit() is not None:
+                    D.check_stored(sum(d.numel + d.table.nnz for d in out_deps if d is not None))
             for k, (t, m) in enumerate(results):
                 d = out_deps[k] if m.floating else None
                 v = values[k] if values is not None else None

@@ -207,9 +207,10 @@ def conv_rule(call: Call) -> list:
     parts = []
     dx, dw = call.deps(x), call.deps(w)
     wv = call.value(w)
-    if dx is not None and not transposed and call.engine.max_stored is not None:  # structure first, under a budget
+    if dx is not None and not transposed and D.stored_limit() is not None:  # structure first, under a budget
+        # Its transient is several times its result: refuse before building it.
         taps = int(np.prod(ws[1:])) if wv is None or wv.numel() == 0 else int((wv != 0).reshape(ws[0], -1).sum(1).max())
-        call.expect(int(np.prod(out)) * taps * _largest_set(dx))
+        D.check_stored(int(np.prod(out)) * taps * _largest_set(dx))
     if dx is not None:
         if transposed:
             parts.append(_transposed_input(call, dx, xs, ws, wv, out, stride, padding, dilation, groups))

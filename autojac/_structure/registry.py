@@ -98,13 +98,6 @@ class Call:
         self.mutated_ids = {id(t) for t in self.mutated_tensors()}
         self.out_ids = {id(v) for k, v in op.kwargs.items() if k in info.out_names and isinstance(v, torch.Tensor)}
 
-    def expect(self, entries: int) -> None:
-        """Raise `deps.TooDense` before building sets that would store more than the engine's `max_stored` (a rule
-        whose own transient is several times its result, such as a convolution's, says so first)."""
-        limit = self.engine.max_stored
-        if limit is not None and entries > limit:
-            raise D.TooDense(entries)
-
     # -- arguments ------------------------------------------------------------------------
     def arg(self, name: str, default=None):
         if self._bound is None:
