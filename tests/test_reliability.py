@@ -102,6 +102,24 @@ def test_nested_autojac_with_tuple_inputs():
                 torch.testing.assert_close(got[i][j], want[i][j])
 
 
+@pytest.mark.parametrize("outer_mode", ["reverse", "forward", "forward-trick", "auto"])
+def test_a_jacobian_inside_f_is_differentiated_without_create_graph(outer_mode):
+    # NOTE: [A Jacobian inside f]: torch's jacobian nested in itself gives zeros here; every outer mode must give
+    # the Hessian (reverse once gave zeros and forward the Hessian, so forward failed its own check).
+    x = x64(6)
+    inner = lambda t: autojac.jacobian(energy, t)  # noqa: E731
+    torch.testing.assert_close(autojac.jacobian(inner, x, mode=outer_mode), hessian_of_energy(x))
+    nested_torch = torch.autograd.functional.jacobian(lambda t: torch.autograd.functional.jacobian(energy, t), x)
+    assert nested_torch.abs().max() == 0  # the behaviour this departs from
+
+
+def test_a_jacobian_inside_f_stays_constant_for_detached_inputs_and_outside_autojac():
+    x = x64(6)
+    assert autojac.jacobian(lambda t: autojac.jacobian(energy, t.detach()), x).abs().max() == 0
+    plain = autojac.jacobian(energy, x.clone().requires_grad_())  # not inside an autojac evaluation
+    assert not plain.requires_grad
+
+
 def test_forward_ad_duals_keep_their_tangents():
     x, v = x64(5), x64(5, seed=1)
     g = lambda t: autojac.jacobian(energy, t, create_graph=True)  # noqa: E731

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from .._core.errors import InputError, InputTypeError, PlanMismatchError
-from .._core.evaluation import Evaluator, module_modes
+from .._core.evaluation import Evaluator, inside_evaluation, module_modes
 from .._core import pytree
 from .._core.options import EFFORTS, Options, check_callable, check_flag, make_options, refuse_unknown
 from .._core.pytree import Arguments
@@ -283,6 +284,8 @@ def jacobian(
         _check_plan(plan, signature, options)
     function_key, modules = _describe(f, arguments, has_aux)
     transform = outer_transform(xs)
+    if transform is None and not options.create_graph and _differentiated_from_outside(xs):
+        options = dataclasses.replace(options, create_graph=True)  # NOTE: [A Jacobian inside f]
     key = entry = None
     if plan is not None:
         entry = plan.entry
@@ -309,6 +312,17 @@ def jacobian(
             return result if recorder is None else (result, recorder.aux(xs, options.create_graph))
         finally:
             evaluator.finish()
+
+
+def _differentiated_from_outside(xs) -> bool:
+    """NOTE: [A Jacobian inside f]: `jacobian(g, x)` where g calls `jacobian(f, y)` is meant to be the Hessian,
+    but a Jacobian computed without `create_graph=True` is a constant to autograd, so a reverse-mode outer call
+    would differentiate it to zero (torch's `jacobian` nested in itself does), while a forward-mode outer call
+    runs the inner one composed and gets the Hessian (and its check against a reverse product then failed).
+    So a Jacobian taken inside an autojac evaluation of `f`, with grad recording and inputs that require grad,
+    always builds its graph: every outer method differentiates through it. Detach the inputs (or run under
+    `torch.no_grad()`) for a Jacobian that should stay constant."""
+    return bool(inside_evaluation()) and torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 def _evaluates_once(entry: PlanEntry | None, plan: Plan | None) -> bool:

@@ -10,6 +10,7 @@ leaves that state at the end as one evaluation of `f` leaves it, as after
 from __future__ import annotations
 
 import functools
+import threading
 import types
 import weakref
 from collections.abc import Callable, Sequence
@@ -209,6 +210,14 @@ def _by_content(t: torch.Tensor) -> bool:
             and t.layout == torch.strided and t.device.type != "meta")
 
 
+_inside = threading.local()
+
+
+def inside_evaluation() -> int:
+    """How many autojac evaluations of a user's `f` this thread is inside (a Jacobian taken within `f`: > 0)."""
+    return getattr(_inside, "depth", 0)
+
+
 class Evaluator:
     """Stands in for `f` during one call: `evaluator(*xs)` returns what `f` returns.
 
@@ -280,7 +289,11 @@ class Evaluator:
         self.started += 1
         self.plain_call = not private
         self._raised = True
-        out = self.arguments.call(self.f, xs if private else [x.clone() for x in xs])
+        _inside.depth = inside_evaluation() + 1
+        try:
+            out = self.arguments.call(self.f, xs if private else [x.clone() for x in xs])
+        finally:
+            _inside.depth -= 1
         self._raised = False
         self.count += 1
         self._completed += 1
