@@ -169,3 +169,26 @@ def test_grid_strides_read_in_python_agree_with_numpy(values):
     vs = np.array(sorted(values), dtype=np.int64)
     short = vs[:128]
     assert _run_strides(short) == _run_strides_numpy(short)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 12), st.sampled_from([[7], [5, 35], [16], [4, 64]]))
+def test_the_lattice_screen_by_differences_agrees_with_colouring_every_net(seed, k, chain):
+    # The lattice screen looks at the distinct digit differences inside the sampled nets, not at their vertices:
+    # a coefficient row passes exactly when every sampled net gets distinct colours (checked directly here).
+    from autojac._structure.coloring import _coefficients, _coords, _differences, _no_clash
+
+    rng = np.random.default_rng(seed)
+    nets = [np.unique(rng.integers(0, 300, size=rng.integers(1, 9))) for _ in range(rng.integers(1, 30))]
+    lens = np.array([v.size for v in nets])
+    verts = np.concatenate(nets)
+    digits = np.zeros((1, verts.size, 3), np.int64)
+    digits[0, :, :len(chain) + 1] = _coords(verts, chain)
+    coefs = np.zeros((k ** len(chain), 3), np.int64)
+    coefs[:, :len(chain) + 1] = _coefficients(k, len(chain))
+    got = _no_clash(_differences(digits, lens), coefs, k)[0]
+    for a, verdict in zip(coefs, got):
+        colours = [(_coords(v, chain) @ a[:len(chain) + 1]) % k for v in nets]
+        assert verdict == all(np.unique(c).size == c.size for c in colours)
+    lone = _differences(digits[:, :1], np.array([1]))  # one net of one vertex: nothing can clash
+    assert _no_clash(lone, coefs, k).all()

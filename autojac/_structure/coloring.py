@@ -426,31 +426,27 @@ def _lattice(g: _Graph, lb: int, best: int, sample: np.ndarray, work: float) -> 
         return None
     chains = _periods(g, sample)
     ptr, idx = g.nets.indptr, g.nets.indices
-    screens = []
-    for part in (sample[:24], sample):  # a quick screen, then a thorough one for the survivors
-        lens = ptr[part + 1] - ptr[part]
-        verts = idx[np.repeat(ptr[part] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-                    + np.arange(int(lens.sum()))]
-        screens.append((verts, np.repeat(np.arange(part.size), lens)))
+    lens = ptr[sample + 1] - ptr[sample]
+    verts = idx[np.repeat(ptr[sample] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(int(lens.sum()))]
+    net = np.repeat(np.arange(sample.size), lens)
+    seg = np.flatnonzero(np.concatenate([[True], net[1:] != net[:-1]]))  # each sampled net is one run of `net`
+    # Every chain's digits of the sampled vertices, padded to three (a zero digit): (chains, vertices, 3).
+    digits = np.zeros((len(chains), verts.size, 3), np.int64)
+    for c, chain in enumerate(chains):
+        digits[c, :, :len(chain) + 1] = _coords(verts, chain)
     found = None
-    coords: list[np.ndarray] = []  # per chain: the digits of the sampled nets' vertices (the same for every k)
-    for chain in chains:
+    if chains:
         # Box colouring: digit i taken modulo the widest extent of digit i inside one net.
-        verts, net = screens[1]
-        digits = _coords(verts, chain)
-        coords.append(digits)
-        lo = np.full((sample.size, digits.shape[1]), np.iinfo(np.int64).max)
-        hi = np.full((sample.size, digits.shape[1]), np.iinfo(np.int64).min)
-        np.minimum.at(lo, net, digits)
-        np.maximum.at(hi, net, digits)
-        widths = (hi - lo).max(0) + 1
+        extents = (np.maximum.reduceat(digits, seg, axis=1) - np.minimum.reduceat(digits, seg, axis=1)).max(1) + 1
+    for c, chain in enumerate(chains):
+        widths = extents[c, :len(chain) + 1]
         k = int(np.prod(widths))
         # A box far above the lower bound is not worth checking: greedy colourings, tried after, usually land
         # within 1.5x of the bound (a rule of thumb; a Brusselator's grid boxes of about a thousand colours against
         # a bound of 6 cost 5 ms of checks for nothing).
         if lb <= k < min(best, found[1] if found else best, g.n, BOX_MAX_FACTOR * lb + BOX_MAX_EXTRA):
             scale = np.concatenate([[1], np.cumprod(widths)[:-1]])
-            screen = np.sort(net * k + (digits % widths) @ scale)
+            screen = np.sort(net * k + (digits[c, :, :len(chain) + 1] % widths) @ scale)
             if (screen[1:] == screen[:-1]).any():
                 continue
             colors = (_coords(np.arange(g.n, dtype=np.int64), chain) % widths) @ scale
@@ -460,25 +456,95 @@ def _lattice(g: _Graph, lb: int, best: int, sample: np.ndarray, work: float) -> 
         best = found[1]
         if best == lb:
             return found[0], found[2]
-    for k in range(max(lb, 2), best):
-        if len(chains) and k ** max(len(c) for c in chains) > 20_000:
+    quick = int(lens[:24].sum())  # the work allowance is counted in the first 24 nets' vertices
+    if chains:
+        # A lattice colouring is linear: two vertices of a net clash mod k exactly when their digit difference
+        # d satisfies d . a = 0 (mod k). So the sampled nets are screened through their distinct differences
+        # (a few dozen on a stencil), not their vertices.
+        diffs = _differences(digits, lens)
+    for k in range(max(lb, 2), best if chains else 0):
+        if k ** max(len(c) for c in chains) > 20_000:
             break  # too many coefficient combinations to screen
-        for c, chain in enumerate(chains):
-            coefs = _coefficients(k, len(chain))
-            work -= coefs.shape[0] * screens[0][0].size
+        # The chains the work allowance covers, in order (as a chain-by-chain search would screen them).
+        covered = 0
+        for chain in chains:
+            work -= k ** len(chain) * quick
             if work < 0:
-                return (found[0], found[2]) if found is not None else None
-            for verts, net in screens:
-                digits = coords[c][:verts.size]  # the quick screen's nets come first in the thorough one's
-                key = np.sort(net[:, None] * k + (digits @ coefs.T) % k, axis=0)
-                coefs = coefs[~(key[1:] == key[:-1]).any(0)]  # keep coefficient rows with no clash
-                if coefs.shape[0] == 0:
-                    break
-            for a in coefs[:4]:  # the screen is strong: a few full checks at most
-                colors = (_coords(np.arange(g.n, dtype=np.int64), chain) @ a) % k
-                if _valid(g.nets, colors):
-                    return colors, f"lattice {'x'.join(map(str, chain))} mod {k}"
+                break
+            covered += 1
+        survivors: list[tuple[int, np.ndarray]] = []
+        for periods in (1, 2):  # chains of one length together: one coefficient table
+            which = np.array([c for c in range(covered) if len(chains[c]) == periods], np.int64)
+            if which.size == 0:
+                continue
+            coefs = np.zeros((k ** periods, 3), np.int64)
+            coefs[:, :periods + 1] = _coefficients(k, periods)
+            ok = _no_clash(diffs[which], coefs, k)  # (chains, coefficient rows)
+            survivors += [(int(which[c]), coefs[a]) for c, a in zip(*np.nonzero(ok))]
+        survivors.sort(key=lambda s: s[0])  # stable: within a chain, coefficient order
+        tries: dict[int, int] = {}
+        for c, a in survivors:
+            if tries.get(c, 0) >= 4:  # the screen is strong: a few full checks per chain at most
+                continue
+            tries[c] = tries.get(c, 0) + 1
+            colors = (_coords(np.arange(g.n, dtype=np.int64), chains[c]) @ a[:len(chains[c]) + 1]) % k
+            if _valid(g.nets, colors):
+                return colors, f"lattice {'x'.join(map(str, chains[c]))} mod {k}"
+        if work < 0:
+            break
     return (found[0], found[2]) if found is not None else None
+
+
+_PAIR_ELEMENTS = 1 << 20
+"""Most (net, vertex, vertex) triples the differences are taken over: nets past it are left out of the screen."""
+
+
+def _differences(digits: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The distinct digit differences between two vertices of one sampled net, per chain: (chains, P, 3),
+    each chain's list padded by repeating its first difference. `digits` (chains, vertices, 3) holds the
+    sampled nets' vertices net after net, `lens` the nets' sizes; nets past _PAIR_ELEMENTS triples are left
+    out (the screen is a filter: the full check decides). Two vertices of a net always differ in some digit
+    (mixed-radix digits are unique), so every chain has a difference when any net has two vertices."""
+    width = int(lens.max(initial=1))
+    n_nets = max(1, min(lens.size, _PAIR_ELEMENTS // max(width * width, 1)))
+    lens = lens[:n_nets]
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    slot = np.arange(width)
+    real = slot[None, :] < lens[:, None]  # (nets, width)
+    pos = np.where(real, starts[:, None] + slot, 0)
+    d = digits[:, pos]  # (chains, nets, width, 3)
+    i, j = np.triu_indices(width, 1)
+    pairs = real[:, i] & real[:, j]  # (nets, width pairs)
+    delta = (d[:, :, j] - d[:, :, i])[:, pairs]  # (chains, P_all, 3)
+    if delta.shape[1] == 0:  # no net holds two vertices: nothing can clash
+        return np.zeros((digits.shape[0], 0, 3), np.int64)
+    span = np.abs(delta).max((0, 1))
+    radix = 2 * span + 1
+    key = ((delta[..., 0] + span[0]) * radix[1] + delta[..., 1] + span[1]) * radix[2] + delta[..., 2] + span[2]
+    size = int(radix.prod())
+    key = np.sort((np.arange(delta.shape[0])[:, None] * size + key).reshape(-1))
+    key = key[np.concatenate([[True], key[1:] != key[:-1]])]  # distinct, per chain
+    chain_of, key = key // size, key % size
+    flat = np.stack([key // (radix[1] * radix[2]) - span[0], key // radix[2] % radix[1] - span[1],
+                     key % radix[2] - span[2]], 1)
+    counts = np.bincount(chain_of, minlength=delta.shape[0])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = np.repeat(flat[starts][:, None, :], counts.max(), 1)
+    out[chain_of, np.arange(chain_of.size) - np.repeat(starts, counts)] = flat
+    return out
+
+
+def _no_clash(diffs: np.ndarray, coefs: np.ndarray, k: int) -> np.ndarray:
+    """(chains, rows): whether no difference of the chain's sampled nets vanishes mod k under that coefficient
+    row, i.e. the lattice colouring (digits . row) mod k gives every sampled net distinct colours."""
+    step = max(1, (1 << 20) // max(coefs.shape[0] * diffs.shape[1], 1))
+    out = []
+    for lo in range(0, diffs.shape[0], step):
+        d = diffs[lo:lo + step, None, :, :]  # (chains, 1, P, 3)
+        a = coefs[None, :, None, :]  # (1, rows, 1, 3)
+        dots = d[..., 0] * a[..., 0] + d[..., 1] * a[..., 1] + d[..., 2] * a[..., 2]
+        out.append((dots % k != 0).all(2))
+    return np.concatenate(out)
 
 
 def _n_colors(c: np.ndarray) -> int:
@@ -545,7 +611,11 @@ def _color(pattern, side: str, seed: int) -> Coloring:
     passes, stale, improved = 0, 0, 0
     budget = 12 if small else 6 if order.startswith(("largest-first", "random")) else 0
     budget = min(budget, max(1, 3000 // max(_n_colors(best), 1)))  # each pass loops over the classes
-    while passes < budget and stale < 3 and _n_colors(best) > lb:
+    # A structured colouring close to the bound gets one pass: passes that re-colour a lattice class by class
+    # did not improve one in any problem measured (a Brusselator's lattice mod 8 against a bound of 6: three
+    # passes, a third of its colouring time, for the same 8).
+    patience = 1 if close and not order.startswith(("largest-first", "random")) else 3
+    while passes < budget and stale < patience and _n_colors(best) > lb:
         k = _n_colors(best)
         sizes = np.bincount(best, minlength=k)
         class_order = (np.arange(k)[::-1], np.argsort(-sizes, kind="stable"), rng.permutation(k))[passes % 3]
