@@ -276,8 +276,10 @@ def test_structure_the_first_call_did_not_look_for_is_found_by_a_later_call(monk
 
 
 def test_a_dense_function_is_looked_at_once_and_stays_dense(monkeypatch):
+    # Numerically zero at this point (x > 10 nowhere), structurally dense: the first call's Jacobian cannot rule
+    # a pattern out, so a later call looks, once, and the plan stays dense.
     W = t64(100, 100)
-    g = lambda x: torch.tanh(x @ W)  # noqa: E731
+    g = lambda x: torch.tanh(x @ W) * (x > 10).to(x.dtype)  # noqa: E731
     x = t64(100)
     want = torch.autograd.functional.jacobian(g, x)
     entry = _first_call_without_looking(monkeypatch, g, x)
@@ -289,10 +291,29 @@ def test_a_dense_function_is_looked_at_once_and_stays_dense(monkeypatch):
     assert str(p).count("looked for on call 2") == 1 and "dense" in str(p).split("Structure:")[1]
 
 
-def test_a_plan_does_not_settle_before_structure_has_been_looked_for(monkeypatch):
-    W = t64(100, 100)
-    g = lambda x: torch.tanh(x @ W) + 0.0  # noqa: E731
+def test_a_jacobian_the_first_call_found_dense_is_never_looked_at(monkeypatch):
+    # Every row and column of tanh(W x) is full: a pattern holds at least those nonzeros, so no colouring could
+    # halve the 100 passes, and no later call spends its exploration credit on a trace.
+    from autojac._planning import session
+
+    W = t64(100, 100) / 10  # tanh unsaturated: no derivative rounds to an exact zero
+    g = lambda x: torch.tanh(x @ W)  # noqa: E731
     x = t64(100)
+    want = torch.autograd.functional.jacobian(g, x)
+    monkeypatch.setattr(session, "might_pay", lambda *a, **k: False)  # the first call does not look either
+    torch.testing.assert_close(autojac.jacobian(g, x), want)
+    monkeypatch.undo()
+    entry = autojac.plan(g, x).entry
+    assert not entry.structure_open and "rows with 100 and columns with 100 nonzeros" in entry.structure
+    entry.credit = 10.0
+    for _ in range(5):
+        torch.testing.assert_close(autojac.jacobian(g, x), want)
+    assert "looked for on call" not in str(autojac.plan(g, x)) and entry.layout_found is None
+
+
+def test_a_plan_does_not_settle_before_structure_has_been_looked_for(monkeypatch):
+    g = lambda u: stencil(u) + 0.0  # noqa: E731
+    x = t64(400)
     entry = _first_call_without_looking(monkeypatch, g, x)
     for s in entry.stats.values():  # nothing left to try but structure
         if s.status == "untried":

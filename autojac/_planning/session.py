@@ -39,7 +39,7 @@ from .._execute.assemble import Assembler
 from .._execute.layout import collector, seeds
 from .._execute.sparse import AT_ONE_POINT
 from .._execute.run import FixedChunks, RunLog, is_out_of_memory, push
-from .._execute.verify import VerificationError, check_against, check_columns, random_cotangents, reference_product
+from .._execute.verify import VerificationError, blocks_of, check_against, check_columns, random_cotangents, reference_product
 from .._measure.device import free_memory, total_bytes, untracked_margin, untracked_reserve
 from .._measure.meter import PeakMeter
 from .._methods import METHODS
@@ -53,7 +53,7 @@ from .cost_model import GROWTH, largest_fitting, n_chunks
 from .keys import largest_captured_bytes
 from .sizing import Sizer
 from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW, STRUCTURE_BYTES_PER_NONZERO, confirm_real_trace,
-                        layout_for, might_pay, trace_estimate, worth_detecting)
+                        layout_for, might_pay, too_dense_to_pay, trace_estimate, worth_detecting)
 
 logger = logging.getLogger("autojac")
 
@@ -556,6 +556,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     entry.structure_open = (isinstance(options.sparsity, str) and not looked and problem.layout is None
                             and min(problem.n_in, problem.n_out) >= MIN_PASSES and not options.measures_nothing
                             and options.budget is None)
+    if entry.structure_open and result is not None:
+        dense = too_dense_to_pay(blocks_of(result, problem), problem)  # a look could not pay: never taken
+        if dense:
+            entry.structure_open, entry.structure = False, dense
     if options.measures_nothing:  # mode, vectorize and chunk size given: nothing to choose, nothing to measure
         entry.settled = True
     if writes_captured:

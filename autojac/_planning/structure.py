@@ -149,6 +149,46 @@ def confirm_real_trace(f, xs, pattern: Pattern, max_seconds: float | None) -> st
     return ""
 
 
+DENSE_SAMPLES = 16
+"""Rows and columns of a first call's dense Jacobian read to tell whether any pattern could pay."""
+
+
+def too_dense_to_pay(blocks: list[list[torch.Tensor]], problem: Problem) -> str:
+    """Why no pattern can halve the passes, read off a first call's dense Jacobian ("" if one might).
+
+    A structural pattern holds every entry that is nonzero at some point, so a column colouring needs at least
+    as many colours as the fullest row has nonzeros here, a row colouring as the fullest column. DENSE_SAMPLES
+    evenly spaced rows and columns bound both from below; over SAVES of the dense passes on both sides, a look
+    for structure (a trace and a colouring, taken from a later call's exploration credit) cannot pay. Not for
+    symmetric Jacobians (peeling dense lines beats these bounds) or sparse blocks."""
+    if problem.symmetric or any(b.layout != torch.strided for row in blocks for b in row):
+        return ""
+    passes = min(problem.n_in, problem.n_out)
+    with torch.no_grad():
+        rows = _fullest(blocks, problem.out_sizes, along_rows=True)
+        columns = _fullest(blocks, problem.in_sizes, along_rows=False) if rows > SAVES * passes else 0
+    if columns <= SAVES * passes:
+        return ""
+    return (f"not looked for: the first call's Jacobian has rows with {rows} and columns with {columns} nonzeros, "
+            f"so any colouring needs at least {min(rows, columns)} of the {passes} dense passes")
+
+
+def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_rows: bool) -> int:
+    """The most nonzeros in DENSE_SAMPLES evenly spaced rows (or columns) of the whole Jacobian's blocks."""
+    total = sum(sizes)
+    starts = np.cumsum((0, *sizes))
+    best = 0
+    for g in np.unique(np.linspace(0, total - 1, min(DENSE_SAMPLES, total)).astype(np.int64)):
+        k = int(np.searchsorted(starts, g, side="right")) - 1
+        local = int(g - starts[k])
+        if along_rows:
+            count = sum(int(torch.count_nonzero(b[local])) for b in blocks[k])
+        else:
+            count = sum(int(torch.count_nonzero(row[k][:, local])) for row in blocks)
+        best = max(best, count)
+    return best
+
+
 def colorings(pattern: Pattern, symmetric: bool = False) -> tuple[Coloring, Coloring]:
     """(row colouring, column colouring), paying for only what can matter.
 
