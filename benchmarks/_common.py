@@ -166,28 +166,6 @@ def private_plan(f, inputs, *, argnums=None, **options):
     return _plan("plan", f, inputs, "measure", None, argnums, False, raw)
 
 
-def hessian_plan(f, x, **options):
-    """The plan `autojac.hessian(f, x, **options)` uses (one tensor input): the plan of the Jacobian of f's
-    gradient. `autojac.plan` takes no Hessian, so this builds the same private gradient wrapper
-    `autojac.hessian` builds (plans are keyed by its `__autojac_key__`, so the lookup finds the same plan)."""
-    from autojac._api.derived import _Gradient
-
-    return autojac.plan(_Gradient(f, 0, False), x, **options)
-
-
-def batch_plan(f, X, **options):
-    """The plan `autojac.batch_jacobian(f, X, **options)` (one tensor input) uses: the plan of the sum over
-    the batch (fewer output than input features) or of the per-sample broadcast, as `batch_jacobian`
-    chooses. Through the same private wrappers; `autojac.plan` takes no batch Jacobian."""
-    from autojac._api.derived import _Broadcast, _SumOverBatch
-
-    with torch.no_grad():
-        y = f(X)
-    if y[0].numel() <= X[0].numel():
-        return autojac.plan(_SumOverBatch(f), X, **options)
-    return autojac.plan(_Broadcast(f, (X,)), torch.zeros(X.shape[1:], dtype=X.dtype, device=X.device), **options)
-
-
 def plan_side(p) -> str:
     """Which colouring a compressed plan pushes: row colours (VJPs, reverse mode) or column colours (JVPs)."""
     if p is None or getattr(p.problem, "layout", None) is None:

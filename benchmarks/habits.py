@@ -210,7 +210,8 @@ def _per_sample_contestants(f, X, budget=None):
     options = {} if budget is None else {"memory_budget": budget}
     auto = C.Contestant(
         "autojac" if budget is None else "autojac @budget", "autojac", lambda: autojac.batch_jacobian(f, X, **options),
-        plan=lambda: C.batch_plan(f, X, **options), frozen=None, budget=budget,
+        plan=lambda: autojac.plan(f, X, kind="batch_jacobian", **options),
+        frozen=lambda p: (lambda: autojac.batch_jacobian(f, X, plan=p)), budget=budget,
         note="autojac.batch_jacobian(f, X)" + (f", memory_budget={budget}" if budget else ""))
     if budget is not None:
         return [auto]
@@ -224,7 +225,7 @@ def _hessian_contestants(f, x, budget=None):
     options = {} if budget is None else {"memory_budget": budget}
     auto = C.Contestant(
         "autojac" if budget is None else "autojac @budget", "autojac", lambda: autojac.hessian(f, x, **options),
-        plan=lambda: C.hessian_plan(f, x, **options),
+        plan=lambda: autojac.plan(f, x, kind="hessian", **options),
         frozen=lambda p: (lambda: autojac.hessian(f, x, plan=p)), budget=budget,
         note="autojac.hessian(f, x)" + (f", memory_budget={budget}" if budget else ""))
     if budget is not None:
@@ -414,10 +415,9 @@ def markdown(cases: list[dict], meta: dict) -> str:
                          f"{C.mib(c.get('habit_peak_bytes'))} | {others or '–'} | {C.mib(peak)} | "
                          f"{'–' if within is None else ('yes' if within else '**no**')} | {C.ms(r.get('seconds'))} "
                          f"| {C.mib(a.get('peak_bytes'))}, {C.ms(a.get('seconds'))} | {r.get('error') or c.get('budget_note') or r.get('plan', '')} |")
-    lines += ["", "## Every contestant", "", C.method_text(meta) + " batch_jacobian takes no `plan=`: its warm figure is "
-              "the median of calls 11..20, each timed alone (its plan may still explore then); its settled figure is "
-              "timed in the rounds. Calls to settle for batch_jacobian and hessian read the plan of the inner Jacobian "
-              "through autojac's private wrappers (`autojac.plan` takes neither).", ""]
+    lines += ["", "## Every contestant", "", C.method_text(meta) + " batch_jacobian's and hessian's plans are looked up with "
+              "`autojac.plan(..., kind=\"batch_jacobian\")` and `kind=\"hessian\"`, and "
+              "frozen with `plan=`, as `jacobian`'s are.", ""]
     for c in cases:
         lines += [f"### {label(c)}: {c['what']}", "",
                   "| contestant | warm | first call | calls to settle | settled warm | vs fastest torch way | peak memory "
