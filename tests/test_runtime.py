@@ -230,15 +230,36 @@ def test_first_call_evaluates_f_at_most_twice_more_than_a_warm_call():
     assert first <= warm + 2
 
 
+class _RollingSin(torch.autograd.Function):
+    """sin, written old-style (no `setup_context`, no vmap rule: torch.func's engine refuses it), whose backward
+    passes the gradient through rolls and back: the identity, but torch.autograd's batched backward has no
+    batching rule for `roll` and runs each one once per vector."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.save_for_backward(t)
+        return torch.sin(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        for _ in range(10):
+            grad = torch.roll(torch.roll(grad, 1, -1), -1, -1)
+        return grad * torch.cos(t)
+
+
 def test_exploration_finds_a_much_faster_method_and_never_returns_a_wrong_answer():
-    """A function whose vmap is very slow (a Python-level loop inside it batches badly) but whose repeat trick
-    is fast: exploration must find repeat within a few calls, and every answer on the way must be right."""
+    """A function whose vmap is very slow (torch.func refuses its autograd.Function, torch.autograd's batched
+    backward loops over the chunk in it: 7-8 ms here) but whose repeat trick is fast (one batched evaluation and
+    one backward: about 1 ms): exploration must find repeat within a few calls, and every answer on the way must
+    be right. (A margin this wide keeps the test about the search, not about timing noise: with sin itself the
+    two were within 15% on torch 2.13, and the test failed when the incumbent's recent calls ran slow.)"""
     x = torch.randn(40, dtype=torch.float64, device=DEVICE)
 
     def g(t):
         y = t
-        for _ in range(30):
-            y = torch.sin(y) * 1.01 + t
+        for _ in range(3):
+            y = _RollingSin.apply(y) * 1.01 + t
         return y[..., ::2] * y[..., 1::2]
 
     want = reference(g, x)
@@ -246,12 +267,14 @@ def test_exploration_finds_a_much_faster_method_and_never_returns_a_wrong_answer
     for _ in range(60):  # a close alternative runs twice: trying three takes more calls
         assert_same_structure_and_close(autojac.jacobian(g, x), want)
         names.append(autojac.last_report().method)
+    assert any("reverse/repeat" in name for name in names[:10]), names[:10]  # found within a few calls
     p = autojac.plan(g, x)
     tried = [c for c in p.candidates if c.status in ("chosen", "measured", "slower")]
     assert len(tried) >= 3  # it tried alternatives on real work
     measured = [c for c in p.candidates if c.seconds is not None]
     fastest = min(measured, key=lambda c: c.seconds)
-    assert p.estimated_seconds <= 1.10 * fastest.seconds  # it runs the fastest it has measured (within noise)
+    assert p.name == "reverse/repeat" and fastest.name == p.name, str(p)
+    assert p.estimated_seconds <= 1.10 * fastest.seconds  # it runs the fastest it has measured
 
 
 def test_tune_settles_and_estimate_runs_f_once():
