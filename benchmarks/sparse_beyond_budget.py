@@ -140,8 +140,7 @@ def child(spec: dict) -> dict:
         row["first_peak_bytes"] = region.peak_bytes
         report = autojac.last_report()
         row.update(method=report.method, verified=report.verified, evaluations=report.evaluations)
-        layout = autojac.plan(f, x, kind=kind if kind == "hessian" else "jacobian", output="sparse",
-                              memory_budget=budget).problem.layout
+        layout = autojac.plan(f, x, kind=kind, output="sparse", memory_budget=budget).problem.layout
         row.update(nnz=layout.pattern.nnz, colours=min(layout.row_passes, layout.col_passes))
         row["relative_error"] = _check(kind, f, x, J)
         del J
