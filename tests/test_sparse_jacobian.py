@@ -481,7 +481,9 @@ def test_nonzero_share_counts_the_rows_written_so_far():
 
 def _forced_structure(monkeypatch, look: bool = True, shares: list | None = None):
     """A first call times a slice wherever structure could be looked for, and `worth_detecting` answers `look`
-    (noting each nonzero share it is asked about in `shares`)."""
+    (noting each nonzero share it is asked about in `shares`). Detection's time limit (three projected dense
+    Jacobians: ~20 ms on these 400 x 400 problems) is lifted: a garbage collection or a stalled VM during
+    propagation made it dense on a CI run, which is right for the product but not what these tests are about."""
     from autojac._planning import session
 
     def decide(projected, eval_seconds, share=None):
@@ -491,6 +493,7 @@ def _forced_structure(monkeypatch, look: bool = True, shares: list | None = None
 
     monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
     monkeypatch.setattr(session, "worth_detecting", decide)
+    monkeypatch.setattr(session, "DETECT_LIMIT", 1e6)
 
 
 def test_the_first_slice_hands_its_density_to_the_decision(monkeypatch):

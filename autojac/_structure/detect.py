@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import deps as D
+from . import rules  # noqa: F401 - fills the op registry now, not inside the first propagation's time limit
 from .deps import TooDense  # noqa: F401 - raised here and by the engine; callers catch it from here
 from .engine import Engine
 from .pattern import Pattern
