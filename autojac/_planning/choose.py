@@ -40,6 +40,13 @@ the incumbent's best is the fastest of many runs. Within 1.10 only, that engine 
 in a benchmark run and the plan settled 2x slower than `torch.autograd.functional.jacobian`. Within 1.5 only,
 the repeat trick's first run (21.8 ms on the RK4 rollout, its first batch of copies paying the pages of a 16x larger
 forward pass; 11.8 ms warm) lost to the autograd engine's 15.2 ms without a second run."""
+CONFIRM_RUNS = 3
+"""Whole runs a close contender (CONFIRM_WITHIN) gets before the plan settles: its first and two more.
+
+torch.func warms up over its first few calls on a function, not one: the sum trick's `vmap` over `torch.func.vjp`
+on a per-sample CNN (B=64) took 16.8-33.1 ms, then 13.5-20.0 ms, then 8.5-12.2 ms in fresh processes (2-core CPU).
+Confirmed on its second run alone, that engine measured 18.3 and 17.2 ms against the autograd engine's 12.2 ms,
+and the plan settled on the engine 11-16% slower (frozen, interleaved: 10.9 against 12.6 ms)."""
 SWITCH_BELOW = 0.97
 """An alternative replaces the incumbent when its fastest whole call is below this share of the incumbent's."""
 EXPLORE_SHARE = 0.10

@@ -239,9 +239,9 @@ class PlanEntry:
             return None
         waiting = [s for s in self.stats.values() if s.status == "untried"]
         confirm = [s for s in self.stats.values()
-                   if s.status == "measured" and s.method.name != self.incumbent and len(s.runs) < 2
+                   if s.status == "measured" and s.method.name != self.incumbent and len(s.runs) < choose.CONFIRM_RUNS
                    and s.best is not None and s.cost < choose.CONFIRM_WITHIN * inc.cost]
-        if confirm:  # a close contender gets a second whole run (noise only adds time, so keep the fastest)
+        if confirm:  # a close contender gets more whole runs (noise and warm-up only add time: keep the fastest)
             s = confirm[0]
             n = s.method.passes(self.problem.col_passes, self.problem.row_passes)
             # What the second run is expected to cost beyond an incumbent call: a sliced first run counts its
