@@ -277,8 +277,37 @@ def test_stable_keys_exist_only_for_what_another_process_can_match():
 def test_a_run_expected_to_be_long_starts_small_and_grows_while_it_pays():
     assert cost_model.next_chunk(3000, [], None, None, None, first=300) == 300
     assert cost_model.next_chunk(2700, [300], None, None, None, [(300, 1.0)]) == 1200
-    # a larger chunk that took longer per vector (caches, fresh pages) is not grown further
-    assert cost_model.next_chunk(1500, [300, 1200], None, None, None, [(300, 1.0), (1200, 1.3)]) == 1200
+    # a larger chunk that took longer per vector (caches, fresh pages): back to the size that was fastest
+    assert cost_model.next_chunk(1500, [300, 1200], None, None, None, [(300, 1.0), (1200, 1.3)]) == 300
+    # judged among chunks of PAYS_FROM vectors or more, whatever smaller first chunk the run started with (a
+    # 60-step RK4 rollout of 3000: 25, 99 and 359 vectors at 17.1, 18.0, 19.9 ms each, then 2509 at 49.1 ms)
+    rollout = [(25, 17.1e-3), (99, 18.0e-3), (359, 19.9e-3)]
+    assert cost_model.paying_cap(rollout) == 99
+    assert cost_model.next_chunk(2509, [25, 99, 359], None, None, None, rollout) == 99
+    assert cost_model.paying_cap([(25, 17.1e-3), (99, 18.0e-3)]) is None  # one timed chunk: nothing to compare
+    assert cost_model.paying_cap([(99, 18.0e-3), (359, 17.0e-3)]) is None  # it paid: grow on
+
+
+def test_later_calls_keep_to_the_chunk_size_that_paid(monkeypatch):
+    """A run whose larger chunks stopped paying leaves its plan at the size that did: later calls (which are
+    not timed chunk by chunk) do not run the whole basis in one slow chunk, even once the points that showed
+    it are no longer among the plan's last 8 rates."""
+    from autojac._planning import session
+    from autojac._planning.entry import MethodStats
+    from autojac._planning.choose import BY_NAME
+    from autojac._execute.run import RunLog
+
+    entry = entry_with({"reverse/vmap [func]": [0.01]}, "reverse/vmap [func]", n_in=1000, n_out=1000)
+    stats = entry.stats["reverse/vmap [func]"]
+    n = stats.method.passes(entry.problem.col_passes, entry.problem.row_passes)
+    stats.rates = [(n // 8, 1.0), (n // 2, 1.4)]
+    session._learn(stats, RunLog(), None)
+    assert stats.pays_up_to == n // 8 and session._planned_chunk(entry, stats) == n // 8
+    stats.rates = [(n // 8, 1.0)] * 8  # later calls' points only
+    session._learn(stats, RunLog(), None)
+    assert session._planned_chunk(entry, stats) == n // 8
+    fresh = MethodStats(BY_NAME["reverse/vmap [func]"])
+    assert session._planned_chunk(entry, fresh) is None  # nothing measured against it: the whole basis
 
 
 def test_a_slope_needs_sizes_far_enough_apart():
@@ -441,8 +470,9 @@ def test_a_plans_repeat_methods_share_the_cost_of_checks_on_new_values():
 
 def test_a_trials_own_evaluation_is_not_projected_as_if_paid_per_slice(monkeypatch):
     """A trial's first slice is projected to a whole run from its chunk's time; the evaluation of `f` the
-    alternative makes once (here 20 ms, as the incumbent's calls do) is added once, not scaled with the chunk
-    (which stopped every vmap trial of a slow `f`: 20 ms x sqrt(64 / 2) against 1.5 x 20 ms)."""
+    alternative makes once (here 50 ms, as the incumbent's calls do) is added once, not scaled with the chunk
+    (which stopped every vmap trial of a slow `f`: 20 ms x sqrt(64 / 2) against 1.5 x 20 ms). At 20 ms the
+    chunks' own few milliseconds, scaled, reached the 1.5x bar on 1 run in 5 on a busy machine."""
     import time as _time
 
     import autojac
@@ -451,7 +481,7 @@ def test_a_trials_own_evaluation_is_not_projected_as_if_paid_per_slice(monkeypat
     W = torch.randn(64, 64, dtype=torch.float64) / 8
 
     def f(x):
-        _time.sleep(0.02)
+        _time.sleep(0.05)
         return torch.tanh(W @ x)
 
     x = torch.randn(64, dtype=torch.float64)
@@ -463,6 +493,8 @@ def test_a_trials_own_evaluation_is_not_projected_as_if_paid_per_slice(monkeypat
     assert other.status == "untried", str(entry.snapshot())
     monkeypatch.setattr(choose, "slice_for", lambda *a, **k: 2)
     entry.credit, entry.structure_open = 1.0, False  # the credit goes to the trial, not to a look for structure
+    for _ in range(3):  # torch.func's first vmaps of these ops run slow (its warm-up, not what is tested here):
+        torch.func.jacrev(lambda t: torch.tanh(W @ t))(x)  # a 2-vector slice took ~5 ms and was stopped 1 run in 9
     want = torch.autograd.functional.jacobian(f, x)
     torch.testing.assert_close(autojac.jacobian(f, x, mode="reverse", vectorize="vmap"), want)
     report = autojac.last_report()

@@ -378,3 +378,24 @@ def test_cpu_budget_is_kept_from_the_first_call_in_a_fresh_process():
     assert len(facts["chunks"]) > 1  # the budget really forced chunking
     assert facts["extra"] <= facts["budget"], facts
     assert max(facts["later"]) <= facts["budget"], facts
+
+
+def test_the_progress_estimate_follows_the_latest_chunk_not_the_first():
+    """NOTE: [A first call's progress estimate]: a short first chunk (one-time costs) projects nothing; from
+    the second chunk on, the time so far plus the vectors left at the latest chunk's pace."""
+    from autojac._planning.session import PROGRESS_EVIDENCE_SECONDS, Progress
+
+    p = Progress(None, 1000, "test")
+    p.began = p.last = 0.0
+    p.done, p.updates = 2, 1
+    assert p.projected(2, 0.1) is None  # 2 vectors in 0.1 s: would have said 50 s
+    slow = PROGRESS_EVIDENCE_SECONDS * 2
+    assert p.projected(2, slow) == pytest.approx(slow * 1000 / 2)  # a slow first chunk is evidence enough
+    p.last = 0.1
+    p.done, p.updates = 102, 2
+    # 100 vectors in 0.4 s (4 ms each) after 0.1 s: 0.5 s so far, 898 left.
+    assert p.projected(100, 0.5) == pytest.approx(0.5 + 898 * 0.004)
+
+    q = Progress(None, 100, "test")
+    q.already(8)  # the engine probe's rows: done, but not a chunk whose pace counts
+    assert q.done == 8 and q.updates == 0 and q.bar is None

@@ -50,6 +50,9 @@ class MethodStats:
     """(chunk size, measured peak bytes of one chunk) points."""
     rates: list[tuple[int, float]] = field(default_factory=list)
     """(chunk size, seconds per vector) points."""
+    pays_up_to: int | None = None
+    """The chunk size past which larger chunks stopped paying in a run (`cost_model.paying_cap`): kept when the
+    points that showed it are no longer among `rates`, so later calls do not grow into it again."""
     verified: bool = False
     checked_sizes: set[int] = field(default_factory=set)
     """Chunk sizes a verified run of a repeat method used (see `unchecked_sizes`)."""

@@ -49,7 +49,7 @@ from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
 from .plan import RunReport, seconds_text
-from .cost_model import GROWTH, largest_fitting, n_chunks
+from .cost_model import GROWTH, largest_fitting, n_chunks, paying_cap
 from .keys import largest_captured_bytes
 from .sizing import Sizer
 from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW, STRUCTURE_BYTES_PER_NONZERO, confirm_real_trace,
@@ -105,16 +105,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PROGRESS_EVIDENCE_SECONDS = 1.0
+"""A run's first chunk alone opens the bar only once this much has passed (see `Progress.projected`)."""
+
+
 class Progress:
-    """A tqdm bar on stderr, opened only once a run is expected to take over 10 s (or when asked)."""
+    """A tqdm bar on stderr, opened only once a run is expected to take over 10 s (or when asked).
+
+    NOTE: [A first call's progress estimate]
+    The run's time is projected from the pace of its latest chunk: the time so far, plus the vectors left at
+    the seconds per vector the latest chunk took. Not from the first chunk: it carries the run's one-time
+    costs (a first batch of 2 vectors of a wide MLP under a 4-6 MiB budget projected 16-19 s for runs of
+    9.5-9.9 s), and chunks grow after it while a vector can cost more in a larger chunk (a 60-step RK4
+    rollout of 3000 unknowns: 31 vectors in 0.3 s projected 33.6 s, and the run took 80 s). A first chunk that
+    is itself slow (PROGRESS_EVIDENCE_SECONDS) still opens the bar at once.
+    """
 
     def __init__(self, wanted: bool | None, total: int, label: str) -> None:
         self.wanted, self.total, self.label = wanted, total, label
         self.bar = None
         self.done = 0
         self.began = time.perf_counter()
+        self.updates = 0
+        self.last = self.began  # when the latest chunk ended
         if wanted:
             self.expect(None)
+
+    def projected(self, k: int, now: float) -> float | None:
+        """The whole run's expected time after a chunk of `k` vectors ended at `now` (None: not known yet)."""
+        elapsed = now - self.began
+        if self.updates <= 1:  # the first chunk: all of the run's one-time costs
+            return elapsed * self.total / max(self.done, 1) if elapsed >= PROGRESS_EVIDENCE_SECONDS else None
+        return elapsed + (self.total - self.done) * (now - self.last) / max(k, 1)
 
     def expect(self, seconds: float | None) -> None:
         """Open the bar if the whole run is expected to take over PROGRESS_AFTER_SECONDS."""
@@ -125,13 +147,22 @@ class Progress:
 
             self.bar = tqdm(total=self.total, initial=self.done, desc=f"autojac {self.label}", unit="vec", file=sys.stderr)
 
+    def already(self, k: int) -> None:
+        """`k` vectors computed before the run began (the engine probe's rows): counted, but no chunk's pace."""
+        self.done += k
+        self.last = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(k)
+
     def update(self, k: int) -> None:
         self.done += k
+        self.updates += 1
+        now = time.perf_counter()
         if self.bar is not None:
             self.bar.update(k)
         elif self.wanted is None and self.done < self.total:
-            elapsed = time.perf_counter() - self.began
-            self.expect(elapsed * self.total / max(self.done, 1))
+            self.expect(self.projected(k, now))
+        self.last = now
 
     def close(self) -> None:
         if self.bar is not None:
@@ -472,7 +503,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                 start, parts, probe_seconds = rows
                 slice_assembler = slice_assembler or collector(problem, m.by_rows)
                 slice_assembler.add(0, start, parts)
-                progress.update(start)
+                progress.already(start)
             # Unprobed, the autograd engine's first chunk counts its own loops (a few microseconds, no extra work):
             # the exploration order of later calls follows (NOTE: [The autograd engine's vmap loops]). The counter
             # is process-wide, so it is held for that chunk only.
@@ -815,17 +846,22 @@ def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
 
 def _planned_chunk(entry: PlanEntry, stats) -> int | None:
     """The chunk size later calls run `stats.method` at: None (the whole basis) unless its measured memory
-    line says the budget does not fit the whole basis; then the largest chunk that fits."""
+    line says the budget does not fit the whole basis (then the largest chunk that fits), or a run measured
+    larger chunks that stopped paying (then no larger than `stats.pays_up_to`)."""
+    n = stats.method.passes(entry.problem.col_passes, entry.problem.row_passes)
+    if entry.options.chunk_size is not None:
+        return None
+    fitting = n
     line = stats.memory_line()
     room = entry.room_bytes()
-    n = stats.method.passes(entry.problem.col_passes, entry.problem.row_passes)
-    if line is None or room is None or entry.options.chunk_size is not None:
-        return None
-    fitting = largest_fitting(line, room, n)
-    # Later calls are not measured: no further than GROWTH times the largest chunk measured (a line drawn
-    # through small chunks does not see workspaces that only larger ones need).
-    measured = max((k for k, _ in stats.memory), default=n)
-    fitting = min(fitting, GROWTH * measured)
+    if line is not None and room is not None:
+        fitting = largest_fitting(line, room, n)
+        # Later calls are not measured: no further than GROWTH times the largest chunk measured (a line drawn
+        # through small chunks does not see workspaces that only larger ones need).
+        measured = max((k for k, _ in stats.memory), default=n)
+        fitting = min(fitting, GROWTH * measured)
+    if stats.pays_up_to is not None:
+        fitting = min(fitting, stats.pays_up_to)
     return None if fitting >= n else max(fitting, 1)
 
 
@@ -845,6 +881,9 @@ def _learn(stats, log: RunLog, sizer: Sizer) -> None:
         if c.seconds is not None and c.size:
             stats.rates.append((c.size, c.seconds / c.size))
     del stats.memory[:-8], stats.rates[:-8]
+    cap = paying_cap(stats.rates)
+    if cap is not None:
+        stats.pays_up_to = cap
 
 
 def _record_failure(entry: PlanEntry, stats, failure: BaseException, call: Call, failures: list) -> None:
