@@ -167,7 +167,8 @@ def jacobian(
         cache: reuse the plan made for the same function (same code and captured
             shapes), inputs and options (default); False plans afresh, keeps nothing.
         progress: a tqdm bar on stderr; None shows it when the call is expected
-            to take over 10 s and stderr is a terminal.
+            to take over 10 s and stderr is a terminal (a first call projects
+            from its latest chunk's pace, from its second chunk on).
 
     How autojac chooses (mode and vectorize "auto"):
 
@@ -244,8 +245,9 @@ def jacobian(
       run before the plan settles. Under a budget, forward modes are not tried when a zero tangent the size
       of the largest tensor `f` holds would not fit. A measured alternative whose
       fastest whole call beats the plan's method by over 3% replaces it; one within
-      2x runs a second whole call first (a first run is a cold one, or sliced),
-      waiting for credit only if it is expected slower than the plan's call. Structure
+      2x runs two more whole calls first (a first run is a cold one, or sliced, and
+      torch.func warms up over two or more calls), each waiting for credit only if
+      it is expected slower than the plan's call. Structure
       is one more alternative: a dense plan (64 passes or more, no budget given)
       whose first call did not look for it looks once the credit covers a trace,
       and the next call plans again with a pattern that halves the passes.
