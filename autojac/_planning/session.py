@@ -49,7 +49,7 @@ from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
 from .plan import RunReport, seconds_text
-from .cost_model import GROWTH, largest_fitting, n_chunks, paying_cap
+from .cost_model import GROWTH, largest_fitting, n_chunks, paying_cap, projected_seconds
 from .keys import largest_captured_bytes
 from .sizing import Sizer
 from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW, STRUCTURE_BYTES_PER_NONZERO, confirm_real_trace,
@@ -135,8 +135,8 @@ class Progress:
         """The whole run's expected time after a chunk of `k` vectors ended at `now` (None: not known yet)."""
         elapsed = now - self.began
         if self.updates <= 1:  # the first chunk: all of the run's one-time costs
-            return elapsed * self.total / max(self.done, 1) if elapsed >= PROGRESS_EVIDENCE_SECONDS else None
-        return elapsed + (self.total - self.done) * (now - self.last) / max(k, 1)
+            return projected_seconds(0.0, elapsed, self.done, self.total) if elapsed >= PROGRESS_EVIDENCE_SECONDS else None
+        return projected_seconds(elapsed, now - self.last, k, self.total - self.done)
 
     def expect(self, seconds: float | None) -> None:
         """Open the bar if the whole run is expected to take over PROGRESS_AFTER_SECONDS."""
