@@ -185,3 +185,30 @@ def test_module_jacobian_carries_no_graph_to_the_parameters(mode, vectorize):
     got = autojac.jacobian(net, x64(6), mode=mode, vectorize=vectorize, chunk_size=2)
     assert not got.requires_grad and got.grad_fn is None
 
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "forward-trick", "auto"])
+@pytest.mark.parametrize("vectorize", ["vmap", "repeat", "loop"])
+def test_an_expanded_input_is_differentiated_in_every_mode(mode, vectorize):
+    # Elements sharing memory (stride 0): forward-mode AD cannot lay a tangent out like such a primal, and
+    # torch.func.jacfwd fails on it; autojac differentiates a copy, the user's tensor untouched.
+    x = torch.randn(1, dtype=torch.float64, device=DEVICE).expand(5)
+    f = lambda t: t.cumsum(0) * t.sin()  # noqa: E731 - not batch-aware along dim 0: repeat must refuse it
+    try:
+        got = autojac.jacobian(f, x, mode=mode, vectorize=vectorize)
+    except autojac.UnsupportedFunctionError:
+        assert vectorize == "repeat"
+        return
+    torch.testing.assert_close(got, reference(f, x.contiguous()))
+    assert x.stride() == (0,)
+
+
+def test_an_expanded_input_keeps_the_callers_graph_in_forward_mode():
+    w = torch.randn(1, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    x = w.expand(4)
+    got = autojac.jacobian(lambda t: t * t.roll(1, 0), x, mode="forward", vectorize="vmap", create_graph=True)
+    # J = d(t_i t_{i-1}) / dt_j at t = (w, w, w, w): w on the diagonal and on the roll's sub-diagonal band.
+    want = w.detach() * (torch.eye(4, dtype=torch.float64, device=DEVICE) + torch.eye(4, dtype=torch.float64, device=DEVICE).roll(1, 0))
+    torch.testing.assert_close(got.detach(), want)
+    (g,) = torch.autograd.grad(got.sum(), w)
+    torch.testing.assert_close(g, torch.full((1,), 8.0, dtype=torch.float64, device=DEVICE))

@@ -641,3 +641,20 @@ def test_create_graph_under_no_grad_gives_the_jacobian_not_zeros():
                 got = autojac.jacobian(f, x, create_graph=True, mode=mode)
             torch.testing.assert_close(got, want)
             assert got.abs().sum() > 0
+
+
+def test_no_grad_inside_f_is_reverse_modes_jacobian_and_forward_mode_says_why_it_cannot():
+    # Forward-mode AD ignores torch.no_grad, so a value made under it carries derivatives reverse mode drops:
+    # autojac's answer is reverse mode's (torch.autograd.functional.jacobian's), in every mode that can give it.
+    def f(t):
+        with torch.no_grad():
+            scale = t * 3
+        return torch.outer(torch.linspace(0.5, 1.5, 40, dtype=t.dtype, device=t.device), t.sin() * scale).reshape(-1)
+
+    x = x64(3)
+    want = torch.autograd.functional.jacobian(f, x)
+    for _ in range(12):  # tall: the planner's first choice is a forward method, whose check fails
+        torch.testing.assert_close(autojac.jacobian(f, x), want)
+    torch.testing.assert_close(autojac.jacobian(f, x, mode="forward-trick"), want)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="does not stop forward-mode AD"):
+        autojac.jacobian(f, x, mode="forward")

@@ -168,8 +168,17 @@ def plain_inputs(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.
     differentiable whichever mode computed it.
     """
     if create_graph:
-        return grad_inputs(xs, create_graph)
-    return tuple(x.detach() for x in xs)
+        return tuple(_own_elements(x) for x in grad_inputs(xs, create_graph))
+    return tuple(_own_elements(x.detach()) for x in xs)
+
+
+def _own_elements(x: torch.Tensor) -> torch.Tensor:
+    """`x`, or a contiguous copy when elements share memory (an expanded tensor: a stride 0): forward-mode AD
+    lays a tangent out like its primal and cannot write one into shared memory (`torch.func.jacfwd` fails
+    there too). The copy is differentiable, so a graph the caller asked to keep stays connected."""
+    if any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
+        return x.contiguous()
+    return x
 
 
 class _ForwardAdLock:

@@ -893,7 +893,7 @@ def _record_failure(entry: PlanEntry, stats, failure: BaseException, call: Call,
         if stats.method.vectorize == "repeat":
             _not_batch_aware(entry, failure)
         else:
-            _evaluations_disagree(entry)
+            _evaluations_disagree(entry, forward=stats.method.mode == "forward")
     stats.status, stats.reason = "failed", _first_line(failure)
     failures.append((stats.method.name, failure))
     call.events.append(f"{stats.method.name} failed ({_first_line(failure)})")
@@ -918,12 +918,23 @@ def _not_batch_aware(entry: PlanEntry, failure: BaseException) -> None:
                                             "batch, or its evaluations disagree")
 
 
-def _evaluations_disagree(entry: PlanEntry) -> None:
-    """`f` gives different results on identical evaluations: only methods that evaluate it once may run."""
+_FORWARD_DIFFERS = ("or its forward-mode derivatives differ from its reverse-mode ones (`torch.no_grad` inside `f` "
+                    "does not stop forward-mode AD; a custom autograd.Function whose jvp disagrees with its backward)")
+
+
+def _evaluations_disagree(entry: PlanEntry, forward: bool = False) -> None:
+    """`f` gives different results on identical evaluations: only methods that evaluate it once may run.
+
+    A forward-mode method's failed check has a second possible cause, which the reason names: forward-mode AD
+    ignores `torch.no_grad` (so a value `f` computes under it carries derivatives that reverse mode drops).
+    The same methods are dropped either way (the forward-trick computes reverse mode's derivatives)."""
     entry.once_only = True
+    why = "`f`'s evaluations disagree (a generator of its own, or state it changes)"
+    if forward:
+        why += ", " + _FORWARD_DIFFERS
     for s in entry.stats.values():
         if not s.method.evaluates_once and s.status not in ("failed",):
-            s.excluded = "`f`'s evaluations disagree (a generator of its own, or state it changes)"
+            s.excluded = why
             s.status, s.reason = "not tried", s.excluded
 
 
@@ -946,9 +957,11 @@ def _no_method(call: Call, failures: list[tuple[str, BaseException]]) -> Excepti
     else:
         advice = _advice(options) if len(failures) == 1 else "Every allowed method was tried."
         if isinstance(last, VerificationError):
+            forward = name.startswith("forward/")
             advice = ("`f` gives different results on identical evaluations (a random generator of its own, or "
-                      "state it changes); use mode='reverse', or mode='forward-trick' with vectorize='vmap' or "
-                      "'loop', which evaluate it once.")
+                      "state it changes)" + (", " + _FORWARD_DIFFERS if forward else "") + "; use mode='reverse', "
+                      "or mode='forward-trick' with vectorize='vmap' or 'loop', which evaluate it once"
+                      + (" and compute reverse mode's derivatives" if forward else "") + ".")
         error = UnsupportedFunctionError(f"{call.who}: {name} could not differentiate `f`: {tried}. {advice}")
     error.__cause__ = last
     return error
