@@ -374,6 +374,43 @@ def test_a_closure_rebuilt_with_a_new_index_tensor_never_reuses_the_old_pattern(
         assert "failed the check after the tensors `f` captures changed" in str(autojac.plan(f, x, sparsity=pattern))
 
 
+def test_a_closure_rebuilt_with_a_new_permutation_each_step_keeps_finding_its_pattern(monkeypatch):
+    # NOTE: [A pattern found again]: sparsity="auto" finds the pattern of the values `f` now holds (it was dense
+    # from the first failed check on), and once the pattern has changed with them, plans again before computing.
+    _forced_structure(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    x = t64(400)
+    for step in range(4):
+        perm = torch.randperm(400, generator=g).to(DEVICE)
+        f = _gather(perm)
+        torch.testing.assert_close(autojac.jacobian(f, x), _permutation_jacobian(perm), msg=f"step {step}")
+        report = autojac.last_report()
+        assert report.verified, report
+        assert autojac.plan(f, x).problem.layout is not None, autojac.plan(f, x)  # still sparse
+        if step == 1:  # the pattern of the first permutation fails its check, then is found for the second
+            assert any("failed the check on new values" in e for e in report.events), report
+        if step >= 2:  # no compressed run bound to fail: the plan follows the values
+            assert any("pattern follows them" in e for e in report.events), report
+            assert not any("failed the check" in e for e in report.events), report
+
+
+def test_a_plan_stops_following_values_that_no_longer_change_its_pattern(monkeypatch):
+    _forced_structure(monkeypatch)
+    g = torch.Generator().manual_seed(6)
+    x = t64(400)
+    perms = [torch.randperm(400, generator=g).to(DEVICE) for _ in range(2)]
+    autojac.jacobian(_gather(perms[0]), x)
+    autojac.jacobian(_gather(perms[1]), x)  # fails, found again: a new pattern, so the plan follows the values
+    assert autojac.plan(_gather(perms[1]), x).entry.follows_values
+    same = perms[1].clone()  # new tensor, same permutation: planned again, the same pattern
+    torch.testing.assert_close(autojac.jacobian(_gather(same), x), _permutation_jacobian(same))
+    assert not autojac.plan(_gather(same), x).entry.follows_values
+    again = perms[1].clone()  # new values again: checked, not planned again
+    torch.testing.assert_close(autojac.jacobian(_gather(again), x), _permutation_jacobian(again))
+    report = autojac.last_report()
+    assert report.verified and not report.planned, report
+
+
 def test_a_pattern_is_checked_again_after_a_captured_weight_is_written():
     # A banded weight's zeros make a banded Jacobian; an in-place update fills them in.
     n = 200
@@ -761,4 +798,4 @@ def test_a_closure_with_a_new_permutation_over_the_dense_budget_finds_its_patter
         want = torch.autograd.functional.jacobian(f, y)
         torch.testing.assert_close(got.to_dense(), want)
         report = autojac.last_report()
-        assert report.verified and (step == 0 or any("found again" in e for e in report.events)), report
+        assert report.verified and (step == 0 or any("planned again" in e for e in report.events)), report

@@ -370,8 +370,8 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
                     session.check_strict(evaluate_plain(call.f, call.xs, False), "jacobian")
                 result = session.later_call(call, entry)
     except session.PatternFailed as exc:  # NOTE: [Patterns and values]
-        logger.debug("the sparsity pattern failed the check on new values: dense from now on")
-        result, entry = session.dense_after_all(call, exc.failure, later=True)
+        logger.debug("the sparsity pattern failed the check on new values: planning again")
+        result, entry = session.after_pattern_failed(call, exc.failure, later=True, layout=exc.layout)
         planned = True
         if key is not None:
             _cache.put(key, entry)

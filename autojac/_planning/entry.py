@@ -182,6 +182,9 @@ class PlanEntry:
         """A first call's real-trace pattern awaits a fake trace's confirmation (NOTE: [A real trace first])."""
         self.values_seen = None
         """The tensors a sparsity pattern was last checked with (see NOTE: [Patterns and values])."""
+        self.follows_values = False
+        """The pattern changed with the tensors `f` holds: a call on new ones plans again first (NOTE: [A pattern
+        found again])."""
         self.events: collections.deque[str] = collections.deque(maxlen=12)
         self.lock = threading.RLock()
 

@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .._core.errors import MemoryBudgetError, NotBatchAwareError, PlanMismatchError, UnsupportedFunctionError
@@ -251,11 +252,14 @@ class Call:
 
 
 class PatternFailed(Exception):
-    """Internal: a plan's sparsity pattern failed the check on a later call (see NOTE: [Patterns and values])."""
+    """Internal: a plan's sparsity pattern failed the check on a later call (see NOTE: [Patterns and values]), or
+    (`failure` None) the tensors `f` holds changed and the plan's pattern follows them (NOTE: [A pattern found
+    again]): it is found again before anything is computed. `layout`: the plan's."""
 
-    def __init__(self, failure: BaseException) -> None:
-        super().__init__(str(failure))
+    def __init__(self, failure: BaseException | None, layout) -> None:
+        super().__init__(str(failure) if failure is not None else "the tensors `f` holds changed")
         self.failure = failure
+        self.layout = layout
 
 
 class OutputsChanged(Exception):
@@ -576,7 +580,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         result = None
         _check_outputs_unchanged(call, problem, failure)
         if isinstance(failure, VerificationError) and problem.layout is not None:
-            return dense_after_all(call, failure)
+            return after_pattern_failed(call, failure)
         _record_failure(entry, stats, failure, call, failures)
     if entry.incumbent is None:
         raise _no_method(call, failures)
@@ -705,33 +709,67 @@ def _measure_first_evaluation(options: Options, device: torch.device) -> bool:
     return options.budget is not None or device.type == "cuda"
 
 
-def dense_after_all(call: Call, failure: BaseException, later: bool = False) -> tuple[object, PlanEntry]:
-    """A compressed Jacobian failed the check (a pattern that missed a nonzero): the plan is made again, dense.
+def after_pattern_failed(call: Call, failure: BaseException | None, later: bool = False,
+                    layout=None) -> tuple[object, PlanEntry]:
+    """A compressed Jacobian failed the check (a pattern that missed a nonzero): the plan is made again, dense,
+    or with a pattern found again.
 
-    `later`: the check failed on a later call, after the tensors `f` holds changed (NOTE: [Patterns and values])."""
+    `later`: the check failed on a later call, after the tensors `f` holds changed (NOTE: [Patterns and values]).
+    A pattern autojac found is then found again for the new values (see NOTE: [A pattern found again]); a pattern
+    the caller gave makes the plan dense."""
+    if later and isinstance(call.options.sparsity, str):
+        return _found_again(call, failure, layout)
     call.events.append(f"the sparsity pattern failed the check ({_first_line(failure)}); computed densely")
     dense = Call(call.f, call.xs, call.signature, dataclasses.replace(call.options, sparsity=None), call.who)
     dense.captures = call.captures
-    made = dense
     try:
         result, entry = first_call(dense)
-        entry.structure = ("a sparsity pattern held on the values it was found for, then failed the check after the "
-                           "tensors `f` captures changed; dense from then on" if later else
-                           "a sparsity pattern was found but failed the check; dense")
     except MemoryBudgetError as exc:
-        if not (later and isinstance(call.options.sparsity, str) and call.options.output != "dense"):
-            raise MemoryBudgetError(f"{call.who}: the sparsity pattern failed the check ({_first_line(failure)}), and "
-                                    f"the dense Jacobian cannot be made instead: {exc}") from None
-        # A sparse output that only fits sparse, on new values (a closure rebuilt around a new index tensor): the
-        # pattern is found again for them (NOTE: [Structure first when only a sparse result fits]). The dense
-        # attempt cost one evaluation of `f`, before its result was refused.
-        call.events[-1] = f"the sparsity pattern failed the check on new values ({_first_line(failure)}); found again"
-        made = Call(call.f, call.xs, call.signature, call.options, call.who)
-        made.captures = call.captures
-        result, entry = first_call(made)
+        raise MemoryBudgetError(f"{call.who}: the sparsity pattern failed the check ({_first_line(failure)}), and "
+                                f"the dense Jacobian cannot be made instead: {exc}") from None
+    entry.structure = ("the sparsity pattern given held on the values it was checked with, then failed the check "
+                       "after the tensors `f` captures changed; dense from then on" if later else
+                       "a sparsity pattern was found but failed the check; dense")
+    _took_over(call, dense)
+    return result, entry
+
+
+# NOTE: [A pattern found again]
+# A pattern depends on the values `f` holds (NOTE: [Patterns and values]): a closure rebuilt every step around a
+# new permutation or mask has a new pattern every step. When the plan's pattern fails its check on new values,
+# the call plans again with structure as a first call does (whose rules bound detection by what the dense
+# Jacobian would cost), and so finds the pattern of the values it now holds, or plans dense if none pays. If
+# that pattern differs from the one before, the new plan follows the values: a later call on new values plans
+# again before it computes anything (no compressed run that is bound to fail, no check of it); one whose
+# pattern comes out the same as before stops following them (values that change without changing the
+# pattern, such as weights an optimizer updates, then only pay the check again).
+
+
+def _found_again(call: Call, failure: BaseException | None, layout) -> tuple[object, PlanEntry]:
+    if failure is not None:
+        call.events.append(f"the sparsity pattern failed the check on new values ({_first_line(failure)}); planned "
+                           "again for them")
+    else:
+        call.events.append("the tensors `f` holds changed and the plan's pattern follows them; planned again")
+    made = Call(call.f, call.xs, call.signature, call.options, call.who)
+    made.captures = call.captures
+    result, entry = first_call(made)
+    new = entry.problem.layout
+    entry.follows_values = new is not None and not (layout is not None and _same_pattern(layout.pattern, new.pattern))
+    entry.events.append("planned again after the tensors `f` holds changed" + (
+        "; its pattern changed with them, so a call on new values plans again" if entry.follows_values else
+        "; a call on new values checks the pattern"))
+    _took_over(call, made)
+    return result, entry
+
+
+def _same_pattern(a, b) -> bool:
+    return a.shape == b.shape and np.array_equal(a.rows, b.rows) and np.array_equal(a.cols, b.cols)
+
+
+def _took_over(call: Call, made: Call) -> None:
     call.events += made.events
     call.chunks, call.verified, call.method_name = made.chunks, made.verified, made.method_name
-    return result, entry
 
 
 def _trimming(call: Call) -> bool:
@@ -1013,6 +1051,8 @@ def _values_changed(call: Call, entry: PlanEntry) -> None:
         return
     now = call.f.value_sources()
     if now != entry.values_seen:
+        if entry.follows_values and entry.problem.layout is not None:
+            raise PatternFailed(None, entry.problem.layout)  # NOTE: [A pattern found again]
         # The call's Jacobian is checked (one plain evaluation and one VJP); the rows check is not made again:
         # it guards against a point where the Jacobian vanishes, and a closure rebuilt every step with a new
         # target would pay its three evaluations every step.
@@ -1196,7 +1236,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             if progress is not None:
                 progress.close()
         if isinstance(failure, VerificationError) and problem.layout is not None:
-            raise PatternFailed(failure)  # the pattern, not the method: NOTE: [Patterns and values]
+            raise PatternFailed(failure, problem.layout)  # the pattern, not the method: NOTE: [Patterns and values]
         # f's own errors propagate unchanged if the outputs changed (a new plan is due) ...
         _check_outputs_unchanged(call, problem, failure)
         with entry.lock:
@@ -1317,7 +1357,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
         failure = None
     if failure is not None:
         if isinstance(failure, VerificationError) and problem.layout is not None:
-            raise PatternFailed(failure)  # the pattern, not the method: NOTE: [Patterns and values]
+            raise PatternFailed(failure, problem.layout)  # the pattern, not the method: NOTE: [Patterns and values]
         return _trial_failed(call, entry, stats, failure, began)
     if result is not None:  # the alternative computed the whole Jacobian, verified
         with entry.lock:
