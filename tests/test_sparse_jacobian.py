@@ -5,6 +5,8 @@ from __future__ import annotations
 import types
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from conftest import DEVICE
 
@@ -409,6 +411,43 @@ def test_a_plan_stops_following_values_that_no_longer_change_its_pattern(monkeyp
     torch.testing.assert_close(autojac.jacobian(_gather(again), x), _permutation_jacobian(again))
     report = autojac.last_report()
     assert report.verified and not report.planned, report
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["same", "flip", "new", "ones", "few", "perm"]),
+                          st.sampled_from(["dense", "sparse"]), st.integers(0, 2**16)), min_size=2, max_size=6))
+def test_closures_rebuilt_around_changing_masks_and_permutations_are_always_right(steps):
+    # NOTE: [A pattern found again], as a sequence of steps: each builds `f` anew around a mask and a permutation
+    # that may keep, lose or gain nonzeros (a pattern found before may still hold, be a superset, or miss some).
+    with pytest.MonkeyPatch.context() as mp:
+        _forced_structure(mp)  # a 300-element problem: make first calls look for structure whatever the timing
+        _changing_closures(steps)
+
+
+def _changing_closures(steps) -> None:
+    n = 300
+    x = t64(n, seed=9)
+    autojac.clear_cache()
+    mask = torch.ones(n, dtype=torch.float64, device=DEVICE)
+    perm = torch.arange(n, device=DEVICE)
+    for kind, output, seed in steps:
+        g = torch.Generator().manual_seed(seed)
+        if kind == "flip":
+            mask = mask.clone()
+            flip = torch.randint(0, n, (n // 10,), generator=g).to(DEVICE)
+            mask[flip] = 1 - mask[flip]
+        elif kind in ("new", "few"):
+            mask = (torch.rand(n, generator=g) > (0.5 if kind == "new" else 0.95)).to(torch.float64).to(DEVICE)
+        elif kind == "ones":
+            mask = torch.ones(n, dtype=torch.float64, device=DEVICE)
+        elif kind == "perm":
+            perm = torch.randperm(n, generator=g).to(DEVICE)
+        m, p = mask, perm
+        f = lambda u: m * u.roll(1, 0) * u + u[p].sin()  # noqa: E731 - rebuilt every step: one plan key
+        got = autojac.jacobian(f, x, output=output)
+        got = got.to_dense() if output == "sparse" else got
+        torch.testing.assert_close(got, torch.autograd.functional.jacobian(f, x), msg=f"{kind} {output}")
+        assert autojac.plan(f, x, output=output).problem.layout is not None  # the structured path is what is tested
 
 
 def test_a_pattern_is_checked_again_after_a_captured_weight_is_written():
