@@ -224,7 +224,11 @@ def jacobian(
         too full to halve the passes) and coloured, and compression is used when
         it needs at most half the dense passes. An `f` evaluated in under 2 ms is
         traced on its real values, its calls checked until the second call's
-        fake-tensor trace confirms the pattern.
+        fake-tensor trace confirms the pattern. A pattern is found for the values
+        `f` holds: a call on other captured tensors (or the same ones written
+        since) is checked, and a pattern that fails there is found again for
+        them (the call plans as a first call does); once the pattern has changed
+        with the values, a call on new values plans again before computing.
       - The result is verified (see "Never silently wrong" in the README) before
         it is returned; a method that fails the check hands over to the next.
     - Later calls run the plan's method (its chunk size from its measured memory
