@@ -212,3 +212,12 @@ def test_an_expanded_input_keeps_the_callers_graph_in_forward_mode():
     torch.testing.assert_close(got.detach(), want)
     (g,) = torch.autograd.grad(got.sum(), w)
     torch.testing.assert_close(g, torch.full((1,), 8.0, dtype=torch.float64, device=DEVICE))
+
+
+def test_an_overlapping_strided_input_is_differentiated_in_forward_mode():
+    # as_strided with strides that do not nest: the 4 x 4 view's elements share 7 memory locations.
+    base = torch.randn(7, dtype=torch.float64, device=DEVICE)
+    x = base.as_strided((4, 4), (1, 1))
+    f = lambda t: (t * t.roll(1, 1)).sum(1)  # noqa: E731
+    got = autojac.jacobian(f, x, mode="forward", vectorize="vmap")
+    torch.testing.assert_close(got, reference(f, x.contiguous()))

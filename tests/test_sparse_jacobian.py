@@ -413,6 +413,63 @@ def test_a_plan_stops_following_values_that_no_longer_change_its_pattern(monkeyp
     assert report.verified and not report.planned, report
 
 
+def test_tuning_a_plan_that_follows_values_tunes_the_plan_made_again(monkeypatch):
+    _forced_structure(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    x = t64(400)
+    perms = [torch.randperm(400, generator=g).to(DEVICE) for _ in range(4)]
+    autojac.jacobian(_gather(perms[0]), x)
+    autojac.jacobian(_gather(perms[1]), x)
+    assert autojac.plan(_gather(perms[1]), x).entry.follows_values
+    tuned = autojac.tune(_gather(perms[2]), x, time_limit=2.0)
+    assert tuned.problem.layout is not None
+    exhaustive = autojac.plan(_gather(perms[3]), x, effort="exhaustive", time_limit=2.0)
+    assert exhaustive.problem.layout is not None
+    torch.testing.assert_close(autojac.jacobian(_gather(perms[3]), x), _permutation_jacobian(perms[3]))
+
+
+def test_a_pattern_that_fails_at_a_new_point_with_the_same_values_makes_the_plan_dense_once(monkeypatch):
+    # Control flow on the input's values (a real trace's pattern holds at its point only): nothing `f` holds
+    # changed, so the pattern is not found again call after call; the plan goes dense, as before.
+    _forced_structure(monkeypatch)
+
+    def f(u):
+        i = int(u.detach().argmax())
+        return u * u[i] + u.roll(1)
+
+    g = torch.Generator().manual_seed(1)
+    planned = 0
+    for _ in range(6):
+        x = torch.randn(400, dtype=torch.float64, generator=g).to(DEVICE)
+        torch.testing.assert_close(autojac.jacobian(f, x), torch.autograd.functional.jacobian(f, x))
+        planned += autojac.last_report().planned
+    assert planned <= 2, planned  # the first call, and at most the call whose check failed
+    p = autojac.plan(f, x)
+    assert p.problem.layout is None and not p.entry.follows_values, p
+
+
+def test_a_plan_made_again_before_any_evaluation_still_learns_that_f_draws_random_numbers(monkeypatch):
+    _forced_structure(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    x = t64(400)
+    perms = [torch.randperm(400, generator=g).to(DEVICE) for _ in range(3)]
+    drop = torch.nn.Dropout(0.5)
+    make = lambda p: (lambda t: drop(t[p] * 2.0))  # noqa: E731
+    autojac.jacobian(make(perms[0]), x)
+    autojac.jacobian(make(perms[1]), x)
+    f1 = make(perms[1])
+    for _ in range(30):  # settles on an evaluate-once method
+        autojac.jacobian(f1, x)
+    assert autojac.plan(f1, x).entry.follows_values
+    f2 = make(perms[2])
+    torch.manual_seed(0)
+    got = autojac.jacobian(f2, x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, torch.autograd.functional.jacobian(f2, x))
+    entry = autojac.plan(f2, x).entry
+    assert entry.problem.draws_random and entry.once_only
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["same", "flip", "new", "ones", "few", "perm"]),
                           st.sampled_from(["dense", "sparse"]), st.integers(0, 2**16)), min_size=2, max_size=6))

@@ -335,7 +335,9 @@ def _differentiated_from_outside(xs) -> bool:
 
 def _evaluates_once(entry: PlanEntry | None, plan: Plan | None) -> bool:
     """Whether the call will surely evaluate `f` once: then the evaluator need not save any state upfront."""
-    if entry is None or entry.incumbent is None:
+    if entry is None or entry.incumbent is None or entry.follows_values:
+        # A plan that follows the values `f` holds may plan again before any evaluation (NOTE: [A pattern found
+        # again]): that first call must learn from a snapshot whether `f` draws random numbers.
         return False
     name = plan.name if plan is not None else entry.incumbent
     stats = entry.stats[name]
@@ -374,7 +376,7 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
                     session.check_strict(evaluate_plain(call.f, call.xs, False), "jacobian")
                 result = session.later_call(call, entry)
     except session.PatternFailed as exc:  # NOTE: [Patterns and values]
-        logger.debug("the sparsity pattern failed the check on new values: planning again")
+        logger.debug("the sparsity pattern failed the check, or the values it follows changed: planning again")
         result, entry = session.after_pattern_failed(call, exc.failure, later=True, layout=exc.layout)
         planned = True
         if key is not None:
@@ -533,12 +535,17 @@ def _plan(who: str, f, inputs, effort: str, time_limit, argnums, has_aux, raw: d
         call = session.Call(evaluator, xs, signature, options, who)
         call.captures = (f, function_key, modules)
         try:
-            if entry is None:
-                _, entry = session.first_call(call, compute=effort != "estimate")
-            elif entry.effort == "estimate" and effort != "estimate":
-                session.later_call(call, entry, explore=False)
-            if effort == "exhaustive":
-                session.tune(call, entry, time_limit)
+            try:
+                if entry is None:
+                    _, entry = session.first_call(call, compute=effort != "estimate")
+                elif entry.effort == "estimate" and effort != "estimate":
+                    session.later_call(call, entry, explore=False)
+                if effort == "exhaustive":
+                    session.tune(call, entry, time_limit)
+            except session.PatternFailed as exc:  # NOTE: [Patterns and values]
+                _, entry = session.after_pattern_failed(call, exc.failure, later=True, layout=exc.layout)
+                if effort == "exhaustive":
+                    session.tune(call, entry, time_limit)
         finally:
             evaluator.finish()
     if options.cache:

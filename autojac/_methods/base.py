@@ -173,12 +173,22 @@ def plain_inputs(xs: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.
 
 
 def _own_elements(x: torch.Tensor) -> torch.Tensor:
-    """`x`, or a contiguous copy when elements share memory (an expanded tensor: a stride 0): forward-mode AD
-    lays a tangent out like its primal and cannot write one into shared memory (`torch.func.jacfwd` fails
-    there too). The copy is differentiable, so a graph the caller asked to keep stays connected."""
-    if any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
-        return x.contiguous()
-    return x
+    """`x`, or a contiguous copy when its elements may share memory (an expanded tensor, stride 0, or any
+    layout whose strides do not nest): forward-mode AD lays a tangent out like its primal and cannot write one
+    into shared memory (`torch.func.jacfwd` fails there too). The copy is differentiable, so a graph the
+    caller asked to keep stays connected."""
+    return x.contiguous() if _may_overlap(x) else x
+
+
+def _may_overlap(x: torch.Tensor) -> bool:
+    """False when the strides prove no two elements share memory: taken from the smallest up, each stride
+    reaches past everything the smaller ones span (true of every permutation of a contiguous layout)."""
+    span = 1
+    for stride, size in sorted((s, n) for s, n in zip(x.stride(), x.shape) if n > 1):
+        if stride < span:
+            return True
+        span = stride * size
+    return False
 
 
 class _ForwardAdLock:

@@ -714,11 +714,12 @@ def after_pattern_failed(call: Call, failure: BaseException | None, later: bool 
     """A compressed Jacobian failed the check (a pattern that missed a nonzero): the plan is made again, dense,
     or with a pattern found again.
 
-    `later`: the check failed on a later call, after the tensors `f` holds changed (NOTE: [Patterns and values]).
-    A pattern autojac found is then found again for the new values (see NOTE: [A pattern found again]); a pattern
-    the caller gave makes the plan dense."""
-    if later and isinstance(call.options.sparsity, str):
-        return _found_again(call, failure, layout)
+    `later`: the check failed on a later call. After the tensors `f` holds changed (NOTE: [Patterns and values]),
+    a pattern autojac found is found again for the new values (see NOTE: [A pattern found again]); a pattern the
+    caller gave, or one that failed at a new point with the same values (a real trace's pattern, valid at its
+    point only: NOTE: [A real trace first]), makes the plan dense."""
+    if later and isinstance(call.options.sparsity, str) and (failure is None or call.values_now is not None):
+        return _found_again(call, failure, layout)  # the values `f` holds changed (not the point, see below)
     call.events.append(f"the sparsity pattern failed the check ({_first_line(failure)}); computed densely")
     dense = Call(call.f, call.xs, call.signature, dataclasses.replace(call.options, sparsity=None), call.who)
     dense.captures = call.captures
@@ -727,9 +728,13 @@ def after_pattern_failed(call: Call, failure: BaseException | None, later: bool 
     except MemoryBudgetError as exc:
         raise MemoryBudgetError(f"{call.who}: the sparsity pattern failed the check ({_first_line(failure)}), and "
                                 f"the dense Jacobian cannot be made instead: {exc}") from None
-    entry.structure = ("the sparsity pattern given held on the values it was checked with, then failed the check "
-                       "after the tensors `f` captures changed; dense from then on" if later else
-                       "a sparsity pattern was found but failed the check; dense")
+    if not later:
+        entry.structure = "a sparsity pattern was found but failed the check; dense"
+    elif call.values_now is not None:
+        entry.structure = ("the sparsity pattern given held on the values it was checked with, then failed the check "
+                           "after the tensors `f` captures changed; dense from then on")
+    else:
+        entry.structure = "a sparsity pattern held at the point it was found, then failed the check at another; dense"
     _took_over(call, dense)
     return result, entry
 
@@ -1039,7 +1044,8 @@ def check_strict(graph: PlainGraph, who: str) -> None:
 # rebuilt with a new permutation every step hits the same plan, and its pattern would put every
 # product in the wrong place. So a structured plan remembers the tensors it was checked with (by
 # identity and version counter: `Evaluator.value_sources`); a call on other tensors, or on the same
-# ones written since, is checked whatever its method, and a failed check makes the plan dense.
+# ones written since, is checked whatever its method, and a pattern that fails there is found again for
+# the new values (NOTE: [A pattern found again]; a pattern the caller gave makes the plan dense).
 
 
 def _values_changed(call: Call, entry: PlanEntry) -> None:

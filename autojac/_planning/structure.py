@@ -130,7 +130,7 @@ tensors (NOTE: [A real trace first])."""
 # credit, whatever it holds: the trace ends a check on every call) traces `f` on fake tensors: if that pattern, valid for every input of these shapes,
 # lies within the real one, the real one holds everywhere too and calls stop checking; if not, or if the fake
 # trace fails, every call stays checked (a nonzero outside the pattern fails the check, and the plan is made
-# again, dense).
+# again, dense; on new captured values, with the pattern found again: NOTE: [A pattern found again]).
 
 
 def confirm_real_trace(f, xs, pattern: Pattern, max_seconds: float | None) -> str:
