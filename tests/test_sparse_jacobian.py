@@ -396,14 +396,21 @@ def test_a_closure_rebuilt_with_a_new_permutation_each_step_keeps_finding_its_pa
             assert not any("failed the check" in e for e in report.events), report
 
 
-def test_a_plan_stops_following_values_that_no_longer_change_its_pattern(monkeypatch):
+def _following_plan(monkeypatch, seed: int, count: int):
+    """(x, permutations): a gather's plan made on the first permutation, whose pattern then failed on the
+    second and was found again, so that the plan follows the values (NOTE: [A pattern found again])."""
     _forced_structure(monkeypatch)
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(seed)
     x = t64(400)
-    perms = [torch.randperm(400, generator=g).to(DEVICE) for _ in range(2)]
+    perms = [torch.randperm(400, generator=g).to(DEVICE) for _ in range(count)]
     autojac.jacobian(_gather(perms[0]), x)
-    autojac.jacobian(_gather(perms[1]), x)  # fails, found again: a new pattern, so the plan follows the values
+    autojac.jacobian(_gather(perms[1]), x)
     assert autojac.plan(_gather(perms[1]), x).entry.follows_values
+    return x, perms
+
+
+def test_a_plan_stops_following_values_that_no_longer_change_its_pattern(monkeypatch):
+    x, perms = _following_plan(monkeypatch, seed=6, count=2)
     same = perms[1].clone()  # new tensor, same permutation: planned again, the same pattern
     torch.testing.assert_close(autojac.jacobian(_gather(same), x), _permutation_jacobian(same))
     assert not autojac.plan(_gather(same), x).entry.follows_values
@@ -414,13 +421,7 @@ def test_a_plan_stops_following_values_that_no_longer_change_its_pattern(monkeyp
 
 
 def test_tuning_a_plan_that_follows_values_tunes_the_plan_made_again(monkeypatch):
-    _forced_structure(monkeypatch)
-    g = torch.Generator().manual_seed(7)
-    x = t64(400)
-    perms = [torch.randperm(400, generator=g).to(DEVICE) for _ in range(4)]
-    autojac.jacobian(_gather(perms[0]), x)
-    autojac.jacobian(_gather(perms[1]), x)
-    assert autojac.plan(_gather(perms[1]), x).entry.follows_values
+    x, perms = _following_plan(monkeypatch, seed=7, count=4)
     tuned = autojac.tune(_gather(perms[2]), x, time_limit=2.0)
     assert tuned.problem.layout is not None
     exhaustive = autojac.plan(_gather(perms[3]), x, effort="exhaustive", time_limit=2.0)
