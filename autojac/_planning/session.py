@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from .._core.errors import MemoryBudgetError, NotBatchAwareError, PlanMismatchError, UnsupportedFunctionError
@@ -721,8 +720,7 @@ def after_pattern_failed(call: Call, failure: BaseException | None, later: bool 
     if later and isinstance(call.options.sparsity, str) and (failure is None or call.values_now is not None):
         return _found_again(call, failure, layout)  # the values `f` holds changed (not the point, see below)
     call.events.append(f"the sparsity pattern failed the check ({_first_line(failure)}); computed densely")
-    dense = Call(call.f, call.xs, call.signature, dataclasses.replace(call.options, sparsity=None), call.who)
-    dense.captures = call.captures
+    dense = _call_again(call, dataclasses.replace(call.options, sparsity=None))
     try:
         result, entry = first_call(dense)
     except MemoryBudgetError as exc:
@@ -756,11 +754,10 @@ def _found_again(call: Call, failure: BaseException | None, layout) -> tuple[obj
                            "again for them")
     else:
         call.events.append("the tensors `f` holds changed and the plan's pattern follows them; planned again")
-    made = Call(call.f, call.xs, call.signature, call.options, call.who)
-    made.captures = call.captures
+    made = _call_again(call, call.options)
     result, entry = first_call(made)
     new = entry.problem.layout
-    entry.follows_values = new is not None and not (layout is not None and _same_pattern(layout.pattern, new.pattern))
+    entry.follows_values = new is not None and not (layout is not None and layout.pattern == new.pattern)
     entry.events.append("planned again after the tensors `f` holds changed" + (
         "; its pattern changed with them, so a call on new values plans again" if entry.follows_values else
         "; a call on new values checks the pattern"))
@@ -768,8 +765,11 @@ def _found_again(call: Call, failure: BaseException | None, layout) -> tuple[obj
     return result, entry
 
 
-def _same_pattern(a, b) -> bool:
-    return a.shape == b.shape and np.array_equal(a.rows, b.rows) and np.array_equal(a.cols, b.cols)
+def _call_again(call: Call, options) -> Call:
+    """A fresh call on the same evaluator and inputs (the plan is made again by it, with `options`)."""
+    again = Call(call.f, call.xs, call.signature, options, call.who)
+    again.captures = call.captures
+    return again
 
 
 def _took_over(call: Call, made: Call) -> None:
