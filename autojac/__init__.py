@@ -23,9 +23,13 @@ from ._planning.plan import Candidate as Candidate
 from ._planning.plan import Plan as Plan
 from ._planning.plan import RunReport as RunReport
 
+from ._api.jacobian import _forget_report
+from ._core.warmup import first_call_code as _first_call_code
 from ._core.warmup import warm_up as _warm_up
 
 _warm_up()
+_first_call_code(jacobian, _forget_report)
+del _forget_report
 
 __version__ = "0.2.0.dev0"
 

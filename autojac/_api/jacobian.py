@@ -87,6 +87,10 @@ def _finish(call: session.Call, seconds: float | None, planned: bool) -> None:
     _reports.last = (call, seconds, planned)  # the report is built only if asked for
 
 
+def _forget_report() -> None:
+    _reports.last = None
+
+
 def _last_report() -> RunReport | None:
     last = getattr(_reports, "last", None)
     if last is None or isinstance(last, RunReport):
