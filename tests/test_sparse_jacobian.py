@@ -277,6 +277,37 @@ def test_structure_the_first_call_did_not_look_for_is_found_by_a_later_call(monk
     torch.testing.assert_close(autojac.jacobian(g, x), want)
 
 
+def test_a_promising_look_comes_before_any_trial(monkeypatch):
+    """NOTE: [Structure before trials]: the first call's dense Jacobian of a stencil samples 3 nonzeros a row, so
+    no trial spends the credit while the look waits for it; the look may draw, beyond the credit, on what that
+    bound says it saves over LOOK_PAYBACK_CALLS calls (a plan that did not look promising only on the credit)."""
+    from autojac._planning import session
+    from autojac._planning.structure import LOOK_PAYBACK_CALLS
+
+    g = lambda u: stencil(u) - 0.0  # noqa: E731
+    x = t64(400)
+    want = torch.autograd.functional.jacobian(g, x)
+    entry = _first_call_without_looking(monkeypatch, g, x)
+    assert entry.structure_share is not None and entry.structure_share <= 3 / 400
+    entry.warm, entry.credit = True, 1.0  # credit for any trial, not for the trace
+    monkeypatch.setattr(session, "_trace_estimate", lambda e: 1e9)
+    for _ in range(3):
+        torch.testing.assert_close(autojac.jacobian(g, x), want)
+        assert autojac.last_report().trial is None and entry.structure_open
+    assert all(s.status == "untried" for s in entry.stats.values() if s.method.name != entry.incumbent
+               and s.status not in ("failed", "not tried"))
+    share = entry.structure_share
+    monkeypatch.setattr(session, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
+    entry.credit, entry.structure_share = 0.0, None  # not promising: the credit alone does not cover the look
+    torch.testing.assert_close(autojac.jacobian(g, x), want)
+    assert entry.structure_open and entry.layout_found is None
+    entry.structure_share, entry.credit = share, 0.0
+    torch.testing.assert_close(autojac.jacobian(g, x), want)  # promising: looks, on no credit
+    assert not entry.structure_open and entry.layout_found is not None
+    torch.testing.assert_close(autojac.jacobian(g, x), want)  # plans again, compressed
+    assert autojac.plan(g, x).problem.layout is not None
+
+
 def test_a_dense_function_is_looked_at_once_and_stays_dense(monkeypatch):
     # Numerically zero at this point (x > 10 nowhere), structurally dense: the first call's Jacobian cannot rule
     # a pattern out, so a later call looks, once, and the plan stays dense.

@@ -174,6 +174,10 @@ class PlanEntry:
         """What was decided about sparsity (found, colours, not looked for, and why)."""
         self.structure_open = False
         """Sparsity "auto", dense, and not looked for yet: a later call looks when the credit covers a trace."""
+        self.structure_share: float | None = None
+        """Where the first call's Jacobian looked sparse enough for a colouring to save most passes: the least
+        share of the dense passes its sampled rows and columns allow; the look comes before any trial (NOTE:
+        [Structure before trials])."""
         self.layout_found = None
         """(layout, note): a pattern a later call found that pays; the next call makes the plan again with it."""
         self.reverify = False

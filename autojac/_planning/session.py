@@ -52,8 +52,9 @@ from .plan import RunReport, seconds_text
 from .cost_model import GROWTH, largest_fitting, n_chunks, paying_cap, projected_seconds
 from .keys import largest_captured_bytes
 from .sizing import Sizer
-from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW, STRUCTURE_BYTES_PER_NONZERO, confirm_real_trace,
-                        layout_for, might_pay, too_dense_to_pay, trace_estimate, worth_detecting)
+from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOK_PAYBACK_CALLS, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW,
+                        STRUCTURE_BYTES_PER_NONZERO, confirm_real_trace, layout_for, might_pay, promising_share,
+                        sampled_bounds, too_dense_to_pay, trace_estimate, worth_detecting)
 
 logger = logging.getLogger("autojac")
 
@@ -591,9 +592,11 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                             and min(problem.n_in, problem.n_out) >= MIN_PASSES and not options.measures_nothing
                             and options.budget is None)
     if entry.structure_open and result is not None:
-        dense = too_dense_to_pay(blocks_of(result, problem), problem)  # a look could not pay: never taken
+        bounds = sampled_bounds(blocks_of(result, problem), problem)
+        dense = too_dense_to_pay(bounds, problem)  # a look could not pay: never taken
         if dense:
             entry.structure_open, entry.structure = False, dense
+        entry.structure_share = promising_share(bounds, problem)  # NOTE: [Structure before trials]
     if options.measures_nothing:  # mode, vectorize and chunk size given: nothing to choose, nothing to measure
         entry.settled = True
     if writes_captured:
@@ -1087,14 +1090,16 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
     with entry.lock:
         if credit is not None:
             entry.credit = max(entry.credit, credit)
-        look = explore and entry.structure_open and entry.credit >= _trace_estimate(entry)
+        look = explore and entry.structure_open and _look_allowance(entry) >= _trace_estimate(entry)
         if look:
             entry.structure_open = False  # one look per plan
         # On the plan's second call, credit or not: until then every call pays a check (NOTE: [A real trace first]).
         confirm = explore and not look and entry.confirm_trace
         if confirm:
             entry.confirm_trace = False  # one confirmation per plan
-        trial = entry.next_trial() if explore and not look and not confirm else None
+        # NOTE: [Structure before trials]: a promising look waits for the credit before any trial spends it.
+        wait = entry.structure_open and entry.structure_share is not None
+        trial = entry.next_trial() if explore and not look and not confirm and not wait else None
     if look:
         _look_for_structure(call, entry)
     if confirm:
@@ -1128,6 +1133,15 @@ def _trace_estimate(entry: PlanEntry) -> float:
     return trace_estimate(entry.facts.eval_seconds or 0.0)
 
 
+def _look_allowance(entry: PlanEntry) -> float:
+    """What a look for structure may take now: the credit, and for a promising look (NOTE: [Structure before
+    trials]) what the first call's Jacobian says it would save over LOOK_PAYBACK_CALLS calls."""
+    best = entry.chosen().best if entry.incumbent is not None else None
+    if entry.structure_share is None or not best:
+        return entry.credit
+    return entry.credit + LOOK_PAYBACK_CALLS * best * (1.0 - entry.structure_share)
+
+
 def _look_for_structure(call: Call, entry: PlanEntry) -> None:
     """Structure as one more alternative (see NOTE: [When structure is worth finding]): a plan whose first
     call did not look for it looks once the exploration credit covers a trace, charged what it took. A
@@ -1135,7 +1149,7 @@ def _look_for_structure(call: Call, entry: PlanEntry) -> None:
     call runs the plan as it is. Propagation may take what the credit holds, and at least DETECT_LIMIT
     calls of the plan (the first call's limit)."""
     began = time.perf_counter()
-    allowed = max(entry.credit, DETECT_LIMIT * (entry.chosen().best or 0.0))
+    allowed = max(_look_allowance(entry), DETECT_LIMIT * (entry.chosen().best or 0.0))
     layout, note = _find_layout(call, entry.problem, allowed)
     with entry.lock:
         entry.credit -= time.perf_counter() - began

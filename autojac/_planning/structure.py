@@ -153,24 +153,58 @@ DENSE_SAMPLES = 16
 """Rows and columns of a first call's dense Jacobian read to tell whether any pattern could pay."""
 
 
-def too_dense_to_pay(blocks: list[list[torch.Tensor]], problem: Problem) -> str:
-    """Why no pattern can halve the passes, read off a first call's dense Jacobian ("" if one might).
-
-    A structural pattern holds every entry that is nonzero at some point, so a column colouring needs at least
-    as many colours as the fullest row has nonzeros here, a row colouring as the fullest column. DENSE_SAMPLES
-    evenly spaced rows and columns bound both from below; over SAVES of the dense passes on both sides, a look
-    for structure (a trace and a colouring, taken from a later call's exploration credit) cannot pay. Not for
-    symmetric Jacobians (peeling dense lines beats these bounds) or sparse blocks."""
+def sampled_bounds(blocks: list[list[torch.Tensor]], problem: Problem) -> tuple[int, int] | None:
+    """(the most nonzeros in DENSE_SAMPLES evenly spaced rows, in as many columns) of a first call's dense
+    Jacobian: lower bounds of a column and a row colouring's colours (a structural pattern holds every entry
+    nonzero at some point). None for symmetric Jacobians (peeling dense lines beats these bounds) and sparse
+    blocks."""
     if problem.symmetric or any(b.layout != torch.strided for row in blocks for b in row):
-        return ""
-    passes = min(problem.n_in, problem.n_out)
+        return None
     with torch.no_grad():
-        rows = _fullest(blocks, problem.out_sizes, along_rows=True)
-        columns = _fullest(blocks, problem.in_sizes, along_rows=False) if rows > SAVES * passes else 0
-    if columns <= SAVES * passes:
+        return (_fullest(blocks, problem.out_sizes, along_rows=True),
+                _fullest(blocks, problem.in_sizes, along_rows=False))
+
+
+def too_dense_to_pay(bounds: tuple[int, int] | None, problem: Problem) -> str:
+    """Why no pattern can halve the passes, read off a first call's dense Jacobian's `sampled_bounds` ("" if
+    one might): over SAVES of the dense passes on both sides, a look for structure (a trace and a colouring,
+    taken from a later call's exploration credit) cannot pay."""
+    if bounds is None:
+        return ""
+    rows, columns = bounds
+    passes = min(problem.n_in, problem.n_out)
+    if min(rows, columns) <= SAVES * passes:
         return ""
     return (f"not looked for: the first call's Jacobian has rows with {rows} and columns with {columns} nonzeros, "
             f"so any colouring needs at least {min(rows, columns)} of the {passes} dense passes")
+
+
+# NOTE: [Structure before trials]
+# A dense plan whose first call was too short to pay for a trace looks for structure on a later call, from the
+# exploration credit, once the credit covers a trace; trials of the other dense methods draw on the same credit.
+# Taken in the order they came, the trials spent the credit first: a per-sample MLP (256 x 640, block diagonal,
+# 4 row colours) ran dense at 1.9-2.0 ms after 10 calls and looked only after some 120, while its compressed run
+# takes 1.0-1.1 ms, far more than any dense method could save. So when the first call's own Jacobian says a
+# colouring could need at most PROMISING of the dense passes (DENSE_SAMPLES rows and columns bound it from below;
+# zeros at this point are only a hint), no trial runs until the look has been taken: the credit it draws on is
+# the same, only the order changes.
+
+PROMISING = 1 / 8
+"""A first call's dense Jacobian whose sampled rows or columns could be coloured in at most this share of the
+dense passes makes the look for structure the plan's next exploration (NOTE: [Structure before trials])."""
+
+
+LOOK_PAYBACK_CALLS = 5
+"""A promising look may take, beyond the credit, what its lower bound says it saves over this many calls."""
+
+
+def promising_share(bounds: tuple[int, int] | None, problem: Problem) -> float | None:
+    """The least share of the dense passes a colouring could need by the sampled bounds, where it is at most
+    PROMISING (else None)."""
+    if bounds is None:
+        return None
+    share = min(bounds) / min(problem.n_in, problem.n_out)
+    return share if share <= PROMISING else None
 
 
 def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_rows: bool) -> int:
