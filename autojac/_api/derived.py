@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree
 
+from .._core import pytree
 from .._core.errors import InputError, InputTypeError, MemoryBudgetError, UnsupportedFunctionError
 from .._core.evaluation import Evaluator, module_modes
 from .._core.options import check_callable, refuse_unknown
@@ -107,7 +108,10 @@ class _SumOverBatch:
         return (sign(self.f),)
 
     def __call__(self, *xs: torch.Tensor) -> Any:
-        return _pytree.tree_map(lambda y: y.sum(0), self.f(*xs))
+        out = self.f(*xs)
+        if isinstance(out, torch.Tensor):  # the common case, without pytree's walk (every call evaluates this)
+            return out.sum(0)
+        return _pytree.tree_map(lambda y: y.sum(0), out)
 
 
 class _Broadcast:
@@ -254,9 +258,9 @@ def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict):
         jac = jacobian(target, target_inputs, **options)
         if isinstance(target, _SumOverBatch):
             # Blocks of the sum's Jacobian are (*out[1:], B, *in[1:]), output-major: bring the batch first.
-            blocks, spec = _pytree.tree_flatten(jac)
+            blocks, spec = pytree.flatten(jac)
             moved = [b.movedim(out_dims[k // len(xs)], 0).contiguous() for k, b in enumerate(blocks)]
-            return _pytree.tree_unflatten(moved, spec)
+            return pytree.unflatten(moved, spec)
         return jac
     except MemoryBudgetError:
         if batch == 1 or options.get("plan") is not None:
