@@ -203,6 +203,16 @@ def test_plans_of_hessians_and_batch_jacobians_are_the_ones_they_run():
         autojac.plan(energy, x, kind="jvp")
 
 
+@pytest.mark.parametrize("mode", ["reverse", "forward", "forward-trick"])
+@pytest.mark.parametrize("f, X", [(MLP, t64(10, 6)), (WIDE, t64(7, 3))], ids=["fewer_outputs", "more_outputs"])
+def test_a_batch_plan_in_any_mode_runs_as_planned(f, X, mode):
+    """A plan made with a mode runs the function it was made for (the sum over the batch, or the broadcast),
+    not the one the features pick by default (a reverse plan of WIDE was refused as made for other inputs)."""
+    p = autojac.plan(f, X, kind="batch_jacobian", mode=mode)
+    torch.testing.assert_close(autojac.batch_jacobian(f, X, plan=p), per_sample(f, X))
+    assert autojac.last_report().method == p.name
+
+
 def test_batch_jacobian_checks_independence_once_per_function():
     calls = []
 

@@ -183,9 +183,13 @@ def batch_jacobian(
             "`torch.func.vmap(torch.func.jacrev(f_single))` inside the transform.")
     options = dict(mode=mode, vectorize=vectorize, chunk_size=chunk_size, memory_budget=memory_budget,
                    create_graph=create_graph, cache=cache, progress=progress)
+    target_mode = mode
     if plan is not None:  # a plan from autojac.plan(..., kind="batch_jacobian") fixes everything else
         options = dict(create_graph=create_graph, cache=cache, progress=progress, plan=plan, mode=mode)
-    return _batch(f, inputs, xs, options)
+        # Its mode says which function it was made for: the sum over the batch (reverse) or the broadcast
+        # (forward modes), whatever the features would pick by default.
+        target_mode = getattr(plan, "mode", mode) if mode == "auto" else mode
+    return _batch(f, inputs, xs, options, target_mode)
 
 
 def _check_batch_inputs(inputs, who: str) -> tuple[torch.Tensor, ...]:
@@ -249,12 +253,12 @@ def _target(f: Callable, inputs, xs: tuple[torch.Tensor, ...], mode: str, facts:
     return _Broadcast(f, xs), (zeros if type(inputs) is tuple else zeros[0])
 
 
-def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict):
+def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict, target_mode: str):
     batch = xs[0].shape[0]
     facts = _batch_facts(f, xs, batch, options.get("cache", True))
     out_dims = facts[0]
     try:
-        target, target_inputs = _target(f, inputs, xs, options["mode"], facts)
+        target, target_inputs = _target(f, inputs, xs, target_mode, facts)
         jac = jacobian(target, target_inputs, **options)
         if isinstance(target, _SumOverBatch):
             # Blocks of the sum's Jacobian are (*out[1:], B, *in[1:]), output-major: bring the batch first.
@@ -266,7 +270,8 @@ def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict):
         if batch == 1 or options.get("plan") is not None:
             raise
         half = batch // 2
-        parts = [_batch(f, _slice(inputs, a, b), tuple(x[a:b] for x in xs), options) for a, b in ((0, half), (half, batch))]
+        parts = [_batch(f, _slice(inputs, a, b), tuple(x[a:b] for x in xs), options, target_mode)
+                 for a, b in ((0, half), (half, batch))]
         return _pytree.tree_map(lambda first, second: torch.cat([first, second]), *parts)
 
 
