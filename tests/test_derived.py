@@ -213,6 +213,20 @@ def test_a_batch_plan_in_any_mode_runs_as_planned(f, X, mode):
     assert autojac.last_report().method == p.name
 
 
+def test_a_batch_plan_runs_the_function_it_was_made_for_whatever_its_method():
+    """A plan made with mode="auto" for the sum over the batch may hold a forward method (a square `f`: both
+    modes take as many passes): it still runs on the sum, the function its inputs say it was made for."""
+    import dataclasses
+
+    X = t64(1, 6)
+    f = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()).double().to(DEVICE)
+    p = autojac.plan(f, X, kind="batch_jacobian")
+    assert tuple(p.signature.shapes) == ((1, 6),)  # the sum over the batch
+    forward = dataclasses.replace(p, mode="forward", vectorize="vmap", engine="")
+    torch.testing.assert_close(autojac.batch_jacobian(f, X, plan=forward), per_sample(f, X))
+    assert autojac.last_report().method == "forward/vmap"
+
+
 def test_batch_jacobian_checks_independence_once_per_function():
     calls = []
 

@@ -186,10 +186,18 @@ def batch_jacobian(
     target_mode = mode
     if plan is not None:  # a plan from autojac.plan(..., kind="batch_jacobian") fixes everything else
         options = dict(create_graph=create_graph, cache=cache, progress=progress, plan=plan, mode=mode)
-        # Its mode says which function it was made for: the sum over the batch (reverse) or the broadcast
-        # (forward modes), whatever the features would pick by default.
-        target_mode = getattr(plan, "mode", mode) if mode == "auto" else mode
+        target_mode = _planned_target(plan, xs, mode)
     return _batch(f, inputs, xs, options, target_mode)
+
+
+def _planned_target(plan: object, xs: tuple[torch.Tensor, ...], mode: str) -> str:
+    """Which function a batch plan was made for, by its inputs: the sum over the batch takes the whole batch
+    ("reverse"), the broadcast one sample's shape ("forward"). Not by the plan's method, which may be of the
+    other mode (a square `f`: either mode takes as many passes on either function), nor by the features."""
+    shapes = getattr(getattr(plan, "signature", None), "shapes", None)
+    if mode != "auto" or shapes is None:
+        return mode
+    return "reverse" if tuple(map(tuple, shapes)) == tuple(tuple(x.shape) for x in xs) else "forward"
 
 
 def _check_batch_inputs(inputs, who: str) -> tuple[torch.Tensor, ...]:

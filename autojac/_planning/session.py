@@ -1146,10 +1146,12 @@ def _look_for_structure(call: Call, entry: PlanEntry) -> None:
     """Structure as one more alternative (see NOTE: [When structure is worth finding]): a plan whose first
     call did not look for it looks once the exploration credit covers a trace, charged what it took. A
     pattern that pays is kept for the next call, which makes the plan again with it (`first_call`); this
-    call runs the plan as it is. Propagation may take what the credit holds, and at least DETECT_LIMIT
-    calls of the plan (the first call's limit)."""
+    call runs the plan as it is. Propagation may take what the credit holds (with, for a promising look, what
+    it is expected to save: `_look_allowance`), and at least DETECT_LIMIT calls of the plan (the first call's
+    limit)."""
     began = time.perf_counter()
-    allowed = max(_look_allowance(entry), DETECT_LIMIT * (entry.chosen().best or 0.0))
+    with entry.lock:
+        allowed = max(_look_allowance(entry), DETECT_LIMIT * (entry.chosen().best or 0.0))
     layout, note = _find_layout(call, entry.problem, allowed)
     with entry.lock:
         entry.credit -= time.perf_counter() - began

@@ -186,8 +186,10 @@ def too_dense_to_pay(bounds: tuple[int, int] | None, problem: Problem) -> str:
 # 4 row colours) ran dense at 1.9-2.0 ms after 10 calls and looked only after some 120, while its compressed run
 # takes 1.0-1.1 ms, far more than any dense method could save. So when the first call's own Jacobian says a
 # colouring could need at most PROMISING of the dense passes (DENSE_SAMPLES rows and columns bound it from below;
-# zeros at this point are only a hint), no trial runs until the look has been taken: the credit it draws on is
-# the same, only the order changes.
+# zeros at this point are only a hint), no trial runs until the look has been taken, and the look may draw,
+# beyond the credit, on what that bound says it saves over LOOK_PAYBACK_CALLS calls (a look that finds nothing
+# leaves the plan in debt: no trials until later calls' shares have paid it back). A sampled Jacobian with no
+# nonzero at all says nothing about structure (a zero-initialised last layer, dead ReLUs): not promising.
 
 PROMISING = 1 / 8
 """A first call's dense Jacobian whose sampled rows or columns could be coloured in at most this share of the
@@ -201,7 +203,7 @@ LOOK_PAYBACK_CALLS = 5
 def promising_share(bounds: tuple[int, int] | None, problem: Problem) -> float | None:
     """The least share of the dense passes a colouring could need by the sampled bounds, where it is at most
     PROMISING (else None)."""
-    if bounds is None:
+    if bounds is None or min(bounds) == 0:
         return None
     share = min(bounds) / min(problem.n_in, problem.n_out)
     return share if share <= PROMISING else None
