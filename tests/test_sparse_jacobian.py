@@ -927,3 +927,24 @@ def test_a_closure_with_a_new_permutation_over_the_dense_budget_finds_its_patter
         torch.testing.assert_close(got.to_dense(), want)
         report = autojac.last_report()
         assert report.verified and (step == 0 or any("planned again" in e for e in report.events)), report
+
+
+def test_the_first_calls_sampled_bounds_count_the_sampled_lines_of_the_whole_jacobian():
+    """`_fullest` gathers the sampled rows (columns) of each block at once: the same counts as the lines of the
+    assembled matrix, for several outputs and inputs of uneven sizes."""
+    import numpy as np
+
+    from autojac._planning.structure import DENSE_SAMPLES, _fullest
+
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        outs = [int(v) for v in rng.integers(1, 30, rng.integers(1, 4))]
+        ins = [int(v) for v in rng.integers(1, 30, rng.integers(1, 4))]
+        density = rng.random()
+        blocks = [[torch.tensor((rng.random((o, i)) < density) * 1.0) for i in ins] for o in outs]
+        whole = torch.cat([torch.cat(row, 1) for row in blocks], 0)
+        for along_rows, sizes in ((True, outs), (False, ins)):
+            lines = np.unique(np.linspace(0, sum(sizes) - 1, min(DENSE_SAMPLES, sum(sizes))).astype(np.int64))
+            matrix = whole if along_rows else whole.T
+            want = max(int(torch.count_nonzero(matrix[int(g)])) for g in lines)
+            assert _fullest(blocks, tuple(sizes), along_rows) == want
