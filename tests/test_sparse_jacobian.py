@@ -308,6 +308,30 @@ def test_a_promising_look_comes_before_any_trial(monkeypatch):
     assert autojac.plan(g, x).problem.layout is not None
 
 
+def test_a_closure_rebuilt_around_new_tensors_does_not_borrow_for_its_look(monkeypatch):
+    """NOTE: [Structure before trials]: a structured plan would check every call made on new captured tensors,
+    so a promising plan whose `f` holds other tensors than on its first call looks on the credit alone, and its
+    trials resume."""
+    from autojac._planning import session
+    from autojac._planning.structure import LOOK_PAYBACK_CALLS
+
+    def make(target):
+        return lambda u: stencil(u) - target
+
+    x = t64(400)
+    g = make(t64(400, seed=1))
+    entry = _first_call_without_looking(monkeypatch, g, x)
+    assert entry.structure_share is not None
+    share = entry.structure_share
+    monkeypatch.setattr(session, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
+    entry.warm, entry.credit = True, 0.0
+    h = make(t64(400, seed=2))  # same code, same shapes: the same plan, other tensors
+    torch.testing.assert_close(autojac.jacobian(h, x), torch.autograd.functional.jacobian(h, x))
+    assert autojac.plan(h, x).entry is entry
+    assert entry.structure_open and entry.structure_share is None and entry.layout_found is None
+    assert any("the tensors `f` holds changed since the first call" in e for e in entry.events)
+
+
 def test_a_dense_function_is_looked_at_once_and_stays_dense(monkeypatch):
     # Numerically zero at this point (x > 10 nowhere), structurally dense: the first call's Jacobian cannot rule
     # a pattern out, so a later call looks, once, and the plan stays dense.

@@ -178,6 +178,8 @@ class PlanEntry:
         """Where the first call's Jacobian looked sparse enough for a colouring to save most passes: the least
         share of the dense passes its sampled rows and columns allow; the look comes before any trial (NOTE:
         [Structure before trials])."""
+        self.values_first = None
+        """The tensors `f` held on the first call of a promising plan (NOTE: [Structure before trials])."""
         self.layout_found = None
         """(layout, note): a pattern a later call found that pays; the next call makes the plan again with it."""
         self.reverify = False

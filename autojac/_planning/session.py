@@ -597,6 +597,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         if dense:
             entry.structure_open, entry.structure = False, dense
         entry.structure_share = promising_share(bounds, problem)  # NOTE: [Structure before trials]
+        if entry.structure_share is not None:
+            entry.values_first = call.f.value_sources()
     if options.measures_nothing:  # mode, vectorize and chunk size given: nothing to choose, nothing to measure
         entry.settled = True
     if writes_captured:
@@ -1091,6 +1093,12 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
         if credit is not None:
             entry.credit = max(entry.credit, credit)
         look = explore and entry.structure_open and _look_allowance(entry) >= _trace_estimate(entry)
+        if look and entry.credit < _trace_estimate(entry) and call.f.value_sources() != entry.values_first:
+            # NOTE: [Structure before trials]: a pattern would be checked on every call of a closure rebuilt
+            # around new tensors, so what the bound says a look saves is not there to borrow against.
+            look, entry.structure_share = False, None
+            entry.events.append(f"call {entry.calls + 1}: the tensors `f` holds changed since the first call; "
+                                "the look for structure waits for the credit like any trial")
         if look:
             entry.structure_open = False  # one look per plan
         # On the plan's second call, credit or not: until then every call pays a check (NOTE: [A real trace first]).
