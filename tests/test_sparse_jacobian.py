@@ -332,6 +332,28 @@ def test_a_closure_rebuilt_around_new_tensors_does_not_borrow_for_its_look(monke
     assert any("the tensors `f` holds changed since the first call" in e for e in entry.events)
 
 
+def test_with_has_aux_the_same_function_holds_the_same_values_from_call_to_call(monkeypatch):
+    """The values a plan compares are those of the user's `f`, not of the stand-in that keeps its aux (whose own
+    state is new every call): so a promising look borrows with `has_aux=True` too, as without it."""
+    from autojac._planning import session
+    from autojac._planning.structure import LOOK_PAYBACK_CALLS
+
+    g = lambda u: (stencil(u) * 3.0, u.sum())  # noqa: E731
+    x = t64(400)
+    monkeypatch.setattr(session, "might_pay", lambda *a, **k: False)
+    autojac.jacobian(g, x, has_aux=True)
+    monkeypatch.undo()
+    entry = autojac.plan(g, x, has_aux=True).entry
+    assert entry.structure_open and entry.structure_share is not None
+    share = entry.structure_share
+    monkeypatch.setattr(session, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
+    entry.warm, entry.credit = True, 0.0
+    jac, aux = autojac.jacobian(g, x, has_aux=True)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda u: g(u)[0], x))
+    assert aux == x.sum()
+    assert not entry.structure_open and entry.layout_found is not None and entry.values_first is None
+
+
 def test_a_dense_function_is_looked_at_once_and_stays_dense(monkeypatch):
     # Numerically zero at this point (x > 10 nowhere), structurally dense: the first call's Jacobian cannot rule
     # a pattern out, so a later call looks, once, and the plan stays dense.

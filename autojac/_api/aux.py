@@ -24,6 +24,7 @@ class AuxRecorder:
 
     def __init__(self, f: Callable, who: str) -> None:
         self.f = f
+        self.__autojac_wraps__ = f  # what the evaluator walks for captured tensors (not this recorder's state)
         self.who = who
         self.level = maybe_current_level()
         self.forward_level = fwAD._current_level
@@ -31,12 +32,20 @@ class AuxRecorder:
         self.found = False
         self.value: Any = None
 
-    def __call__(self, *args: Any) -> Any:
+    def _pair(self, *args: Any) -> tuple[Any, Any]:
         out = self.f(*args)
         if not (isinstance(out, tuple) and len(out) == 2):
             raise InputTypeError(f"{self.who}: with has_aux=True, `f` must return a pair (output, aux), but it returned "
                                  f"{type(out).__name__}{'' if not isinstance(out, tuple) else f' of {len(out)}'}.")
-        output, aux = out
+        return out
+
+    def __autojac_raw__(self, *args: Any) -> Any:
+        """`f`'s output without keeping its aux: for evaluations no one sees (a structure trace, whose aux can be
+        a fake tensor; see `Evaluator.isolated`)."""
+        return self._pair(*args)[0]
+
+    def __call__(self, *args: Any) -> Any:
+        output, aux = self._pair(*args)
         if (not self.found and maybe_current_level() == self.level and fwAD._current_level == self.forward_level
                 and (self.evaluator is None or self.evaluator.plain_call)):
             self.found, self.value = True, aux

@@ -117,6 +117,13 @@ def captured(f: Callable, modules: Sequence[nn.Module]) -> tuple[list[torch.Tens
     return list(found.values()), values
 
 
+def _user_function(f: Callable) -> Callable:
+    """The user's function behind one of autojac's stand-ins (`__autojac_wraps__`): what it captures is what
+    `f` computes with; the stand-in's own state (an aux recorder's evaluator, the aux it kept) changes every
+    call and would make every call look like one on new values."""
+    return getattr(f, "__autojac_wraps__", f)
+
+
 def module_buffers(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
     """Every buffer of the modules and their submodules, each once."""
     seen: dict[int, torch.Tensor] = {}
@@ -274,7 +281,7 @@ class Evaluator:
         self._buffers_before = [b.detach().clone() for b in self._buffers]
         self._rng_before = _rng_state(self.device)
         if self._watch_captured:
-            self._captured = [(t, t._version) for t in captured_tensors(self.f, self._modules)]
+            self._captured = [(t, t._version) for t in captured_tensors(_user_function(self.f), self._modules)]
         self._snapshot_taken = True
 
     def __call__(self, *xs: torch.Tensor, private: bool = False) -> object:
@@ -338,7 +345,7 @@ class Evaluator:
         """Every tensor besides the inputs whose values `f`'s sparsity pattern may depend on (an index it
         gathers with, a weight's zeros): captured tensors, module parameters and buffers, arguments passed
         through undifferentiated; as identities and version counters."""
-        tensors, plain = captured(self.f, self._modules)
+        tensors, plain = captured(_user_function(self.f), self._modules)
         seen = {id(t) for t in tensors}
         tensors += [b for b in module_buffers(self._modules) if id(b) not in seen]
         fixed = flatten(self.arguments.fixed)[0]
@@ -391,8 +398,11 @@ class Evaluator:
             self._snapshot()
         rng = _rng_state(self.device)
         saved = [b.detach().clone() for b in self._buffers]
+        # A stand-in's raw form (`__autojac_raw__`): an aux recorder must not keep the aux of a trace on fake
+        # tensors as the call's aux (a later call's look for structure runs before its plain evaluation).
+        raw = getattr(self.f, "__autojac_raw__", self.f)
         try:
-            return work(lambda *leaves: self.arguments.call(self.f, leaves))
+            return work(lambda *leaves: self.arguments.call(raw, leaves))
         finally:
             _set_rng_state(self.device, rng)
             with torch.no_grad():

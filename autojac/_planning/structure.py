@@ -157,8 +157,9 @@ def sampled_bounds(blocks: list[list[torch.Tensor]], problem: Problem) -> tuple[
     """(the most nonzeros in DENSE_SAMPLES evenly spaced rows, in as many columns) of a first call's dense
     Jacobian: lower bounds of a column and a row colouring's colours (a structural pattern holds every entry
     nonzero at some point). Columns are read only when the rows exceed PROMISING of the passes (otherwise the
-    rows' count stands for both: no verdict needs more). None for symmetric Jacobians (peeling dense lines beats
-    these bounds) and sparse blocks."""
+    rows' count stands for both: the Jacobian is promising, and `too_dense_to_pay` needs more than half the
+    passes on both sides; the share may read up to 1/8 higher than the columns would give). None for symmetric
+    Jacobians (peeling dense lines beats these bounds) and sparse blocks."""
     if problem.symmetric or any(b.layout != torch.strided for row in blocks for b in row):
         return None
     with torch.no_grad():
