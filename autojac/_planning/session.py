@@ -1092,17 +1092,17 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
     with entry.lock:
         if credit is not None:
             entry.credit = max(entry.credit, credit)
-        look = explore and entry.structure_open and _look_allowance(entry) >= _trace_estimate(entry)
-        if look and entry.credit < _trace_estimate(entry) and call.f.value_sources() != entry.values_first:
+        estimate = _trace_estimate(entry)
+        look = explore and entry.structure_open and _look_allowance(entry) >= estimate
+        if look and entry.credit < estimate and call.f.value_sources() != entry.values_first:
             # NOTE: [Structure before trials]: a pattern would be checked on every call of a closure rebuilt
             # around new tensors, so what the bound says a look saves is not there to borrow against.
             look, entry.structure_share, entry.values_first = False, None, None
             entry.events.append(f"call {entry.calls + 1}: the tensors `f` holds changed since the first call; "
                                 "the look for structure waits for the credit like any trial")
         if look:
-            entry.values_first = None  # needed no more (it may hold copies of small index tensors)
-        if look:
             entry.structure_open = False  # one look per plan
+            entry.values_first = None  # needed no more (it may hold copies of small index tensors)
         # On the plan's second call, credit or not: until then every call pays a check (NOTE: [A real trace first]).
         confirm = explore and not look and entry.confirm_trace
         if confirm:

@@ -225,12 +225,13 @@ def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_row
     starts = np.cumsum((0, *sizes))
     picks = np.unique(np.linspace(0, total - 1, min(DENSE_SAMPLES, total)).astype(np.int64))
     group = np.searchsorted(starts, picks, side="right") - 1
+    dim = 0 if along_rows else 1
+    device = blocks[0][0].device  # one device for every block (the inputs are on one)
     best = 0
     for k in np.unique(group):
-        local = torch.as_tensor(picks[group == k] - starts[k])
+        local = torch.as_tensor(picks[group == k] - starts[k], device=device)
         line_blocks = blocks[k] if along_rows else [row[k] for row in blocks]
-        dim = 0 if along_rows else 1
-        counts = sum(torch.count_nonzero(b.index_select(dim, local.to(b.device)), dim=1 - dim) for b in line_blocks)
+        counts = sum(torch.count_nonzero(b.index_select(dim, local), dim=1 - dim) for b in line_blocks)
         best = max(best, int(counts.max()))
     return best
 
