@@ -181,3 +181,29 @@ def test_large_dense_results_start_from_fresh_zeros_and_stay_valid():
     assert full.shape == (512, 512) and not bool(full.any())
     tiny = Z.zeros((4, 4), torch.float32, torch.device("cpu"), touched_pages=1)
     assert tiny.shape == (4, 4) and not bool(tiny.any())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pages_faulted_ahead_on_every_core_stay_zero(threads):
+    """A result whose writes reach most pages gets a zero written at each page's start first, by one op torch
+    splits over its threads (NOTE: [Faulting a sparse result's pages on every core]): it stays all zeros, with
+    a tail shorter than a page, in every dtype, under inference mode, on one thread or two."""
+    from autojac._core import zeros as Z
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.complex64):
+            n = (3 << 20) // dtype.itemsize + 7  # 3 MiB and a few elements: not a whole number of pages
+            out = Z.zeros((n,), dtype, torch.device("cpu"), touched_pages=n * dtype.itemsize // Z.PAGE_BYTES)
+            assert out.shape == (n,) and out.dtype == dtype and not bool(out.any())
+        with torch.inference_mode():
+            p = Pattern.from_user(np.eye(1024, dtype=bool) | np.eye(1024, k=1, dtype=bool))
+            d = Decompressor(p, color_columns(p))
+            values = torch.arange(1.0, p.nnz + 1, dtype=torch.float64)
+            dense = d.to_dense(values)  # 8 MiB, every page reached
+            expected = torch.zeros(1024, 1024, dtype=torch.float64)
+            expected[torch.from_numpy(p.rows), torch.from_numpy(p.cols)] = values
+            assert torch.equal(dense, expected)
+    finally:
+        torch.set_num_threads(before)

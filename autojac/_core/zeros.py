@@ -22,6 +22,18 @@ ordinary pages instead: the same diagonal wrote in 14-15 ms, and a later full re
 (which maps the kernel's shared zero page) took 92 ms against 31 ms for resident
 zeros, so even a caller who reads every entry once pays less in all (107 against
 120 ms). Results whose writes reach most pages keep the huge pages (fewer faults).
+
+NOTE: [Faulting a sparse result's pages on every core]
+Writing a sparse Jacobian's few values into such a result is one `index_copy_`, too
+small for torch to split over threads, so one core takes every page fault and zeroes
+every page: for the 2-D Brusselator's 2048 x 2048 float64 result (12288 values, most
+huge pages reached) 7.7-9.0 ms of a ~10 ms warm call. When the writes reach most pages
+anyway, the caller first writes a zero at the start of every page through one strided
+`zero_`, large enough that torch's own intra-op threads split it: 5.4-5.7 ms with the
+write on 2 cores (Python threads splitting the `index_copy_` took 5.2-5.4 ms, with
+thread-local grad and inference modes to carry over). Pages the writes would not have
+reached are few by then (at least SMALL_PAGES_BELOW of them are reached, and a huge
+page is zeroed whole at its first touch).
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ CALLOC_FROM_BYTES = 1 << 20
 PAGE_BYTES = mmap.PAGESIZE
 SMALL_PAGES_BELOW = 0.25
 """Ordinary pages when the writes can touch at most this share of the result's pages."""
+PARALLEL_TOUCHES = 1 << 16
+"""Elements the page-faulting `zero_` writes at least: twice torch's grain size for splitting an op over threads."""
 
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
           torch.complex64: np.complex64, torch.complex128: np.complex128}
@@ -56,7 +70,22 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     np_dtype = _NUMPY.get(dtype)
     if np_dtype is None:
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
+    out = torch.from_numpy(np.zeros(shape, dtype=np_dtype))
+    if touched_pages is not None:
+        fault_pages(out)
+    return out
+
+
+def fault_pages(out: torch.Tensor) -> None:
+    """Write a zero at the start of each page of the contiguous, zero-filled `out` with one op torch splits over
+    its threads (NOTE: [Faulting a sparse result's pages on every core]); nothing on one thread."""
+    per_page = PAGE_BYTES // out.element_size()
+    pages = out.numel() // per_page
+    if torch.get_num_threads() < 2 or pages < 2 or PAGE_BYTES % out.element_size():
+        return
+    width = min(per_page, max(1, -(-PARALLEL_TOUCHES // pages)))
+    with torch.no_grad():
+        out.reshape(-1)[:pages * per_page].view(pages, per_page)[:, :width].zero_()
 
 
 def pages_touched(flat: torch.Tensor, itemsize: int) -> int:
