@@ -231,6 +231,36 @@ def test_the_fastest_measured_method_takes_over_and_the_plan_settles():
     assert "Settled" in str(e.snapshot())
 
 
+def test_a_contender_still_warming_up_gets_more_runs_up_to_a_cap():
+    def plan(first_run: float) -> PlanEntry:
+        e = entry_with({"reverse/vmap [autograd]": [0.0095, 0.0095], "reverse/vmap [func]": [first_run]},
+                       "reverse/vmap [autograd]", credit=1.0)
+        for s in e.stats.values():
+            if s.status == "untried":
+                s.status = "slower"
+        return e
+
+    # torch.func on a per-sample CNN: 16.1, 15.6, 11.5 ms in its first three runs, 6-9 ms from its fifth.
+    e = plan(0.0161)
+    func = e.stats["reverse/vmap [func]"]
+    for seconds in (0.0156, 0.0115):
+        assert e.next_trial().method.name == "reverse/vmap [func]"
+        func.add_run(seconds)
+    # Its third run was its fastest by over 10%: a fourth.
+    assert func.warming and e.next_trial().method.name == "reverse/vmap [func]" and not e.settled
+    func.add_run(0.0112)  # within 10% of its best: warm; the plan settles on the incumbent
+    assert not func.warming and e.next_trial() is None and e.settled
+    # However long it keeps improving, no more than choose.CONFIRM_MAX_RUNS whole runs.
+    e = plan(0.018)
+    func = e.stats["reverse/vmap [func]"]
+    seconds = 0.018
+    while (trial := e.next_trial()) is not None:
+        assert trial.method.name == "reverse/vmap [func]"
+        seconds *= 0.85
+        func.add_run(seconds)
+    assert len(func.runs) == choose.CONFIRM_MAX_RUNS and e.settled
+
+
 def test_a_slightly_faster_alternative_does_not_switch_on_noise():
     e = entry_with({"reverse/vmap [func]": [0.010, 0.0101], "reverse/repeat": [0.0099]}, "reverse/vmap [func]")
     e.consider_switch()

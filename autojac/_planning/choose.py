@@ -47,6 +47,11 @@ torch.func warms up over its first few calls on a function, not one: the sum tri
 on a per-sample CNN (B=64) took 16.8-33.1 ms, then 13.5-20.0 ms, then 8.5-12.2 ms in fresh processes (2-core CPU).
 Confirmed on its second run alone, that engine measured 18.3 and 17.2 ms against the autograd engine's 12.2 ms,
 and the plan settled on the engine 11-16% slower (frozen, interleaved: 10.9 against 12.6 ms)."""
+CONFIRM_MAX_RUNS = 6
+"""A close contender whose latest run was still its fastest by over 10% (still warming up) gets more whole runs, up
+to this many: on the per-sample CNN (B=64) the torch.func engine's three runs took 16.1, 15.6 and 11.5 ms against
+the autograd engine's 9.5 ms, and the plan settled there; frozen and interleaved afterwards, the torch.func engine
+took 6.1-8.6 ms from its fifth call on, and the benchmark's sum trick (the same engine) beat the plan 1.28x."""
 SWITCH_BELOW = 0.97
 """An alternative replaces the incumbent when its fastest whole call is below this share of the incumbent's."""
 EXPLORE_SHARE = 0.10

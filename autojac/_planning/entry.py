@@ -62,6 +62,8 @@ class MethodStats:
     """A repeat method's: the plan's record of checks on new captured values, shared by its repeat methods."""
     stopped_on_slice: bool = False
     """Whether this method is "slower" by a first slice's projection alone (its `prior`), not a whole run."""
+    warming: bool = False
+    """Whether the latest whole run was the fastest by over 10% (choose.CONFIRM_MAX_RUNS)."""
     retried: bool = False
     """Whether such a method has had its one whole re-trial."""
     sliced_share: float = 1.0
@@ -110,6 +112,7 @@ class MethodStats:
     def add_run(self, seconds: float) -> bool:
         """Keep a whole call's time; True if it lowered the fastest by over 10% (predictions from it are stale)."""
         before = self.best
+        self.warming = before is not None and seconds < 0.9 * before
         self.runs.append(seconds)
         if len(self.runs) > RUNS_KEPT:
             del self.runs[0]
@@ -251,8 +254,9 @@ class PlanEntry:
             return None
         waiting = [s for s in self.stats.values() if s.status == "untried"]
         confirm = [s for s in self.stats.values()
-                   if s.status == "measured" and s.method.name != self.incumbent and len(s.runs) < choose.CONFIRM_RUNS
-                   and s.best is not None and s.cost < choose.CONFIRM_WITHIN * inc.cost]
+                   if s.status == "measured" and s.method.name != self.incumbent and s.best is not None
+                   and (len(s.runs) < choose.CONFIRM_RUNS or (s.warming and len(s.runs) < choose.CONFIRM_MAX_RUNS))
+                   and s.cost < choose.CONFIRM_WITHIN * inc.cost]
         if confirm:  # a close contender gets more whole runs (noise and warm-up only add time: keep the fastest)
             s = confirm[0]
             n = s.method.passes(self.problem.col_passes, self.problem.row_passes)
