@@ -112,8 +112,8 @@ def test_balanced_chunks_cover_the_basis_in_near_equal_sizes(n, chunk, sizes):
 
 @settings(max_examples=40, deadline=None)
 @given(k=st.integers(1, 20), m=st.integers(1, 1200), left=st.integers(0, 3), right=st.integers(0, 3),
-       expanded=st.booleans(), half=st.booleans())
-def test_columns_are_written_transposed_in_tiles_or_whole(k, m, left, right, expanded, half):
+       expanded=st.booleans(), single=st.booleans())
+def test_columns_are_written_transposed_in_tiles_or_whole(k, m, left, right, expanded, single):
     """Forward chunks (k, m) land as columns of an (m, n) block, tiled for few long columns (NOTE: [Writing few
     long columns]): every entry where it belongs, none elsewhere, from expanded chunks too, across dtypes."""
     from autojac._execute.assemble import _write_columns
@@ -121,7 +121,7 @@ def test_columns_are_written_transposed_in_tiles_or_whole(k, m, left, right, exp
     g = torch.Generator().manual_seed(k * 10007 + m)
     flat = (torch.randn(m, generator=g, dtype=torch.float64).expand(k, m) if expanded
             else torch.randn(k, m, generator=g, dtype=torch.float64))
-    block = torch.zeros(m, left + k + right, dtype=torch.float32 if half else torch.float64)
+    block = torch.zeros(m, left + k + right, dtype=torch.float32 if single else torch.float64)
     _write_columns(block[:, left:left + k], flat)
     want = torch.zeros_like(block)
     want[:, left:left + k] = flat.T.to(block.dtype)

@@ -542,3 +542,22 @@ def test_the_repeat_trick_is_tried_first_where_the_autograd_engine_loops_too():
         facts = Facts(24, 12, 1e-4, 1e-4, autograd_loops=loops)
         order = [m.name for m, prior, why in choose.exploration_order(list(choose.ALL), inc, 6e-4, facts) if not why]
         assert order.index("reverse/repeat") < order.index("reverse/vmap [func]"), (loops, order)
+
+
+def test_a_saved_plan_keeps_whether_a_contender_is_still_warming_up():
+    import json
+
+    from autojac._planning import store
+
+    f = lambda x: torch.tanh(x) * 2.0  # noqa: E731
+    autojac.jacobian(f, torch.randn(5), cache=True)
+    e = autojac.plan(f, torch.randn(5)).entry
+    e.stats["reverse/vmap [func]"].runs = [0.0161]
+    e.stats["reverse/vmap [func]"].add_run(0.0115)
+    assert e.stats["reverse/vmap [func]"].warming
+    data = json.loads(json.dumps(store.record("key", e)))  # as written to a file
+    loaded = store.entry_from(data, Options())
+    assert loaded.stats["reverse/vmap [func]"].warming and loaded.stats["reverse/vmap [func]"].runs == [0.0161, 0.0115]
+    assert not loaded.stats["reverse/loop"].warming
+    del data["methods"]["reverse/vmap [func]"]["warming"]  # a record saved before it was kept
+    assert not store.entry_from(data, Options()).stats["reverse/vmap [func]"].warming

@@ -183,18 +183,31 @@ def test_large_dense_results_start_from_fresh_zeros_and_stay_valid():
     assert tiny.shape == (4, 4) and not bool(tiny.any())
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_pages_faulted_ahead_on_every_core_stay_zero(threads):
-    """A result whose writes reach most pages gets a zero written at each page's start first, by one op torch
-    splits over its threads (NOTE: [Faulting a sparse result's pages on every core]): it stays all zeros, with
-    a tail shorter than a page, in every dtype, under inference mode, on one thread or two."""
+    """A result whose writes reach most pages has zeros written one page apart first, by one op torch splits over
+    its threads (NOTE: [Faulting a sparse result's pages on every core]): exactly there (seen on a tensor of
+    ones), never in a tail shorter than a page, nothing on one thread; `zeros` stays all zeros in every dtype,
+    and under inference mode."""
     from autojac._core import zeros as Z
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for dtype in (torch.float64, torch.float32, torch.float16, torch.complex64):
-            n = (3 << 20) // dtype.itemsize + 7  # 3 MiB and a few elements: not a whole number of pages
+            per_page = Z.PAGE_BYTES // dtype.itemsize
+            pages = 37
+            ones = torch.ones(pages * per_page + 5, dtype=dtype)
+            Z.fault_pages(ones)
+            written = (ones == 0).reshape(-1)
+            if torch.get_num_threads() < 2:
+                assert not bool(written.any())
+            else:
+                width = min(per_page, -(-Z.GRAIN_ELEMENTS * torch.get_num_threads() // pages))
+                want = torch.zeros(pages * per_page + 5, dtype=torch.bool)
+                want[:pages * per_page].view(pages, per_page)[:, :width] = True
+                assert torch.equal(written, want)
+            n = (5 << 20) // dtype.itemsize + 7  # 5 MiB and a few elements: not a whole number of pages
             out = Z.zeros((n,), dtype, torch.device("cpu"), touched_pages=n * dtype.itemsize // Z.PAGE_BYTES)
             assert out.shape == (n,) and out.dtype == dtype and not bool(out.any())
         with torch.inference_mode():

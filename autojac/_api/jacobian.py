@@ -254,12 +254,14 @@ def jacobian(
       of the largest tensor `f` holds would not fit. A measured alternative whose
       fastest whole call beats the plan's method by over 3% replaces it; one within
       2x runs two more whole calls first (a first run is a cold one, or sliced, and
-      torch.func warms up over two or more calls), each waiting for credit only if
-      it is expected slower than the plan's call. Structure
+      torch.func warms up over two or more calls), and more, up to 6 in all, while
+      its latest run is its fastest by over 10%; each waits for credit only if it
+      is expected slower than the plan's call. Structure
       is one more alternative: a dense plan (64 passes or more, no budget given)
       whose first call did not look for it looks once the credit covers a trace,
       and the next call plans again with a pattern that halves the passes. If
-      the first call's Jacobian, sampled at 16 rows and columns, allows a
+      the first call's Jacobian (every row and column up to 2^14 entries, else
+      16 sampled rows and columns) allows a
       colouring of at most 1/8 of the passes, the look comes before any trial
       and may also draw on what that bound saves over 5 calls.
       When nothing is left to try, the plan is settled and calls measure nothing.

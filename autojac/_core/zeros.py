@@ -27,13 +27,15 @@ NOTE: [Faulting a sparse result's pages on every core]
 Writing a sparse Jacobian's few values into such a result is one `index_copy_`, too
 small for torch to split over threads, so one core takes every page fault and zeroes
 every page: for the 2-D Brusselator's 2048 x 2048 float64 result (12288 values, most
-huge pages reached) 7.7-9.0 ms of a ~10 ms warm call. When the writes reach most pages
-anyway, the caller first writes a zero at the start of every page through one strided
-`zero_`, large enough that torch's own intra-op threads split it: 5.4-5.7 ms with the
-write on 2 cores (Python threads splitting the `index_copy_` took 5.2-5.4 ms, with
-thread-local grad and inference modes to carry over). Pages the writes would not have
-reached are few by then (at least SMALL_PAGES_BELOW of them are reached, and a huge
-page is zeroed whole at its first touch).
+huge pages reached) 7.7-9.0 ms of a ~10 ms warm call. When the writes reach at least
+FAULT_FROM_SHARE of the pages of a result of FAULT_FROM_BYTES or more, `zeros` first
+writes a zero one page's length apart through a strided `zero_` sized for torch's
+intra-op threads to split (about GRAIN_ELEMENTS a thread): 5.4-5.7 ms with the write,
+on 2 cores (Python threads splitting the `index_copy_` took 5.2-5.4 ms, and would
+have to carry thread-local grad and inference modes over). Pages the writes would not
+have reached are then at most as many as those they reach, and with transparent huge
+pages (numpy asks for them from 4 MiB) a huge page is zeroed whole at its first touch
+anyway. Measured on the 2-core CPU only.
 """
 
 from __future__ import annotations
@@ -49,8 +51,12 @@ CALLOC_FROM_BYTES = 1 << 20
 PAGE_BYTES = mmap.PAGESIZE
 SMALL_PAGES_BELOW = 0.25
 """Ordinary pages when the writes can touch at most this share of the result's pages."""
-PARALLEL_TOUCHES = 1 << 16
-"""Elements the page-faulting `zero_` writes at least: twice torch's grain size for splitting an op over threads."""
+FAULT_FROM_SHARE = 0.5
+FAULT_FROM_BYTES = 4 << 20
+"""Pages are faulted ahead (NOTE: [Faulting a sparse result's pages on every core]) for results of at least this
+size whose writes reach at least FAULT_FROM_SHARE of their pages."""
+GRAIN_ELEMENTS = 1 << 15
+"""torch's grain size: an elementwise op over fewer elements than this runs on one thread."""
 
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
           torch.complex64: np.complex64, torch.complex128: np.complex128}
@@ -60,8 +66,8 @@ _ANONYMOUS = getattr(mmap, "MAP_PRIVATE", None) is not None and getattr(mmap, "M
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
           touched_pages: int | None = None) -> torch.Tensor:
     """`torch.zeros(shape, dtype, device)`, from calloc for large CPU tensors (see NOTE: [Zeros from calloc]);
-    `touched_pages`: how many PAGE_BYTES pages the caller's writes will reach (None: most of them), for
-    NOTE: [Pages a sparse result touches]."""
+    `touched_pages`: how many PAGE_BYTES pages the caller's writes will reach (None: unknown, or no writes), for
+    NOTE: [Pages a sparse result touches] and NOTE: [Faulting a sparse result's pages on every core]."""
     nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < CALLOC_FROM_BYTES:
         return torch.zeros(shape, dtype=dtype, device=device)
@@ -71,19 +77,22 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     if np_dtype is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     out = torch.from_numpy(np.zeros(shape, dtype=np_dtype))
-    if touched_pages is not None:
+    if (touched_pages is not None and nbytes >= FAULT_FROM_BYTES
+            and touched_pages >= FAULT_FROM_SHARE * (nbytes / PAGE_BYTES)):
         fault_pages(out)
     return out
 
 
 def fault_pages(out: torch.Tensor) -> None:
-    """Write a zero at the start of each page of the contiguous, zero-filled `out` with one op torch splits over
-    its threads (NOTE: [Faulting a sparse result's pages on every core]); nothing on one thread."""
+    """Write zeros one page's length apart (and a few after each) into the contiguous, zero-filled `out`, with one
+    op torch splits over all its threads (NOTE: [Faulting a sparse result's pages on every core]); nothing on one
+    thread."""
     per_page = PAGE_BYTES // out.element_size()
     pages = out.numel() // per_page
-    if torch.get_num_threads() < 2 or pages < 2 or PAGE_BYTES % out.element_size():
+    threads = torch.get_num_threads()
+    if threads < 2 or pages < 2 or PAGE_BYTES % out.element_size():
         return
-    width = min(per_page, max(1, -(-PARALLEL_TOUCHES // pages)))
+    width = min(per_page, max(1, -(-GRAIN_ELEMENTS * threads // pages)))
     with torch.no_grad():
         out.reshape(-1)[:pages * per_page].view(pages, per_page)[:, :width].zero_()
 

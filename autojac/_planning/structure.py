@@ -159,8 +159,8 @@ tuple_inputs, per_sample_mlp and pde_residual, counting everything 0.11-0.21 ms;
 
 
 def sampled_bounds(blocks: list[list[torch.Tensor]], problem: Problem) -> tuple[int, int] | None:
-    """(the most nonzeros in DENSE_SAMPLES evenly spaced rows, in as many columns) of a first call's dense
-    Jacobian: lower bounds of a column and a row colouring's colours (a structural pattern holds every entry
+    """(the most nonzeros in DENSE_SAMPLES evenly spaced rows, in as many columns; in every row and column up to
+    COUNT_ALL_UP_TO entries) of a first call's dense Jacobian: lower bounds of a column and a row colouring's colours (a structural pattern holds every entry
     nonzero at some point). Columns are read only when the rows exceed PROMISING of the passes (otherwise the
     rows' count stands for both: the Jacobian is promising, and `too_dense_to_pay` needs more than half the
     passes on both sides; the share may read up to 1/8 higher than the columns would give). None for symmetric
