@@ -246,8 +246,12 @@ def test_a_contender_still_warming_up_gets_more_runs_up_to_a_cap():
     for seconds in (0.0156, 0.0115):
         assert e.next_trial().method.name == "reverse/vmap [func]"
         func.add_run(seconds)
-    # Its third run was its fastest by over 10%: a fourth.
-    assert func.warming and e.next_trial().method.name == "reverse/vmap [func]" and not e.settled
+    # Its third run was its fastest by over 10%: a fourth, but only once every untried method had its trial.
+    loop = e.stats["reverse/loop"]
+    loop.status, loop.prior = "untried", 0.02
+    assert func.warming and e.next_trial().method.name == "reverse/loop"
+    loop.status = "slower"
+    assert e.next_trial().method.name == "reverse/vmap [func]" and not e.settled
     func.add_run(0.0112)  # within 10% of its best: warm; the plan settles on the incumbent
     assert not func.warming and e.next_trial() is None and e.settled
     # However long it keeps improving, no more than choose.CONFIRM_MAX_RUNS whole runs.
