@@ -160,11 +160,11 @@ tuple_inputs, per_sample_mlp and pde_residual, counting everything 0.11-0.21 ms;
 
 def sampled_bounds(blocks: list[list[torch.Tensor]], problem: Problem) -> tuple[int, int] | None:
     """(the most nonzeros in DENSE_SAMPLES evenly spaced rows, in as many columns; in every row and column up to
-    COUNT_ALL_UP_TO entries) of a first call's dense Jacobian: lower bounds of a column and a row colouring's colours (a structural pattern holds every entry
-    nonzero at some point). Columns are read only when the rows exceed PROMISING of the passes (otherwise the
-    rows' count stands for both: the Jacobian is promising, and `too_dense_to_pay` needs more than half the
-    passes on both sides; the share may read up to 1/8 higher than the columns would give). None for symmetric
-    Jacobians (peeling dense lines beats these bounds) and sparse blocks."""
+    COUNT_ALL_UP_TO entries) of a first call's dense Jacobian: lower bounds of a column and a row colouring's
+    colours (a structural pattern holds every entry nonzero at some point). Columns are read only when the rows
+    exceed PROMISING of the passes (otherwise the rows' count stands for both: the Jacobian is promising, and
+    `too_dense_to_pay` needs more than half the passes on both sides; the share may read up to 1/8 higher than the
+    columns would give). None for symmetric Jacobians (peeling dense lines beats these bounds) and sparse blocks."""
     if problem.symmetric or any(b.layout != torch.strided for row in blocks for b in row):
         return None
     fullest = _fullest_of_all if problem.n_in * problem.n_out <= COUNT_ALL_UP_TO else _fullest
