@@ -131,6 +131,10 @@ def test_a_first_call_puts_the_torch_func_engine_first_when_autograd_would_loop(
 
 def test_no_probe_without_loops_below_the_row_count_or_when_f_may_run_only_once(monkeypatch):
     monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)
+    # Loops counted only: the probe's timing alone (its 8 vectors against a VJP, loop-like when a busy machine
+    # slows the batched pass) can also put torch.func first; the likely cause of this test's one failure in a
+    # full run (not reproduced alone, nor beside a CPU hog).
+    monkeypatch.setattr(session, "LOOP_LIKE", float("inf"))
     x = torch.randn(128, dtype=torch.float64)
     W = torch.randn(128, 128, dtype=torch.float64)
     g = lambda x: torch.exp(x @ W.T / 10) * x  # noqa: E731 - batching rules for every op of its backward
