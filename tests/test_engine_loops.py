@@ -3,6 +3,7 @@ puts first."""
 
 from __future__ import annotations
 
+import threading
 import types
 import warnings
 
@@ -250,3 +251,78 @@ def test_counted_loops_are_priced_at_what_the_probe_measured(monkeypatch):
     assert got[0].name == "reverse/vmap [func]", [m.name for m in got]
     assert "loops over the chunk for aten::tanh_backward" in entry.events[-1]
 
+
+
+def _stencil_maker(k: int):
+    return lambda u: u.roll(1) + u.roll(-1) - k * u + u ** 3  # a new function object: a first call each time
+
+
+def test_threads_computing_first_jacobians_show_no_loop_warnings():
+    """NOTE: [Batched backwards wait for an open loop probe]: one thread's probe turns torch's global debug flag
+    on; another thread's batched backward (its `roll` loops) warned meanwhile, and the warning reached the
+    user's display after the probe had closed. autojac's own batched backward passes now wait for an open
+    probe, and a probe waits for none: no such warning gets through, and every Jacobian is right."""
+    from autojac._measure.engine_loops import _MARK
+
+    us = [torch.randn(1024, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for step in range(4):
+                results[i, step] = autojac.jacobian(_stencil_maker(2 + step), us[i], sparsity=None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert not [w for w in shown if str(w.message).startswith(_MARK)], [str(w.message)[:120] for w in shown]
+    for (i, step), got in results.items():
+        torch.testing.assert_close(got, reference(_stencil_maker(2 + step), us[i]))
+
+
+def test_the_gate_holds_other_threads_batched_backwards_while_a_probe_is_open():
+    from autojac._core import batched_gate as G
+
+    order: list[str] = []
+    started = threading.Event()
+
+    def other() -> None:
+        started.set()
+        with G.batched_backward():
+            order.append("other ran")
+
+    assert G.open_probe()
+    with G.batched_backward():  # the probing thread's own pass never waits
+        order.append("own ran")
+    t = threading.Thread(target=other)
+    t.start()
+    started.wait()
+    t.join(0.2)
+    assert t.is_alive() and order == ["own ran"]  # waiting for the probe to close
+    G.close_probe()
+    t.join()
+    assert order == ["own ran", "other ran"]
+    # A probe does not open while another thread's pass is under way.
+    inside, leave = threading.Event(), threading.Event()
+
+    def running() -> None:
+        with G.batched_backward():
+            inside.set()
+            leave.wait()
+
+    t = threading.Thread(target=running)
+    t.start()
+    inside.wait()
+    assert not G.open_probe()
+    leave.set()
+    t.join()
+    assert G.open_probe()
+    G.close_probe()

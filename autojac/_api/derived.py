@@ -23,6 +23,7 @@ import torch
 from torch.utils import _pytree
 
 from .._core import pytree
+from .._core.batched_gate import batched_backward
 from .._core.errors import InputError, InputTypeError, MemoryBudgetError, UnsupportedFunctionError
 from .._core.evaluation import Evaluator, module_modes
 from .._core.options import check_callable, refuse_unknown
@@ -305,8 +306,9 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
         cotangents.append(torch.stack([w * m.view(-1, *([1] * (y.dim() - 1))).to(w.dtype) for m in masks]))
     with torch.enable_grad():
         try:
-            grads = torch.autograd.grad(pairs, leaves, cotangents, allow_unused=True, retain_graph=True,
-                                        is_grads_batched=True)
+            with batched_backward():  # NOTE: [Batched backwards wait for an open loop probe]
+                grads = torch.autograd.grad(pairs, leaves, cotangents, allow_unused=True, retain_graph=True,
+                                            is_grads_batched=True)
         except Exception:  # noqa: BLE001 - a backward torch cannot batch: one product at a time
             rows = [torch.autograd.grad(pairs, leaves, [c[k] for c in cotangents], allow_unused=True, retain_graph=True)
                     for k in range(len(masks))]

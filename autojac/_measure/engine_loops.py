@@ -21,8 +21,11 @@ and display decide as before. Both are taken out afterwards. If another thread's
 filter matches only what the debug flag (off again) makes torch say, and the hook
 forwards everything once no probe is open. One probe runs at a time (a thread
 that finds another probe open skips probing: it is only advice). The flag is
-global too, so a loop in another thread's batched backward meanwhile counts as
-this probe's: that can only change which engine goes first.
+global too: autojac's own batched backward passes in other threads wait while a
+probe is open, and a probe opens only when none is running (NOTE: [Batched
+backwards wait for an open loop probe]); a loop in a batched backward of the
+user's own in another thread meanwhile counts as this probe's, which can only
+change which engine goes first.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import threading
 import warnings
 
 import torch
+
+from .._core.batched_gate import close_probe, open_probe
 
 _LOCK = threading.Lock()
 _FLAG = getattr(torch._C, "_debug_only_display_vmap_fallback_warnings", None)
@@ -87,6 +92,9 @@ class LoopProbe:
         if _FLAG_NOW():  # the caller's own debugging: theirs to see, and nothing to count
             _LOCK.release()
             return self
+        if not open_probe():  # another thread's batched backward is under way (NOTE: [Batched backwards wait
+            _LOCK.release()   # for an open loop probe]): its loops would count here, its warnings show there
+            return self
         self.active = self._open = True
         try:
             warnings.filterwarnings("always", message=re.escape(_MARK), category=UserWarning)
@@ -122,4 +130,5 @@ class LoopProbe:
                     pass
                 getattr(warnings, "_filters_mutated", lambda: None)()  # (private; the filters' cache key)
                 self._filter = None
+            close_probe()
             _LOCK.release()

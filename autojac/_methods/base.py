@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._core.batched_gate import batched_backward
 from .._core.errors import NotBatchAwareError
 from .._core.evaluation import Evaluator
 from .._core.problem import Problem, check_outputs
@@ -246,15 +248,16 @@ def vjp(
     pairs = [(y, v) for y, v in zip(ys, cotangents) if y is not None and y.requires_grad]
     if not pairs:
         return (None,) * len(xs)
-    return torch.autograd.grad(
-        [y for y, _ in pairs],
-        list(xs),
-        [v for _, v in pairs],
-        retain_graph=True,
-        create_graph=create_graph,
-        allow_unused=True,
-        is_grads_batched=batched,
-    )
+    with batched_backward() if batched else contextlib.nullcontext():  # NOTE: [Batched backwards wait for an
+        return torch.autograd.grad(                                    # open loop probe]
+            [y for y, _ in pairs],
+            list(xs),
+            [v for _, v in pairs],
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
 
 
 def stack_parts(rows: Sequence[Parts]) -> Parts:
