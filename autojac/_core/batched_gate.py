@@ -18,9 +18,7 @@ in other threads are not gated: while a probe is open they may warn as under the
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 
 WAIT_AT_MOST_SECONDS = 1.0
 
@@ -31,24 +29,35 @@ _running: dict[int, int] = {}
 """Batched backward passes under way, per thread."""
 
 
-@contextlib.contextmanager
-def batched_backward() -> Iterator[None]:
-    """Around one of autojac's batched backward passes (`torch.autograd.grad(..., is_grads_batched=True)`)."""
-    me = threading.get_ident()
-    with _GATE:
-        if _owner is not None and _owner != me:
-            _GATE.wait_for(lambda: _owner is None or _owner == me, timeout=WAIT_AT_MOST_SECONDS)
-        _running[me] = _running.get(me, 0) + 1
-    try:
-        yield
-    finally:
+class _BatchedBackward:
+    """Around one of autojac's batched backward passes (`torch.autograd.grad(..., is_grads_batched=True)`):
+    `with batched_backward(): ...`. A class, not a generator: it runs on every call of the autograd engine
+    (2 us against 6 us)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        with _GATE:
+            if _owner is not None and _owner != me:
+                _GATE.wait_for(lambda: _owner is None or _owner == me, timeout=WAIT_AT_MOST_SECONDS)
+            _running[me] = _running.get(me, 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        me = threading.get_ident()
         with _GATE:
             left = _running[me] - 1
             if left:
                 _running[me] = left
             else:
-                del _running[me]
-            _GATE.notify_all()
+                del _running[me]  # (nothing waits for this: a probe that finds a pass running skips)
+
+
+_ONE = _BatchedBackward()
+
+
+def batched_backward() -> _BatchedBackward:
+    return _ONE
 
 
 def open_probe() -> bool:
