@@ -7,6 +7,7 @@ import threading
 import types
 import warnings
 
+import pytest
 import torch
 
 import autojac
@@ -257,13 +258,24 @@ def _stencil_maker(k: int):
     return lambda u: u.roll(1) + u.roll(-1) - k * u + u ** 3  # a new function object: a first call each time
 
 
-def test_threads_computing_first_jacobians_show_no_loop_warnings():
+def test_threads_computing_first_jacobians_show_no_loop_warnings(monkeypatch):
     """NOTE: [Batched backwards wait for an open loop probe]: one thread's probe turns torch's global debug flag
     on; another thread's batched backward (its `roll` loops) warned meanwhile, and the warning reached the
     user's display after the probe had closed. autojac's own batched backward passes now wait for an open
     probe, and a probe waits for none: no such warning gets through, and every Jacobian is right."""
-    from autojac._measure.engine_loops import _MARK
+    from autojac._measure import engine_loops
 
+    if engine_loops._FLAG is None:
+        pytest.skip("this torch has no vmap fallback debug flag: nothing is probed")
+    opened = []
+    real_open = engine_loops.open_probe
+
+    def counting_open() -> bool:
+        got = real_open()
+        opened.append(got)
+        return got
+
+    monkeypatch.setattr(engine_loops, "open_probe", counting_open)
     us = [torch.randn(1024, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     results: dict[tuple[int, int], torch.Tensor] = {}
     errors: list[BaseException] = []
@@ -283,12 +295,19 @@ def test_threads_computing_first_jacobians_show_no_loop_warnings():
         for t in threads:
             t.join()
     assert not errors, errors
-    assert not [w for w in shown if str(w.message).startswith(_MARK)], [str(w.message)[:120] for w in shown]
+    assert any(opened)  # probes did open while the other threads ran
+    assert not [w for w in shown if str(w.message).startswith(engine_loops._MARK)], [str(w.message)[:120] for w in shown]
     for (i, step), got in results.items():
         torch.testing.assert_close(got, reference(_stencil_maker(2 + step), us[i]))
 
 
-def test_the_gate_holds_other_threads_batched_backwards_while_a_probe_is_open():
+def engine_loops_flag():
+    from autojac._measure import engine_loops
+
+    return engine_loops._FLAG
+
+
+def test_the_gate_holds_other_threads_batched_backwards_while_a_probe_is_open(monkeypatch):
     from autojac._core import batched_gate as G
 
     order: list[str] = []
@@ -300,14 +319,16 @@ def test_the_gate_holds_other_threads_batched_backwards_while_a_probe_is_open():
             order.append("other ran")
 
     assert G.open_probe()
-    with G.batched_backward():  # the probing thread's own pass never waits
-        order.append("own ran")
-    t = threading.Thread(target=other)
-    t.start()
-    started.wait()
-    t.join(0.2)
-    assert t.is_alive() and order == ["own ran"]  # waiting for the probe to close
-    G.close_probe()
+    try:
+        with G.batched_backward():  # the probing thread's own pass never waits
+            order.append("own ran")
+        t = threading.Thread(target=other)
+        t.start()
+        started.wait()
+        t.join(0.2)
+        assert t.is_alive() and order == ["own ran"]  # waiting for the probe to close
+    finally:
+        G.close_probe()
     t.join()
     assert order == ["own ran", "other ran"]
     # A probe does not open while another thread's pass is under way.
@@ -321,8 +342,36 @@ def test_the_gate_holds_other_threads_batched_backwards_while_a_probe_is_open():
     t = threading.Thread(target=running)
     t.start()
     inside.wait()
-    assert not G.open_probe()
-    leave.set()
-    t.join()
+    try:
+        assert not G.open_probe()
+    finally:
+        leave.set()
+        t.join()
     assert G.open_probe()
     G.close_probe()
+    # A pass waits at most WAIT_AT_MOST_SECONDS for a probe that never closes, then runs.
+    monkeypatch.setattr(G, "WAIT_AT_MOST_SECONDS", 0.05)
+    assert G.open_probe()
+    try:
+        t = threading.Thread(target=other)
+        order.clear()
+        t.start()
+        t.join(5.0)
+        assert not t.is_alive() and order == ["other ran"]
+    finally:
+        G.close_probe()
+    # A LoopProbe that finds another thread's pass running opens nothing and holds no lock.
+    inside.clear()
+    leave.clear()
+    t = threading.Thread(target=running)
+    t.start()
+    inside.wait()
+    try:
+        with LoopProbe() as probe:
+            assert not probe.active
+        assert not G._owner
+    finally:
+        leave.set()
+        t.join()
+    with LoopProbe() as probe:  # the lock was released: the next probe opens
+        assert probe.active == (engine_loops_flag() is not None)

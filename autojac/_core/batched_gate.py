@@ -12,8 +12,13 @@ vectors, or a first call's first chunk), and a probe opens only while no other o
 running (else it skips: a probe is only advice). The probing thread's own backward passes
 never wait for it. A pass waits at most WAIT_AT_MOST_SECONDS, then runs anyway (a probe
 that waits on such a thread, through a function of the user's that starts one, must not
-deadlock), at worst letting such a warning through. The user's own batched backward passes
-in other threads are not gated: while a probe is open they may warn as under the flag.
+deadlock), at worst letting such a warning through. That wait is also what a nested autojac
+call pays, per batched pass, when it runs in a thread of torch's own while a probe is open:
+the autograd engine runs CUDA backward nodes (a custom Function's backward calling autojac)
+on its device threads, which are not the probing thread. A probe on a first call also spans
+its method's preparation (an evaluation of `f`, when the first one is not adopted). The
+user's own batched backward passes in other threads are not gated: while a probe is open
+they may warn as under the flag.
 """
 
 from __future__ import annotations

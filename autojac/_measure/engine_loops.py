@@ -92,8 +92,13 @@ class LoopProbe:
         if _FLAG_NOW():  # the caller's own debugging: theirs to see, and nothing to count
             _LOCK.release()
             return self
-        if not open_probe():  # another thread's batched backward is under way (NOTE: [Batched backwards wait
-            _LOCK.release()   # for an open loop probe]): its loops would count here, its warnings show there
+        try:
+            opened = open_probe()  # False while another thread's batched backward is under way (NOTE: [Batched
+        except BaseException:      # backwards wait for an open loop probe]): its loops would count here
+            _LOCK.release()
+            raise
+        if not opened:
+            _LOCK.release()
             return self
         self.active = self._open = True
         try:
@@ -118,17 +123,21 @@ class LoopProbe:
             if _FLAG is not None:
                 _FLAG(False)
         finally:
-            hook, self._hook = self._hook, None
-            if hook is not None:
-                hook.probe = None  # if it stays installed (see the NOTE), it only forwards
-                if warnings.showwarning is hook:
-                    warnings.showwarning = hook.saved
-            if self._filter is not None:
+            try:
+                hook, self._hook = self._hook, None
+                if hook is not None:
+                    hook.probe = None  # if it stays installed (see the NOTE), it only forwards
+                    if warnings.showwarning is hook:
+                        warnings.showwarning = hook.saved
+                if self._filter is not None:
+                    try:
+                        warnings.filters.remove(self._filter)
+                    except ValueError:
+                        pass
+                    getattr(warnings, "_filters_mutated", lambda: None)()  # (private; the filters' cache key)
+                    self._filter = None
+            finally:  # whatever happened above: other threads' batched backwards must not wait on a dead probe
                 try:
-                    warnings.filters.remove(self._filter)
-                except ValueError:
-                    pass
-                getattr(warnings, "_filters_mutated", lambda: None)()  # (private; the filters' cache key)
-                self._filter = None
-            close_probe()
-            _LOCK.release()
+                    close_probe()
+                finally:
+                    _LOCK.release()
