@@ -3,6 +3,7 @@ puts first."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import types
 import warnings
@@ -301,6 +302,26 @@ def test_threads_computing_first_jacobians_show_no_loop_warnings(monkeypatch):
         torch.testing.assert_close(got, reference(_stencil_maker(2 + step), us[i]))
 
 
+@contextlib.contextmanager
+def _pass_running_in_another_thread(gate):
+    """Another thread inside a gated batched backward for the duration."""
+    inside, leave = threading.Event(), threading.Event()
+
+    def running() -> None:
+        with gate.batched_backward():
+            inside.set()
+            leave.wait()
+
+    t = threading.Thread(target=running)
+    t.start()
+    inside.wait()
+    try:
+        yield
+    finally:
+        leave.set()
+        t.join()
+
+
 def engine_loops_flag():
     from autojac._measure import engine_loops
 
@@ -332,21 +353,8 @@ def test_the_gate_holds_other_threads_batched_backwards_while_a_probe_is_open(mo
     t.join()
     assert order == ["own ran", "other ran"]
     # A probe does not open while another thread's pass is under way.
-    inside, leave = threading.Event(), threading.Event()
-
-    def running() -> None:
-        with G.batched_backward():
-            inside.set()
-            leave.wait()
-
-    t = threading.Thread(target=running)
-    t.start()
-    inside.wait()
-    try:
+    with _pass_running_in_another_thread(G):
         assert not G.open_probe()
-    finally:
-        leave.set()
-        t.join()
     assert G.open_probe()
     G.close_probe()
     # A pass waits at most WAIT_AT_MOST_SECONDS for a probe that never closes, then runs.
@@ -361,17 +369,9 @@ def test_the_gate_holds_other_threads_batched_backwards_while_a_probe_is_open(mo
     finally:
         G.close_probe()
     # A LoopProbe that finds another thread's pass running opens nothing and holds no lock.
-    inside.clear()
-    leave.clear()
-    t = threading.Thread(target=running)
-    t.start()
-    inside.wait()
-    try:
+    with _pass_running_in_another_thread(G):
         with LoopProbe() as probe:
             assert not probe.active
         assert not G._owner
-    finally:
-        leave.set()
-        t.join()
     with LoopProbe() as probe:  # the lock was released: the next probe opens
         assert probe.active == (engine_loops_flag() is not None)
