@@ -62,8 +62,6 @@ class MethodStats:
     """A repeat method's: the plan's record of checks on new captured values, shared by its repeat methods."""
     stopped_on_slice: bool = False
     """Whether this method is "slower" by a first slice's projection alone (its `prior`), not a whole run."""
-    warming: bool = False
-    """Whether the latest whole run was the fastest by over 10% (choose.CONFIRM_MAX_RUNS)."""
     retried: bool = False
     """Whether such a method has had its one whole re-trial."""
     sliced_share: float = 1.0
@@ -74,6 +72,12 @@ class MethodStats:
     @property
     def best(self) -> float | None:
         return min(self.runs) if self.runs else None
+
+    @property
+    def warming(self) -> bool:
+        """Whether the latest whole run was the fastest by over 10% (choose.CONFIRM_MAX_RUNS). Read off the kept
+        runs: RUNS_KEPT is above CONFIRM_MAX_RUNS, so a contender's are all there."""
+        return len(self.runs) > 1 and self.runs[-1] < 0.9 * min(self.runs[:-1])
 
     def memory_line(self) -> Line | None:
         return fit_line(self.memory)
@@ -112,7 +116,6 @@ class MethodStats:
     def add_run(self, seconds: float) -> bool:
         """Keep a whole call's time; True if it lowered the fastest by over 10% (predictions from it are stale)."""
         before = self.best
-        self.warming = before is not None and seconds < 0.9 * before
         self.runs.append(seconds)
         if len(self.runs) > RUNS_KEPT:
             del self.runs[0]

@@ -68,7 +68,7 @@ def record(stable_key: str, entry: PlanEntry) -> dict | None:
         "incumbent": entry.incumbent, "settled": entry.settled, "calls": entry.calls, "once_only": entry.once_only,
         "methods": {
             name: {"status": s.status, "reason": s.reason, "prior": s.prior, "runs": s.runs,
-                   "chunk_size": s.chunk_size, "memory": s.memory, "rates": s.rates, "warming": s.warming}
+                   "chunk_size": s.chunk_size, "memory": s.memory, "rates": s.rates}
             for name, s in entry.stats.items()
         },
     }
@@ -89,7 +89,6 @@ def entry_from(data: dict, options: Options) -> PlanEntry:
         s: MethodStats = entry.stats[name]
         s.status, s.reason, s.prior, s.runs = m["status"], m["reason"], m["prior"], list(m["runs"])
         s.chunk_size, s.memory, s.rates = m["chunk_size"], [tuple(x) for x in m["memory"]], [tuple(x) for x in m["rates"]]
-        s.warming = bool(m.get("warming", False))  # records saved before it was kept: not warming
     entry.incumbent, entry.settled, entry.calls = data["incumbent"], data["settled"], data["calls"]
     entry.events.append("loaded from a saved plan")
     return entry
