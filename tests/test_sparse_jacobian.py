@@ -976,11 +976,11 @@ def test_a_closure_with_a_new_permutation_over_the_dense_budget_finds_its_patter
 
 
 def test_the_first_calls_sampled_bounds_count_the_sampled_lines_of_the_whole_jacobian():
-    """`_fullest` gathers the sampled rows (columns) of each block at once, `_fullest_of_all` counts every line: the
+    """`_fullest` gathers the sampled rows (columns) of each block at once, or counts every line (`every`): the
     same counts as the lines of the assembled matrix, for several outputs and inputs of uneven sizes."""
     import numpy as np
 
-    from autojac._planning.structure import DENSE_SAMPLES, _fullest, _fullest_of_all
+    from autojac._planning.structure import DENSE_SAMPLES, _fullest
 
     rng = np.random.default_rng(5)
     for _ in range(50):
@@ -998,4 +998,4 @@ def test_the_first_calls_sampled_bounds_count_the_sampled_lines_of_the_whole_jac
             assert _fullest(blocks, tuple(sizes), along_rows) == want
             # Small Jacobians have every line counted (COUNT_ALL_UP_TO).
             every = max((int(torch.count_nonzero(line)) for line in matrix), default=0)
-            assert _fullest_of_all(blocks, tuple(sizes), along_rows) == every
+            assert _fullest(blocks, tuple(sizes), along_rows, every=True) == every

@@ -167,11 +167,11 @@ def sampled_bounds(blocks: list[list[torch.Tensor]], problem: Problem) -> tuple[
     columns would give). None for symmetric Jacobians (peeling dense lines beats these bounds) and sparse blocks."""
     if problem.symmetric or any(b.layout != torch.strided for row in blocks for b in row):
         return None
-    fullest = _fullest_of_all if problem.n_in * problem.n_out <= COUNT_ALL_UP_TO else _fullest
+    every = problem.n_in * problem.n_out <= COUNT_ALL_UP_TO
     with torch.no_grad():
-        rows = fullest(blocks, problem.out_sizes, along_rows=True)
+        rows = _fullest(blocks, problem.out_sizes, along_rows=True, every=every)
         # Columns only where they can change a verdict: rows sparse enough make the Jacobian promising already.
-        columns = fullest(blocks, problem.in_sizes, along_rows=False) if rows > PROMISING * min(
+        columns = _fullest(blocks, problem.in_sizes, along_rows=False, every=every) if rows > PROMISING * min(
             problem.n_in, problem.n_out) else rows
         return rows, columns
 
@@ -224,32 +224,26 @@ def promising_share(bounds: tuple[int, int] | None, problem: Problem) -> float |
     return share if share <= PROMISING else None
 
 
-def _fullest_of_all(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_rows: bool) -> int:
-    """The most nonzeros in any row (or column) of the whole Jacobian's blocks: a count per block."""
-    groups = blocks if along_rows else [[row[k] for row in blocks] for k in range(len(sizes))]
-    best = 0
-    for line_blocks, size in zip(groups, sizes):
-        if size == 0:
-            continue
-        counts = sum(torch.count_nonzero(b, dim=1 if along_rows else 0) for b in line_blocks)
-        best = max(best, int(counts.max()))
-    return best
-
-
-def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_rows: bool) -> int:
-    """The most nonzeros in DENSE_SAMPLES evenly spaced rows (or columns) of the whole Jacobian's blocks: one
-    gather and one count per block (a count per sampled line was 32 small ops on a first call)."""
-    total = sum(sizes)
-    starts = np.cumsum((0, *sizes))
-    picks = np.unique(np.linspace(0, total - 1, min(DENSE_SAMPLES, total)).astype(np.int64))
-    group = np.searchsorted(starts, picks, side="right") - 1
+def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_rows: bool, every: bool = False) -> int:
+    """The most nonzeros in DENSE_SAMPLES evenly spaced rows (or columns) of the whole Jacobian's blocks, or in
+    every one of them (`every`): one count per block, after one gather of the sampled lines (a count per sampled
+    line was 32 small ops on a first call)."""
     dim = 0 if along_rows else 1
-    device = blocks[0][0].device  # one device for every block (the inputs are on one)
+    starts = np.cumsum((0, *sizes))
+    if every:
+        lines: dict[int, torch.Tensor | None] = {k: None for k, size in enumerate(sizes) if size}
+    else:
+        total = sum(sizes)
+        picks = np.unique(np.linspace(0, total - 1, min(DENSE_SAMPLES, total)).astype(np.int64))
+        group = np.searchsorted(starts, picks, side="right") - 1
+        device = blocks[0][0].device  # one device for every block (the inputs are on one)
+        lines = {int(k): torch.as_tensor(picks[group == k] - starts[k], device=device) for k in np.unique(group)}
     best = 0
-    for k in np.unique(group):
-        local = torch.as_tensor(picks[group == k] - starts[k], device=device)
+    for k, local in lines.items():
         line_blocks = blocks[k] if along_rows else [row[k] for row in blocks]
-        counts = sum(torch.count_nonzero(b.index_select(dim, local), dim=1 - dim) for b in line_blocks)
+        if local is not None:
+            line_blocks = [b.index_select(dim, local) for b in line_blocks]
+        counts = sum(torch.count_nonzero(b, dim=1 - dim) for b in line_blocks)
         best = max(best, int(counts.max()))
     return best
 
