@@ -641,14 +641,14 @@ def _color(pattern, side: str, seed: int) -> Coloring:
                                "largest-first (spread)"))
     best, order = min(candidates, key=lambda c: _n_colors(c[0]))
     passes, stale, improved = 0, 0, 0
-    budget = 12 if small else 6 if order.startswith(("largest-first", "random")) else 0
+    greedy = order.startswith(("largest-first", "random"))
+    budget = 12 if small else 6 if greedy else 0
     budget = min(budget, max(1, 3000 // max(_n_colors(best), 1)))  # each pass loops over the classes
     # A structured colouring close to the bound gets one pass: passes that re-colour a lattice class by class
     # did not improve one in any problem measured (a Brusselator's lattice mod 8 against the largest net's bound of
     # 6, before the packing bound of 7: three passes, a third of its colouring time then, for the same 8).
     # One from the bound, it gets none: that pass was a fifth of the Brusselator's colouring (2 of 10 ms, lattice
     # mod 8 against a bound of 7), and a pass takes a colour off a lattice only by luck.
-    greedy = order.startswith(("largest-first", "random"))
     patience = 1 if close and not greedy else 3
     if close and not greedy and _n_colors(best) <= lb + 1:
         budget = 0
