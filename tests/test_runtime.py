@@ -153,6 +153,80 @@ def test_a_method_that_fails_at_run_time_hands_over_to_the_next(monkeypatch):
     assert autojac.plan(f, x, mode="reverse").name != p.name
 
 
+def test_a_fixed_plan_whose_method_fails_hands_over_without_running_it_again(monkeypatch):
+    # A call of a ready plan (NOTE: [A ready plan's call]) that fails is one failed attempt: the next method
+    # follows, and the failed one is not run a second time (each run evaluates f).
+    x = x8()
+    p = autojac.plan(f, x, mode="reverse")
+    autojac.jacobian(f, x, plan=p)  # the plan's method is verified: later calls of it are ready calls
+    chosen = _methods.method(p.mode, p.vectorize, p.engine)
+    runs = []
+
+    def broken(self, state, basis):
+        runs.append(basis[0].shape[0])
+        raise RuntimeError("something the plan's calls did not see")
+
+    monkeypatch.setattr(type(chosen), "chunk", broken)
+    got = autojac.jacobian(f, x, plan=p)
+    assert_same_structure_and_close(got, reference(f, x))
+    assert len(runs) == 1
+    report = autojac.last_report()
+    assert report.events[0].startswith(f"{p.name} failed (RuntimeError: something the plan's calls did not see")
+    assert report.method != p.name
+
+
+def test_a_fixed_plan_out_of_memory_halves_its_chunks_on_one_evaluation(monkeypatch):
+    x = x8()
+    evaluations = []
+
+    def counted(t):
+        evaluations.append(1)
+        return f(t)
+
+    p = autojac.plan(counted, x, mode="reverse", vectorize="vmap", chunk_size=30)
+    autojac.jacobian(counted, x, plan=p)
+    method = _methods.method(p.mode, p.vectorize, p.engine)
+    real = type(method).chunk
+    sizes = []
+
+    def chunk_that_runs_out_above_4(self, state, basis):
+        sizes.append(basis[0].shape[0])
+        if basis[0].shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, state, basis)
+
+    monkeypatch.setattr(type(method), "chunk", chunk_that_runs_out_above_4)
+    evaluations.clear()
+    got = autojac.jacobian(counted, x, plan=p)
+    assert_same_structure_and_close(got, reference(f, x))
+    assert sizes[:3] == [30, 15, 6] and sum(sizes[3:]) == 30
+    assert len(evaluations) == 1 and autojac.last_report().method == p.name
+
+
+def test_a_fixed_repeat_plan_checks_the_chunk_sizes_it_was_halved_to(monkeypatch):
+    # The repeat trick's answer can depend on the chunk size (a batch-mixing f), so sizes met only after running
+    # out of memory are checked, in a ready plan's call too.
+    x = x8()
+    p = autojac.plan(f, x, mode="reverse", vectorize="repeat", chunk_size=30)
+    autojac.jacobian(f, x, plan=p)
+    method = _methods.method(p.mode, p.vectorize, p.engine)
+    real = type(method).chunk
+
+    def chunk_that_runs_out_above_4(self, state, basis):
+        if basis[0].shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, state, basis)
+
+    monkeypatch.setattr(type(method), "chunk", chunk_that_runs_out_above_4)
+    got = autojac.jacobian(f, x, plan=p)
+    assert_same_structure_and_close(got, reference(f, x))
+    report = autojac.last_report()
+    assert report.method == p.name and report.verified and max(report.chunk_sizes) <= 4
+    monkeypatch.setattr(type(method), "chunk", real)
+    autojac.jacobian(f, x, plan=p)  # back at 30: checked before, so not checked again
+    assert not autojac.last_report().verified
+
+
 def test_explicit_method_that_fails_says_what_to_do(monkeypatch):
     x = x8()
     monkeypatch.setattr(type(_methods.method("forward", "vmap")), "chunk",
