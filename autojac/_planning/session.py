@@ -1181,21 +1181,23 @@ def fixed_call(call: Call, entry: PlanEntry, name: str, chunk_size: int) -> obje
 
 
 # NOTE: [A ready plan's call]
-# A call that measures nothing (a settled plan, or `plan=`) whose method was checked at the chunk sizes it will
-# run, with nothing asked of this call (no new values to check, no bar, no structure), only prepares the method,
-# pushes its chunks and assembles. The general attempt below does that too, among the bookkeeping every other
-# call needs (sizers, memory learning, checks, switching incumbents); skipping that bookkeeping took 23-77 us off
-# a call of 0.5-1.3 ms (interleaved means, the benchmark's loss_wrt_weights and per_sample_mlp, 2-core CPU). A
-# ready run that fails is handled as a failed attempt, and the other candidates follow as they would.
+# A call of a plan's method that was checked at the chunk sizes it will run, with nothing asked of this call but
+# its time (no memory to learn again, no new values to check, no bar, no structure), only prepares the method,
+# pushes its chunks, assembles, and (while the plan is not settled) times that. The general attempt below does
+# the same among the bookkeeping other calls need (sizers, memory learning, checks, switching incumbents);
+# skipping it took 23-77 us off a call of 0.5-1.3 ms (interleaved means, `plan=` calls of the benchmark's
+# loss_wrt_weights and per_sample_mlp, 2-core CPU). A ready run that fails is handled as a failed attempt, and
+# the other candidates follow as they would.
 
 def _ready_chunk(call: Call, entry: PlanEntry, timed: bool, first: str | None, chunk_size: int | None):
     """(name, chunk size) when this call is a ready plan's call (NOTE: [A ready plan's call]), else None."""
     problem = entry.problem
-    if timed or problem.layout is not None or call.must_verify or entry.reverify:
+    if problem.layout is not None or call.must_verify or entry.reverify:
         return None
     name = first or entry.incumbent
     stats = entry.stats[name]
     if ((first is None and stats.status == "failed") or not stats.verified or not stats.runs
+            or _relearn_memory(call, entry, stats, timed, chunk_size)
             or call.options.progress or (call.options.progress is None and (stats.best or 0.0) > PROGRESS_AFTER_SECONDS)
             or (stats.method.vectorize == "repeat" and not entry.batch_aware_checked)):
         return None
@@ -1242,8 +1244,12 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         stats = entry.stats[done]
         try:
             with grad_mode(call.options.create_graph):
-                assembler, log, _, _, state = call.run(stats.method, problem, FixedChunks(k, trim_between=_trimming(call)))
-                result = assembler.result()
+                assembler, log, _, seconds, state = call.run(stats.method, problem, FixedChunks(k, trim_between=_trimming(call)))
+                if timed:  # the plan's own time, for its stats: as the general attempt takes it
+                    result, collecting = call.collect(assembler)
+                    call.work_seconds = seconds + collecting
+                else:
+                    result = assembler.result()
                 sizes = [c.size for c in log.chunks]
                 if stats.unchecked_sizes(sizes):  # a repeat method's chunks, halved after running out of memory
                     _check_run(call, problem, done, stats, state, assembler, result, sizes)
