@@ -162,3 +162,25 @@ def test_a_repeat_plan_is_checked_again_when_a_captured_weight_makes_f_mix_rows(
                 continue
             torch.testing.assert_close(got, reference(f, x), msg=f"call {i} {options}")
     assert refused == 20
+
+
+def test_a_repeat_plan_run_by_plan_is_checked_on_new_values_whatever_the_incumbent():
+    """A `Plan` names the method it runs, which need not be its entry's incumbent now (later calls can switch
+    it): new captured values are checked for the method that runs (found by a second reader: the check looked
+    at the incumbent, a vmap method, and a repeat `plan=` call on a batch-mixing weight was answered wrongly)."""
+    import dataclasses
+
+    m = torch.zeros((), dtype=torch.float64)
+
+    def f(x):
+        y = torch.sin(x)
+        return y + m * y.roll(1, 0)
+
+    x = torch.randn(16, dtype=torch.float64)
+    p = autojac.plan(f, x, mode="reverse")
+    repeat = dataclasses.replace(p, vectorize="repeat", engine="")
+    assert p.entry.stats[repeat.name].method.vectorize == "repeat" and p.entry.incumbent != repeat.name
+    torch.testing.assert_close(autojac.jacobian(f, x, plan=repeat), reference(f, x))
+    m.fill_(1.0)
+    torch.testing.assert_close(autojac.jacobian(f, x, plan=repeat), reference(f, x))
+    assert autojac.last_report().verified

@@ -153,6 +153,45 @@ def test_a_method_that_fails_at_run_time_hands_over_to_the_next(monkeypatch):
     assert autojac.plan(f, x, mode="reverse").name != p.name
 
 
+def test_a_ready_call_takes_the_short_path_and_f_s_own_errors_come_unchained(monkeypatch):
+    # NOTE: [A ready plan's call]: a checked plan's call does not go through the general attempts.
+    from autojac._planning import session
+
+    x = x8()
+    state = {"fail": False}
+
+    def g(t):
+        if state["fail"]:
+            raise KeyError("g's own")
+        return torch.tanh(t @ W.T)
+
+    p = autojac.plan(g, x)
+    autojac.jacobian(g, x, plan=p)
+
+    def no_general_attempt(*args):
+        raise AssertionError("a ready call went through the general attempts")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(session, "_attempts", no_general_attempt)
+        assert_same_structure_and_close(autojac.jacobian(g, x, plan=p), reference(g, x))
+    state["fail"] = True
+    with pytest.raises(KeyError, match="g's own") as info:
+        autojac.jacobian(g, x, plan=p)
+    assert info.value.__context__ is None  # not "during handling of" the failed run
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="heap trimming is for the CPU")
+def test_a_budgeted_plan_run_by_plan_returns_free_heap_between_chunks_as_its_own_calls_do(monkeypatch):
+    from autojac._execute import run
+
+    x = x8()
+    p = autojac.plan(f, x, mode="reverse", vectorize="vmap", chunk_size=10, memory_budget="1GiB")
+    trims = []
+    monkeypatch.setattr(run, "release_free_heap", lambda: trims.append(1))
+    assert_same_structure_and_close(autojac.jacobian(f, x, plan=p), reference(f, x))
+    assert len(trims) >= 3  # between the 3 chunks of 10, and after them
+
+
 def test_a_fixed_plan_whose_method_fails_hands_over_without_running_it_again(monkeypatch):
     # A call of a ready plan (NOTE: [A ready plan's call]) that fails is one failed attempt: the next method
     # follows, and the failed one is not run a second time (each run evaluates f).

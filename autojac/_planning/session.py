@@ -464,7 +464,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
                       room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
                       timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
-                      reserve_bytes=reserve + entry.fixed_prior(m), trim_between=_trimming(call))
+                      reserve_bytes=reserve + entry.fixed_prior(m), trim_between=_trimming(call, entry))
         progress = Progress(options.progress, n, m.name)
         adopted = False
         verdict: dict[str, object] = {}
@@ -782,10 +782,10 @@ def _took_over(call: Call, made: Call) -> None:
     call.chunks, call.verified, call.method_name = made.chunks, made.verified, made.method_name
 
 
-def _trimming(call: Call) -> bool:
+def _trimming(call: Call, entry: PlanEntry) -> bool:
     """Return free heap memory between chunks: on the CPU under a budget the caller gave (see
-    `meter.release_free_heap`; about a millisecond a chunk)."""
-    return call.device.type == "cpu" and call.options.budget is not None
+    `meter.release_free_heap`; about a millisecond a chunk). The plan's budget: a `plan=` call gives none."""
+    return call.device.type == "cpu" and entry.options.budget is not None
 
 
 def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph | None, entry: PlanEntry,
@@ -1053,11 +1053,14 @@ def check_strict(graph: PlainGraph, who: str) -> None:
 # the new values (NOTE: [A pattern found again]; a pattern the caller gave makes the plan dense).
 
 
-def _values_changed(call: Call, entry: PlanEntry) -> None:
+def _values_changed(call: Call, entry: PlanEntry, name: str | None = None) -> None:
     """A call on values other than those the plan was checked on is checked, if the plan's answer depends on
     them beyond what autograd sees: a sparsity pattern (NOTE: [Patterns and values]), or a repeat method
-    (whether `f` is batch-aware can depend on a captured weight: `m * y.roll(1, 0)` is, at m = 0)."""
-    repeat = entry.incumbent is not None and entry.chosen().method.vectorize == "repeat"
+    (whether `f` is batch-aware can depend on a captured weight: `m * y.roll(1, 0)` is, at m = 0): the
+    incumbent, or `name`, the method this call runs instead (a `plan=` made when another was the incumbent,
+    a trial)."""
+    repeat = ((entry.incumbent is not None and entry.chosen().method.vectorize == "repeat")
+              or (name is not None and entry.stats[name].method.vectorize == "repeat"))
     if entry.problem.layout is None and not repeat:
         return
     now = call.f.value_sources()
@@ -1174,7 +1177,7 @@ def _look_for_structure(call: Call, entry: PlanEntry) -> None:
 
 def fixed_call(call: Call, entry: PlanEntry, name: str, chunk_size: int) -> object:
     """`jacobian(plan=...)`: exactly that method and chunk size, no exploration (fallbacks only on failure)."""
-    _values_changed(call, entry)
+    _values_changed(call, entry, name)
     result = _incumbent(call, entry, timed=False, first=name, chunk_size=chunk_size)
     _values_checked(call, entry)
     return result
@@ -1244,7 +1247,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         stats = entry.stats[done]
         try:
             with grad_mode(call.options.create_graph):
-                assembler, log, _, seconds, state = call.run(stats.method, problem, FixedChunks(k, trim_between=_trimming(call)))
+                assembler, log, _, seconds, state = call.run(stats.method, problem, FixedChunks(k, trim_between=_trimming(call, entry)))
                 if timed:  # the plan's own time, for its stats: as the general attempt takes it
                     result, collecting = call.collect(assembler)
                     call.work_seconds = seconds + collecting
@@ -1256,10 +1259,11 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         except OutputsChanged:
             raise
         except Exception as exc:  # noqa: BLE001
-            _after_failure(call, entry, stats, exc, failures)
+            failure = exc
         else:
             call.method_name = done
             return result
+        _after_failure(call, entry, stats, failure, failures)  # outside the handler: f's own error unchained
     for name in _attempts(entry, first):
         if name == done:
             continue  # the ready run's method, which failed
@@ -1275,7 +1279,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                           room_bytes=room, prior_bytes_per_vector=prior, timed=True,
                           reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m),
                           measured=(call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room,
-                          minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, trim_between=_trimming(call))
+                          minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, trim_between=_trimming(call, entry))
         elif relearn := _relearn_memory(call, entry, stats, timed, chunk_size):
             # NOTE: [Memory learned again in a warm process]: a first call's chunk peaks include the process's
             # one-time costs (kernels' first-use pages and workspaces), charged to the chunks that met them, so a
@@ -1284,10 +1288,10 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             # The plan's chunk size was measured within the budget: never below it (a line drawn through the
             # few sizes this call measures can be steeper than the truth).
             sizer = Sizer(None, room_bytes=room, timed=True, measured=True, first=stats.chunk_size,
-                          minimum=stats.chunk_size, trim_between=_trimming(call))
+                          minimum=stats.chunk_size, trim_between=_trimming(call, entry))
         else:
             sizer = FixedChunks(chunk_size if (name == first and chunk_size) else entry.chunk_size(name),
-                                trim_between=_trimming(call))
+                                trim_between=_trimming(call, entry))
         progress = None
         if call.options.progress or (call.options.progress is None and (stats.best or 0.0) > PROGRESS_AFTER_SECONDS):
             progress = Progress(call.options.progress, n, name)
@@ -1401,6 +1405,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
             return _trial_failed(call, entry, stats, exc, checking)
         with entry.lock:
             entry.credit -= time.perf_counter() - checking
+    if m.vectorize == "repeat" and not call.must_verify:
+        _values_changed(call, entry, m.name)  # checked on values other than its batch-aware check's
     began = time.perf_counter()
     room = entry.room_bytes()
     line = inc.memory_line()
@@ -1411,7 +1417,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     fixed = entry.options.chunk_size  # the caller's chunk size holds for trials too: they run as the plan would
     sizer = Sizer(trial.slice_vectors if fixed is None else min(trial.slice_vectors, fixed, max(n, 1)), timed=True,
                   measured=measured, room_bytes=room, prior_bytes_per_vector=prior,
-                  reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m), trim_between=_trimming(call),
+                  reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m), trim_between=_trimming(call, entry),
                   cap_fixed=True)
     call.trial = m.name
     verdict = {"stopped": False}
@@ -1490,25 +1496,29 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
         with grad_mode(call.options.create_graph):
             assembler, inc_log, _, _, inc_state = call.run(inc.method, problem,
                                                            FixedChunks(entry.chunk_size(inc.method.name),
-                                                                       _trimming(call)),
+                                                                       _trimming(call, entry)),
                                                            start=position, assembler=assembler)
             result = assembler.result()
             # Both parts are checked unless each ran as it was checked before: a repeat method at a chunk size
             # of its own (the rest of the basis can make the incumbent's last chunk one it never ran).
             rest = [c.size for c in inc_log.chunks]
             slice_unchecked = not stats.verified or stats.unchecked_sizes([log.chunks[0].size])
-            if slice_unchecked or inc.unchecked_sizes(rest):
+            if slice_unchecked or inc.unchecked_sizes(rest) or call.must_verify:
                 checking = time.perf_counter()
                 w = random_cotangents(problem)
                 reference = _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)
                 try:
                     check_against(m.name, assembler.checkable(result), w, reference, problem)
+                    call.verified = True
                     stats.verified = True
                     stats.checked_sizes.add(log.chunks[0].size)
                     inc.checked_sizes.update(rest)
                 except VerificationError as exc:  # the unchecked part was wrong: the incumbent redoes the call
                     with entry.lock:
-                        _record_failure(entry, stats if slice_unchecked else inc, exc, call, [])
+                        # The part that ran unchecked, or on new values the repeat trick's (NOTE: [A repeat plan
+                        # on changing values]).
+                        culprit = stats if slice_unchecked or m.vectorize == "repeat" else inc
+                        _record_failure(entry, culprit, exc, call, [])
                     return _incumbent(call, entry, timed=True)
                 finally:
                     with entry.lock:
