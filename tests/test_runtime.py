@@ -113,19 +113,24 @@ def test_cache_follows_bound_methods_and_modules():
     assert autojac.plan(net.forward, x).entry is autojac.plan(net.forward, x).entry
 
 
-def test_out_of_memory_halves_the_chunk_and_keeps_the_result(monkeypatch):
-    x = x8()
-    method = _methods.method("reverse", "vmap", "func")
+def _run_out_of_memory_above(monkeypatch, method, limit: int) -> list[int]:
+    """Make `method`'s chunks of more than `limit` vectors raise CUDA's out-of-memory error; the sizes tried."""
     real = type(method).chunk
-    sizes = []
+    sizes: list[int] = []
 
-    def chunk_that_runs_out_above_4(self, state, basis):
+    def chunk_that_runs_out(self, state, basis):
         sizes.append(basis[0].shape[0])
-        if basis[0].shape[0] > 4:
+        if basis[0].shape[0] > limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, state, basis)
 
-    monkeypatch.setattr(type(method), "chunk", chunk_that_runs_out_above_4)
+    monkeypatch.setattr(type(method), "chunk", chunk_that_runs_out)
+    return sizes
+
+
+def test_out_of_memory_halves_the_chunk_and_keeps_the_result(monkeypatch):
+    x = x8()
+    sizes = _run_out_of_memory_above(monkeypatch, _methods.method("reverse", "vmap", "func"), 4)
     got = autojac.jacobian(f, x, mode="reverse", vectorize="vmap", chunk_size=30)
     assert_same_structure_and_close(got, reference(f, x))
     assert sizes[:3] == [30, 15, 6]  # 30 fails, 15 fails, 7 balances to 6 and fails
@@ -153,17 +158,24 @@ def test_a_method_that_fails_at_run_time_hands_over_to_the_next(monkeypatch):
     assert autojac.plan(f, x, mode="reverse").name != p.name
 
 
-def test_a_ready_call_takes_the_short_path_and_f_s_own_errors_come_unchained(monkeypatch):
-    # NOTE: [A ready plan's call]: a checked plan's call does not go through the general attempts.
-    from autojac._planning import session
-
-    x = x8()
+def _failing_on_demand():
+    """A function that raises its own KeyError once `state["fail"]` is set; (function, state)."""
     state = {"fail": False}
 
     def g(t):
         if state["fail"]:
             raise KeyError("g's own")
         return torch.tanh(t @ W.T)
+
+    return g, state
+
+
+def test_a_ready_call_takes_the_short_path_and_f_s_own_errors_come_unchained(monkeypatch):
+    # NOTE: [A ready plan's call]: a checked plan's call does not go through the general attempts.
+    from autojac._planning import session
+
+    x = x8()
+    g, state = _failing_on_demand()
 
     p = autojac.plan(g, x)
     autojac.jacobian(g, x, plan=p)
@@ -224,17 +236,7 @@ def test_a_fixed_plan_out_of_memory_halves_its_chunks_on_one_evaluation(monkeypa
 
     p = autojac.plan(counted, x, mode="reverse", vectorize="vmap", chunk_size=30)
     autojac.jacobian(counted, x, plan=p)
-    method = _methods.method(p.mode, p.vectorize, p.engine)
-    real = type(method).chunk
-    sizes = []
-
-    def chunk_that_runs_out_above_4(self, state, basis):
-        sizes.append(basis[0].shape[0])
-        if basis[0].shape[0] > 4:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, state, basis)
-
-    monkeypatch.setattr(type(method), "chunk", chunk_that_runs_out_above_4)
+    sizes = _run_out_of_memory_above(monkeypatch, _methods.method(p.mode, p.vectorize, p.engine), 4)
     evaluations.clear()
     got = autojac.jacobian(counted, x, plan=p)
     assert_same_structure_and_close(got, reference(f, x))
@@ -250,13 +252,7 @@ def test_a_fixed_repeat_plan_checks_the_chunk_sizes_it_was_halved_to(monkeypatch
     autojac.jacobian(f, x, plan=p)
     method = _methods.method(p.mode, p.vectorize, p.engine)
     real = type(method).chunk
-
-    def chunk_that_runs_out_above_4(self, state, basis):
-        if basis[0].shape[0] > 4:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, state, basis)
-
-    monkeypatch.setattr(type(method), "chunk", chunk_that_runs_out_above_4)
+    _run_out_of_memory_above(monkeypatch, method, 4)
     got = autojac.jacobian(f, x, plan=p)
     assert_same_structure_and_close(got, reference(f, x))
     report = autojac.last_report()
@@ -278,12 +274,7 @@ def test_explicit_method_that_fails_says_what_to_do(monkeypatch):
 
 def test_f_failing_later_with_its_own_error_propagates_unchanged():
     x = x8()
-    state = {"fail": False}
-
-    def g(t):
-        if state["fail"]:
-            raise KeyError("g's own")
-        return torch.tanh(t @ W.T)
+    g, state = _failing_on_demand()
 
     autojac.jacobian(g, x)
     state["fail"] = True
