@@ -155,6 +155,15 @@ class FixedChunks:
         self.chunk_size = max(1, failed // 2)
         return self.chunk_size
 
+    def sizes(self, n: int) -> set[int]:
+        """The chunk sizes a run of n vectors takes, none running out of memory."""
+        sizes, left = set(), n
+        while left > 0:
+            size = self.next(left)
+            sizes.add(size)
+            left -= size
+        return sizes
+
 
 def run_method(method: Method, f: Callable, xs: Sequence[torch.Tensor], problem: Problem, chunk_size: int,
                create_graph: bool = False, events: list[str] | None = None) -> object:

@@ -1205,15 +1205,21 @@ def _ready_chunk(call: Call, entry: PlanEntry, timed: bool, first: str | None, c
             or (stats.method.vectorize == "repeat" and not entry.batch_aware_checked)):
         return None
     k = chunk_size if (first is not None and chunk_size) else entry.chunk_size(name)
-    if stats.method.vectorize == "repeat":  # each chunk size is checked once (`unchecked_sizes`)
-        sizer, left, sizes = FixedChunks(k), stats.method.passes(problem.col_passes, problem.row_passes), set()
-        while left > 0:
-            size = sizer.next(left)
-            sizes.add(size)
-            left -= size
-        if stats.unchecked_sizes(sizes):
-            return None
+    if stats.method.vectorize == "repeat" and stats.unchecked_sizes(
+            FixedChunks(k).sizes(stats.method.passes(problem.col_passes, problem.row_passes))):
+        return None  # a repeat method's chunk size not checked yet (each is checked once)
     return name, k
+
+
+def _run_whole(call: Call, m: MethodId, problem: Problem, sizer, timed: bool, progress: Progress | None = None):
+    """Run `m` on the whole basis: (assembler, result, log, state). Timed, the run and its assembly are the
+    call's `work_seconds` (the method's own time, as its stats keep it)."""
+    assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
+    if not timed:
+        return assembler, assembler.result(), log, state
+    result, collecting = call.collect(assembler)
+    call.work_seconds = seconds + collecting
+    return assembler, result, log, state
 
 
 def _check_run(call: Call, problem: Problem, name: str, stats, state, assembler, result, sizes) -> None:
@@ -1247,12 +1253,8 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         stats = entry.stats[done]
         try:
             with grad_mode(call.options.create_graph):
-                assembler, log, _, seconds, state = call.run(stats.method, problem, FixedChunks(k, trim_between=_trimming(call, entry)))
-                if timed:  # the plan's own time, for its stats: as the general attempt takes it
-                    result, collecting = call.collect(assembler)
-                    call.work_seconds = seconds + collecting
-                else:
-                    result = assembler.result()
+                assembler, result, log, state = _run_whole(call, stats.method, problem,
+                                                           FixedChunks(k, trim_between=_trimming(call, entry)), timed)
                 sizes = [c.size for c in log.chunks]
                 if stats.unchecked_sizes(sizes):  # a repeat method's chunks, halved after running out of memory
                     _check_run(call, problem, done, stats, state, assembler, result, sizes)
@@ -1299,13 +1301,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
         try:
             _batch_aware_once(call, entry, m)  # once per plan; a no-op for other methods
             with grad_mode(call.options.create_graph):
-                assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
-                if timed or unmeasured:
-                    result, collecting = call.collect(assembler)
-                    seconds += collecting
-                    call.work_seconds = seconds
-                else:
-                    result = assembler.result()
+                assembler, result, log, state = _run_whole(call, m, problem, sizer, timed or unmeasured, progress)
                 sizes = [c.size for c in log.chunks]
                 if ((not stats.verified or entry.reverify or call.must_verify or stats.unchecked_sizes(sizes))
                         and not (m.is_reference and problem.layout is None)):
@@ -1332,7 +1328,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                     if relearn and before is not None and stats.chunk_size is not None:
                         stats.chunk_size = max(stats.chunk_size, before)
                 if unmeasured:
-                    stats.add_run(seconds)
+                    stats.add_run(call.work_seconds)
                 if name != entry.incumbent and first is None:
                     entry.events.append(f"{entry.incumbent} failed at run time; {name} took over")
                     entry.stats[entry.incumbent].status = "failed"
@@ -1450,11 +1446,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
             if position == n:
                 result, collecting = call.collect(assembler)
                 seconds += collecting
-                w = random_cotangents(problem)
-                reference = _same_graph_reference(m, state, w) or call.reference(problem, w)
-                check_against(m.name, assembler.checkable(result), w, reference, problem)
-                call.verified = True
-                stats.checked_sizes.update(c.size for c in log.chunks)
+                _check_run(call, problem, m.name, stats, state, assembler, result, [c.size for c in log.chunks])
     except OutputsChanged:
         raise
     except Exception as exc:  # noqa: BLE001
