@@ -455,7 +455,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         n = m.passes(problem.col_passes, problem.row_passes)
         stats = entry.stats[m.name]
         room = entry.room_bytes()
-        measured = (call.meter.kind != "none") and room is not None and n * bound_prior > MEASURE_WHEN_PRIOR_ABOVE * room
+        run_bound = n * bound_prior
+        if not measured_forward and device.type == "cpu":  # NOTE: [A run's memory bounded by its pace]
+            run_bound = min(run_bound, _paced_bound(m, n, graph_bound, entry.facts.probe_seconds_per_vector, problem))
+        measured = (call.meter.kind != "none") and room is not None and run_bound > MEASURE_WHEN_PRIOR_ABOVE * room
         first = _long_run_first_chunk(n, vjp_seconds)
         if measured and not measured_forward:  # learn the memory line on an eighth of the basis first
             first = min(first or n, max(2, -(-n // STRUCTURE_SLICES)))
@@ -878,6 +881,33 @@ def _nonzero_share(parts, k: int, problem: Problem) -> float | None:
 # The run starts after them, so the probe costs a first call one chunk boundary instead of PROBE_VECTORS
 # vectors; the safety net checks the assembled whole as before. Not kept under `create_graph` (the probe
 # builds no graph) or with a pattern's seeds (the probe pushes dense rows).
+
+
+# NOTE: [A run's memory bounded by its pace]
+# Unmeasured, the first evaluation's memory is bounded by its time (CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND per
+# thread), and a first call measures its chunks when n vectors at PRIOR_FACTOR times that bound each could
+# take over MEASURE_WHEN_PRIOR_ABOVE of the room. That bound follows the evaluation's time, and so its noise: a
+# gated layer evaluated in 0.1-0.25 ms crossed the line on most first calls (256 rows at 11.5 GiB of room),
+# and a measured run is split to learn its memory line on an eighth of the basis and trims the heap before
+# each chunk (malloc_trim, then the pages touched afresh): first calls of 9-12 ms against 4-7 ms unmeasured
+# (tuple_inputs, per_sample_mlp and pde_residual large/small of the suite, 2-core CPU). Where the engine probe
+# timed vectors pushed batched through the backward (`probe_seconds_per_vector`, their whole time over their
+# count, so it carries the batch's fixed work too), a reverse vmap run's vectors are bounded the same way by
+# that pace: k vectors batched touch what their time allows, and their tensors grow linearly in k. So such a
+# run is bounded by n times the pace's bytes (with the seed and the row it writes), plus, for the torch.func
+# engine, its own evaluation of `f` (the first evaluation's bound); the smaller bound decides. The per-vector
+# tensors are the gradients of the same intermediates on either engine, and the threshold keeps a factor 4 of
+# the room for what the bound misses.
+
+
+def _paced_bound(m: MethodId, n: int, graph_bound: int, pace: float | None, problem: Problem) -> float:
+    """A reverse vmap run's memory bounded by the engine probe's pace (NOTE: [A run's memory bounded by its
+    pace]); infinite for other methods, or without a probe."""
+    if pace is None or (m.mode, m.vectorize) != ("reverse", "vmap"):
+        return math.inf
+    per_vector = CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * pace
+    own_evaluation = graph_bound if m.engine == "func" else 0
+    return own_evaluation + n * (per_vector + problem.in_bytes + problem.out_bytes)
 
 
 def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
