@@ -208,8 +208,13 @@ def jacobian(
         a running average that is not a module buffer), the plan settles on the
         method that worked: each call evaluates `f` once and nothing is explored.
       - Chunks: the whole basis if a prior (twice the forward pass plus one input
-        and one output per vector) says it fits the budget with room to spare;
-        otherwise a first chunk that fits by that prior, measured (CUDA allocator
+        and one output per vector) says it fits the budget with room to spare.
+        On the CPU without a budget the forward pass is not measured: it is
+        bounded by its time at twice the fastest rate pages were touched, and a
+        reverse vmap run the probe timed by the probe's pace a vector (the
+        smaller bound decides); chunks are measured only when that bound over
+        the basis passes a quarter of the room. Otherwise
+        a first chunk that fits by that prior, measured (CUDA allocator
         peak, or the process's peak RSS on Linux), then chunks that grow at most
         4x at a time while the measured line says they fit and a larger chunk
         still saves time per vector, and take all that is left at once when the

@@ -890,24 +890,25 @@ def _nonzero_share(parts, k: int, problem: Problem) -> float | None:
 # gated layer evaluated in 0.1-0.25 ms crossed the line on most first calls (256 rows at 11.5 GiB of room),
 # and a measured run is split to learn its memory line on an eighth of the basis and trims the heap before
 # each chunk (malloc_trim, then the pages touched afresh): first calls of 9-12 ms against 4-7 ms unmeasured
-# (tuple_inputs, per_sample_mlp and pde_residual large/small of the suite, 2-core CPU). Where the engine probe
-# timed vectors pushed batched through the backward (`probe_seconds_per_vector`, their whole time over their
-# count, so it carries the batch's fixed work too), a reverse vmap run's vectors are bounded the same way by
-# that pace: k vectors batched touch what their time allows, and their tensors grow linearly in k. So such a
-# run is bounded by n times the pace's bytes (with the seed and the row it writes), plus, for the torch.func
-# engine, its own evaluation of `f` (the first evaluation's bound); the smaller bound decides. The per-vector
-# tensors are the gradients of the same intermediates on either engine, and the threshold keeps a factor 4 of
-# the room for what the bound misses.
+# (the suite's tuple_inputs and per_sample_mlp, large; 2-core CPU). Where the engine probe
+# timed vectors pushed batched through torch.autograd's backward (`probe_seconds_per_vector`, their whole time
+# over their count, so it carries the batch's fixed work too), a run on that engine is bounded the same way by
+# that pace: k vectors batched touch what their time allows, and their tensors grow linearly in k. So the run
+# is bounded by n times the pace's bytes (with the seed and the row it writes) plus the plain graph it runs on
+# (the first evaluation's bound, once); the smaller bound decides. Both bounds are upper bounds already (twice
+# the fastest touch rate measured), so the pace's is not doubled again as the prior is; the threshold keeps a
+# factor 4 of the room for what it misses. Not for the torch.func engine: its batching rules differ from
+# torch.autograd's (for `W @ x` the autograd engine runs one bmm over copies of W, 20x slower than torch.func:
+# see VMAP_PER_VJP), so the autograd engine's pace bounds nothing of it.
 
 
 def _paced_bound(m: MethodId, n: int, graph_bound: int, pace: float | None, problem: Problem) -> float:
-    """A reverse vmap run's memory bounded by the engine probe's pace (NOTE: [A run's memory bounded by its
-    pace]); infinite for other methods, or without a probe."""
-    if pace is None or (m.mode, m.vectorize) != ("reverse", "vmap"):
+    """A run on torch.autograd's vmap bounded by the engine probe's pace on it (NOTE: [A run's memory bounded by
+    its pace]); infinite for other methods, or without a probe."""
+    if pace is None or (m.mode, m.vectorize, m.engine) != ("reverse", "vmap", "autograd"):
         return math.inf
     per_vector = CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * pace
-    own_evaluation = graph_bound if m.engine == "func" else 0
-    return own_evaluation + n * (per_vector + problem.in_bytes + problem.out_bytes)
+    return graph_bound + n * (per_vector + problem.in_bytes + problem.out_bytes)
 
 
 def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
