@@ -211,7 +211,7 @@ def jacobian(
         and one output per vector) says it fits the budget with room to spare.
         On the CPU without a budget the forward pass is not measured: it is
         bounded by its time at twice the fastest rate pages were touched, and a
-        reverse vmap run the probe timed by the probe's pace a vector (the
+        run on torch.autograd's vmap by the probe's pace a vector (the
         smaller bound decides); chunks are measured only when that bound over
         the basis passes a quarter of the room. Otherwise
         a first chunk that fits by that prior, measured (CUDA allocator

@@ -306,7 +306,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     # Not measured: the forward pass is bounded by how fast pages can be touched. The bound decides whether
     # chunks must be measured, not their size (it is far above most real forward passes).
     graph_bound = graph_bytes if measured_forward else (
-        int(CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * region.seconds) if device.type == "cpu" else 0)
+        int(_touchable_bytes(region.seconds)) if device.type == "cpu" else 0)
     graph_bytes = graph_bytes or 0
     forward_bytes = graph_bytes if measured_forward else 0
     # NOTE: [Structure first when only a sparse result fits]
@@ -902,12 +902,17 @@ def _nonzero_share(parts, k: int, problem: Problem) -> float | None:
 # see VMAP_PER_VJP), so the autograd engine's pace bounds nothing of it.
 
 
+def _touchable_bytes(seconds: float) -> float:
+    """The most memory the CPU's threads can touch in `seconds` (CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND each)."""
+    return CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * seconds
+
+
 def _paced_bound(m: MethodId, n: int, graph_bound: int, pace: float | None, problem: Problem) -> float:
     """A run on torch.autograd's vmap bounded by the engine probe's pace on it (NOTE: [A run's memory bounded by
     its pace]); infinite for other methods, or without a probe."""
     if pace is None or (m.mode, m.vectorize, m.engine) != ("reverse", "vmap", "autograd"):
         return math.inf
-    per_vector = CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * pace
+    per_vector = _touchable_bytes(pace)
     return graph_bound + n * (per_vector + problem.in_bytes + problem.out_bytes)
 
 
