@@ -85,6 +85,29 @@ def largest_fitting(line: Line, room_bytes: float, n: int) -> int:
     return max(0, min(n, k))
 
 
+def fitting_size(line: Line, room_bytes: float, n: int, measured_up_to: int, new_size_reserve: float) -> int:
+    """The largest chunk size that fits by `line`: up to `measured_up_to` (sizes measured) in the whole room,
+    beyond it with `new_size_reserve` (at most a quarter of the room) kept back: NOTE: [A larger chunk meets
+    new workspaces]."""
+    k = largest_fitting(line, room_bytes, n)
+    if k <= measured_up_to or new_size_reserve <= 0:
+        return k
+    beyond = largest_fitting(line, room_bytes - min(new_size_reserve, room_bytes / 4), n)
+    return max(beyond, min(k, measured_up_to))
+
+
+# NOTE: [A larger chunk meets new workspaces]
+# A line through measured chunk peaks holds for chunk sizes the process has run; a larger chunk is a new shape
+# for the matrix kernels, whose per-thread packing buffers and workspaces (NOTE: [Why a CPU reserve]) appear in
+# the peak RSS the first time. wide_mlp (large, 64 MiB weights) in a fresh process, each size measured twice in
+# increasing order after malloc_trim: torch.autograd's vmap engine 12 -> 9.2 then 4.5 MiB, 46 -> 27.1 then
+# 17.5 MiB, 0.38 MiB a vector from the second run on; torch.func's 4.8-9.5 MiB above its line up to 60
+# vectors. A later call that learned its memory again (chunks 1, 4, 16, then 55 by the line) measured
+# 30.8 MiB where the line said 21.5 and the room was 26.9; the budget test's process went 0.2-0.5 MiB over a
+# 32.6 MiB budget on such calls. So a chunk beyond the sizes measured keeps the CPU reserve (at most a
+# quarter of the room: a tight budget must still grow) out of the room its line may fill; sizes already
+# measured may fill the room as their line says.
+
 def next_chunk(
     n_left: int,
     sizes_done: Sequence[int],
@@ -95,6 +118,8 @@ def next_chunk(
     minimum: int = 1,
     first: int | None = None,
     reserve_bytes: float = 0.0,
+    measured_up_to: int = 0,
+    new_size_reserve: float = 0.0,
 ) -> int:
     """How many basis vectors the next chunk of a growing run takes (before balancing).
 
@@ -102,6 +127,8 @@ def next_chunk(
       measured memory line lets fit, or before any measurement what the prior
       (bytes per vector, charged in full) lets fit in the room less `reserve_bytes`
       (workspaces a measurement would see, which the prior does not know).
+    - A chunk larger than any measured (`measured_up_to`) keeps `new_size_reserve` back (at most a quarter
+      of the room), see NOTE: [A larger chunk meets new workspaces].
     - The first chunk is at most `first` (a run expected to be long starts small,
       so that its time is known early); later chunks are at most GROWTH times the
       largest so far, and no larger than the largest once a larger chunk stopped
@@ -110,7 +137,7 @@ def next_chunk(
     if room_bytes is None:
         k = n_left
     elif memory is not None:
-        k = largest_fitting(memory, room_bytes, n_left)
+        k = fitting_size(memory, room_bytes, n_left, measured_up_to, new_size_reserve)
     elif prior_bytes_per_vector:
         k = int(max(room_bytes - reserve_bytes, 0) / MEMORY_SAFETY // prior_bytes_per_vector)
     else:

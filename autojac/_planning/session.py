@@ -49,7 +49,7 @@ from . import choose
 from .choose import Facts, MethodId
 from .entry import PlanEntry
 from .plan import RunReport, seconds_text
-from .cost_model import GROWTH, largest_fitting, n_chunks, paying_cap, projected_seconds
+from .cost_model import GROWTH, fitting_size, n_chunks, paying_cap, projected_seconds
 from .keys import largest_captured_bytes
 from .sizing import Sizer
 from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOK_PAYBACK_CALLS, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW,
@@ -467,7 +467,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
                       room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
                       timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
-                      reserve_bytes=reserve + entry.fixed_prior(m), trim_between=_trimming(call, entry))
+                      reserve_bytes=reserve + entry.fixed_prior(m), trim_between=_trimming(call, entry),
+                      new_size_reserve=reserve)
         progress = Progress(options.progress, n, m.name)
         adopted = False
         verdict: dict[str, object] = {}
@@ -548,7 +549,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                 # No structure worth it: the dense run goes on, its chunks no longer held to the slice's size.
                 sizer = Sizer(sizer.fixed, room_bytes=sizer.room, prior_bytes_per_vector=sizer.prior, memory=sizer.points,
                               timed=True, measured=sizer.measured, minimum=sizer.minimum, reserve_bytes=sizer.reserve,
-                              trim_between=sizer.trim_between)
+                              trim_between=sizer.trim_between, new_size_reserve=sizer.new_size_reserve)
                 with grad_mode(options.create_graph):
                     assembler, more, _, rest, state = call.run(m, problem, sizer, state=state, progress=progress,
                                                                start=position, assembler=assembler)
@@ -939,11 +940,11 @@ def _planned_chunk(entry: PlanEntry, stats) -> int | None:
     line = stats.memory_line()
     room = entry.room_bytes()
     if line is not None and room is not None:
-        fitting = largest_fitting(line, room, n)
-        # Later calls are not measured: no further than GROWTH times the largest chunk measured (a line drawn
-        # through small chunks does not see workspaces that only larger ones need).
+        # Later calls are not measured: beyond the largest chunk measured the CPU reserve is kept back (NOTE: [A
+        # larger chunk meets new workspaces]), and no further than GROWTH times it.
         measured = max((k for k, _ in stats.memory), default=n)
-        fitting = min(fitting, GROWTH * measured)
+        fitting = min(fitting_size(line, room, n, measured, untracked_reserve(entry.problem.inputs.device)),
+                      GROWTH * measured)
     if stats.pays_up_to is not None:
         fitting = min(fitting, stats.pays_up_to)
     return None if fitting >= n else max(fitting, 1)
@@ -1317,7 +1318,8 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                           room_bytes=room, prior_bytes_per_vector=prior, timed=True,
                           reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m),
                           measured=(call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room,
-                          minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, trim_between=_trimming(call, entry))
+                          minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, trim_between=_trimming(call, entry),
+                          new_size_reserve=untracked_reserve(call.device))
         elif relearn := _relearn_memory(call, entry, stats, timed, chunk_size):
             # NOTE: [Memory learned again in a warm process]: a first call's chunk peaks include the process's
             # one-time costs (kernels' first-use pages and workspaces), charged to the chunks that met them, so a
@@ -1326,7 +1328,8 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             # The plan's chunk size was measured within the budget: never below it (a line drawn through the
             # few sizes this call measures can be steeper than the truth).
             sizer = Sizer(None, room_bytes=room, timed=True, measured=True, first=stats.chunk_size,
-                          minimum=stats.chunk_size, trim_between=_trimming(call, entry))
+                          minimum=stats.chunk_size, trim_between=_trimming(call, entry),
+                          new_size_reserve=untracked_reserve(call.device))
         else:
             sizer = FixedChunks(chunk_size if (name == first and chunk_size) else entry.chunk_size(name),
                                 trim_between=_trimming(call, entry))
@@ -1450,7 +1453,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     sizer = Sizer(trial.slice_vectors if fixed is None else min(trial.slice_vectors, fixed, max(n, 1)), timed=True,
                   measured=measured, room_bytes=room, prior_bytes_per_vector=prior,
                   reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m), trim_between=_trimming(call, entry),
-                  cap_fixed=True)
+                  cap_fixed=True, new_size_reserve=untracked_reserve(call.device))
     call.trial = m.name
     verdict = {"stopped": False}
 

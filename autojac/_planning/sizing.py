@@ -19,7 +19,8 @@ class Sizer:
     def __init__(self, chunk_size: int | None = None, *, room_bytes: float | None = None,
                  prior_bytes_per_vector: float | None = None, memory: Sequence[tuple[int, float]] = (),
                  timed: bool = False, measured: bool = False, minimum: int = 1, first: int | None = None,
-                 reserve_bytes: float = 0.0, trim_between: bool = False, cap_fixed: bool = False) -> None:
+                 reserve_bytes: float = 0.0, trim_between: bool = False, cap_fixed: bool = False,
+                 new_size_reserve: float = 0.0) -> None:
         self.fixed = chunk_size
         self.trim_between = trim_between
         """Return free heap memory between chunks (CPU under a budget; see `meter.release_free_heap`)."""
@@ -27,6 +28,8 @@ class Sizer:
         """Hold a fixed chunk size to what the memory allows too (a trial's slice; a user's size is honoured)."""
         self.first = first
         self.reserve = reserve_bytes
+        self.new_size_reserve = new_size_reserve
+        """Kept back from the room by a chunk larger than any measured (NOTE: [A larger chunk meets new workspaces])."""
         self.room = room_bytes
         self.prior = prior_bytes_per_vector
         self.points = list(memory)
@@ -44,14 +47,17 @@ class Sizer:
             if self.cap_fixed and self.room is not None:
                 line = fit_line(self.points) if self.points else None
                 k = min(k, next_chunk(n_left, self.sizes, line, self.room, self.prior, self.rates, self.minimum,
-                                      None, self.reserve))
+                                      None, self.reserve, self._measured_up_to(), self.new_size_reserve))
         else:
             line = fit_line(self.points) if self.points else None
             k = next_chunk(n_left, self.sizes, line, self.room, self.prior, self.rates, self.minimum, self.first,
-                           self.reserve)
+                           self.reserve, self._measured_up_to(), self.new_size_reserve)
         if self.ceiling is not None:
             k = min(k, self.ceiling)
         return balanced(n_left, max(1, min(k, n_left)))
+
+    def _measured_up_to(self) -> int:
+        return max((k for k, _ in self.points), default=0)
 
     def observe(self, chunk: ChunkResult) -> None:
         self.sizes.append(chunk.size)
