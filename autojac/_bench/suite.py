@@ -46,8 +46,21 @@ def machine_name(device: torch.device) -> str:
     return f"cpu-{psutil.cpu_count(logical=True)}core"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the architecture: memory readings differ between
+    CPU vendors (the matrix kernels' workspaces), so results say which one they came from."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_text(device: torch.device) -> str:
-    text = f"{platform.processor() or platform.machine()}, {psutil.cpu_count(logical=True)} logical cores, " \
+    text = f"{cpu_model()}, {psutil.cpu_count(logical=True)} logical cores, " \
            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch {torch.__version__}, Python {platform.python_version()}"
     if device.type == "cuda":
         text = f"{torch.cuda.get_device_name(device)}; host: " + text
