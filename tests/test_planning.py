@@ -151,16 +151,16 @@ def test_growing_chunks_grow_at_most_4x_and_stop_when_a_larger_chunk_does_not_pa
 
 def test_a_chunk_beyond_the_sizes_measured_keeps_the_workspace_reserve_back():
     """NOTE: [A larger chunk meets new workspaces]: sizes measured may fill the room by their line; a larger one
-    leaves the reserve (at most a quarter of the room) for the kernels' first-use buffers."""
+    leaves the reserve for the kernels' first-use buffers."""
     line = cost_model.Line(0.0, 1.0)  # 1 byte a vector; 1.15 x the line must fit
     room = 1.15 * 100
     assert cost_model.fitting_size(line, room, 1000, measured_up_to=0, new_size_reserve=0) == 100
-    # measured up to 40: beyond it, the room less a reserve of 1.15 * 20 (under a quarter of the room)
+    # measured up to 40: beyond it, the room less a reserve of 1.15 * 20
     assert cost_model.fitting_size(line, room, 1000, measured_up_to=40, new_size_reserve=1.15 * 20) == 80
     # already measured at 90: up to there the whole room's line holds
     assert cost_model.fitting_size(line, room, 1000, measured_up_to=90, new_size_reserve=1.15 * 20) == 90
-    # a reserve larger than the room is held to a quarter of it: a tight budget still grows past 40
-    assert cost_model.fitting_size(line, room, 1000, measured_up_to=40, new_size_reserve=1e9) == 75
+    # a reserve larger than the room: no chunk beyond the sizes measured
+    assert cost_model.fitting_size(line, room, 1000, measured_up_to=40, new_size_reserve=1e9) == 40
     # the same rule inside the growing sizer: chunks of 10 and 40 measured, the next stops at 80, not 100
     assert cost_model.next_chunk(1000, [10, 40], line, room, None, measured_up_to=40,
                                  new_size_reserve=1.15 * 20) == 80

@@ -216,8 +216,9 @@ def jacobian(
         the basis passes a quarter of the room. Otherwise
         a first chunk that fits by that prior, measured (CUDA allocator
         peak, or the process's peak RSS on Linux), then chunks that grow at most
-        4x at a time while the measured line says they fit and a larger chunk
-        still saves time per vector, and take all that is left at once when the
+        4x at a time while the measured line says they fit (on the CPU, a
+        chunk larger than any measured with 8 MiB kept back for the kernels'
+        new workspaces) and a larger chunk still saves time per vector, and take all that is left at once when the
         line puts it under 1/16 of the budget's room (at most 16x the largest
         chunk measured). Once the largest chunk of 64 vectors or more is not 5%
         faster per vector than a smaller one, the run and the plan's later calls

@@ -87,12 +87,12 @@ def largest_fitting(line: Line, room_bytes: float, n: int) -> int:
 
 def fitting_size(line: Line, room_bytes: float, n: int, measured_up_to: int, new_size_reserve: float) -> int:
     """The largest chunk size that fits by `line`: up to `measured_up_to` (sizes measured) in the whole room,
-    beyond it with `new_size_reserve` (at most a quarter of the room) kept back: NOTE: [A larger chunk meets
-    new workspaces]."""
+    beyond it with `new_size_reserve` kept back (NOTE: [A larger chunk meets new workspaces]); a room smaller
+    than the reserve does not grow past the sizes measured."""
     k = largest_fitting(line, room_bytes, n)
     if k <= measured_up_to or new_size_reserve <= 0:
         return k
-    beyond = largest_fitting(line, room_bytes - min(new_size_reserve, room_bytes / 4), n)
+    beyond = largest_fitting(line, room_bytes - new_size_reserve, n)
     return max(beyond, min(k, measured_up_to))
 
 
@@ -104,9 +104,14 @@ def fitting_size(line: Line, room_bytes: float, n: int, measured_up_to: int, new
 # 17.5 MiB, 0.38 MiB a vector from the second run on; torch.func's 4.8-9.5 MiB above its line up to 60
 # vectors. A later call that learned its memory again (chunks 1, 4, 16, then 55 by the line) measured
 # 30.8 MiB where the line said 21.5 and the room was 26.9; the budget test's process went 0.2-0.5 MiB over a
-# 32.6 MiB budget on such calls. So a chunk beyond the sizes measured keeps the CPU reserve (at most a
-# quarter of the room: a tight budget must still grow) out of the room its line may fill; sizes already
-# measured may fill the room as their line says.
+# 32.6 MiB budget on such calls. On an AMD EPYC VM the workspaces stay resident once met: at 13.1 MiB the
+# first call's second chunk (8 vectors after 2) read 12.7 MiB against 3.2 MiB by the line, and the call and the
+# next went over (12.8 and 18.4 MiB); at 8.7 MiB the same. So a chunk beyond the sizes measured keeps the CPU
+# reserve out of the room its line may fill, and a room smaller than the reserve does not grow past the sizes
+# measured; sizes already measured may fill the room as their line says. Held to a quarter of the room, the
+# reserve let the tight budgets grow into the workspaces and over (budget sweep: 10x and 15x failed); whole,
+# every budget held there (7.4 and 2.6 MiB first calls), at a price: chunks of 2 at 10x and 15x, 20-23 s
+# against 2.0 s unbudgeted, where a CPU without such workspaces ran 4-5 s.
 
 def next_chunk(
     n_left: int,
@@ -127,8 +132,8 @@ def next_chunk(
       measured memory line lets fit, or before any measurement what the prior
       (bytes per vector, charged in full) lets fit in the room less `reserve_bytes`
       (workspaces a measurement would see, which the prior does not know).
-    - A chunk larger than any measured (`measured_up_to`) keeps `new_size_reserve` back (at most a quarter
-      of the room), see NOTE: [A larger chunk meets new workspaces].
+    - A chunk larger than any measured (`measured_up_to`) keeps `new_size_reserve` back, see NOTE: [A larger
+      chunk meets new workspaces].
     - The first chunk is at most `first` (a run expected to be long starts small,
       so that its time is known early); later chunks are at most GROWTH times the
       largest so far, and no larger than the largest once a larger chunk stopped
