@@ -111,7 +111,10 @@ def fitting_size(line: Line, room_bytes: float, n: int, measured_up_to: int, new
 # measured; sizes already measured may fill the room as their line says. Held to a quarter of the room, the
 # reserve let the tight budgets grow into the workspaces and over (budget sweep: 10x and 15x failed); whole,
 # every budget held there (7.4 and 2.6 MiB first calls), at a price: chunks of 2 at 10x and 15x, 20-23 s
-# against 2.0 s unbudgeted, where a CPU without such workspaces ran 4-5 s.
+# against 2.0 s unbudgeted, where a CPU without such workspaces ran 4-5 s. The workspaces are for the operands
+# the kernels pack, so the reserve is at most the largest of them a first call knows (the largest tensor `f`
+# holds, its forward pass, the inputs and outputs): `tanh(A @ x) * x` with a 2 MiB A keeps 2 MiB, and a
+# 4.9 MiB room ran 7 chunks (2, 8, 32, 118, ...) where the whole 8 MiB held it to 256 chunks of 2.
 
 def next_chunk(
     n_left: int,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .._core.options import Options
 from .._core.problem import Problem
 from .._core.units import format_bytes
+from .._measure.device import untracked_reserve
 from . import choose
 from .choose import Facts, MethodId
 from .cost_model import MEMORY_SAFETY, Line, balanced, fit_line, n_chunks
@@ -145,6 +146,9 @@ class PlanEntry:
                     s.reason = s.excluded
         self.tangent_copy_bytes = tangent_copy_bytes
         """The largest tensor `f` holds: forward-mode AD may copy it whole as a zero tangent (see `fixed_prior`)."""
+        self.new_size_reserve = untracked_reserve(problem.inputs.device)
+        """Kept back by a chunk larger than any measured (NOTE: [A larger chunk meets new workspaces]); a first
+        call lowers it for a function whose operands are small (`new_size_reserve`)."""
         room = self.room_bytes()
         if room is not None and options.mode == "auto" and MEMORY_SAFETY * tangent_copy_bytes > room:
             for s in self.stats.values():

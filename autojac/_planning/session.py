@@ -393,6 +393,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
 
     # NOTE: [Copies inside matrix kernels]: a forward method's fixed memory, known before it runs.
     copies = largest_captured_bytes(*call.captures)
+    # NOTE: [A larger chunk meets new workspaces]: at most what the kernels could pack, its largest operand.
+    new_size = min(reserve, max(copies, forward_bytes, problem.in_bytes + problem.out_bytes))
 
     def new_entry(problem: Problem) -> PlanEntry:
         facts = Facts(problem.col_passes, problem.row_passes, region.seconds, vjp_seconds)
@@ -400,6 +402,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         made = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only, tangent_copy_bytes=copies,
                          once_why=("`f` writes in place into a tensor it captures" if writes_captured else
                                    "`f` draws random numbers"))
+        made.new_size_reserve = new_size
         made.reverify = problem.layout is not None and not problem.layout.pattern.valid_everywhere
         # A real trace the first call chose (not one a failed fake trace fell back to): confirmed later.
         made.confirm_trace = (made.reverify and problem.layout.pattern.source == "real trace"
@@ -468,7 +471,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                       room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
                       timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
                       reserve_bytes=reserve + entry.fixed_prior(m), trim_between=_trimming(call, entry),
-                      new_size_reserve=reserve)
+                      new_size_reserve=entry.new_size_reserve)
         progress = Progress(options.progress, n, m.name)
         adopted = False
         verdict: dict[str, object] = {}
@@ -943,7 +946,7 @@ def _planned_chunk(entry: PlanEntry, stats) -> int | None:
         # Later calls are not measured: beyond the largest chunk measured the CPU reserve is kept back (NOTE: [A
         # larger chunk meets new workspaces]), and no further than GROWTH times it.
         measured = max((k for k, _ in stats.memory), default=n)
-        fitting = min(fitting_size(line, room, n, measured, untracked_reserve(entry.problem.inputs.device)),
+        fitting = min(fitting_size(line, room, n, measured, entry.new_size_reserve),
                       GROWTH * measured)
     if stats.pays_up_to is not None:
         fitting = min(fitting, stats.pays_up_to)
@@ -1319,7 +1322,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                           reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m),
                           measured=(call.meter.kind != "none") and room is not None and n * prior > MEASURE_WHEN_PRIOR_ABOVE * room,
                           minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, trim_between=_trimming(call, entry),
-                          new_size_reserve=untracked_reserve(call.device))
+                          new_size_reserve=entry.new_size_reserve)
         elif relearn := _relearn_memory(call, entry, stats, timed, chunk_size):
             # NOTE: [Memory learned again in a warm process]: a first call's chunk peaks include the process's
             # one-time costs (kernels' first-use pages and workspaces), charged to the chunks that met them, so a
@@ -1329,7 +1332,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
             # few sizes this call measures can be steeper than the truth).
             sizer = Sizer(None, room_bytes=room, timed=True, measured=True, first=stats.chunk_size,
                           minimum=stats.chunk_size, trim_between=_trimming(call, entry),
-                          new_size_reserve=untracked_reserve(call.device))
+                          new_size_reserve=entry.new_size_reserve)
         else:
             sizer = FixedChunks(chunk_size if (name == first and chunk_size) else entry.chunk_size(name),
                                 trim_between=_trimming(call, entry))
@@ -1453,12 +1456,13 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     sizer = Sizer(trial.slice_vectors if fixed is None else min(trial.slice_vectors, fixed, max(n, 1)), timed=True,
                   measured=measured, room_bytes=room, prior_bytes_per_vector=prior,
                   reserve_bytes=untracked_reserve(call.device) + entry.fixed_prior(m), trim_between=_trimming(call, entry),
-                  cap_fixed=True, new_size_reserve=untracked_reserve(call.device))
+                  cap_fixed=True, new_size_reserve=entry.new_size_reserve)
     call.trial = m.name
     verdict = {"stopped": False}
 
     def after_first(log: RunLog) -> bool:
         sizer.fixed = fixed if fixed is None else min(fixed, max(n, 1))  # else as large as the memory line allows
+        sizer.cap_fixed = False  # the caller's chunk size from here on, as the plan's calls run it (first_call too)
         elapsed = time.perf_counter() - began
         # What the trial paid once (its own evaluation of `f`: the torch.func engine's under its transform, a
         # repeat method's first copies) is not paid again per slice; the slice's chunk is. A loop's time is per
