@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import pytest
@@ -220,12 +225,6 @@ def test_a_small_room_still_grows_its_chunks_when_the_function_holds_small_opera
     operand the kernels could pack (here a 2 MiB matrix), not the CPU's whole 8 MiB: a 4.9 MiB room grows its
     chunks, where a constant 8 MiB reserve held them at 2 vectors for 256 chunks. In a fresh process with the
     allocator setting the budget benchmarks use (readings in a process with other work behind it can be steeper)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
     script = textwrap.dedent("""
         import json, torch, autojac
         from autojac._api import jacobian as api

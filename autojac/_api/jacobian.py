@@ -218,8 +218,9 @@ def jacobian(
         peak, or the process's peak RSS on Linux), then chunks that grow at most
         4x at a time while the measured line says they fit (on the CPU, a
         chunk larger than any measured with 8 MiB, or the largest operand `f`
-        holds if smaller, kept back for the kernels' new workspaces) and a larger chunk still saves time per vector, and take all that is left at once when the
-        line puts it under 1/16 of the budget's room (at most 16x the largest
+        holds if smaller, kept back for the kernels' new workspaces) and a
+        larger chunk still saves time per vector, and take all that is left at
+        once when the line puts it under 1/16 of the budget's room (at most 16x the largest
         chunk measured). Once the largest chunk of 64 vectors or more is not 5%
         faster per vector than a smaller one, the run and the plan's later calls
         keep to the size that was fastest.

@@ -147,8 +147,8 @@ class PlanEntry:
         self.tangent_copy_bytes = tangent_copy_bytes
         """The largest tensor `f` holds: forward-mode AD may copy it whole as a zero tangent (see `fixed_prior`)."""
         self.new_size_reserve = untracked_reserve(problem.inputs.device)
-        """Kept back by a chunk larger than any measured (NOTE: [A larger chunk meets new workspaces]); a first
-        call lowers it for a function whose operands are small (`new_size_reserve`)."""
+        """Kept back by a chunk larger than any measured (NOTE: [A larger chunk meets new workspaces]): the CPU
+        reserve, lowered by `first_call` to the largest operand it knows when that is smaller."""
         room = self.room_bytes()
         if room is not None and options.mode == "auto" and MEMORY_SAFETY * tangent_copy_bytes > room:
             for s in self.stats.values():
