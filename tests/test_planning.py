@@ -16,6 +16,7 @@ from autojac._planning import choose, cost_model
 from autojac._planning.choose import BY_NAME, Facts
 from autojac._planning.entry import PlanEntry
 from autojac._planning.keys import describe_function, stable
+from reference import reference
 
 
 def names(chain):
@@ -518,6 +519,60 @@ def test_a_plans_repeat_methods_share_the_cost_of_checks_on_new_values():
     assert e.stats["reverse/vmap [func]"].extra == 0.0
     e.consider_switch()
     assert e.incumbent == "reverse/vmap [func]", e.events  # 7.5 ms against 9 and 10, not the 6 ms repeat trick
+
+
+def test_a_repeat_method_waiting_behind_a_vmap_incumbent_is_priced_with_the_checks_new_values_bring():
+    """NOTE: [New values before a repeat method runs]: the repeat trick (predicted 8 ms) before the torch.func
+    engine (9 ms) on calls that bring no new values; with a 3 ms check on each call's new values, after it."""
+    e = entry_with({"reverse/vmap [autograd]": [0.02, 0.02]}, "reverse/vmap [autograd]", credit=10.0)
+    for s in e.stats.values():
+        if s.status == "untried":
+            s.status = "slower"
+    repeat, func = e.stats["reverse/repeat"], e.stats["reverse/vmap [func]"]
+    repeat.status = func.status = "untried"
+    repeat.prior, func.prior = 0.008, 0.009
+    assert e.repeat_waiting() is not None
+    repeat.checks.estimate = 0.003  # the first call's evaluation and VJP: no check has run yet
+    assert repeat.extra == 0.0  # nothing noted: no calls on new values known
+    assert e.next_trial().method.name == "reverse/repeat"
+    repeat.note_values(True, None)  # the second call brought new values (a closure rebuilt around new tensors)
+    assert repeat.extra == pytest.approx(0.003)
+    assert e.next_trial().method.name == "reverse/vmap [func]"
+    for _ in range(7):
+        repeat.note_values(False, None)  # the same values from then on: the checks' share fades
+    assert repeat.extra == pytest.approx(0.003 / 8)
+    assert e.next_trial().method.name == "reverse/repeat"
+    e.incumbent = "reverse/repeat"  # a repeat incumbent notes its own checks: nothing waits
+    assert e.repeat_waiting() is None
+
+
+def _closure(W: torch.Tensor, target: torch.Tensor):
+    return lambda x: torch.tanh(W @ x) - target
+
+
+def test_a_closure_rebuilt_around_new_tensors_is_seen_bringing_new_values_before_any_repeat_method_runs(monkeypatch):
+    from autojac._planning.entry import PlanEntry
+
+    monkeypatch.setattr(PlanEntry, "next_trial", lambda self: None)  # the incumbent runs every call
+    W = torch.randn(6, 6, dtype=torch.float64)
+    x = torch.randn(6, dtype=torch.float64)
+    want = reference(_closure(W, torch.zeros(6, dtype=torch.float64)), x)
+    autojac.clear_cache()
+    targets = [torch.randn(6, dtype=torch.float64) for _ in range(3)]
+    for t in targets:  # a new closure around a new tensor each step: one plan (same code and shapes)
+        torch.testing.assert_close(autojac.jacobian(_closure(W, t), x, sparsity=None), want)
+    entry = autojac.plan(_closure(W, targets[0]), x, sparsity=None).entry
+    repeat = entry.stats["reverse/repeat"]
+    assert entry.chosen().method.vectorize == "vmap" and entry.calls == 3
+    assert repeat.checks.recent == [True, True]
+    assert repeat.checks.estimate == pytest.approx(entry.facts.eval_seconds + entry.facts.vjp_seconds)
+    same = _closure(W, targets[-1])
+    for _ in range(2):  # a new closure object around the tensor seen last, called twice: no new values
+        autojac.jacobian(same, x, sparsity=None)
+    assert repeat.checks.recent == [True, True, False, False]
+    entry.settled = True
+    autojac.jacobian(_closure(W, targets[0]), x, sparsity=None)
+    assert entry.values_last is None and len(repeat.checks.recent) == 4  # a settled plan watches nothing
 
 
 def test_a_trials_own_evaluation_is_not_projected_as_if_paid_per_slice(monkeypatch):

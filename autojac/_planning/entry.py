@@ -35,6 +35,9 @@ class ValueChecks:
 
     recent: list[bool] = field(default_factory=list)
     seconds: float | None = None
+    estimate: float | None = None
+    """A check's time before any ran: the first call's plain evaluation and VJP (NOTE: [New values before a repeat
+    method runs])."""
 
 
 @dataclass
@@ -97,9 +100,10 @@ class MethodStats:
         """Seconds a call of this method costs beyond its run: checks on new captured values, at the share of
         the plan's recent calls that needed one (NOTE: [A repeat plan on changing values])."""
         checks = self.checks
-        if checks is None or checks.seconds is None or not checks.recent:
+        seconds = None if checks is None else (checks.seconds if checks.seconds is not None else checks.estimate)
+        if seconds is None or not checks.recent:
             return 0.0
-        return checks.seconds * sum(checks.recent) / len(checks.recent)
+        return seconds * sum(checks.recent) / len(checks.recent)
 
     @property
     def cost(self) -> float | None:
@@ -198,6 +202,9 @@ class PlanEntry:
         """A first call's real-trace pattern awaits a fake trace's confirmation (NOTE: [A real trace first])."""
         self.values_seen = None
         """The tensors a sparsity pattern was last checked with (see NOTE: [Patterns and values])."""
+        self.values_last = None
+        """The tensors `f` held on the plan's latest call, while a repeat method waits untried behind another
+        incumbent (NOTE: [New values before a repeat method runs]); None: not watched."""
         self.follows_values = False
         """The pattern changed with the tensors `f` holds: a call on new ones plans again first (NOTE: [A pattern
         found again])."""
@@ -299,11 +306,22 @@ class PlanEntry:
             self.settled = True
             self.events.append(f"settled after {self.calls} calls")
             return None
-        waiting.sort(key=lambda s: s.prior if s.prior is not None else math.inf)
+        # With the checks a repeat method would pay on new captured values (NOTE: [New values before a repeat
+        # method runs]).
+        waiting.sort(key=lambda s: s.prior + s.extra if s.prior is not None else math.inf)
         s = waiting[0]
         fixed = self.facts.eval_seconds or 0.0  # on a later call, the alternative evaluates `f` itself
         slice_vectors = choose.slice_for(s.method, inc.method, inc.best, self.facts, self.credit, fixed)
         return choose.Trial(s.method, slice_vectors) if slice_vectors else None
+
+    def repeat_waiting(self) -> MethodStats | None:
+        """A repeat method that may still run while a method of another kind is the incumbent of this dense,
+        exploring plan (NOTE: [New values before a repeat method runs]), or None."""
+        if self.settled or self.incumbent is None or self.problem.layout is not None \
+                or self.chosen().method.vectorize == "repeat":
+            return None
+        return next((s for s in self.stats.values()
+                     if s.checks is not None and not s.excluded and s.status != "failed"), None)
 
     def record_call(self, seconds: float) -> None:
         """Count a call; while exploring, earn EXPLORE_SHARE of a call's worth of credit.

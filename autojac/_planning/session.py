@@ -622,6 +622,11 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     entry.warm = False
     if problem.layout is not None:  # checked on these values: see NOTE: [Patterns and values]
         entry.values_seen = call.f.value_sources()
+    waiting = entry.repeat_waiting()
+    if waiting is not None and entry.facts.eval_seconds is not None and entry.facts.vjp_seconds is not None:
+        # NOTE: [New values before a repeat method runs]
+        entry.values_last = call.f.value_sources()
+        waiting.checks.estimate = entry.facts.eval_seconds + entry.facts.vjp_seconds
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("new plan: %s", entry.snapshot())
     return result, entry
@@ -1120,6 +1125,36 @@ def _values_changed(call: Call, entry: PlanEntry, name: str | None = None) -> No
 # which needs no such check. So a repeat method's time is its fastest run plus its checks' time times the
 # share of its recent calls that needed one, and the plan's method is the fastest by that measure.
 
+# NOTE: [New values before a repeat method runs]
+# Whether calls bring new captured values was learnt only from a repeat incumbent's own checks, so a repeat
+# method waiting untried behind a vmap incumbent was priced as if it would pay none, and went first: a robot
+# arm's closure loop (a new lambda around a new target each step; torch.autograd's vmap loops there, and both
+# the repeat trick and the torch.func engine avoid the loops) tried the repeat trick first (its batch-aware
+# check and run, then a check every call) before the torch.func engine that became the plan's method. So while
+# a dense plan explores with a repeat method not yet its incumbent, each call notes whether the tensors `f`
+# holds changed since the call before (the first call's are kept for the second), and a check not yet timed is
+# priced at the first call's plain evaluation plus VJP: the repeat method's place in the trial order, its
+# trial's projection and the switch then count the checks it would pay. A plain loop over one function
+# (values unchanged) prices none, as before; a settled plan watches nothing.
+
+
+def _watch_values(call: Call, entry: PlanEntry) -> None:
+    """NOTE: [New values before a repeat method runs]: whether this call brings new captured values."""
+    if entry.values_last is None:
+        return
+    with entry.lock:
+        waiting = entry.repeat_waiting()
+        if waiting is None:
+            entry.values_last = None
+            return
+    now = call.f.value_sources()
+    with entry.lock:
+        if entry.values_last is None:  # another thread's call stopped watching meanwhile
+            return
+        changed = now != entry.values_last
+        entry.values_last = now
+        waiting.note_values(changed, None)
+
 
 def _values_checked(call: Call, entry: PlanEntry) -> None:
     if call.must_verify and call.verified:
@@ -1131,6 +1166,8 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
     """Run a plan: its incumbent, or (while exploring, credit permitting) a trial of the next alternative."""
     began = time.perf_counter()
     _values_changed(call, entry)
+    if explore:
+        _watch_values(call, entry)
     timed = not entry.settled or entry.chosen().best is None
     with entry.lock:
         if credit is not None:
