@@ -570,9 +570,12 @@ def test_a_closure_rebuilt_around_new_tensors_is_seen_bringing_new_values_before
     for _ in range(2):  # a new closure object around the tensor seen last, called twice: no new values
         autojac.jacobian(same, x, sparsity=None)
     assert repeat.checks.recent == [True, True, False, False]
+    repeat.checks.estimate, best = 10.0, entry.chosen().best  # as if the first call had been very cold
+    autojac.jacobian(_closure(W, targets[0]), x, sparsity=None)
+    assert repeat.checks.estimate == best  # at most the plan's own call: an evaluation and its products
     entry.settled = True
     autojac.jacobian(_closure(W, targets[0]), x, sparsity=None)
-    assert entry.values_last is None and len(repeat.checks.recent) == 4  # a settled plan watches nothing
+    assert entry.values_last is None and len(repeat.checks.recent) == 5  # a settled plan watches nothing
 
 
 def test_a_trials_own_evaluation_is_not_projected_as_if_paid_per_slice(monkeypatch):

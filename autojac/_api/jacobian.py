@@ -251,9 +251,10 @@ def jacobian(
       its whole time, and either finishes the call with it or gives the rest to the
       plan's method. Alternatives are tried in order of predicted time (loops from
       the measured evaluation and VJP; vmap and repeat from the plan's own time,
-      the repeat trick before the other vmap engine, and a repeat method with
-      the check it pays on each call that brings new captured values, counted
-      from the calls so far, as when a closure is rebuilt around new tensors):
+      the repeat trick before the other vmap engine; a repeat method's time
+      counts the check it would pay on each call that brings new captured
+      values, at the share of recent calls that did, as when a closure is
+      rebuilt around new tensors):
       a mode needing over 4x the passes, or a method predicted over 4x slower, is
       not tried; a trial whose first slice projects over 1.5x the plan's time (its
       one evaluation of `f` counted once, the slice's chunk scaled up; the plan's

@@ -98,7 +98,8 @@ class MethodStats:
     @property
     def extra(self) -> float:
         """Seconds a call of this method costs beyond its run: checks on new captured values, at the share of
-        the plan's recent calls that needed one (NOTE: [A repeat plan on changing values])."""
+        the plan's recent calls that needed one (NOTE: [A repeat plan on changing values]); before any check
+        was timed, at its estimate (NOTE: [New values before a repeat method runs])."""
         checks = self.checks
         seconds = None if checks is None else (checks.seconds if checks.seconds is not None else checks.estimate)
         if seconds is None or not checks.recent:

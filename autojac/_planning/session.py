@@ -1131,11 +1131,14 @@ def _values_changed(call: Call, entry: PlanEntry, name: str | None = None) -> No
 # arm's closure loop (a new lambda around a new target each step; torch.autograd's vmap loops there, and both
 # the repeat trick and the torch.func engine avoid the loops) tried the repeat trick first (its batch-aware
 # check and run, then a check every call) before the torch.func engine that became the plan's method. So while
-# a dense plan explores with a repeat method not yet its incumbent, each call notes whether the tensors `f`
-# holds changed since the call before (the first call's are kept for the second), and a check not yet timed is
-# priced at the first call's plain evaluation plus VJP: the repeat method's place in the trial order, its
-# trial's projection and the switch then count the checks it would pay. A plain loop over one function
-# (values unchanged) prices none, as before; a settled plan watches nothing.
+# a dense plan explores (calls without `plan=`) behind an incumbent that is not a repeat method, each call
+# notes whether the tensors `f` holds changed since the call before (the first call's are kept for the second;
+# an optimizer's in-place step is a change, as it is for a repeat incumbent), and a check not yet timed is
+# priced at the first call's plain evaluation plus VJP, lowered to the incumbent's fastest call (which holds
+# an evaluation and at least one product) so that a cold first call cannot price a repeat method out for good:
+# the repeat method's place in the trial order, its trial's projection and the switch then count the checks it
+# would pay. A loop over one function on unchanged values prices none, as before. Watching stops for good once
+# a repeat method is the plan's method (its own checks are noted from then on) or the plan settles.
 
 
 def _watch_values(call: Call, entry: PlanEntry) -> None:
@@ -1154,6 +1157,9 @@ def _watch_values(call: Call, entry: PlanEntry) -> None:
         changed = now != entry.values_last
         entry.values_last = now
         waiting.note_values(changed, None)
+        best = entry.chosen().best
+        if waiting.checks.estimate is not None and best is not None:
+            waiting.checks.estimate = min(waiting.checks.estimate, best)  # warm: the first call's was cold
 
 
 def _values_checked(call: Call, entry: PlanEntry) -> None:
