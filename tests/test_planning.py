@@ -565,7 +565,10 @@ def test_a_closure_rebuilt_around_new_tensors_is_seen_bringing_new_values_before
     repeat = entry.stats["reverse/repeat"]
     assert entry.chosen().method.vectorize == "vmap" and entry.calls == 3
     assert repeat.checks.recent == [True, True]
-    assert repeat.checks.estimate == pytest.approx(entry.facts.eval_seconds + entry.facts.vjp_seconds)
+    # The first call's evaluation plus VJP, lowered to the incumbent's fastest call as of each watched call
+    # (which call's fastest depends on timing; the exact lowering is tested below).
+    first = entry.facts.eval_seconds + entry.facts.vjp_seconds
+    assert min(first, entry.chosen().best) <= repeat.checks.estimate <= first
     same = _closure(W, targets[-1])
     for _ in range(2):  # a new closure object around the tensor seen last, called twice: no new values
         autojac.jacobian(same, x, sparsity=None)
