@@ -202,6 +202,39 @@ def test_no_trial_before_the_incumbent_has_a_warm_run():
     assert e.next_trial() is not None
 
 
+def test_no_warm_wait_behind_an_autograd_engine_that_loops():
+    # NOTE: [No warm wait behind a looping engine]: the first call counted loops on the autograd engine.
+    for loops, waits in ((0, True), (None, True), (7, False)):
+        e = entry_with({"reverse/vmap [autograd]": [0.05]}, "reverse/vmap [autograd]", credit=10.0)
+        e.facts = Facts(100, 100, 1e-3, 1e-3, autograd_loops=loops)
+        e.needs_reorder = True
+        e.warm = False
+        assert (e.next_trial() is None) == waits, loops
+    e = entry_with({"reverse/vmap [func]": [0.05]}, "reverse/vmap [func]", credit=10.0)
+    e.facts = Facts(100, 100, 1e-3, 1e-3, autograd_loops=7)  # loops, but not the incumbent's engine
+    e.warm = False
+    assert e.next_trial() is None
+
+
+def test_a_looping_first_call_is_followed_by_a_trial_on_the_second():
+    weights = torch.linspace(0.5, 1.5, 24, dtype=torch.float64)
+
+    def arm(q):  # cumsum and flip: torch.autograd's vmap loops over their backward
+        angles = torch.cumsum(q * weights, 0)
+        return torch.cat([torch.cos(angles).cumsum(0), torch.sin(angles).flip(0)])
+
+    q = torch.linspace(-1.0, 1.0, 24, dtype=torch.float64)
+    autojac.clear_cache()
+    first = autojac.jacobian(arm, q)
+    entry = autojac.plan(arm, q).entry
+    if autojac.last_report().method != "reverse/vmap [autograd]" or not entry.facts.autograd_loops:
+        pytest.skip("this torch's autograd engine did not loop here (or did not say so)")
+    second = autojac.jacobian(arm, q)
+    assert autojac.last_report().trial is not None  # the second call tried an alternative
+    torch.testing.assert_close(first, reference(arm, q))
+    torch.testing.assert_close(second, reference(arm, q))
+
+
 def test_trials_wait_for_credit_then_come_in_prior_order():
     e = entry_with({"reverse/vmap [func]": [0.01, 0.01]}, "reverse/vmap [func]", credit=0.0)
     assert e.next_trial() is None
@@ -419,9 +452,9 @@ def test_a_whole_trial_is_charged_all_it_cost_its_check_included(monkeypatch):
     x = torch.randn(40, dtype=torch.float64)
     autojac.clear_cache()
     autojac.jacobian(f, x)
-    autojac.jacobian(f, x)  # the incumbent's warm run: trials may start
     entry = autojac.plan(f, x).entry
     assert not entry.settled
+    entry.warm = True  # trials may start (a tanh loops on the autograd engine: they may anyway)
     real_check = session.check_against
     checked = []
 

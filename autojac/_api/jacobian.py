@@ -246,7 +246,9 @@ def jacobian(
       line under a budget). While a plan is not settled, every call adds 10% of the
       plan's fastest call to an exploration credit (a new plan starts with half its
       first call's time) and every trial is charged all it cost beyond a plan's
-      call; when the credit covers a pessimistically priced first slice of
+      call. Trials wait for the plan's method's first warm call (the second),
+      except behind torch.autograd's vmap when the first call counted it looping
+      over ops. When the credit covers a pessimistically priced first slice of
       the next alternative, that call runs the alternative on that slice, projects
       its whole time, and either finishes the call with it or gives the rest to the
       plan's method. Alternatives are tried in order of predicted time (loops from
