@@ -111,6 +111,31 @@ def test_batch_jacobian_matches_per_sample_jacobians(f, X, mode):
         assert got.is_contiguous()
 
 
+@pytest.mark.parametrize("mode", ["reverse", "forward", "forward-trick"])
+@pytest.mark.parametrize("f, X", [(MLP, t64(9, 6)), (CNN, t64(4, 2, 5, 5)), (physics, t64(6, 4, 2))],
+                         ids=["mlp", "cnn", "physics"])
+def test_batch_jacobian_runs_the_repeat_trick_on_copies_folded_into_the_batch(f, X, mode):
+    # NOTE: [The sum trick's copies fold into the batch]
+    want = per_sample(f, X)
+    got = autojac.batch_jacobian(f, X, mode=mode, vectorize="repeat", chunk_size=3)
+    assert autojac.last_report().method == f"{mode}/repeat"
+    torch.testing.assert_close(got, want)
+
+
+def test_the_repeat_trick_over_several_inputs_and_outputs_and_a_function_that_reads_its_batch_size():
+    f = lambda a, b: {"p": torch.tanh(a * b[:, :1]), "q": (a ** 2).sum(-1, keepdim=True) + b}  # noqa: E731
+    A, Bm = t64(5, 3), t64(5, 3, seed=1)
+    for mode in ("reverse", "forward"):
+        got = autojac.batch_jacobian(f, (A, Bm), mode=mode, vectorize="repeat")
+        want = autojac.batch_jacobian(f, (A, Bm), mode=mode, vectorize="loop")
+        close(got, want)
+    reads = lambda x: torch.tanh(x) * x.shape[0]  # noqa: E731 - sample-independent at one batch size only
+    X = t64(6, 4)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="repeat"):
+        autojac.batch_jacobian(reads, X, vectorize="repeat")
+    torch.testing.assert_close(autojac.batch_jacobian(reads, X), per_sample(lambda x: torch.tanh(x) * 6, X))
+
+
 def test_batch_jacobian_of_several_inputs_and_outputs():
     f = lambda a, b: (torch.tanh(a.unsqueeze(1) @ b.mT).reshape(-1, 1), a.sum(-1) * b.sum((-1, -2)))  # noqa: E731
     A, Bm = t64(5, 3), t64(5, 1, 3, seed=1)

@@ -100,32 +100,70 @@ def gradient_target(f: Callable, inputs: Any, argnums, has_aux: bool) -> tuple[_
 
 
 class _SumOverBatch:
-    """h(*X) = f(*X) summed over the batch: its Jacobian holds every sample's Jacobian (reverse sum trick)."""
+    """h(*X) = f(*X) summed over the batch: its Jacobian holds every sample's Jacobian (reverse sum trick).
 
-    def __init__(self, f: Callable) -> None:
-        self.f = f
+    Batch-aware (NOTE: [The sum trick's copies fold into the batch]): `dims` are the inputs' dimensions, batch
+    included; inputs with one more are copies, stacked by the repeat trick."""
+
+    def __init__(self, f: Callable, dims: tuple[int, ...]) -> None:
+        self.f, self.dims = f, dims
 
     def __autojac_key__(self, sign) -> tuple:
         return (sign(self.f),)
 
     def __call__(self, *xs: torch.Tensor) -> Any:
-        out = self.f(*xs)
-        if isinstance(out, torch.Tensor):  # the common case, without pytree's walk (every call evaluates this)
-            return out.sum(0)
-        return _pytree.tree_map(lambda y: y.sum(0), out)
+        k = _copies(xs, self.dims)
+        if k is None:
+            out = self.f(*xs)
+            if isinstance(out, torch.Tensor):  # the common case, without pytree's walk (every call evaluates this)
+                return out.sum(0)
+            return _pytree.tree_map(lambda y: y.sum(0), out)
+        batch = xs[0].shape[1]
+        out = self.f(*(x.reshape(k * batch, *x.shape[2:]) for x in xs))
+        return _pytree.tree_map(lambda y: y.reshape(k, batch, *y.shape[1:]).sum(1), out)
 
 
 class _Broadcast:
-    """phi(*Z) = f(*(X + Z)), each Z one sample's shape broadcast over the batch (forward sum trick)."""
+    """phi(*Z) = f(*(X + Z)), each Z one sample's shape broadcast over the batch (forward sum trick).
+
+    Batch-aware like `_SumOverBatch`: Z with one more dimension than a sample are copies."""
 
     def __init__(self, f: Callable, xs: Sequence[torch.Tensor]) -> None:
         self.f, self.xs = f, tuple(xs)
+        self.dims = tuple(x.dim() - 1 for x in self.xs)
 
     def __autojac_key__(self, sign) -> tuple:
         return (sign(self.f), tuple(sign(x) for x in self.xs))
 
     def __call__(self, *zs: torch.Tensor) -> Any:
-        return self.f(*(x + z for x, z in zip(self.xs, zs)))
+        k = _copies(zs, self.dims)
+        if k is None:
+            return self.f(*(x + z for x, z in zip(self.xs, zs)))
+        batch = self.xs[0].shape[0]
+        out = self.f(*((x.unsqueeze(0) + z.unsqueeze(1)).reshape(k * batch, *x.shape[1:])
+                       for x, z in zip(self.xs, zs)))
+        return _pytree.tree_map(lambda y: y.reshape(k, batch, *y.shape[1:]), out)
+
+
+def _copies(xs: Sequence[torch.Tensor], dims: tuple[int, ...]) -> int | None:
+    """How many copies the repeat trick stacked (a leading dimension beyond `dims` on every input), or None."""
+    if len(xs) != len(dims) or not all(isinstance(x, torch.Tensor) and x.dim() == d + 1 for x, d in zip(xs, dims)):
+        return None
+    k = xs[0].shape[0]
+    return k if all(x.shape[0] == k for x in xs) else None
+
+
+# NOTE: [The sum trick's copies fold into the batch]
+# The repeat trick evaluates `f` once on k copies of its inputs stacked along a new leading dimension. The
+# functions `batch_jacobian` differentiates are batch-aware that way by construction: samples are independent
+# (checked before), so k copies of a batch of B samples are one batch of k * B samples, and their outputs,
+# unfolded to (k, B, ...), are summed over the samples (reverse) or returned per copy (forward, each copy's
+# tangent broadcast over its own B samples). `f` itself never sees the extra dimension. Before, each plan's
+# repeat trial failed its batch-aware check (an evaluation of `f` and a failed call's time, once per plan) and
+# `vectorize="repeat"` raised an error about the internal sum's shapes. As for any `f`, the batch-aware check
+# and the result's check still run: an `f` that reads its batch size (`x * x.shape[0]`) fails them and drops
+# the repeat methods. Measured on the 2-core CPU, per-sample MLP 16 -> 8 by hand: B = 64 0.50 ms against 0.51 ms
+# for the vectorized sum trick and 0.63 ms for jacrev's; B = 512 4.9 against 2.4-3.1 ms; the planner measures.
 
 
 def _leaves(tree: Any) -> list:
@@ -257,7 +295,7 @@ def _target(f: Callable, inputs, xs: tuple[torch.Tensor, ...], mode: str, facts:
     _, out_features = facts
     in_features = sum(x[0].numel() for x in xs)
     if mode == "reverse" or (mode == "auto" and out_features <= in_features):
-        return _SumOverBatch(f), inputs
+        return _SumOverBatch(f, tuple(x.dim() for x in xs)), inputs
     zeros = tuple(torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device) for x in xs)
     return _Broadcast(f, xs), (zeros if type(inputs) is tuple else zeros[0])
 

@@ -54,6 +54,9 @@ the autograd engine's 9.5 ms, and the plan settled there; frozen and interleaved
 took 6.1-8.6 ms from its fifth call on, and the benchmark's sum trick (the same engine) beat the plan 1.28x."""
 SWITCH_BELOW = 0.97
 """An alternative replaces the incumbent when its fastest whole call is below this share of the incumbent's."""
+SWITCH_BELOW_COLD = 0.8
+"""The same while the incumbent's only run is its first call's, a cold one (NOTE: [No warm wait behind a looping
+engine])."""
 EXPLORE_SHARE = 0.10
 """Each call of an unsettled plan adds this share of the incumbent's fastest call to the exploration credit."""
 INITIAL_CREDIT = 0.5

@@ -349,7 +349,10 @@ class PlanEntry:
         inc = self.chosen()
         best = min((s for s in self.stats.values() if s.status in ("measured", "chosen") and s.best is not None),
                    key=lambda s: s.cost, default=None)
-        if best is not None and inc.best is not None and best is not inc and best.cost < choose.SWITCH_BELOW * inc.cost:
+        # Against an incumbent with no warm run yet, only by a clear margin (NOTE: [No warm wait behind a looping
+        # engine]).
+        below = choose.SWITCH_BELOW if self.warm else choose.SWITCH_BELOW_COLD
+        if best is not None and inc.best is not None and best is not inc and best.cost < below * inc.cost:
             checks = (f" + {seconds_text(inc.extra)} of checks a call on new captured values" if inc.extra else "")
             self.events.append(f"switched from {inc.method.name} ({seconds_text(inc.best)}{checks}) to "
                                f"{best.method.name} ({seconds_text(best.cost)})")
@@ -413,3 +416,7 @@ class PlanEntry:
 # processes, 3 rounds: 20-step closure loops robot_arm large 2.37-2.47x -> 1.91-2.00x of jacrev's loop, small
 # 2.04-2.30x -> 1.59-1.97x; ten calls of one function robot_arm large 8.7-9.9 -> 7.8-8.0 ms, transformer small
 # 64-79 -> 51-55 ms; classifier, tiny, decoder and the RK4 rollout the same within noise, with the same plans.
+# Compared with that cold first call, an alternative looks faster than it is: on `batch_jacobian` of a small MLP
+# (B = 64) the repeat trick replaced the autograd engine there and ran 5-10% slower than it, frozen. So a trial
+# replaces an incumbent with no warm run only when it is over 20% faster (SWITCH_BELOW_COLD); otherwise the
+# incumbent's next call is its warm run and the alternative, a close contender, gets its further runs as usual.
