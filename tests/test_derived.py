@@ -122,6 +122,15 @@ def test_batch_jacobian_runs_the_repeat_trick_on_copies_folded_into_the_batch(f,
     torch.testing.assert_close(got, want)
 
 
+def test_the_planner_leaves_the_batch_repeat_trick_to_an_explicit_request():
+    X = t64(9, 6)
+    autojac.clear_cache()
+    for _ in range(4):
+        autojac.batch_jacobian(MLP, X)
+    names = {c.name for c in autojac.plan(MLP, X, kind="batch_jacobian").candidates}
+    assert "reverse/vmap [func]" in names and not any("repeat" in n for n in names), names
+
+
 def test_the_repeat_trick_over_several_inputs_and_outputs_and_a_function_that_reads_its_batch_size():
     f = lambda a, b: {"p": torch.tanh(a * b[:, :1]), "q": (a ** 2).sum(-1, keepdim=True) + b}  # noqa: E731
     A, Bm = t64(5, 3), t64(5, 3, seed=1)

@@ -214,6 +214,19 @@ def test_no_warm_wait_behind_an_autograd_engine_that_loops():
     e.facts = Facts(100, 100, 1e-3, 1e-3, autograd_loops=7)  # loops, but not the incumbent's engine
     e.warm = False
     assert e.next_trial() is None
+    # One trial only before the incumbent's warm run: a close contender's further runs wait for it.
+    e = entry_with({"reverse/vmap [autograd]": [0.010], "reverse/vmap [func]": [0.009]}, "reverse/vmap [autograd]",
+                   credit=10.0)
+    e.facts = Facts(100, 100, 1e-3, 1e-3, autograd_loops=7)
+    e.needs_reorder, e.warm = True, False
+    assert e.next_trial() is not None and e.next_trial() is None
+    for s in e.stats.values():  # nothing left to try: still not settled on a cold time
+        if s.method.name != e.incumbent:
+            s.status, s.runs = "slower", [1.0]
+    e.warm, e.cold_trial = False, False
+    assert e.next_trial() is None and not e.settled
+    e.warm = True
+    assert e.next_trial() is None and e.settled
 
 
 def test_an_incumbent_without_a_warm_run_is_replaced_only_by_a_clear_margin():

@@ -182,7 +182,9 @@ class PlanEntry:
         self.settled = False
         self.effort = "measure"
         self.warm = True
-        """False until the incumbent has run a call that was not the plan's first."""
+        """False until the plan's method has run a call of its own after the first (a trial's run does not count)."""
+        self.cold_trial = False
+        """Whether a trial ran before that (NOTE: [No warm wait behind a looping engine]): one at most."""
         self.needs_reorder = False
         """Priors of the alternatives not worked out yet (a first call leaves it to the next call)."""
         self.structure = ""
@@ -265,8 +267,14 @@ class PlanEntry:
         if self.needs_reorder:
             self.reorder()
         inc = self.chosen()
-        if not self.warm and not self.loops_slow_incumbent():
+        if not self.warm and (self.cold_trial or not self.loops_slow_incumbent()):
             return None  # its only run was a first call's (cold caches, first vmap of f): wait for a warm one
+        trial = self._next_trial(inc)
+        if trial is not None and not self.warm:
+            self.cold_trial = True  # one trial before the incumbent's warm run (NOTE: [No warm wait ...])
+        return trial
+
+    def _next_trial(self, inc: MethodStats) -> choose.Trial | None:
         waiting = [s for s in self.stats.values() if s.status == "untried"]
         close = [s for s in self.stats.values()
                  if s.status == "measured" and s.method.name != self.incumbent and s.best is not None
@@ -302,7 +310,8 @@ class PlanEntry:
                     s.retried = True
                     return choose.Trial(s.method, s.method.passes(self.problem.col_passes, self.problem.row_passes))
                 return None
-            if self.structure_open or self.confirm_trace:  # not settled before structure is looked for, confirmed
+            if self.structure_open or self.confirm_trace or not self.warm:  # not settled before structure is
+                # looked for, a pattern confirmed, or the incumbent timed warm
                 return None
             self.settled = True
             self.events.append(f"settled after {self.calls} calls")
@@ -409,14 +418,14 @@ class PlanEntry:
 # NOTE: [No warm wait behind a looping engine]
 # A plan's first call is a cold run (caches, the first vmap of `f`), so trials wait for the incumbent's first warm
 # call before they are compared with it. Where the first call counted torch.autograd's vmap looping over ops (NOTE:
-# [The autograd engine's vmap loops]), the incumbent is slow for a reason no warm-up removes and the alternatives
-# (the torch.func engine, the repeat trick) are predicted at half its time: the second call tries one. A robot arm
-# (48 rows, `cumsum` and `flip` looped) ran its second call on the autograd engine at 1.5-2 ms and tried the
-# torch.func engine (0.5 ms warm) only on the third. Measured on the 2-core CPU, old and new code in alternating
-# processes, 3 rounds: 20-step closure loops robot_arm large 2.37-2.47x -> 1.91-2.00x of jacrev's loop, small
-# 2.04-2.30x -> 1.59-1.97x; ten calls of one function robot_arm large 8.7-9.9 -> 7.8-8.0 ms, transformer small
-# 64-79 -> 51-55 ms; classifier, tiny, decoder and the RK4 rollout the same within noise, with the same plans.
-# Compared with that cold first call, an alternative looks faster than it is: on `batch_jacobian` of a small MLP
-# (B = 64) the repeat trick replaced the autograd engine there and ran 5-10% slower than it, frozen. So a trial
-# replaces an incumbent with no warm run only when it is over 20% faster (SWITCH_BELOW_COLD); otherwise the
-# incumbent's next call is its warm run and the alternative, a close contender, gets its further runs as usual.
+# [The autograd engine's vmap loops]; most backward formulas loop there, a tanh's among them), the alternatives
+# (the torch.func engine, the repeat trick) are predicted at half its time, and the second call may try one: one
+# trial only, then the incumbent's warm run, and no plan settles before that run. A robot arm (48 rows, `cumsum`
+# and `flip` looped) ran its second call on the autograd engine at 1.5-2 ms and tried the torch.func engine
+# (0.5 ms warm) only on the third. Measured on the 2-core CPU, old and new code in alternating processes, 3
+# rounds: 20-step closure loops robot_arm large 2.37-2.47x -> 1.91-2.00x of jacrev's loop, small 2.04-2.30x ->
+# 1.59-1.97x; ten calls of one function robot_arm large 8.7-9.9 -> 7.8-8.0 ms, transformer small 64-79 -> 51-55
+# ms; classifier, tiny, decoder and the RK4 rollout the same within noise, with the same plans.
+# Compared with that cold first call, an alternative looks faster than it is (a repeat trick 5-10% slower than
+# the autograd engine, frozen, replaced it on a small per-sample MLP): a trial replaces an incumbent with no warm
+# run only when it is over 20% faster (SWITCH_BELOW_COLD).

@@ -328,6 +328,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     once_only = problem.draws_random or writes_captured
     candidates = choose.allowed(options, False)
     chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+    if options.vectorize == "auto" and getattr(call.f.f, "__autojac_repeat_on_request__", False):
+        # NOTE: [The sum trick's copies fold into the batch]: `batch_jacobian`'s functions, repeat trick asked for.
+        candidates = [m for m in candidates if m.vectorize != "repeat"]
+        chain = [m for m in chain if m.vectorize != "repeat"]
     if not chain:
         raise UnsupportedFunctionError(
             f"{call.who}: `f` draws random numbers (dropout in training mode, torch.randn), and "
