@@ -197,6 +197,85 @@ def test_a_closure_that_mixes_samples_only_for_some_captured_values_is_checked_f
         autojac.batch_jacobian(f, X)
 
 
+@pytest.mark.parametrize("features", [4, 40], ids=["sum_over_batch", "broadcast"])
+def test_a_mixing_weight_written_in_place_is_refused_on_either_route(features):
+    """The verdict of a function whose tensors changed is confirmed on the result (NOTE: [Independence confirmed
+    on the result]): the sum over the batch (fewer output features) and the broadcast (more) both miss mixing
+    by construction, so the confirmation has to catch it whichever route computed the blocks."""
+    W = t64(6, features, seed=2)
+    alpha = torch.zeros((), dtype=torch.float64, device=DEVICE)
+    f = lambda X: torch.tanh(X @ W) + alpha * (X @ W)[:1]  # noqa: E731 - sample 0 reaches every sample
+    X = t64(9, 6)
+    torch.testing.assert_close(autojac.batch_jacobian(f, X), per_sample(f, X))
+    alpha.add_(0.25)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="mixes samples"):
+        autojac.batch_jacobian(f, X)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="mixes samples"):
+        autojac.batch_jacobian(f, X)  # refused again: the mixing verdict is not kept as a pass
+
+
+def test_weights_a_training_step_writes_cost_one_evaluation_to_confirm():
+    """An optimizer writes the weights in place every step: the verdict is confirmed with one evaluation and
+    one product on the result, not checked again before it (that took 1 + log2 B products and 2.2 of a
+    3.1 ms call at B = 512); the blocks stay right at every step."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double().to(DEVICE)
+    calls = []
+    net.register_forward_hook(lambda *args: calls.append(1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    X = t64(12, 6)
+    autojac.batch_jacobian(net, X)
+    for _ in range(3):
+        loss = net(X).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        calls.clear()
+        got = autojac.batch_jacobian(net, X)
+        assert len(calls) == autojac.last_report().evaluations + 1
+        torch.testing.assert_close(got, per_sample(net, X))
+    calls.clear()
+    autojac.batch_jacobian(net, X)  # weights unchanged since: nothing to confirm
+    assert len(calls) == autojac.last_report().evaluations
+
+
+def test_a_random_function_and_one_that_counts_its_calls_are_confirmed_as_they_ran():
+    """The confirmation evaluates `f` again: it replays the RNG the Jacobian's evaluation started from
+    (dropout draws the same mask) and puts module buffers back, so an independent function that draws random
+    numbers or writes a buffer is not refused; the counter advances once per call, as for one evaluation."""
+    def reference(f, X, seed):
+        torch.manual_seed(seed)
+        return torch.autograd.functional.jacobian(lambda Z: f(Z).sum(0), X).movedim(1, 0)
+
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                              torch.nn.Linear(16, 3)).double().to(DEVICE)
+    X = t64(10, 6)
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        got = autojac.batch_jacobian(net, X)
+        torch.testing.assert_close(got, reference(net, X, 100 + step))
+        with torch.no_grad():
+            net[0].weight.add_(0.01)
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 3).double()
+            self.register_buffer("n", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x):
+            self.n += 1
+            return torch.tanh(self.lin(x)) * (1 + 0.1 * self.n)
+
+    m = Counting().to(DEVICE)
+    for step in range(3):
+        before = m.n.clone()
+        got = autojac.batch_jacobian(m, X)
+        assert float(m.n) == float(before) + 1
+        with torch.no_grad():
+            m.n.copy_(before)  # the reference's one evaluation starts where the call's did
+        torch.testing.assert_close(got, reference(m, X, 0))
+
+
 def test_batch_jacobian_splits_the_batch_when_one_pass_does_not_fit():
     X = t64(64, 6)
     result_bytes = 64 * 4 * 6 * 8

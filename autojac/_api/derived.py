@@ -16,6 +16,7 @@ the plan.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch.utils import _pytree
 from .._core import pytree
 from .._core.batched_gate import batched_backward
 from .._core.errors import InputError, InputTypeError, MemoryBudgetError, UnsupportedFunctionError
-from .._core.evaluation import Evaluator, module_modes
+from .._core.evaluation import Evaluator, module_modes, rng_state
 from .._core.options import check_callable, refuse_unknown
 from .._planning.keys import describe_function
 from .compose import outer_transform
@@ -207,8 +208,10 @@ def batch_jacobian(
       samples, bit by bit]). A function that mixes samples (batch norm in training
       mode, means or attention over the batch) is refused with
       `UnsupportedFunctionError`. The verdict is kept for the function and the
-      tensors it holds; `cache=False` checks every call (for a function that mixes
-      samples only for some inputs).
+      tensors it holds; when those change (a training step wrote the weights) it is
+      confirmed on the result with one more evaluation and one product (NOTE:
+      [Independence confirmed on the result]); `cache=False` checks every call (for
+      a function that mixes samples only for some inputs).
     - Fewer output features than input features: the Jacobian of the sum over the
       batch (one pass per output feature for all samples at once); otherwise the
       Jacobian of `f(X + z)` in a per-sample z (one pass per input feature). Either
@@ -262,9 +265,12 @@ _BATCH_FACTS: collections.OrderedDict = collections.OrderedDict()
 the independence check with those tensors."""
 
 
-def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int, cache: bool = True) -> tuple[list[int], int]:
-    """(each output's number of feature dims, output features per sample), checked once per function key and
-    the tensors it holds (every call with `cache=False`)."""
+def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int, cache: bool = True,
+                 defer: bool = False) -> tuple[tuple[list[int], int], "_Recheck | None"]:
+    """((each output's number of feature dims, output features per sample), None), checked once per function key
+    and the tensors it holds (every call with `cache=False`). With `defer`, a function checked before whose
+    tensors changed since (weights a training step wrote) gets its verdict back with a `_Recheck` to confirm on
+    the result (NOTE: [Independence confirmed on the result])."""
     function_key, modules = describe_function(f)
     key = (function_key, tuple((tuple(x.shape), x.dtype, x.device) for x in xs), torch.is_grad_enabled(),
            module_modes(modules))
@@ -274,13 +280,78 @@ def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int, cache: b
     cached = _BATCH_FACTS.get(key) if cache else None
     if cached is not None and cached[1] == values:
         _BATCH_FACTS.move_to_end(key)
-        return cached[0]
+        return cached[0], None
     evaluator = Evaluator(f, xs[0].device, modules)
+    if defer and cached is not None and all(x.is_floating_point() for x in xs):
+        return cached[0], _Recheck(evaluator, key, values, rng_state(xs[0].device))
     known = evaluator.isolated(lambda raw: _shapes_and_independence(raw, xs, batch))  # invisible: state put back
+    _remember(key, known, values)
+    return known, None
+
+
+def _remember(key: tuple, known: tuple[list[int], int], values: object) -> None:
     _BATCH_FACTS[key] = (known, values)
+    _BATCH_FACTS.move_to_end(key)
     while len(_BATCH_FACTS) > 256:
         _BATCH_FACTS.popitem(last=False)
-    return known
+
+
+class _Recheck:
+    """A cached independence verdict whose function's tensors changed: confirmed on the result instead of
+    checked again before it (NOTE: [Independence confirmed on the result])."""
+
+    def __init__(self, evaluator: Evaluator, key: tuple, values: object, rng: tuple[torch.Tensor, ...]) -> None:
+        self.evaluator, self.key, self.values, self.rng = evaluator, key, values, rng
+
+    def confirm(self, xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], known: tuple[list[int], int]) -> None:
+        """Raise `UnsupportedFunctionError` unless the per-sample `blocks` (output-major, (B, *out[1:], *in[1:]))
+        predict one product of `f` with a random cotangent over all samples; then keep the verdict."""
+        batch = xs[0].shape[0]
+        now = self.evaluator.value_sources()
+        if now == self.values:  # `f` wrote nothing it holds: it is replayed as it was differentiated
+            self.evaluator.isolated(lambda raw: _confirm_on_result(raw, xs, blocks, batch), replay=self.rng)
+        else:  # it writes what it holds (a counter, a running statistic): checked as on a first call
+            self.evaluator.isolated(lambda raw: _shapes_and_independence(raw, xs, batch))
+        _remember(self.key, known, now)
+
+
+def _confirm_on_result(f: Callable, xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], batch: int) -> None:
+    leaves = tuple(x.detach().clone().requires_grad_() for x in xs)
+    with torch.enable_grad():
+        ys = _leaves(f(*leaves))
+    if len(ys) * len(xs) != len(blocks) or any(not isinstance(y, torch.Tensor) for y in ys):
+        raise InputTypeError("batch_jacobian: `f` returned a different structure when evaluated again.")
+    if any(y.is_complex() or not y.is_floating_point() for y in ys if y.requires_grad):
+        _check_independent(leaves, ys, batch)
+        return
+    generator = torch.Generator(device=xs[0].device).manual_seed(0xBA7D)
+    kept = [k for k, y in enumerate(ys) if y.requires_grad]
+    if batch < 2 or not kept:
+        return
+    w = [torch.randn(ys[k].shape, generator=generator, dtype=ys[k].dtype, device=ys[k].device) for k in kept]
+    with torch.enable_grad():
+        grads = torch.autograd.grad([ys[k] for k in kept], leaves, w, allow_unused=True)
+    with torch.no_grad():
+        for j, x in enumerate(xs):
+            predicted = torch.zeros(batch, x[0].numel(), dtype=x.dtype, device=x.device)
+            scale = torch.zeros_like(predicted)
+            for wk, k in zip(w, kept):
+                block = blocks[k * len(xs) + j].detach().reshape(batch, wk[0].numel(), -1).to(x.dtype)
+                wk = wk.reshape(batch, -1, 1).to(x.dtype)
+                predicted += (wk * block).sum(1)
+                scale += (wk.abs() * block.abs()).sum(1)
+            got = torch.zeros_like(predicted) if grads[j] is None else grads[j].reshape(batch, -1)
+            tolerance = 2.0 * torch.finfo(x.dtype).eps ** 0.5
+            apart = (got - predicted).abs()
+            # Each sample's product sums its own terms alone when samples are independent: a difference beyond
+            # rounding (scaled by those terms) is a dependence on other samples. NaN and inf are not evidence.
+            beyond = (apart > tolerance * (scale + got.abs()) + torch.finfo(x.dtype).tiny) & (apart < math.inf)
+            if bool(beyond.any()):
+                raise UnsupportedFunctionError(
+                    "batch_jacobian: `f` mixes samples: the outputs of one sample depend on other samples' inputs "
+                    f"(input {j}), so there are no per-sample Jacobians to return (batch norm in training mode, "
+                    "means or attention over the batch do this). Put such modules in eval() mode, or use `jacobian` "
+                    "for the full Jacobian.")
 
 
 def _shapes_and_independence(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) -> tuple[list[int], int]:
@@ -297,7 +368,7 @@ def _shapes_and_independence(f: Callable, xs: tuple[torch.Tensor, ...], batch: i
 def batch_target(f: Callable, inputs, mode: str, who: str):
     """(the function `batch_jacobian` differentiates, its inputs): the sum over the batch, or the broadcast."""
     xs = _check_batch_inputs(inputs, who)
-    return _target(f, inputs, xs, mode, _batch_facts(f, xs, xs[0].shape[0]))
+    return _target(f, inputs, xs, mode, _batch_facts(f, xs, xs[0].shape[0])[0])
 
 
 def _target(f: Callable, inputs, xs: tuple[torch.Tensor, ...], mode: str, facts: tuple[list[int], int]):
@@ -311,16 +382,18 @@ def _target(f: Callable, inputs, xs: tuple[torch.Tensor, ...], mode: str, facts:
 
 def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict, target_mode: str):
     batch = xs[0].shape[0]
-    facts = _batch_facts(f, xs, batch, options.get("cache", True))
+    facts, recheck = _batch_facts(f, xs, batch, options.get("cache", True), defer=True)
     out_dims = facts[0]
     try:
         target, target_inputs = _target(f, inputs, xs, target_mode, facts)
         jac = jacobian(target, target_inputs, **options)
+        blocks, spec = pytree.flatten(jac)
         if isinstance(target, _SumOverBatch):
             # Blocks of the sum's Jacobian are (*out[1:], B, *in[1:]), output-major: bring the batch first.
-            blocks, spec = pytree.flatten(jac)
-            moved = [b.movedim(out_dims[k // len(xs)], 0).contiguous() for k, b in enumerate(blocks)]
-            return pytree.unflatten(moved, spec)
+            blocks = [b.movedim(out_dims[k // len(xs)], 0).contiguous() for k, b in enumerate(blocks)]
+            jac = pytree.unflatten(blocks, spec)
+        if recheck is not None:
+            recheck.confirm(xs, blocks, facts)
         return jac
     except MemoryBudgetError:
         if batch == 1 or options.get("plan") is not None:
@@ -345,12 +418,16 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
     device = leaves[0].device
     generator = torch.Generator(device=device).manual_seed(0xBA7C)
     bits = max(1, (batch - 1).bit_length())
+    # Row 0 keeps every sample, row t + 1 those whose index has bit t set: (1 + bits, B), built in one op (a
+    # mask at a time, and the comparisons below a bit at a time, took 2.2 ms of a 3.1 ms call at B = 512).
     index = torch.arange(batch, device=device)
-    masks = [torch.ones(batch, dtype=torch.bool, device=device)] + [(index >> t) & 1 == 1 for t in range(bits)]
+    shifts = torch.arange(-1, bits, device=device).clamp(min=0).view(-1, 1)
+    masks = ((index >> shifts) & 1 == 1)
+    masks[0] = True
     cotangents = []
     for y in pairs:
         w = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
-        cotangents.append(torch.stack([w * m.view(-1, *([1] * (y.dim() - 1))).to(w.dtype) for m in masks]))
+        cotangents.append(w * masks.view(*masks.shape, *([1] * (y.dim() - 1))).to(w.dtype))
     with torch.enable_grad():
         try:
             with batched_backward():  # NOTE: [Batched backwards wait for an open loop probe]
@@ -364,17 +441,15 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
         if g is None:
             continue
         whole, parts = g[0], g[1:]
-        shape = (-1,) + (1,) * (whole.dim() - 1)
         tolerance = torch.finfo(whole.dtype).eps ** 0.5 * float(whole.abs().nan_to_num(posinf=0.0).max() + 1e-30)
-        for t, part in enumerate(parts):
-            expected = whole * masks[t + 1].view(shape).to(whole.dtype)
-            apart = (part - expected).abs()
-            if bool((apart[torch.isfinite(apart)] > tolerance).any()):
-                raise UnsupportedFunctionError(
-                    "batch_jacobian: `f` mixes samples: the outputs of one sample depend on other samples' inputs "
-                    f"(input {j}), so there are no per-sample Jacobians to return (batch norm in training mode, means "
-                    "or attention over the batch do this). Put such modules in eval() mode, or use `jacobian` for the "
-                    "full Jacobian.")
+        expected = whole.unsqueeze(0) * masks[1:].view(bits, -1, *([1] * (whole.dim() - 1))).to(whole.dtype)
+        apart = (parts - expected).abs()
+        if bool(((apart > tolerance) & (apart < math.inf)).any()):  # NaN and inf differences are not evidence
+            raise UnsupportedFunctionError(
+                "batch_jacobian: `f` mixes samples: the outputs of one sample depend on other samples' inputs "
+                f"(input {j}), so there are no per-sample Jacobians to return (batch norm in training mode, means "
+                "or attention over the batch do this). Put such modules in eval() mode, or use `jacobian` for the "
+                "full Jacobian.")
 
 
 # NOTE: [Independent samples, bit by bit]
@@ -385,7 +460,26 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
 # outputs on a's inputs (or the reverse) shows there, whichever samples mix. (A pullback from one sample
 # only saw mixing that reached that sample: tanh(X.cumsum(0)) with B = 11 passed, with errors of 4.5.)
 # This holds at the point it was checked; a cached verdict is made again when the tensors `f` holds change,
-# not when only the inputs' values do (see the README).
+# not when only the inputs' values do (see the README), on the result (NOTE: [Independence confirmed on the
+# result]).
+
+
+# NOTE: [Independence confirmed on the result]
+# A training loop writes the weights in place every step, so a verdict kept for `f` and the tensors it holds
+# went stale on every call: the check above ran again before each Jacobian (at B = 512, 2.2 ms of a 3.1 ms call
+# on the 2-core CPU: an evaluation, 1 + log2 B products, a comparison per bit). A verdict that was given for
+# this key and these shapes is now confirmed after the Jacobian, on it: per-sample blocks J_b predict, for one
+# random cotangent W over all samples, the product W^T J of `f` itself, sample by sample (sum over o of
+# W[b, o] J_b[o, i]). The sum over the batch computes sum over b' of dy_b'/dx_b and the broadcast sum over b' of
+# dy_b/dx_b'; as polynomials in W, the predicted and the real product agree only if every cross-sample
+# derivative is zero, so one product (not 1 + log2 B) shows any mixing, whichever route ran, and judges the
+# blocks too. The tolerance is the safety net's (scaled by |W|^T |J| per sample). The evaluation replays the RNG
+# the Jacobian's evaluation started from (dropout draws the same mask) and puts buffers back; an `f` that wrote
+# what it holds during the call (a counter, a running statistic) may compute something else now, and is checked
+# bit by bit instead, as before. A function never checked for these shapes (or `cache=False`) is still checked
+# before any Jacobian, so mixing is refused before the expensive work. Measured in a training loop (an SGD step
+# between calls): 3.1 -> 1.5 ms a call at B = 512 (the Jacobian alone: 0.75 ms); `f` runs once more than the
+# Jacobian's evaluations, as before.
 
 
 def sparsity(f: Callable, inputs: Any, *, argnums: int | tuple[int, ...] | None = None, **unknown: object):

@@ -155,6 +155,11 @@ def module_modes(modules: Sequence[nn.Module]) -> tuple[bool, ...]:
     return tuple(m.training for root in modules for m in _all_submodules(root))
 
 
+def rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The global RNG's state for `device` (CPU, and CUDA on a CUDA device), for `Evaluator.isolated(replay=)`."""
+    return _rng_state(device)
+
+
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
     states = [torch.default_generator.get_state()]
     if device.type == "cuda":
@@ -391,13 +396,17 @@ class Evaluator:
                     for i, saved in zip(indices, buffers):
                         _put(self._buffers[i], saved)
 
-    def isolated(self, work: Callable[[Callable], object]) -> object:
+    def isolated(self, work: Callable[[Callable], object], replay: tuple[torch.Tensor, ...] | None = None) -> object:
         """Run `work(raw)` where `raw(*leaves)` calls `f` directly (for tracing it), leaving the RNG and
-        module buffers exactly as they were before: the trace is not an evaluation anyone sees."""
+        module buffers exactly as they were before: the trace is not an evaluation anyone sees. With `replay`
+        (an RNG state from `rng_state`), `f` draws what it drew from that state (an earlier evaluation's
+        realization)."""
         if not self._snapshot_taken:
             self._snapshot()
         rng = _rng_state(self.device)
         saved = [b.detach().clone() for b in self._buffers]
+        if replay is not None:
+            _set_rng_state(self.device, replay)
         # A stand-in's raw form (`__autojac_raw__`): an aux recorder must not keep the aux of a trace on fake
         # tensors as the call's aux (a later call's look for structure runs before its plain evaluation).
         raw = getattr(self.f, "__autojac_raw__", self.f)
