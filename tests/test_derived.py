@@ -214,15 +214,16 @@ def test_a_mixing_weight_written_in_place_is_refused_on_either_route(features):
         autojac.batch_jacobian(f, X)  # refused again: the mixing verdict is not kept as a pass
 
 
-def test_weights_a_training_step_writes_cost_one_evaluation_to_confirm():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weights_a_training_step_writes_cost_one_evaluation_to_confirm(dtype):
     """An optimizer writes the weights in place every step: the verdict is confirmed with one evaluation and
     one product on the result, not checked again before it (that took 1 + log2 B products and 2.2 of a
-    3.1 ms call at B = 512); the blocks stay right at every step."""
-    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double().to(DEVICE)
+    3.1 ms call at B = 512); the blocks stay right at every step, and float32 rounding is not taken for mixing."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype).to(DEVICE)
     calls = []
     net.register_forward_hook(lambda *args: calls.append(1))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    X = t64(12, 6)
+    X = t64(12, 6).to(dtype)
     autojac.batch_jacobian(net, X)
     for _ in range(3):
         loss = net(X).pow(2).sum()

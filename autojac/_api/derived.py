@@ -28,6 +28,7 @@ from .._core.batched_gate import batched_backward
 from .._core.errors import InputError, InputTypeError, MemoryBudgetError, UnsupportedFunctionError
 from .._core.evaluation import Evaluator, module_modes, rng_state
 from .._core.options import check_callable, refuse_unknown
+from .._execute.verify import CHECK_BLOCK_BYTES
 from .._planning.keys import describe_function
 from .compose import outer_transform
 from .jacobian import jacobian
@@ -333,20 +334,30 @@ def _confirm_on_result(f: Callable, xs: tuple[torch.Tensor, ...], blocks: list[t
         grads = torch.autograd.grad([ys[k] for k in kept], leaves, w, allow_unused=True)
     with torch.no_grad():
         for j, x in enumerate(xs):
-            predicted = torch.zeros(batch, x[0].numel(), dtype=x.dtype, device=x.device)
-            scale = torch.zeros_like(predicted)
-            for wk, k in zip(w, kept):
-                block = blocks[k * len(xs) + j].detach().reshape(batch, wk[0].numel(), -1).to(x.dtype)
-                wk = wk.reshape(batch, -1, 1).to(x.dtype)
-                predicted += (wk * block).sum(1)
-                scale += (wk.abs() * block.abs()).sum(1)
-            got = torch.zeros_like(predicted) if grads[j] is None else grads[j].reshape(batch, -1)
+            # (B, 1, O) @ (B, O, I) per output: no copy of the result (it may be most of the memory budget).
+            parts = [(wk.reshape(batch, 1, -1).to(x.dtype),
+                      blocks[k * len(xs) + j].detach().reshape(batch, wk[0].numel(), -1).to(x.dtype))
+                     for wk, k in zip(w, kept)]
+            predicted = sum(torch.bmm(wk, block) for wk, block in parts).reshape(batch, -1)
+            got = torch.zeros_like(predicted) if grads[j] is None else grads[j].reshape(batch, -1).to(x.dtype)
             tolerance = 2.0 * torch.finfo(x.dtype).eps ** 0.5
-            apart = (got - predicted).abs()
+            tiny = torch.finfo(x.dtype).tiny
+            if torch.allclose(got, predicted, rtol=tolerance, atol=tiny):
+                continue
             # Each sample's product sums its own terms alone when samples are independent: a difference beyond
-            # rounding (scaled by those terms) is a dependence on other samples. NaN and inf are not evidence.
-            beyond = (apart > tolerance * (scale + got.abs()) + torch.finfo(x.dtype).tiny) & (apart < math.inf)
-            if bool(beyond.any()):
+            # rounding, scaled by those terms (|W|^T |J_b|, for the samples in doubt, a few at a time), is a
+            # dependence on other samples. NaN and inf are not evidence.
+            apart = (got - predicted).abs()
+            suspect = ~(apart <= tolerance * (got.abs() + predicted.abs()) + tiny) & (apart < math.inf)
+            doubtful = suspect.any(1).nonzero().reshape(-1)
+            per_sample = max(1, sum(block[0].numel() for _, block in parts) * x.element_size())
+            step = max(1, CHECK_BLOCK_BYTES // per_sample)
+            for start in range(0, doubtful.numel(), step):
+                rows = doubtful[start:start + step]
+                scale = sum(torch.bmm(wk[rows].abs(), block[rows].abs()) for wk, block in parts)
+                beyond = apart[rows] > tolerance * (scale.reshape(rows.numel(), -1) + got[rows].abs()) + tiny
+                if not bool((suspect[rows] & beyond).any()):
+                    continue
                 raise UnsupportedFunctionError(
                     "batch_jacobian: `f` mixes samples: the outputs of one sample depend on other samples' inputs "
                     f"(input {j}), so there are no per-sample Jacobians to return (batch norm in training mode, "
