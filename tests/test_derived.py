@@ -215,15 +215,17 @@ def test_a_mixing_weight_written_in_place_is_refused_on_either_route(features):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_weights_a_training_step_writes_cost_one_evaluation_to_confirm(dtype):
-    """An optimizer writes the weights in place every step: the verdict is confirmed with one evaluation and
-    one product on the result, not checked again before it (that took 1 + log2 B products and 2.2 of a
-    3.1 ms call at B = 512); the blocks stay right at every step, and float32 rounding is not taken for mixing."""
-    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype).to(DEVICE)
+@pytest.mark.parametrize("inputs, outputs, extra", [(6, 4, 0), (3, 40, 1)], ids=["sum_over_batch", "broadcast"])
+def test_weights_a_training_step_writes_are_confirmed_on_the_result(dtype, inputs, outputs, extra):
+    """An optimizer writes the weights in place every step: the verdict is confirmed on the result, not checked
+    again before it (that took 1 + log2 B products and 2.2 of a 3.1 ms call at B = 512). The sum over the batch
+    gets the product from one more output in its own evaluation (no evaluation added); the broadcast from one
+    more evaluation. The blocks stay right at every step, and float32 rounding is not taken for mixing."""
+    net = torch.nn.Sequential(torch.nn.Linear(inputs, 16), torch.nn.Tanh(), torch.nn.Linear(16, outputs)).to(dtype).to(DEVICE)
     calls = []
     net.register_forward_hook(lambda *args: calls.append(1))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    X = t64(12, 6).to(dtype)
+    X = t64(12, inputs).to(dtype)
     autojac.batch_jacobian(net, X)
     for _ in range(3):
         loss = net(X).pow(2).sum()
@@ -232,7 +234,7 @@ def test_weights_a_training_step_writes_cost_one_evaluation_to_confirm(dtype):
         opt.step()
         calls.clear()
         got = autojac.batch_jacobian(net, X)
-        assert len(calls) == autojac.last_report().evaluations + 1
+        assert len(calls) == autojac.last_report().evaluations + extra
         torch.testing.assert_close(got, per_sample(net, X))
     calls.clear()
     autojac.batch_jacobian(net, X)  # weights unchanged since: nothing to confirm
