@@ -543,8 +543,8 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
 # something else now, and is checked bit by bit instead. A function never checked for these shapes (or
 # `cache=False`) is still checked before any Jacobian, so mixing is refused before the expensive work.
 # Measured with benchmarks/training_loop.py (an SGD step between calls; autojac / the faster of vmap(jacrev)
-# and the sum trick, which check nothing): MLP B = 64, 512, 4096 3.32x, 4.86x, 4.34x -> 1.75x, 1.61x, 1.24x;
-# CNN B = 64, 512 2.69x, 1.45x -> 1.60x, 0.82x.
+# and the sum trick, which check nothing): MLP B = 64, 512, 4096 3.32x, 4.86x, 4.34x -> 1.70-1.75x,
+# 1.61-1.62x, 1.24-1.72x; CNN B = 64, 512 2.69x, 1.45x -> 1.49-1.60x, 0.72-0.82x (two runs).
 
 
 def sparsity(f: Callable, inputs: Any, *, argnums: int | tuple[int, ...] | None = None, **unknown: object):
