@@ -462,6 +462,43 @@ def parse(description: str, extra: Callable[[argparse.ArgumentParser], Any] | No
     return args
 
 
+def loop_args(doc: str) -> tuple[argparse.Namespace, int, int]:
+    """(arguments, steps, rounds) of a step-loop benchmark: `--quick` (6 steps, 2 rounds, at most 2 threads) and
+    `--out`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: checks that it works")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(min(torch.get_num_threads(), 2) if args.quick else torch.get_num_threads())
+    steps, rounds = (6, 2) if args.quick else (20, 3)
+    return args, steps, rounds
+
+
+def loop_rounds(run_loop: Callable[[str], tuple[list[float], int]], contestants: list[str], rounds: int,
+                rng: random.Random) -> tuple[dict[str, list[float]], dict[str, list[float]], int]:
+    """Each contestant's loop `rounds` times, in a shuffled order each round: (step times after the first two,
+    whole-loop times, wrong results), per contestant."""
+    times: dict[str, list[float]] = {c: [] for c in contestants}
+    totals: dict[str, list[float]] = {c: [] for c in contestants}
+    wrong = 0
+    for _ in range(rounds):
+        for contestant in rng.sample(contestants, len(contestants)):
+            t, w = run_loop(contestant)
+            times[contestant] += t[2:]
+            totals[contestant].append(sum(t))
+            wrong += w
+    return times, totals, wrong
+
+
+def commit() -> str:
+    """The checkout's short commit hash, or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def stem_for(device: torch.device, what: str, quick: bool) -> str:
     return f"{machine_name(device)}-{what}" + ("-quick" if quick else "")
 

@@ -13,7 +13,6 @@ steps after the first two is reported, with its whole-loop time. autojac starts 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -108,25 +107,12 @@ def run_loop(name: str, contestant: str, steps: int, n: int) -> tuple[list[float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: checks that it works")
-    parser.add_argument("--out", type=Path, default=C.RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(min(torch.get_num_threads(), 2) if args.quick else torch.get_num_threads())
-    steps, rounds = (6, 2) if args.quick else (20, 3)
+    args, steps, rounds = C.loop_args(__doc__)
     rng = random.Random(0)
     rows = []
     for name, (what, _, n_full, n_quick) in PROBLEMS.items():
         n = n_quick if args.quick else n_full
-        times = {c: [] for c in CONTESTANTS}
-        totals = {c: [] for c in CONTESTANTS}
-        wrong = 0
-        for _ in range(rounds):
-            for contestant in rng.sample(list(CONTESTANTS), len(CONTESTANTS)):
-                t, w = run_loop(name, contestant, steps, n)
-                times[contestant] += t[2:]
-                totals[contestant].append(sum(t))
-                wrong += w
+        times, totals, wrong = C.loop_rounds(lambda c: run_loop(name, c, steps, n), list(CONTESTANTS), rounds, rng)
         med = {c: statistics.median(v) for c, v in times.items()}
         peer = min(("jacrev", "jacfwd"), key=med.get)
         autojac.clear_cache()
@@ -138,22 +124,12 @@ def main() -> None:
                          ratio=med["autojac"] / med[peer], wrong=wrong, plan=str(autojac.plan(step(3), x))))
         print(f"{name}: " + ", ".join(f"{c} {C.ms(v)}" for c, v in med.items()) + f"; wrong {wrong}", flush=True)
     meta = dict(machine=C.machine_text(torch.device("cpu")), date=time.strftime("%Y-%m-%d"), quick=args.quick,
-                commit=_commit(), torch=torch.__version__)
+                commit=C.commit(), torch=torch.__version__)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = C.stem_for(torch.device("cpu"), "changing-patterns", args.quick)
     (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     (args.out / f"{stem}.md").write_text(report(rows, meta))
     print(f"wrote {args.out / (stem + '.md')}")
-
-
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def report(rows: list[dict], meta: dict) -> str:

@@ -15,8 +15,6 @@ is compared with `vmap(jacrev)`'s.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import statistics
 import sys
@@ -82,25 +80,13 @@ def run_loop(name: str, batch: int, contestant: str, steps: int) -> tuple[list[f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: checks that it works")
-    parser.add_argument("--out", type=Path, default=C.RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(min(torch.get_num_threads(), 2) if args.quick else torch.get_num_threads())
-    steps, rounds = (6, 2) if args.quick else (20, 3)
+    args, steps, rounds = C.loop_args(__doc__)
     rng = random.Random(0)
     rows = []
     for name, (_, _, batches, quick_batches) in PROBLEMS.items():
         for batch in quick_batches if args.quick else batches:
-            times = {c: [] for c in CONTESTANTS}
-            totals = {c: [] for c in CONTESTANTS}
-            wrong = 0
-            for _ in range(rounds):
-                for contestant in rng.sample(list(CONTESTANTS), len(CONTESTANTS)):
-                    t, w = run_loop(name, batch, contestant, steps)
-                    times[contestant] += t[2:]
-                    totals[contestant].append(sum(t))
-                    wrong += w
+            times, totals, wrong = C.loop_rounds(lambda c: run_loop(name, batch, c, steps), list(CONTESTANTS),
+                                                 rounds, rng)
             med = {c: statistics.median(v) for c, v in times.items()}
             peer = min(("vmap(jacrev)", "sum trick"), key=med.get)
             rows.append(dict(problem=f"{name} B={batch}", steps=steps, rounds=rounds, step_seconds=med,
@@ -109,22 +95,9 @@ def main() -> None:
             print(f"{name} B={batch}: " + ", ".join(f"{c} {C.ms(v)}" for c, v in med.items())
                   + f"; ratio {rows[-1]['ratio']:.2f}x; wrong {wrong}", flush=True)
     meta = dict(machine=C.machine_text(torch.device("cpu")), date=time.strftime("%Y-%m-%d"), quick=args.quick,
-                commit=_commit(), torch=torch.__version__, threads=torch.get_num_threads())
-    args.out.mkdir(parents=True, exist_ok=True)
+                commit=C.commit(), torch=torch.__version__, threads=torch.get_num_threads())
     stem = C.stem_for(torch.device("cpu"), "training-loop", args.quick)
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (args.out / f"{stem}.md").write_text(report(rows, meta))
-    print(f"wrote {args.out / (stem + '.md')}")
-
-
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    C.write(args.out, stem, dict(meta=meta, rows=rows), report(rows, meta), None)
 
 
 def report(rows: list[dict], meta: dict) -> str:
