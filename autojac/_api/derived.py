@@ -139,24 +139,30 @@ class _SumOverBatch:
 class _Broadcast:
     """phi(*Z) = f(*(X + Z)), each Z one sample's shape broadcast over the batch (forward sum trick).
 
-    Batch-aware like `_SumOverBatch`: Z with one more dimension than a sample are copies."""
+    Batch-aware like `_SumOverBatch`: Z with one more dimension than a sample are copies. With a `probe` V (one
+    tensor per input, the inputs' shapes), one more input u: phi(*Z, u) = f(*(X + Z + u V)), whose column is
+    J V, the product that confirms independence (NOTE: [Independence confirmed on the result])."""
 
     __autojac_repeat_on_request__ = True
 
-    def __init__(self, f: Callable, xs: Sequence[torch.Tensor]) -> None:
-        self.f, self.xs = f, tuple(xs)
-        self.dims = tuple(x.dim() - 1 for x in self.xs)
+    def __init__(self, f: Callable, xs: Sequence[torch.Tensor], probe: tuple[torch.Tensor, ...] | None = None) -> None:
+        self.f, self.xs, self.probe = f, tuple(xs), probe
+        self.dims = tuple(x.dim() - 1 for x in self.xs) + ((0,) if probe is not None else ())
 
     def __autojac_key__(self, sign) -> tuple:
-        return (sign(self.f), tuple(sign(x) for x in self.xs))
+        return (sign(self.f), tuple(sign(x) for x in self.xs), self.probe is not None)
 
     def __call__(self, *zs: torch.Tensor) -> Any:
         k = _copies(zs, self.dims)
+        steps = zs[len(self.xs):]  # the probe's u, or nothing
         if k is None:
-            return self.f(*(x + z for x, z in zip(self.xs, zs)))
+            args = [x + z for x, z in zip(self.xs, zs)]
+            return self.f(*(args if not steps else [a + steps[0] * v for a, v in zip(args, self.probe)]))
         batch = self.xs[0].shape[0]
-        out = self.f(*((x.unsqueeze(0) + z.unsqueeze(1)).reshape(k * batch, *x.shape[1:])
-                       for x, z in zip(self.xs, zs)))
+        args = [x.unsqueeze(0) + z.unsqueeze(1) for x, z in zip(self.xs, zs)]
+        if steps:
+            args = [a + steps[0].view(k, *([1] * v.dim())) * v for a, v in zip(args, self.probe)]
+        out = self.f(*(a.reshape(k * batch, *x.shape[1:]) for a, x in zip(args, self.xs)))
         return _pytree.tree_map(lambda y: y.reshape(k, batch, *y.shape[1:]), out)
 
 
@@ -219,9 +225,10 @@ def batch_jacobian(
       mode, means or attention over the batch) is refused with
       `UnsupportedFunctionError`. The verdict is kept for the function and the
       tensors it holds; when those change (a training step wrote the weights) it is
-      confirmed on the result by one product with a random cotangent over all
-      samples, which the blocks must predict: one more output of the sum over the
-      batch, or one more evaluation for the broadcast (NOTE: [Independence
+      confirmed on the result by one product with a random vector over all
+      samples, which the blocks must predict, carried by the function
+      differentiated (one more output of the sum over the batch, one more input of
+      the broadcast; one more evaluation with `plan=`) (NOTE: [Independence
       confirmed on the result]); `cache=False` checks every call (for a function
       that mixes samples only for some inputs).
     - Fewer output features than input features: the Jacobian of the sum over the
@@ -303,8 +310,8 @@ def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int, cache: b
     return known, None
 
 
-def _remember(key: tuple, known: tuple, values: object, probe: tuple[torch.Tensor, ...] | None = None) -> None:
-    _BATCH_FACTS[key] = (known, values, probe)
+def _remember(key: tuple, known: tuple, values: object, probes: dict | None = None) -> None:
+    _BATCH_FACTS[key] = (known, values, {} if probes is None else probes)
     _BATCH_FACTS.move_to_end(key)
     while len(_BATCH_FACTS) > 256:
         _BATCH_FACTS.popitem(last=False)
@@ -317,26 +324,34 @@ class _Recheck:
     def __init__(self, evaluator: Evaluator, key: tuple, values: object, rng: tuple[torch.Tensor, ...],
                  cached: tuple) -> None:
         self.evaluator, self.key, self.values, self.rng = evaluator, key, values, rng
-        self.known, self._probe = cached[0], cached[2]
+        self.known, self._probe = cached[0], cached[2]  # the probes made for this key so far, by side
 
-    def probe(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The random cotangent W over all samples (one per output, from a private generator), the same tensors
-        on every call of this key: an extra output W . f(X) of the sum over the batch gives W^T J in the same
-        evaluation and backward pass as the Jacobian."""
-        if self._probe is None:
-            generator = torch.Generator(device=device).manual_seed(0xBA7D)
-            self._probe = tuple(torch.randn(shape, generator=generator, dtype=dtype, device=device)
-                                for shape, dtype in self.known[2])
-        return self._probe
+    def probe(self, reverse: bool, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The same random tensors on every call of this key (from a private generator): for the sum over the
+        batch a cotangent W over all samples (one per output; an extra output W . f(X) gives W^T J in the
+        Jacobian's own evaluation and backward pass), for the broadcast a tangent V (one per input; an extra
+        input u, f(X + Z + u V), gives J V in its own forward passes)."""
+        side = "reverse" if reverse else "forward"
+        if side not in self._probe:
+            generator = torch.Generator(device=xs[0].device).manual_seed(0xBA7D)
+            specs = self.known[2] if reverse else tuple((tuple(x.shape), x.dtype) for x in xs)
+            self._probe[side] = tuple(torch.randn(shape, generator=generator, dtype=dtype, device=xs[0].device)
+                                      for shape, dtype in specs)
+        return self._probe[side]
 
-    def confirm(self, xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], products: object = None) -> None:
+    def confirm(self, xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], products: list | None = None,
+                reverse: bool = True) -> None:
         """Raise `UnsupportedFunctionError` unless the per-sample `blocks` (output-major, (B, *out[1:], *in[1:]))
-        predict one product of `f` with a random cotangent over all samples: `products` (the gradient of the
-        probe's W . f(X), computed with the blocks), or one evaluation and VJP of `f`; then keep the verdict."""
+        predict one product of `f` with a random vector over all samples: `products` (computed with the blocks:
+        W^T J per input for the sum over the batch, J V per output for the broadcast), or else one evaluation and
+        VJP of `f`; then keep the verdict."""
         batch = xs[0].shape[0]
         if products is not None:  # from the Jacobian's own evaluation: whatever `f` wrote since, it is the one
-            grads = pytree.flatten(products)[0]
-            _judge(xs, blocks, list(self._probe), list(range(len(self._probe))), grads, batch)
+            probe = list(self.probe(reverse, xs))
+            if reverse:
+                _judge(xs, blocks, probe, list(range(len(probe))), products, batch)
+            else:
+                _judge_tangent(xs, blocks, probe, products, batch)
             # Kept for the values the call started with: if `f` wrote what it holds, the next call confirms again.
             _remember(self.key, self.known, self.values, self._probe)
             return
@@ -379,30 +394,50 @@ def _judge(xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], w: list[tor
                      for wk, k in zip(w, kept)]
             predicted = sum(torch.bmm(wk, block) for wk, block in parts).reshape(batch, -1)
             got = torch.zeros_like(predicted) if grads[j] is None else grads[j].reshape(batch, -1).to(x.dtype)
-            tolerance = 2.0 * torch.finfo(x.dtype).eps ** 0.5
-            tiny = torch.finfo(x.dtype).tiny
-            # Each sample's product sums its own terms alone when samples are independent: a difference beyond
-            # rounding, scaled by those terms (|W|^T |J_b|, for the samples in doubt, a few at a time), is a
-            # dependence on other samples. NaN and inf are not evidence. (First against |got| + |predicted|,
-            # stricter and cheap: `allclose` took 50-175 us of a call.)
-            apart = (got - predicted).abs()
-            suspect = (apart > tolerance * (got.abs() + predicted.abs()) + tiny) & (apart < math.inf)
-            if not bool(suspect.any()):
-                continue
-            doubtful = suspect.any(1).nonzero().reshape(-1)
-            per_sample = max(1, sum(block[0].numel() for _, block in parts) * x.element_size())
-            step = max(1, CHECK_BLOCK_BYTES // per_sample)
-            for start in range(0, doubtful.numel(), step):
-                rows = doubtful[start:start + step]
-                scale = sum(torch.bmm(wk[rows].abs(), block[rows].abs()) for wk, block in parts)
-                beyond = apart[rows] > tolerance * (scale.reshape(rows.numel(), -1) + got[rows].abs()) + tiny
-                if not bool((suspect[rows] & beyond).any()):
-                    continue
-                raise UnsupportedFunctionError(
-                    "batch_jacobian: `f` mixes samples: the outputs of one sample depend on other samples' inputs "
-                    f"(input {j}), so there are no per-sample Jacobians to return (batch norm in training mode, "
-                    "means or attention over the batch do this). Put such modules in eval() mode, or use `jacobian` "
-                    "for the full Jacobian.")
+            _refuse_if_apart(got, predicted, lambda rows: sum(torch.bmm(wk[rows].abs(), block[rows].abs())
+                                                              for wk, block in parts),
+                             sum(block[0].numel() for _, block in parts) * x.element_size(), f"input {j}")
+
+
+def _judge_tangent(xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], v: list[torch.Tensor],
+                   products: Sequence, batch: int) -> None:
+    """Refuse unless J V of `f` (`products`, per output; `v` the tangents of the inputs) is what the per-sample
+    blocks predict, sample by sample (NOTE: [Independence confirmed on the result])."""
+    with torch.no_grad():
+        for k, jv in enumerate(products):
+            # (B, O, I) @ (B, I, 1) per input: no copy of the result.
+            parts = [(blocks[k * len(xs) + j].detach().reshape(batch, -1, vj[0].numel()),
+                      vj.reshape(batch, -1, 1).to(blocks[k * len(xs) + j].dtype)) for j, vj in enumerate(v)]
+            predicted = sum(torch.bmm(block, vj) for block, vj in parts).reshape(batch, -1)
+            got = jv.detach().reshape(batch, -1).to(predicted.dtype)
+            _refuse_if_apart(got, predicted, lambda rows: sum(torch.bmm(block[rows].abs(), vj[rows].abs())
+                                                              for block, vj in parts),
+                             sum(block[0].numel() for block, _ in parts) * predicted.element_size(), f"output {k}")
+
+
+def _refuse_if_apart(got: torch.Tensor, predicted: torch.Tensor, scale_of: Callable[[torch.Tensor], torch.Tensor],
+                     sample_bytes: int, where: str) -> None:
+    """Each sample's product sums its own terms alone when samples are independent: a difference beyond rounding,
+    scaled by those terms (`scale_of(rows)`: |W|^T |J_b| or |J_b| |V| for those samples, taken for the samples
+    in doubt only, a few at a time), is a dependence on other samples. NaN and inf are not evidence."""
+    tolerance = 2.0 * torch.finfo(got.dtype).eps ** 0.5
+    tiny = torch.finfo(got.dtype).tiny
+    # First against |got| + |predicted|, stricter and cheap (`allclose` took 50-175 us of a call).
+    apart = (got - predicted).abs()
+    suspect = (apart > tolerance * (got.abs() + predicted.abs()) + tiny) & (apart < math.inf)
+    if not bool(suspect.any()):
+        return
+    doubtful = suspect.any(1).nonzero().reshape(-1)
+    step = max(1, CHECK_BLOCK_BYTES // max(1, sample_bytes))
+    for start in range(0, doubtful.numel(), step):
+        rows = doubtful[start:start + step]
+        scale = scale_of(rows).reshape(rows.numel(), -1)
+        if bool((suspect[rows] & (apart[rows] > tolerance * (scale + got[rows].abs()) + tiny)).any()):
+            raise UnsupportedFunctionError(
+                "batch_jacobian: `f` mixes samples: the outputs of one sample depend on other samples' inputs "
+                f"({where}), so there are no per-sample Jacobians to return (batch norm in training mode, means "
+                "or attention over the batch do this). Put such modules in eval() mode, or use `jacobian` for the "
+                "full Jacobian.")
 
 
 def _shapes_and_independence(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) -> tuple:
@@ -437,20 +472,27 @@ def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict, tar
     out_dims = facts[0]
     try:
         target, target_inputs = _target(f, inputs, xs, target_mode, facts)
-        products = None
-        probing = recheck is not None and isinstance(target, _SumOverBatch) and options.get("plan") is None
-        if probing:
-            target = _SumOverBatch(f, target.dims, recheck.probe(xs[0].device))
+        products, reverse = None, isinstance(target, _SumOverBatch)
+        probing = recheck is not None and options.get("plan") is None  # a plan you pass fixes the function
+        if probing and reverse:
+            target = _SumOverBatch(f, target.dims, recheck.probe(True, xs))
+        elif probing:
+            target = _Broadcast(f, xs, recheck.probe(False, xs))
+            target_inputs = (*(target_inputs if type(inputs) is tuple else (target_inputs,)),
+                             torch.zeros((), dtype=xs[0].dtype, device=xs[0].device))
         jac = jacobian(target, target_inputs, **options)
-        if probing:
+        if probing and reverse:
             jac, products = jac
+            products = pytree.flatten(products)[0]
+        elif probing:
+            jac, products = _split_tangent(jac, len(xs), type(inputs) is tuple)
         blocks, spec = pytree.flatten(jac)
         if isinstance(target, _SumOverBatch):
             # Blocks of the sum's Jacobian are (*out[1:], B, *in[1:]), output-major: bring the batch first.
             blocks = [b.movedim(out_dims[k // len(xs)], 0).contiguous() for k, b in enumerate(blocks)]
             jac = pytree.unflatten(blocks, spec)
         if recheck is not None:
-            recheck.confirm(xs, blocks, products)
+            recheck.confirm(xs, blocks, products, reverse)
         return jac
     except MemoryBudgetError:
         if batch == 1 or options.get("plan") is not None:
@@ -459,6 +501,15 @@ def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict, tar
         parts = [_batch(f, _slice(inputs, a, b), tuple(x[a:b] for x in xs), options, target_mode)
                  for a, b in ((0, half), (half, batch))]
         return _pytree.tree_map(lambda first, second: torch.cat([first, second]), *parts)
+
+
+def _split_tangent(jac: Any, n: int, as_tuple: bool) -> tuple[Any, list[torch.Tensor]]:
+    """The broadcast's Jacobian in (Z..., u) as the Jacobian in Z (the caller's nesting) and the column of u
+    per output (J V)."""
+    groups, spec = _pytree.tree_flatten(
+        jac, is_leaf=lambda t: isinstance(t, tuple) and len(t) == n + 1 and all(isinstance(e, torch.Tensor) for e in t))
+    kept = [tuple(g[:n]) if as_tuple else g[0] for g in groups]
+    return _pytree.tree_unflatten(kept, spec), [g[n] for g in groups]
 
 
 def _slice(inputs, a: int, b: int):
@@ -532,16 +583,18 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
 # derivative is zero, so one product (not 1 + log2 B) shows any mixing, whichever route ran, and judges the
 # blocks too. The tolerance is the safety net's (scaled by |W|^T |J_b|, taken for the samples in doubt only,
 # a few at a time: the result is never copied).
-# Where the product comes from: the sum over the batch gets one more output, W . f(X) over all samples (a
-# fixed W per key, from a private generator), so its Jacobian row is W^T J, from the same evaluation and the
-# same backward pass as the Jacobian (one pass more than the output features; its own plan, made on the first
-# call that confirms). No evaluation is added, and whatever `f` draws or writes, the product is of the
-# realization that was differentiated. The broadcast (forward passes, one per input feature) cannot carry a
-# reverse product, and a plan you pass fixes the function: there one more evaluation and VJP of `f` give it,
-# replaying the RNG the Jacobian's evaluation started from (dropout draws the same mask), with buffers put
-# back; an `f` that wrote what it holds during the call (a counter, a running statistic) may compute
-# something else now, and is checked bit by bit instead. A function never checked for these shapes (or
-# `cache=False`) is still checked before any Jacobian, so mixing is refused before the expensive work.
+# Where the product comes from: the function differentiated carries it, so it comes from the same evaluation
+# and passes as the Jacobian. The sum over the batch gets one more output, W . f(X) over all samples (W fixed
+# per key, from a private generator), whose row is W^T J (one reverse pass more than the output features). The
+# broadcast gets one more input u, f(X + Z + u V) with V fixed per key over all samples, whose column is J V
+# (one forward pass more than the input features); the prediction is then sum over i of J_b[o, i] V[b, i], and
+# the same argument holds with the roles of samples swapped. Each has its own plan, made on the first call that
+# confirms. No evaluation is added, and whatever `f` draws or writes, the product is of the realization that was
+# differentiated. A plan you pass fixes the function: there one more evaluation and VJP of `f` give the product,
+# replaying the RNG the Jacobian's evaluation started from (dropout draws the same mask), with buffers put back;
+# an `f` that wrote what it holds during the call (a counter, a running statistic) may compute something else
+# now, and is checked bit by bit instead. A function never checked for these shapes (or `cache=False`) is still
+# checked before any Jacobian, so mixing is refused before the expensive work.
 # Measured with benchmarks/training_loop.py (an SGD step between calls; autojac / the faster of vmap(jacrev)
 # and the sum trick, which check nothing): MLP B = 64, 512, 4096 3.32x, 4.86x, 4.34x -> 1.70-1.75x,
 # 1.61-1.62x, 1.24-1.72x; CNN B = 64, 512 2.69x, 1.45x -> 1.49-1.60x, 0.72-0.82x (two runs).
