@@ -119,8 +119,8 @@ class _SumOverBatch:
         k = _copies(xs, self.dims)
         if k is None:
             out = self.f(*xs)
-            if isinstance(out, torch.Tensor) and self.probe is None:  # the common case, without pytree's walk
-                return out.sum(0)
+            if isinstance(out, torch.Tensor):  # the common case, without pytree's walk (every call evaluates this)
+                return out.sum(0) if self.probe is None else (out.sum(0), (self.probe[0] * out).sum())
             summed = _pytree.tree_map(lambda y: y.sum(0), out)
             if self.probe is None:
                 return summed
