@@ -310,8 +310,8 @@ def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int, cache: b
     return known, None
 
 
-def _remember(key: tuple, known: tuple, values: object, probes: dict | None = None) -> None:
-    _BATCH_FACTS[key] = (known, values, {} if probes is None else probes)
+def _remember(key: tuple, known: tuple, values: object) -> None:
+    _BATCH_FACTS[key] = (known, values)
     _BATCH_FACTS.move_to_end(key)
     while len(_BATCH_FACTS) > 256:
         _BATCH_FACTS.popitem(last=False)
@@ -324,13 +324,15 @@ class _Recheck:
     def __init__(self, evaluator: Evaluator, key: tuple, values: object, rng: tuple[torch.Tensor, ...],
                  cached: tuple) -> None:
         self.evaluator, self.key, self.values, self.rng = evaluator, key, values, rng
-        self.known, self._probe = cached[0], cached[2]  # the probes made for this key so far, by side
+        self.known = cached[0]
+        self._probe: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def probe(self, reverse: bool, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The same random tensors on every call of this key (from a private generator): for the sum over the
-        batch a cotangent W over all samples (one per output; an extra output W . f(X) gives W^T J in the
-        Jacobian's own evaluation and backward pass), for the broadcast a tangent V (one per input; an extra
-        input u, f(X + Z + u V), gives J V in its own forward passes)."""
+        """Random tensors from a private generator: for the sum over the batch a cotangent W over all samples
+        (one per output; an extra output W . f(X) gives W^T J in the Jacobian's own evaluation and backward
+        pass), for the broadcast a tangent V (one per input; an extra input u, f(X + Z + u V), gives J V in its
+        own forward passes). Made for this call and dropped with it: kept per key, V (the inputs' size) would
+        hold memory between calls, up to the 256 keys kept."""
         side = "reverse" if reverse else "forward"
         if side not in self._probe:
             generator = torch.Generator(device=xs[0].device).manual_seed(0xBA7D)
@@ -353,14 +355,14 @@ class _Recheck:
             else:
                 _judge_tangent(xs, blocks, probe, products, batch)
             # Kept for the values the call started with: if `f` wrote what it holds, the next call confirms again.
-            _remember(self.key, self.known, self.values, self._probe)
+            _remember(self.key, self.known, self.values)
             return
         now = self.evaluator.value_sources()
         if now == self.values:  # `f` wrote nothing it holds: it is replayed as it was differentiated
             self.evaluator.isolated(lambda raw: _confirm_on_result(raw, xs, blocks, batch), replay=self.rng)
         else:  # it writes what it holds (a counter, a running statistic): checked as on a first call
             self.evaluator.isolated(lambda raw: _shapes_and_independence(raw, xs, batch))
-        _remember(self.key, self.known, now, self._probe)
+        _remember(self.key, self.known, now)
 
 
 def _confirm_on_result(f: Callable, xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], batch: int) -> None:
@@ -584,12 +586,13 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
 # blocks too. The tolerance is the safety net's (scaled by |W|^T |J_b|, taken for the samples in doubt only,
 # a few at a time: the result is never copied).
 # Where the product comes from: the function differentiated carries it, so it comes from the same evaluation
-# and passes as the Jacobian. The sum over the batch gets one more output, W . f(X) over all samples (W fixed
-# per key, from a private generator), whose row is W^T J (one reverse pass more than the output features). The
-# broadcast gets one more input u, f(X + Z + u V) with V fixed per key over all samples, whose column is J V
-# (one forward pass more than the input features); the prediction is then sum over i of J_b[o, i] V[b, i], and
+# and passes as the Jacobian. The sum over the batch gets one more output, W . f(X) over all samples (W random,
+# from a private generator), whose row is W^T J (one reverse pass more than the output features). The
+# broadcast gets one more input u, f(X + Z + u V) with V random over all samples, whose column is J V (one
+# forward pass more than the input features); the prediction is then sum over i of J_b[o, i] V[b, i], and
 # the same argument holds with the roles of samples swapped. Each has its own plan, made on the first call that
-# confirms. No evaluation is added, and whatever `f` draws or writes, the product is of the realization that was
+# confirms. W and V are made for the call and dropped with it (V has the inputs' size: kept for each of the
+# 256 keys remembered, it would hold memory a GPU job needs). No evaluation is added, and whatever `f` draws or writes, the product is of the realization that was
 # differentiated. A plan you pass fixes the function: there one more evaluation and VJP of `f` give the product,
 # replaying the RNG the Jacobian's evaluation started from (dropout draws the same mask), with buffers put back;
 # an `f` that wrote what it holds during the call (a counter, a running statistic) may compute something else
