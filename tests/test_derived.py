@@ -263,6 +263,74 @@ def test_a_plan_you_pass_is_confirmed_by_one_more_evaluation(features):
         autojac.batch_jacobian(f, X, plan=p)
 
 
+_REBOUND = torch.randn(6, 2, dtype=torch.float64)
+
+
+def _reads_rebound(X):
+    return torch.tanh(X @ _REBOUND)
+
+
+def test_outputs_whose_shapes_changed_with_the_values_are_checked_again():
+    """The verdict keeps the outputs' shapes; a global rebound to a tensor of another shape, or a mask written
+    in place that selects more features, changes them: checked again as on a first call, never confirmed
+    against the old shapes (a probe of the old shapes raised a size mismatch)."""
+    global _REBOUND
+    X = t64(9, 6)
+    autojac.batch_jacobian(_reads_rebound, X)
+    _REBOUND = t64(6, 3, seed=4)
+    torch.testing.assert_close(autojac.batch_jacobian(_reads_rebound, X), per_sample(_reads_rebound, X))
+    mask = torch.tensor([True, True, False, False], device=DEVICE)
+    W = t64(6, 4, seed=5)
+    f = lambda X: torch.tanh(X @ W)[:, mask]  # noqa: E731
+    assert autojac.batch_jacobian(f, X).shape == (9, 2, 6)
+    mask[2] = True
+    torch.testing.assert_close(autojac.batch_jacobian(f, X), per_sample(f, X))
+
+
+def test_a_function_computing_in_a_lower_precision_is_confirmed_not_refused():
+    """The result's rounding is float64's, the function's float32's: the products disagree beyond the former,
+    which the bit-by-bit check then settles (before, a valid function was refused on every training step).
+    Mixing is still refused."""
+    W = torch.randn(64, 4, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    alpha = torch.zeros((), device=DEVICE)
+    f = lambda X: torch.tanh(X.float() @ W).double() + alpha * X.float().mean(0).sum()  # noqa: E731
+    X = t64(256, 64)
+    autojac.batch_jacobian(f, X)
+    for _ in range(2):
+        with torch.no_grad():
+            W.add_(0.01)
+        assert autojac.batch_jacobian(f, X).shape == (256, 4, 64)
+    alpha.add_(0.5)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="mixes samples"):
+        autojac.batch_jacobian(f, X)
+
+
+@pytest.mark.parametrize("outputs", [3, 40], ids=["sum_over_batch", "broadcast"])
+def test_a_training_step_under_inference_mode_is_confirmed(outputs):
+    """Under inference mode the probe made for the call must still be a tensor whose version can be watched."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, outputs)).double().to(DEVICE)
+    X = t64(10, 6)
+    with torch.inference_mode():
+        autojac.batch_jacobian(net, X)
+    with torch.no_grad():
+        net[0].weight.add_(0.01)
+    with torch.inference_mode():
+        got = autojac.batch_jacobian(net, X)
+    torch.testing.assert_close(got, per_sample(net, X))
+
+
+def test_one_sample_has_nothing_to_confirm():
+    """B = 1 cannot mix: a weight step adds no probe pass (it pushed a tight budget over)."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double().to(DEVICE)
+    X = t64(1, 6)
+    autojac.batch_jacobian(net, X)
+    with torch.no_grad():
+        net[0].weight.add_(0.01)
+    got = autojac.batch_jacobian(net, X)
+    assert sum(autojac.last_report().chunk_sizes) == 4
+    torch.testing.assert_close(got, per_sample(net, X))
+
+
 def test_a_random_function_and_one_that_counts_its_calls_are_confirmed_as_they_ran():
     """The confirmation evaluates `f` again: it replays the RNG the Jacobian's evaluation started from
     (dropout draws the same mask) and puts module buffers back, so an independent function that draws random

@@ -101,6 +101,10 @@ def gradient_target(f: Callable, inputs: Any, argnums, has_aux: bool) -> tuple[_
     return _Gradient(f, argnums, has_aux), argnums
 
 
+class _OutputsChanged(Exception):
+    """`f`'s outputs no longer have the shapes its cached verdict saw (they depend on values it holds)."""
+
+
 class _SumOverBatch:
     """h(*X) = f(*X) summed over the batch: its Jacobian holds every sample's Jacobian (reverse sum trick).
 
@@ -119,21 +123,30 @@ class _SumOverBatch:
         k = _copies(xs, self.dims)
         if k is None:
             out = self.f(*xs)
-            if isinstance(out, torch.Tensor):  # the common case, without pytree's walk (every call evaluates this)
-                return out.sum(0) if self.probe is None else (out.sum(0), (self.probe[0] * out).sum())
+            if isinstance(out, torch.Tensor) and self.probe is None:  # the common case, without pytree's walk
+                return out.sum(0)
             summed = _pytree.tree_map(lambda y: y.sum(0), out)
             if self.probe is None:
                 return summed
             # One more output, W . f(X) over all samples: its gradient is the product that confirms independence
             # (NOTE: [Independence confirmed on the result]).
-            return summed, sum((w * y).sum() for w, y in zip(self.probe, _leaves(out)))
+            ys = self._matching(out, 1)
+            return summed, sum((w * y).sum() for w, y in zip(self.probe, ys))
         batch = xs[0].shape[1]
         out = self.f(*(x.reshape(k * batch, *x.shape[2:]) for x in xs))
         summed = _pytree.tree_map(lambda y: y.reshape(k, batch, *y.shape[1:]).sum(1), out)
         if self.probe is None:
             return summed
         return summed, sum((w * y.reshape(k, batch, *y.shape[1:])).flatten(1).sum(1)
-                           for w, y in zip(self.probe, _leaves(out)))
+                           for w, y in zip(self.probe, self._matching(out, k)))
+
+    def _matching(self, out: Any, k: int) -> list[torch.Tensor]:
+        """`f`'s outputs, if they have the shapes the probe was made for (the verdict's); else `OutputsChanged`."""
+        ys = [out] if isinstance(out, torch.Tensor) else _leaves(out)
+        if len(ys) != len(self.probe) or any(not isinstance(y, torch.Tensor) or y.shape[0] != k * w.shape[0]
+                                             or y.shape[1:] != w.shape[1:] for w, y in zip(self.probe, ys)):
+            raise _OutputsChanged
+        return ys
 
 
 class _Broadcast:
@@ -302,6 +315,9 @@ def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int, cache: b
     if cached is not None and cached[1] == values:
         _BATCH_FACTS.move_to_end(key)
         return cached[0], None
+    if batch < 2 and cached is not None:  # one sample cannot mix with another: nothing to confirm
+        _remember(key, cached[0], values)
+        return cached[0], None
     if defer and cached is not None and all(x.is_floating_point() for x in xs):
         return cached[0], _Recheck(watcher, key, values, rng_state(xs[0].device), cached)
     evaluator = Evaluator(f, xs[0].device, modules)
@@ -337,8 +353,9 @@ class _Recheck:
         if side not in self._probe:
             generator = torch.Generator(device=xs[0].device).manual_seed(0xBA7D)
             specs = self.known[2] if reverse else tuple((tuple(x.shape), x.dtype) for x in xs)
-            self._probe[side] = tuple(torch.randn(shape, generator=generator, dtype=dtype, device=xs[0].device)
-                                      for shape, dtype in specs)
+            with torch.inference_mode(False):  # f holds them: an inference tensor has no version to watch
+                self._probe[side] = tuple(torch.randn(shape, generator=generator, dtype=dtype, device=xs[0].device)
+                                          for shape, dtype in specs)
         return self._probe[side]
 
     def confirm(self, xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], products: list | None = None,
@@ -351,9 +368,11 @@ class _Recheck:
         if products is not None:  # from the Jacobian's own evaluation: whatever `f` wrote since, it is the one
             probe = list(self.probe(reverse, xs))
             if reverse:
-                _judge(xs, blocks, probe, list(range(len(probe))), products, batch)
+                agree = _judge(xs, blocks, probe, list(range(len(probe))), products, batch)
             else:
-                _judge_tangent(xs, blocks, probe, products, batch)
+                agree = _judge_tangent(xs, blocks, probe, products, batch)
+            if not agree:  # mixing, or rounding beyond the result's precision (f computes in a lower one)
+                self.evaluator.isolated(lambda raw: _shapes_and_independence(raw, xs, batch))
             # Kept for the values the call started with: if `f` wrote what it holds, the next call confirms again.
             _remember(self.key, self.known, self.values)
             return
@@ -380,14 +399,15 @@ def _confirm_on_result(f: Callable, xs: tuple[torch.Tensor, ...], blocks: list[t
         return
     w = [torch.randn(ys[k].shape, generator=generator, dtype=ys[k].dtype, device=ys[k].device) for k in kept]
     with torch.enable_grad():
-        grads = torch.autograd.grad([ys[k] for k in kept], leaves, w, allow_unused=True)
-    _judge(xs, blocks, w, kept, grads, batch)
+        grads = torch.autograd.grad([ys[k] for k in kept], leaves, w, allow_unused=True, retain_graph=True)
+    if not _judge(xs, blocks, w, kept, grads, batch):  # mixing, or rounding beyond the result's precision
+        _check_independent(leaves, ys, batch)
 
 
 def _judge(xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], w: list[torch.Tensor], kept: list[int],
-           grads: Sequence, batch: int) -> None:
-    """Refuse unless W^T J of `f` (`grads`, per input; `w` the cotangents of outputs `kept`) is what the
-    per-sample blocks predict, sample by sample (NOTE: [Independence confirmed on the result])."""
+           grads: Sequence, batch: int) -> bool:
+    """Whether W^T J of `f` (`grads`, per input; `w` the cotangents of outputs `kept`) is what the per-sample
+    blocks predict, sample by sample (NOTE: [Independence confirmed on the result])."""
     with torch.no_grad():
         for j, x in enumerate(xs):
             # (B, 1, O) @ (B, O, I) per output: no copy of the result (it may be most of the memory budget).
@@ -396,14 +416,16 @@ def _judge(xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], w: list[tor
                      for wk, k in zip(w, kept)]
             predicted = sum(torch.bmm(wk, block) for wk, block in parts).reshape(batch, -1)
             got = torch.zeros_like(predicted) if grads[j] is None else grads[j].reshape(batch, -1).to(x.dtype)
-            _refuse_if_apart(got, predicted, lambda rows: sum(torch.bmm(wk[rows].abs(), block[rows].abs())
-                                                              for wk, block in parts),
-                             sum(block[0].numel() for _, block in parts) * x.element_size(), f"input {j}")
+            if not _agree(got, predicted, lambda rows: sum(torch.bmm(wk[rows].abs(), block[rows].abs())
+                                                           for wk, block in parts),
+                          sum(block[0].numel() for _, block in parts) * x.element_size()):
+                return False
+    return True
 
 
 def _judge_tangent(xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], v: list[torch.Tensor],
-                   products: Sequence, batch: int) -> None:
-    """Refuse unless J V of `f` (`products`, per output; `v` the tangents of the inputs) is what the per-sample
+                   products: Sequence, batch: int) -> bool:
+    """Whether J V of `f` (`products`, per output; `v` the tangents of the inputs) is what the per-sample
     blocks predict, sample by sample (NOTE: [Independence confirmed on the result])."""
     with torch.no_grad():
         for k, jv in enumerate(products):
@@ -412,34 +434,35 @@ def _judge_tangent(xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], v: 
                       vj.reshape(batch, -1, 1).to(blocks[k * len(xs) + j].dtype)) for j, vj in enumerate(v)]
             predicted = sum(torch.bmm(block, vj) for block, vj in parts).reshape(batch, -1)
             got = jv.detach().reshape(batch, -1).to(predicted.dtype)
-            _refuse_if_apart(got, predicted, lambda rows: sum(torch.bmm(block[rows].abs(), vj[rows].abs())
-                                                              for block, vj in parts),
-                             sum(block[0].numel() for block, _ in parts) * predicted.element_size(), f"output {k}")
+            if not _agree(got, predicted, lambda rows: sum(torch.bmm(block[rows].abs(), vj[rows].abs())
+                                                           for block, vj in parts),
+                          sum(block[0].numel() for block, _ in parts) * predicted.element_size()):
+                return False
+    return True
 
 
-def _refuse_if_apart(got: torch.Tensor, predicted: torch.Tensor, scale_of: Callable[[torch.Tensor], torch.Tensor],
-                     sample_bytes: int, where: str) -> None:
-    """Each sample's product sums its own terms alone when samples are independent: a difference beyond rounding,
-    scaled by those terms (`scale_of(rows)`: |W|^T |J_b| or |J_b| |V| for those samples, taken for the samples
-    in doubt only, a few at a time), is a dependence on other samples. NaN and inf are not evidence."""
+def _agree(got: torch.Tensor, predicted: torch.Tensor, scale_of: Callable[[torch.Tensor], torch.Tensor],
+           sample_bytes: int) -> bool:
+    """Each sample's product sums its own terms alone when samples are independent: whether every difference is
+    within rounding, scaled by those terms (`scale_of(rows)`: |W|^T |J_b| or |J_b| |V| for those samples, taken
+    for the samples in doubt only, a few at a time). NaN and inf are not evidence. The rounding is the result's
+    dtype's: an `f` that computes in a lower precision (autocast, a float32 part in a float64 function) can
+    disagree beyond it, so a disagreement is settled by the bit-by-bit check, never refused on its own."""
     tolerance = 2.0 * torch.finfo(got.dtype).eps ** 0.5
     tiny = torch.finfo(got.dtype).tiny
     # First against |got| + |predicted|, stricter and cheap (`allclose` took 50-175 us of a call).
     apart = (got - predicted).abs()
     suspect = (apart > tolerance * (got.abs() + predicted.abs()) + tiny) & (apart < math.inf)
     if not bool(suspect.any()):
-        return
+        return True
     doubtful = suspect.any(1).nonzero().reshape(-1)
     step = max(1, CHECK_BLOCK_BYTES // max(1, sample_bytes))
     for start in range(0, doubtful.numel(), step):
         rows = doubtful[start:start + step]
         scale = scale_of(rows).reshape(rows.numel(), -1)
         if bool((suspect[rows] & (apart[rows] > tolerance * (scale + got[rows].abs()) + tiny)).any()):
-            raise UnsupportedFunctionError(
-                "batch_jacobian: `f` mixes samples: the outputs of one sample depend on other samples' inputs "
-                f"({where}), so there are no per-sample Jacobians to return (batch norm in training mode, means "
-                "or attention over the batch do this). Put such modules in eval() mode, or use `jacobian` for the "
-                "full Jacobian.")
+            return False
+    return True
 
 
 def _shapes_and_independence(f: Callable, xs: tuple[torch.Tensor, ...], batch: int) -> tuple:
@@ -480,9 +503,14 @@ def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict, tar
             target = _SumOverBatch(f, target.dims, recheck.probe(True, xs))
         elif probing:
             target = _Broadcast(f, xs, recheck.probe(False, xs))
-            target_inputs = (*(target_inputs if type(inputs) is tuple else (target_inputs,)),
-                             torch.zeros((), dtype=xs[0].dtype, device=xs[0].device))
-        jac = jacobian(target, target_inputs, **options)
+            with torch.inference_mode(False):
+                u = torch.zeros((), dtype=xs[0].dtype, device=xs[0].device)
+            target_inputs = (*(target_inputs if type(inputs) is tuple else (target_inputs,)), u)
+        try:
+            jac = jacobian(target, target_inputs, **options)
+        except _OutputsChanged:  # the verdict's shapes are stale: checked again, as on a first call
+            _BATCH_FACTS.pop(recheck.key, None)
+            return _batch(f, inputs, xs, options, target_mode)
         if probing and reverse:
             jac, products = jac
             products = pytree.flatten(products)[0]
@@ -592,7 +620,14 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
 # forward pass more than the input features); the prediction is then sum over i of J_b[o, i] V[b, i], and
 # the same argument holds with the roles of samples swapped. Each has its own plan, made on the first call that
 # confirms. W and V are made for the call and dropped with it (V has the inputs' size: kept for each of the
-# 256 keys remembered, it would hold memory a GPU job needs). No evaluation is added, and whatever `f` draws or writes, the product is of the realization that was
+# 256 keys remembered, it would hold memory a GPU job needs), outside inference mode (`f` holds them, and an
+# inference tensor has no version to watch).
+# What the comparison cannot settle goes to the bit-by-bit check: its tolerance is the result's dtype's, and an
+# `f` that computes in a lower precision (autocast, a float32 part in a float64 function) disagrees beyond it;
+# such a function was refused on every training step until a second reader found it. Outputs whose shapes
+# changed with the values (a global rebound to another shape, a mask written in place) no longer fit the
+# verdict's W: `OutputsChanged`, and the call checks again as a first call does. One sample has nothing to
+# confirm (its probe pass pushed a tight budget over). No evaluation is added, and whatever `f` draws or writes, the product is of the realization that was
 # differentiated. A plan you pass fixes the function: there one more evaluation and VJP of `f` give the product,
 # replaying the RNG the Jacobian's evaluation started from (dropout draws the same mask), with buffers put back;
 # an `f` that wrote what it holds during the call (a counter, a running statistic) may compute something else
