@@ -634,9 +634,9 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
 # now, and is checked bit by bit instead. A function never checked for these shapes (or `cache=False`) is still
 # checked before any Jacobian, so mixing is refused before the expensive work.
 # Measured with benchmarks/training_loop.py (an SGD step between calls; autojac over the fastest of
-# vmap(jacrev), vmap(jacfwd) and the sum trick, which check nothing; two runs): MLP B = 64, 512, 4096 2.91x,
-# 4.33x, 4.24x -> 1.71-1.83x, 1.71-1.99x, 1.24-1.49x; CNN B = 64, 512 2.39x, 1.55x -> 1.43-1.80x, 0.64-0.90x;
-# a decoder 8 -> 256 (the broadcast) B = 64, 512 1.98x, 2.33x -> 1.31-1.61x, 1.35-1.40x.
+# vmap(jacrev), vmap(jacfwd) and the sum trick, which check nothing; three runs): MLP B = 64, 512, 4096 2.91x,
+# 4.33x, 4.24x -> 1.71-1.90x, 1.71-1.99x, 1.17-1.49x; CNN B = 64, 512 2.39x, 1.55x -> 1.43-1.80x, 0.64-0.90x;
+# a decoder 8 -> 256 (the broadcast) B = 64, 512 1.98x, 2.33x -> 1.31-1.61x, 1.26-1.40x.
 
 
 def sparsity(f: Callable, inputs: Any, *, argnums: int | tuple[int, ...] | None = None, **unknown: object):
