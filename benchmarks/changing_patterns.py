@@ -13,7 +13,6 @@ steps after the first two is reported, with its whole-loop time. autojac starts 
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import sys
@@ -125,11 +124,8 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{c} {C.ms(v)}" for c, v in med.items()) + f"; wrong {wrong}", flush=True)
     meta = dict(machine=C.machine_text(torch.device("cpu")), date=time.strftime("%Y-%m-%d"), quick=args.quick,
                 commit=C.commit(), torch=torch.__version__)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = C.stem_for(torch.device("cpu"), "changing-patterns", args.quick)
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (args.out / f"{stem}.md").write_text(report(rows, meta))
-    print(f"wrote {args.out / (stem + '.md')}")
+    C.write(args.out, stem, dict(meta=meta, rows=rows), report(rows, meta), None)
 
 
 def report(rows: list[dict], meta: dict) -> str:

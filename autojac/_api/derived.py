@@ -300,8 +300,8 @@ the independence check with those tensors."""
 def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int, cache: bool = True,
                  defer: bool = False) -> tuple[tuple, "_Recheck | None"]:
     """((each output's number of feature dims, output features per sample, each output's (shape, dtype)), None),
-    checked once per function key
-    and the tensors it holds (every call with `cache=False`). With `defer`, a function checked before whose
+    checked once per function key and the tensors it holds (every call with `cache=False`). With `defer`, a
+    function checked before whose
     tensors changed since (weights a training step wrote) gets its verdict back with a `_Recheck` to confirm on
     the result (NOTE: [Independence confirmed on the result])."""
     function_key, modules = describe_function(f)
@@ -341,7 +341,7 @@ class _Recheck:
                  cached: tuple) -> None:
         self.evaluator, self.key, self.values, self.rng = evaluator, key, values, rng
         self.known = cached[0]
-        self._probe: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.vectors: tuple[torch.Tensor, ...] | None = None  # the probe, made once the call's route is known
 
     def probe(self, reverse: bool, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Random tensors from a private generator: for the sum over the batch a cotangent W over all samples
@@ -349,14 +349,12 @@ class _Recheck:
         pass), for the broadcast a tangent V (one per input; an extra input u, f(X + Z + u V), gives J V in its
         own forward passes). Made for this call and dropped with it: kept per key, V (the inputs' size) would
         hold memory between calls, up to the 256 keys kept."""
-        side = "reverse" if reverse else "forward"
-        if side not in self._probe:
-            generator = torch.Generator(device=xs[0].device).manual_seed(0xBA7D)
-            specs = self.known[2] if reverse else tuple((tuple(x.shape), x.dtype) for x in xs)
-            with torch.inference_mode(False):  # f holds them: an inference tensor has no version to watch
-                self._probe[side] = tuple(torch.randn(shape, generator=generator, dtype=dtype, device=xs[0].device)
-                                          for shape, dtype in specs)
-        return self._probe[side]
+        generator = torch.Generator(device=xs[0].device).manual_seed(0xBA7D)
+        specs = self.known[2] if reverse else tuple((tuple(x.shape), x.dtype) for x in xs)
+        with torch.inference_mode(False):  # f holds them: an inference tensor has no version to watch
+            self.vectors = tuple(torch.randn(shape, generator=generator, dtype=dtype, device=xs[0].device)
+                                 for shape, dtype in specs)
+        return self.vectors
 
     def confirm(self, xs: tuple[torch.Tensor, ...], blocks: list[torch.Tensor], products: list | None = None,
                 reverse: bool = True) -> None:
@@ -366,7 +364,7 @@ class _Recheck:
         VJP of `f`; then keep the verdict."""
         batch = xs[0].shape[0]
         if products is not None:  # from the Jacobian's own evaluation: whatever `f` wrote since, it is the one
-            probe = list(self.probe(reverse, xs))
+            probe = list(self.vectors)
             if reverse:
                 agree = _judge(xs, blocks, probe, list(range(len(probe))), products, batch)
             else:
@@ -395,7 +393,7 @@ def _confirm_on_result(f: Callable, xs: tuple[torch.Tensor, ...], blocks: list[t
         return
     generator = torch.Generator(device=xs[0].device).manual_seed(0xBA7D)
     kept = [k for k, y in enumerate(ys) if y.requires_grad]
-    if batch < 2 or not kept:
+    if not kept:  # (one sample is never confirmed: `_batch_facts` keeps its verdict)
         return
     w = [torch.randn(ys[k].shape, generator=generator, dtype=ys[k].dtype, device=ys[k].device) for k in kept]
     with torch.enable_grad():

@@ -157,10 +157,6 @@ def module_modes(modules: Sequence[nn.Module]) -> tuple[bool, ...]:
 
 def rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
     """The global RNG's state for `device` (CPU, and CUDA on a CUDA device), for `Evaluator.isolated(replay=)`."""
-    return _rng_state(device)
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
     states = [torch.default_generator.get_state()]
     if device.type == "cuda":
         states.append(torch.cuda.get_rng_state(device))
@@ -284,7 +280,7 @@ class Evaluator:
         self._buffers = module_buffers(self._modules)
         self._versions = [b._version for b in self._buffers]
         self._buffers_before = [b.detach().clone() for b in self._buffers]
-        self._rng_before = _rng_state(self.device)
+        self._rng_before = rng_state(self.device)
         if self._watch_captured:
             self._captured = [(t, t._version) for t in captured_tensors(_user_function(self.f), self._modules)]
         self._snapshot_taken = True
@@ -373,7 +369,7 @@ class Evaluator:
             return
         self._learnt = True
         self._writes_captured = any(t._version != v for t, v in self._captured)
-        after = _rng_state(self.device)
+        after = rng_state(self.device)
         self._draws_random = any(not torch.equal(a, b) for a, b in zip(after, self._rng_before))
         self._rng_after = after if self._draws_random else None
         # Values too, not only version counters: batch norm's kernel updates its running
@@ -403,7 +399,7 @@ class Evaluator:
         realization)."""
         if not self._snapshot_taken:
             self._snapshot()
-        rng = _rng_state(self.device)
+        rng = rng_state(self.device)
         saved = [b.detach().clone() for b in self._buffers]
         if replay is not None:
             _set_rng_state(self.device, replay)
