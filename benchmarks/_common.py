@@ -462,12 +462,14 @@ def parse(description: str, extra: Callable[[argparse.ArgumentParser], Any] | No
     return args
 
 
-def loop_args(doc: str) -> tuple[argparse.Namespace, int, int]:
-    """(arguments, steps, rounds) of a step-loop benchmark: `--quick` (6 steps, 2 rounds, at most 2 threads) and
-    `--out`."""
+def loop_args(doc: str, device: bool = False) -> tuple[argparse.Namespace, int, int]:
+    """(arguments, steps, rounds) of a step-loop benchmark: `--quick` (6 steps, 2 rounds, at most 2 threads),
+    `--out`, and with `device` `--device`."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: checks that it works")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    if device:
+        parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2) if args.quick else torch.get_num_threads())
     steps, rounds = (6, 2) if args.quick else (20, 3)

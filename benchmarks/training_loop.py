@@ -10,7 +10,7 @@ in a shuffled order (seeded); the median Jacobian time of each contestant's step
 reported, with its whole loop's Jacobian time. autojac starts each loop from an empty cache. Every autojac result
 is compared with `vmap(jacrev)`'s.
 
-    python benchmarks/training_loop.py [--quick] [--out DIR]
+    python benchmarks/training_loop.py [--quick] [--out DIR] [--device cuda]
 """
 
 from __future__ import annotations
@@ -65,19 +65,18 @@ CONTESTANTS = {
 PEERS = [c for c in CONTESTANTS if c != "autojac"]
 
 
-def run_loop(name: str, batch: int, contestant: str, steps: int) -> tuple[list[float], int]:
+def run_loop(name: str, batch: int, contestant: str, steps: int, device: torch.device) -> tuple[list[float], int]:
     build, sample, _, _ = PROBLEMS[name]
     torch.manual_seed(0)
-    net = build()
-    X = torch.randn(batch, *sample)
+    net = build().to(device)
+    X = torch.randn(batch, *sample).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=1e-2)
     fn = CONTESTANTS[contestant]
     autojac.clear_cache()
     times, wrong = [], 0
     for _ in range(steps):
-        began = time.perf_counter()
-        J = fn(net, X)
-        times.append(time.perf_counter() - began)
+        seconds, J = C.timed(lambda: fn(net, X), device)
+        times.append(seconds)
         if contestant == "autojac":
             wrong += not torch.allclose(J, CONTESTANTS["vmap(jacrev)"](net, X), rtol=1e-4, atol=1e-6)
         del J
@@ -89,12 +88,13 @@ def run_loop(name: str, batch: int, contestant: str, steps: int) -> tuple[list[f
 
 
 def main() -> None:
-    args, steps, rounds = C.loop_args(__doc__)
+    args, steps, rounds = C.loop_args(__doc__, device=True)
+    device = torch.device(args.device)
     rng = random.Random(0)
     rows = []
     for name, (_, _, batches, quick_batches) in PROBLEMS.items():
         for batch in quick_batches if args.quick else batches:
-            times, totals, wrong = C.loop_rounds(lambda c: run_loop(name, batch, c, steps), list(CONTESTANTS),
+            times, totals, wrong = C.loop_rounds(lambda c: run_loop(name, batch, c, steps, device), list(CONTESTANTS),
                                                  rounds, rng)
             med = {c: statistics.median(v) for c, v in times.items()}
             peer = min(PEERS, key=med.get)
@@ -103,9 +103,9 @@ def main() -> None:
                              ratio=med["autojac"] / med[peer], wrong=wrong, plan=str(autojac.last_report())))
             print(f"{name} B={batch}: " + ", ".join(f"{c} {C.ms(v)}" for c, v in med.items())
                   + f"; ratio {rows[-1]['ratio']:.2f}x; wrong {wrong}", flush=True)
-    meta = dict(machine=C.machine_text(torch.device("cpu")), date=time.strftime("%Y-%m-%d"), quick=args.quick,
+    meta = dict(machine=C.machine_text(device), date=time.strftime("%Y-%m-%d"), quick=args.quick,
                 commit=C.commit(), torch=torch.__version__, threads=torch.get_num_threads())
-    stem = C.stem_for(torch.device("cpu"), "training-loop", args.quick)
+    stem = C.stem_for(device, "training-loop", args.quick)
     C.write(args.out, stem, dict(meta=meta, rows=rows), report(rows, meta), None)
 
 
