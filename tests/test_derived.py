@@ -263,7 +263,7 @@ def test_a_plan_you_pass_is_confirmed_by_one_more_evaluation(features):
         autojac.batch_jacobian(f, X, plan=p)
 
 
-_REBOUND = torch.randn(6, 2, dtype=torch.float64)
+_REBOUND = torch.randn(6, 2, dtype=torch.float64).to(DEVICE)
 
 
 def _reads_rebound(X):
