@@ -184,3 +184,37 @@ def test_a_repeat_plan_run_by_plan_is_checked_on_new_values_whatever_the_incumbe
     m.fill_(1.0)
     torch.testing.assert_close(autojac.jacobian(f, x, plan=repeat), reference(f, x))
     assert autojac.last_report().verified
+
+
+def test_a_function_that_is_not_batch_aware_is_found_on_fake_rows_before_any_real_batched_run():
+    """NOTE: [A batched trial must not run kernels that assert]: a gather through a captured permutation reads
+    the permutation's entries along the stacked rows; on CUDA that indexing is a device-side assert that ends
+    the process's CUDA use. Its batched shapes on fake tensors show it is not batch-aware first: `f` never
+    runs on real stacked rows (checked on any device; the jacobian runs it on CUDA only, where the CPU's real
+    check would otherwise have run)."""
+    from conftest import DEVICE
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from autojac._core.errors import NotBatchAwareError
+    from autojac._methods.base import _check_shapes_on_fake_rows
+
+    g = torch.Generator().manual_seed(11)
+    perm = torch.randperm(300, generator=g).to(DEVICE)
+    w = torch.randn(300, generator=g, dtype=torch.float64).to(DEVICE)
+    real_shapes = []
+
+    def f(x):
+        if not isinstance(x, FakeTensor):
+            real_shapes.append(tuple(x.shape))
+        return x[perm] * w
+
+    x = torch.randn(300, generator=g, dtype=torch.float64).to(DEVICE)
+    problem = autojac.plan(f, x, vectorize="vmap").problem
+    with pytest.raises(NotBatchAwareError, match="leading batch dimension of 2"):
+        _check_shapes_on_fake_rows(f, (torch.stack([x, x]),), problem)
+    assert (2, 300) not in real_shapes, real_shapes
+    if x.device.type == "cuda":
+        with pytest.raises(autojac.UnsupportedFunctionError, match="leading batch dimension of 2"):
+            autojac.jacobian(f, x, vectorize="repeat")
+        assert (2, 300) not in real_shapes, real_shapes
+    torch.testing.assert_close(autojac.jacobian(f, x), torch.func.jacfwd(f)(x))  # the planner's own choice

@@ -187,7 +187,7 @@ class _Recorder(TorchDispatchMode):
                         ext.snapshot = storage_flat(ext.tensor).detach().clone()
 
 
-class _QuietFakeLog:
+class QuietFakeLog:
     """Silences fake-tensor error logs while a failed fake trace is retried on real tensors."""
 
     def __enter__(self):
@@ -209,7 +209,7 @@ def record(f: Callable, xs: Sequence[torch.Tensor], mode: str) -> Tape:
     known = {id(t) for t in inputs}
     recorder = _Recorder(fake_mode, known)
     input_metas = [meta_of(t) for t in inputs]
-    with _QuietFakeLog():
+    with QuietFakeLog():
         if fake_mode is not None:
             with fake_mode, recorder:
                 out = f(*inputs)
