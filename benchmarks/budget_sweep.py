@@ -46,8 +46,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--problem", default="wide_mlp")
-    parser.add_argument("--size", default="large", help="large (default) or small (too small: its "
-                        "forward pass and result alone are near budgets 4x below its need)")
+    parser.add_argument("--size", default="large", help="large (default); small (too small: its forward pass "
+                        "and result alone are near budgets 4x below its need); gpu (for --device cuda: an "
+                        "unchunked need of about 2 GiB, 8 GiB of weights, so that budgets 15x below it stay far "
+                        "above the cuBLAS workspace a fresh process's first matmul allocates)")
     parser.add_argument("--warm-calls", type=int, default=None, help="later calls measured after the first (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="one later call per budget instead of 3: checks that the script works")
     args = parser.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
     out = Path(args.out)
     stem = machine_name(device) + "-budgets" + ("-quick" if args.quick else "")
     print(f"writing {(out / stem).resolve()}.md and .json; expect "
-          f"{'under a minute' if size == 'small' else ('about 3' if args.quick else 'about 5') + ' minutes on 2 CPU cores'}",
+          f"{'under a minute' if size == 'small' else 'a few minutes on a GPU' if size == 'gpu' else ('about 3' if args.quick else 'about 5') + ' minutes on 2 CPU cores'}",
           flush=True)
     started = time.perf_counter()
 

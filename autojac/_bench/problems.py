@@ -169,8 +169,11 @@ def tuple_inputs(size, device):
 @_seeded
 def wide_mlp(size, device):
     """512 -> 512 through 4 residual blocks 32768 wide: each basis vector carries wide activations,
-    so the vectorized Jacobian needs far more memory than its result. For budget sweeps."""
-    width, dim = (32768, 512) if size == "large" else (2048, 64)
+    so the vectorized Jacobian needs far more memory than its result. For budget sweeps. Size "gpu" (2048 ->
+    2048, 131072 wide: 8 GiB of weights, an unchunked need of about 2 GiB) is for a GPU: there a fresh process's
+    first matmul allocates cuBLAS's workspace (32 MiB on Hopper) inside the first evaluation, which a first call
+    must count, so "large"'s budgets (33, 13 and 9 MiB at 4x, 10x, 15x below its need) fall under it."""
+    width, dim = {"gpu": (131072, 2048), "large": (32768, 512)}.get(size, (2048, 64))
     blocks = [(torch.randn(width, dim, device=device) / dim ** 0.5, torch.randn(dim, width, device=device) / width ** 0.5)
               for _ in range(4)]
 

@@ -667,6 +667,10 @@ def _check_result_fits(call: Call, problem: Problem, budget: int, forward_bytes:
             + (f", {problem.layout.pattern.nnz} nonzeros as {problem.layout.output} blocks" if sparse else "")
             + f") takes {format_bytes(problem.result_bytes)}"
             + (f" and the forward pass {format_bytes(forward_bytes)}" if forward_bytes else "")
+            # On a GPU the first evaluation's peak also holds what libraries allocate once per process inside it
+            # (cuBLAS's workspace at a fresh process's first matmul: 32 MiB on Hopper), which this call must count.
+            + (" (its measured peak, with any workspace a library allocated there for the first time in this "
+               "process, such as cuBLAS's)" if forward_bytes and problem.inputs.device.type == "cuda" else "")
             + ". Raise `memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time"
             + (". If it is mostly zeros, output='sparse' or 'csr' returns it without them." if hint else ".")
         )
