@@ -504,3 +504,44 @@ def test_a_memory_bound_stops_a_matmul_before_its_groups_are_spelled_out():
     assert D.stored_limit() is None
     p = detect(f, x)
     assert p.nnz == 500 * 4 * 16 and not p.dense_ops
+
+
+def test_fake_tensor_logs_are_quiet_only_in_the_tracing_thread():
+    """A trace silences torch's fake-tensor error log for its own thread only, and leaves the logger's level as
+    it was (NOTE: [Quiet by a thread's filter, not the logger's level])."""
+    import logging
+    import threading
+
+    from autojac._structure.trace import QuietFakeLog
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler, level = Keep(level=logging.ERROR), logger.level
+    logger.addHandler(handler)
+    try:
+        inside, outside = threading.Event(), threading.Event()
+
+        def other_thread():
+            inside.wait()
+            logger.error("from another thread")
+            outside.set()
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        with QuietFakeLog():
+            with QuietFakeLog():  # nested: still quiet after the inner one ends
+                pass
+            logger.error("from the tracing thread")
+            inside.set()
+            outside.wait()
+            assert logger.level == level
+        t.join()
+        logger.error("after the trace")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["from another thread", "after the trace"]
