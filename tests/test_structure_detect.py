@@ -545,3 +545,31 @@ def test_fake_tensor_logs_are_quiet_only_in_the_tracing_thread():
     finally:
         logger.removeHandler(handler)
     assert seen == ["from another thread", "after the trace"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_narrow_union_spells_the_same_sets_as_the_general_one(monkeypatch, seed):
+    """Unions of few inputs an element are merged row by row (deps._narrow_union); the sets must equal the
+    sparse-matrix union's, repeated entries on both sides included."""
+    import numpy as np
+
+    from autojac._structure import deps as D
+
+    rng = np.random.default_rng(seed)
+    n, n_in = 300, 40  # few columns: the two sides share many entries
+
+    def side(rows, width):
+        cols = np.sort(np.stack([rng.choice(n_in, width, replace=False) for _ in range(rows)]), axis=1)
+        table = D.csr(np.arange(0, rows * width + 1, width), cols.reshape(-1), n_in)
+        return D.Deps(rng.integers(0, rows, n), table)
+
+    def spelled(d):
+        return D.take_rows(d.table, d.rowmap).toarray()
+
+    a, b = side(n, 1 + seed), side(2 * n, 3)
+    assert D._narrow_union(a, b) is not None
+    narrow = D._union2(a, b)
+    monkeypatch.setattr(D, "NARROW_UNION_WIDTH", 0)
+    general = D._union2(a, b)
+    assert (spelled(narrow) == spelled(general)).all() and spelled(general).any()
+    assert (spelled(narrow) == (spelled(a) | spelled(b))).all()
