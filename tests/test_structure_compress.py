@@ -220,3 +220,42 @@ def test_pages_faulted_ahead_on_every_core_stay_zero(threads):
             assert torch.equal(dense, expected)
     finally:
         torch.set_num_threads(before)
+
+
+def test_csr_results_leave_the_warning_filters_alone_across_threads():
+    """NOTE: [The CSR beta notice, silenced once]: CSR results from several threads at once, in a fresh process
+    (torch says its beta notice once a process): no notice shown, and the filter list as it was, including a
+    filter another thread adds meanwhile."""
+    import subprocess
+    import sys
+
+    script = r"""
+import threading, warnings
+import torch, autojac
+warnings.simplefilter("always")
+shown = []
+warnings.showwarning = lambda message, *a, **k: shown.append(str(message))
+before = list(warnings.filters)
+x = torch.randn(300, dtype=torch.float64)
+f = lambda u: u.sin() * torch.roll(u, 1)
+want = torch.autograd.functional.jacobian(f, x)
+errors = []
+def work():
+    try:
+        for _ in range(3):
+            got = autojac.jacobian(f, x, output="csr")
+            assert got.layout == torch.sparse_csr and torch.equal(got.to_dense(), want)
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+warnings.filterwarnings("ignore", message="added meanwhile")
+for t in threads: t.join()
+after = list(warnings.filters)
+assert not errors, errors
+assert not [s for s in shown if "in beta" in s], shown
+assert after[0][1].pattern == "added meanwhile" and after[1:] == before, (before, after)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

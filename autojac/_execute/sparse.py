@@ -11,12 +11,12 @@ sparse tensors that never hold the zeros.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch.utils import _pytree
 
+from .._core.csr import csr_tensor, to_csr
 from .._core.problem import Problem
 from .._core.pytree import nest
 from .._structure import Coloring, Decompressor, Pattern
@@ -170,7 +170,7 @@ def as_output(result: object, in_sizes: Sequence[int], output: str) -> object:
             continue
         n = in_sizes[k % len(in_sizes)]
         matrix = block.reshape(block.numel() // max(n, 1), n)
-        converted.append(matrix.to_sparse_csr() if output == "csr" else block.to_sparse())
+        converted.append(to_csr(matrix) if output == "csr" else block.to_sparse())
     return _pytree.tree_unflatten(converted, spec)
 
 
@@ -212,10 +212,7 @@ def _sparse_blocks(values: torch.Tensor, layout: SparseLayout, p: Problem, outpu
                 crow = torch.zeros(m + 1, dtype=torch.int64, device=values.device)
                 torch.cumsum(counts, 0, out=crow[1:])
                 # one block: the cached column indices themselves, so the caller gets a copy of them
-                with warnings.catch_warnings():  # torch's "in beta" notice: the user asked for CSR
-                    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                    row.append(torch.sparse_csr_tensor(crow, c.clone() if single else c, v, (m, n),
-                                                       check_invariants=False))
+                row.append(csr_tensor(crow, c.clone() if single else c, v, (m, n)))  # no "in beta" notice
             else:
                 matrix = torch.sparse_coo_tensor(torch.stack([r, c]), v, (m, n), is_coalesced=True, check_invariants=False)
                 row.append(matrix if flat or (len(out_shape), len(in_shape)) == (1, 1) else _reshape_coo(matrix, (*out_shape, *in_shape)))

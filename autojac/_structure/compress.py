@@ -8,12 +8,12 @@ column j for colour(i) = c. So every nonzero is one element of the stacked produ
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from .._core.csr import csr_tensor
 from .._core.zeros import pages_touched, zeros
 from .coloring import Coloring
 from .pattern import Pattern
@@ -130,6 +130,4 @@ class Decompressor:
         rows, cols = self.pairs(values.device)
         crow = torch.zeros(n_out + 1, dtype=torch.int64, device=values.device)
         torch.cumsum(torch.bincount(rows, minlength=n_out), 0, out=crow[1:])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(crow, cols, values, self.pattern.shape, check_invariants=False)
+        return csr_tensor(crow, cols, values, self.pattern.shape)
