@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One prepared GPU session: the checks this project owes a GPU, most important first, each under its own time
+# limit so that a short lease (15 minutes of device time, 10 a command) still brings back what finished.
+#
+#   OUT=/some/folder bash benchmarks/gpu_session.sh          # on the GPU machine, from the repository root
+#   bash benchmarks/gpu_session.sh tests budget_sweep        # some steps only (a lease's command runs 10 minutes
+#                                                            # at most: all steps together can take 14)
+#   DRY=1 bash benchmarks/gpu_session.sh                     # print the steps and their limits, run nothing
+#
+# It needs torch with CUDA and the test dependencies (pytest, hypothesis); autojac is taken from the checkout
+# (PYTHONPATH), so nothing is installed. Results go to $OUT (default benchmarks/results/gpu-session), one file a
+# step plus summary.txt; copy the ones worth keeping into benchmarks/results and fix the commit they name (a
+# copied working tree may not know its own).
+#   1. the test suite on CUDA, one process per file (a device-side assert poisons a process's CUDA context:
+#      one file's failure must not fail the files after it);
+#   2. the budget sweep on `wide_mlp --size gpu` (an unchunked need of about 2 GiB, budgets 4x, 10x, 15x below it:
+#      the mission's memory-constrained GPU job), quick;
+#   3. the training-loop benchmark, quick;
+#   4. the structured and habits benchmarks, quick (they say they work; their timings want a full run).
+set -u
+OUT=${OUT:-benchmarks/results/gpu-session}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+summary="$OUT/summary.txt"
+: > "$summary"
+
+step() {  # step <name> <seconds> <command...>
+    local name=$1 limit=$2
+    shift 2
+    if [ -n "${DRY:-}" ]; then
+        echo "[$name] limit ${limit}s: $*"
+        return
+    fi
+    local began=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "[$name] rc=$rc in $((SECONDS - began))s: $(tail -n 1 "$OUT/$name.log")" | tee -a "$summary"
+}
+
+[ -n "${DRY:-}" ] || $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee -a "$summary"
+
+wanted() {  # wanted <step>: named on the command line, or no step named
+    local want
+    for want in $STEPS; do [ "$want" = "$1" ] && return 0; done
+    [ -z "$STEPS" ]
+}
+STEPS="$*"
+
+if wanted tests; then
+    export PYTEST_TORCH_DEVICE=$DEVICE
+    for file in tests/test_*.py; do
+        step "$(basename "$file" .py)" 120 $PY -m pytest -q -x -p no:cacheprovider "$file"
+    done
+fi
+wanted budget_sweep && step budget_sweep 240 $PY benchmarks/budget_sweep.py --device "$DEVICE" --size "${SIZE:-gpu}" --quick --out "$OUT"
+wanted training_loop && step training_loop 150 $PY benchmarks/training_loop.py --device "$DEVICE" --quick --out "$OUT"
+wanted structured && step structured 150 $PY benchmarks/structured.py --device "$DEVICE" --quick --out "$OUT"
+wanted habits && step habits 150 $PY benchmarks/habits.py --device "$DEVICE" --quick --out "$OUT"
+exit 0
