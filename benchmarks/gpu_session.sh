@@ -20,11 +20,20 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu-session}
 DEVICE=${DEVICE:-cuda}
-mkdir -p "$OUT"
+KNOWN="tests budget_sweep training_loop structured habits"
+for want in "$@"; do
+    case " $KNOWN " in
+        *" $want "*) ;;
+        *) echo "gpu_session.sh: unknown step '$want' (steps: $KNOWN)" >&2; exit 2 ;;
+    esac
+done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 summary="$OUT/summary.txt"
-: > "$summary"
+if [ -z "${DRY:-}" ]; then
+    mkdir -p "$OUT"
+    echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC'): ${*:-all steps}" >> "$summary"  # appended: runs of some steps add up
+fi
 
 step() {  # step <name> <seconds> <command...>
     local name=$1 limit=$2

@@ -54,9 +54,10 @@ def quietly(make: Callable[[], torch.Tensor]) -> torch.Tensor:
             _said = True
         finally:
             if added:
-                try:
-                    warnings.filters.remove(ours)
-                except ValueError:  # another thread's catch_warnings put back a list without it
-                    pass
+                # By identity: an equal filter of the caller's, earlier in the list, stays. Gone already when
+                # another thread's catch_warnings put back a list without it.
+                at = next((k for k, item in enumerate(warnings.filters) if item is ours), None)
+                if at is not None:
+                    del warnings.filters[at]
                 warnings._filters_mutated()  # noqa: SLF001
     return out

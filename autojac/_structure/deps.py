@@ -246,9 +246,10 @@ def _narrow_union(a: Deps, b: Deps) -> Deps | None:
     if a.table.shape[0] * 2 < n or b.table.shape[0] * 2 < n or a.rowmap.min() < 0 or b.rowmap.min() < 0:
         return None
     wa, wb = _uniform_width(a.table), _uniform_width(b.table)
-    if not wa or not wb or wa + wb > NARROW_UNION_WIDTH:
-        return None
-    m = np.concatenate([a.table.indices.reshape(-1, wa)[a.rowmap], b.table.indices.reshape(-1, wb)[b.rowmap]], 1)
+    if not wa or not wb or wa + wb > NARROW_UNION_WIDTH or n * (wa + wb) > UNION_LIMIT:
+        return None  # past UNION_LIMIT the general union caps it, as for any other union
+    ia, ib = a.table.indices[:a.table.indptr[-1]], b.table.indices[:b.table.indptr[-1]]
+    m = np.concatenate([ia.reshape(-1, wa)[a.rowmap], ib.reshape(-1, wb)[b.rowmap]], 1)
     m.sort(1)
     repeated = m[:, 1:] == m[:, :-1]
     width = wa + wb

@@ -208,7 +208,8 @@ class QuietFakeLog:
     trace runs. NOTE: [Quiet by a thread's filter, not the logger's level]: setting the logger's level and
     back was global state two threads could leave at CRITICAL (A saves NOTSET, B saves CRITICAL, A restores,
     B restores), and each `setLevel` clears every logger's cache (0.17 ms with torch's loggers: 0.34 ms of a
-    7 ms Brusselator trace). A filter installed once on import drops only the quiet threads' records."""
+    7 ms Brusselator trace). A filter installed once on import drops only the quiet threads' records. Unlike a
+    level, a logger's filter does not reach its child loggers; torch logs there at DEBUG only."""
 
     def __enter__(self):
         _QUIET.local.depth = getattr(_QUIET.local, "depth", 0) + 1
