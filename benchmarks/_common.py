@@ -493,7 +493,11 @@ def loop_rounds(run_loop: Callable[[str], tuple[list[float], int]], contestants:
 
 
 def commit() -> str:
-    """The checkout's short commit hash, or "unknown" outside a git checkout."""
+    """The checkout's short commit hash, or "unknown" outside a git checkout. AUTOJAC_COMMIT, when set, is taken
+    instead: a working tree copied onto a lent GPU machine can carry a `.git` whose HEAD is an older commit (the
+    H200 results named one), so `gpu_session.sh`'s caller passes the commit it copied."""
+    if os.environ.get("AUTOJAC_COMMIT"):
+        return os.environ["AUTOJAC_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, check=True).stdout.strip()

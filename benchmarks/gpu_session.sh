@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh tests budget_sweep        # some steps only (a lease's command runs 10 minutes
 #                                                            # at most: all steps together can take 14)
 #   DRY=1 bash benchmarks/gpu_session.sh                     # print the steps and their limits, run nothing
+#   AUTOJAC_COMMIT=$(git rev-parse --short HEAD) ...         # the commit the benchmark reports name (a copied
+#                                                            # working tree's .git may name an older one)
 #
 # It needs torch with CUDA and the test dependencies (pytest, hypothesis); autojac is taken from the checkout
 # (PYTHONPATH), so nothing is installed. Results go to $OUT (default benchmarks/results/gpu-session), one file a
