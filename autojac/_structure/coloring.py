@@ -422,20 +422,6 @@ def _coords(v: np.ndarray, chain: list[int]) -> np.ndarray:
     return np.stack(out, 1)
 
 
-def _chain_coords(v: np.ndarray, chains: list[list[int]]) -> np.ndarray:
-    """`_coords` of `v` for every chain at once, padded to three digits with zeros: (chains, len(v), 3)."""
-    if not chains:
-        return np.zeros((0, v.size, 3), np.int64)
-    big = np.iinfo(np.int64).max
-    scale = np.ones((len(chains), 3), np.int64)  # digit i is (v // scale[i]) % modulus[i]
-    modulus = np.ones((len(chains), 3), np.int64)  # 1: a padding digit, always 0
-    for c, chain in enumerate(chains):
-        radices = [1, *chain]
-        scale[c, :len(radices)] = radices
-        modulus[c, :len(radices)] = [r2 // r1 for r1, r2 in zip(radices, radices[1:])] + [big]
-    return (v[None, :, None] // scale[:, None, :]) % modulus[:, None, :]
-
-
 @functools.lru_cache(maxsize=64)
 def _coefficients(k: int, digits: int) -> np.ndarray:
     """Every (1, a_1, ..., a_digits) with 0 <= a_i < k: the lattice colourings mod k to screen (read-only)."""
@@ -463,7 +449,10 @@ def _lattice(g: _Graph, lb: int, best: int, sample: np.ndarray, work: float) -> 
     net = np.repeat(np.arange(sample.size), lens)
     seg = np.flatnonzero(np.concatenate([[True], net[1:] != net[:-1]]))  # each sampled net is one run of `net`
     # Every chain's digits of the sampled vertices, padded to three (a zero digit): (chains, vertices, 3).
-    digits = _chain_coords(verts, chains)
+    # (Chain by chain: one broadcast over all chains computed padding digits too, and took 0.38 against 0.22 ms.)
+    digits = np.zeros((len(chains), verts.size, 3), np.int64)
+    for c, chain in enumerate(chains):
+        digits[c, :, :len(chain) + 1] = _coords(verts, chain)
     found = None
     if chains:
         # Box colouring: digit i taken modulo the widest extent of digit i inside one net (reduced digit-major,
