@@ -539,7 +539,7 @@ def _differences(digits: np.ndarray, lens: np.ndarray) -> np.ndarray:
     slot = np.arange(width)
     real = slot[None, :] < lens[:, None]  # (nets, width)
     pos = np.where(real, starts[:, None] + slot, 0)
-    i, j = _pairs_above_diagonal(width) if width <= _CACHED_WIDTH else np.triu_indices(width, 1)
+    i, j = np.triu_indices(width, 1)
     pairs = (real[:, i] & real[:, j]).reshape(-1)  # (nets x width pairs)
     chains = digits.shape[0]
     if not pairs.any():  # no net holds two vertices: nothing can clash
@@ -579,20 +579,6 @@ def _differences(digits: np.ndarray, lens: np.ndarray) -> np.ndarray:
 
 _SEEN_KEYS = 1 << 22
 """Most keys `_differences` marks in a table (4 MiB of bools); wider ranges are sorted."""
-
-
-_CACHED_WIDTH = 64
-"""Net widths whose index pairs `_pairs_above_diagonal` keeps (at most 32 KiB each; a dense line's thousands of
-vertices would keep megabytes for the life of the process)."""
-
-
-@functools.lru_cache(maxsize=_CACHED_WIDTH)
-def _pairs_above_diagonal(width: int) -> tuple[np.ndarray, np.ndarray]:
-    """np.triu_indices(width, 1), kept (read-only): 0.1 ms a call, the same few small widths every time."""
-    i, j = np.triu_indices(width, 1)
-    i.flags.writeable = False
-    j.flags.writeable = False
-    return i, j
 
 
 def _no_clash(diffs: np.ndarray, coefs: np.ndarray, k: int) -> np.ndarray:
