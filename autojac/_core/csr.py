@@ -27,10 +27,12 @@ _NOTICE = "Sparse CSR tensor support is in beta"
 _said = False
 
 
-def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """`torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)`, torch's beta notice silenced
-    (NOTE: [The CSR beta notice, silenced once])."""
-    return quietly(lambda: torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False))
+def csr_tensor(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A torch sparse CSR tensor of `size` with `values` at (`rows`, `cols`), given in row-major order (int64,
+    unchecked), torch's beta notice silenced (NOTE: [The CSR beta notice, silenced once])."""
+    crow = torch.zeros(size[0] + 1, dtype=torch.int64, device=values.device)
+    torch.cumsum(torch.bincount(rows, minlength=size[0]), 0, out=crow[1:])
+    return quietly(lambda: torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False))
 
 
 def to_csr(matrix: torch.Tensor) -> torch.Tensor:

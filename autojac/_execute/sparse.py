@@ -208,11 +208,8 @@ def _sparse_blocks(values: torch.Tensor, layout: SparseLayout, p: Problem, outpu
                 v = values[keep].to(p.inputs.dtypes[j])
             m, n = p.out_sizes[i], p.in_sizes[j]
             if output == "csr":
-                counts = torch.bincount(r, minlength=m)
-                crow = torch.zeros(m + 1, dtype=torch.int64, device=values.device)
-                torch.cumsum(counts, 0, out=crow[1:])
                 # one block: the cached column indices themselves, so the caller gets a copy of them
-                row.append(csr_tensor(crow, c.clone() if single else c, v, (m, n)))  # no "in beta" notice
+                row.append(csr_tensor(r, c.clone() if single else c, v, (m, n)))
             else:
                 matrix = torch.sparse_coo_tensor(torch.stack([r, c]), v, (m, n), is_coalesced=True, check_invariants=False)
                 row.append(matrix if flat or (len(out_shape), len(in_shape)) == (1, 1) else _reshape_coo(matrix, (*out_shape, *in_shape)))

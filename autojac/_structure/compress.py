@@ -126,8 +126,5 @@ class Decompressor:
 
     def to_sparse_csr(self, values: torch.Tensor) -> torch.Tensor:
         """A torch sparse CSR tensor of shape (n_out, n_in)."""
-        n_out = self.pattern.shape[0]
         rows, cols = self.pairs(values.device)
-        crow = torch.zeros(n_out + 1, dtype=torch.int64, device=values.device)
-        torch.cumsum(torch.bincount(rows, minlength=n_out), 0, out=crow[1:])
-        return csr_tensor(crow, cols, values, self.pattern.shape)
+        return csr_tensor(rows, cols, values, self.pattern.shape)
