@@ -14,6 +14,7 @@ import torch
 from .._core.batched_gate import batched_backward
 from .._core.errors import NotBatchAwareError
 from .._core.evaluation import Evaluator
+from .._core.index_guard import IndexGuard
 from .._core.problem import Problem, check_outputs
 from .._core.pytree import LEAF, TreeSpec
 
@@ -315,9 +316,10 @@ def check_batch_aware(f: Callable, xs: Sequence[torch.Tensor], problem: Problem)
         d = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) * scale
         shifted.append(x.detach() + d)
     rows = tuple(torch.stack([x.detach(), s]) for x, s in zip(xs, shifted))
-    if problem.inputs.device.type == "cuda":  # NOTE: [A batched trial must not run kernels that assert]
-        _check_shapes_on_fake_rows(f, rows, problem)
-    with torch.no_grad():
+    guard = contextlib.nullcontext()
+    if problem.inputs.device.type == "cuda" and not _check_shapes_on_fake_rows(f, rows, problem):
+        guard = IndexGuard()  # NOTE: [A batched trial must not run kernels that assert]
+    with torch.no_grad(), guard:
         batched = call(f, rows, private=True)
         check_batched_outputs(batched, problem, 2)
         plain = (call(f, tuple(x.detach() for x in xs)), call(f, tuple(shifted)))
@@ -333,18 +335,21 @@ def check_batch_aware(f: Callable, xs: Sequence[torch.Tensor], problem: Problem)
                     f"alone (it mixes rows, or reads the first dimension as data). Use vectorize='vmap' or 'loop'.")
 
 
-def _check_shapes_on_fake_rows(f: Callable, rows: Sequence[torch.Tensor], problem: Problem) -> None:
-    """The batched outputs' shapes from `f` on fake rows (no kernel runs), before it runs on real ones.
+def _check_shapes_on_fake_rows(f: Callable, rows: Sequence[torch.Tensor], problem: Problem) -> bool:
+    """The batched outputs' shapes from `f` on fake rows (no kernel runs), before it runs on real ones: raises
+    NotBatchAwareError when they are wrong, returns False when the fake run cannot tell, True when they are right.
 
     NOTE: [A batched trial must not run kernels that assert]
     An `f` that is not batch-aware can index out of bounds on stacked rows (`x[perm]` with a captured
     permutation reads perm's entries along the batch dimension). On the CPU that is an IndexError the trial
     catches; on CUDA it is a device-side assert that leaves the process's CUDA context unusable, every later
     call failing (seen on an H200: one repeat trial took 23 tests down with it). On fake tensors the same call
-    only computes shapes, so on CUDA such an `f` is found not batch-aware without a kernel; where the fake run
-    cannot tell (data-dependent shapes, an op without a fake kernel), CUDA does not risk it: the repeat trick
-    is not used there. The CPU does not pay for it: its real check fails safely, and the fake run (a few ms,
-    charged to the trial) cost a custom-Function function's exploration a trial of another method."""
+    only computes shapes, so on CUDA such an `f` is found not batch-aware without a kernel. Where the fake run
+    cannot tell (a data-dependent branch such as `if x.sum() > 0`, an op without a fake kernel, an error that
+    the real run will name), the real trial runs under `IndexGuard`, which checks the index operands of the ops
+    that would assert on the host first (NOTE: [Index bounds checked before the kernel]). The CPU does not pay
+    for either: its real check fails safely, and the fake run (a few ms, charged to the trial) cost a
+    custom-Function function's exploration a trial of another method."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .._structure.trace import QuietFakeLog
@@ -359,13 +364,10 @@ def _check_shapes_on_fake_rows(f: Callable, rows: Sequence[torch.Tensor], proble
     try:
         out = f.isolated(run) if isinstance(f, Evaluator) else run(f)  # RNG and buffers put back
         ys = check_outputs(out)[0]
-    except Exception as exc:  # noqa: BLE001 - the fake run cannot tell
-        raise NotBatchAwareError(
-            "vectorize='repeat' on CUDA needs `f`'s batched shapes to be checked without running it (a function "
-            "that is not batch-aware can index out of bounds on stacked rows, and a device-side assert ends the "
-            f"process's CUDA use), but `f` on fake tensors raised {type(exc).__name__}: {exc}. Use "
-            "vectorize='vmap' or 'loop'.") from None
+    except Exception:  # noqa: BLE001 - the fake run cannot tell; the guarded real run will
+        return False
     check_batched_outputs(ys, problem, 2)
+    return True
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""NOTE: [Index bounds checked before the kernel]: on CUDA an out-of-bounds index is a device-side assert that
+ends the process's CUDA use; the repeat trick's batched trial runs `f` under a guard that raises IndexError
+first wherever the fake run could not check the batched shapes. These run on whatever device the suite uses
+(PYTEST_TORCH_DEVICE): on CUDA a missed check would take every later test in the process down with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import autojac
+from autojac._core.index_guard import IndexGuard
+
+from conftest import DEVICE
+from reference import reference
+
+g = torch.Generator().manual_seed(5)
+X = torch.randn(6, 4, generator=g, dtype=torch.float64).to(DEVICE)
+I = lambda *v: torch.tensor(v, device=DEVICE)  # noqa: E731
+
+# (name, the op on X with in-bounds indices, the same op with one index out of bounds)
+OPS = [
+    ("index", lambda i: X[i], (I(0, 5, -6), I(0, 6))),
+    ("index, second dim", lambda i: X[:, i], (I(3, -4), I(4))),
+    ("index with a mask first", lambda i: X[X[:, 0] > -9, i], (I(1), I(-5))),
+    ("index_put", lambda i: X.clone().index_put_((i,), torch.zeros((), dtype=X.dtype, device=DEVICE)), (I(2), I(9))),
+    ("index_select", lambda i: X.index_select(1, i), (I(0, 3), I(0, 4))),
+    ("gather", lambda i: X.gather(0, i.view(1, -1).expand(2, -1)), (I(1, 2), I(1, 6))),
+    ("scatter_add", lambda i: X.clone().scatter_add_(1, i.view(1, -1), X[:1, : i.numel()]), (I(3), I(4))),
+    ("index_add", lambda i: X.clone().index_add_(0, i, X[: i.numel()]), (I(5), I(6))),
+    ("take", lambda i: X.take(i), (I(23, -24), I(24))),
+    ("embedding", lambda i: F.embedding(i, X), (I(5, 0), I(6))),
+    ("cross_entropy", lambda i: F.cross_entropy(X[: i.numel()], i), (I(3, 0), I(4, 0))),
+    ("cross_entropy, ignored", lambda i: F.cross_entropy(X[: i.numel()], i, ignore_index=-7), (I(-7, 1), I(-8, 1))),
+]
+
+
+@pytest.mark.parametrize("name, op, indices", OPS, ids=[o[0] for o in OPS])
+def test_the_guard_passes_in_bounds_indices_and_refuses_others_before_the_kernel(name, op, indices):
+    good, bad = indices
+    want = op(good)
+    with IndexGuard() as guard:
+        got = op(good)
+    torch.testing.assert_close(got, want)
+    assert guard.checked >= 1  # the op was looked at, not merely let through
+    with pytest.raises(IndexError, match="out of bounds"), IndexGuard():
+        op(bad)
+    assert torch.isfinite(X.sum())  # on CUDA: the context still answers (no assert ran)
+
+
+def test_a_data_dependent_function_that_is_not_batch_aware_is_refused_by_the_repeat_trick_safely():
+    """The fake run cannot tell (a branch on the data), so on CUDA the real batched trial runs under the guard:
+    `x[perm]` on stacked rows is refused as an IndexError, and the process goes on to answer with another
+    method. On the CPU the kernel's own IndexError does the same."""
+    perm = torch.randperm(50, generator=g).to(DEVICE)
+    w = torch.randn(50, generator=g, dtype=torch.float64).to(DEVICE)
+
+    def f(x):
+        y = x[perm] * w
+        return torch.sin(y) if float(x.sum()) > -1e9 else y
+
+    x = torch.randn(50, generator=g, dtype=torch.float64).to(DEVICE)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="reverse/repeat") as info:
+        autojac.jacobian(f, x, mode="reverse", vectorize="repeat")
+    assert isinstance(info.value.__cause__, IndexError), repr(info.value.__cause__)
+    torch.testing.assert_close(autojac.jacobian(f, x, vectorize="loop"), reference(f, x))
+
+
+def test_a_data_dependent_batch_aware_function_keeps_the_repeat_trick():
+    def f(x):
+        return torch.sin(x) * 2 if float(x.sum()) > 0 else torch.cos(x)
+
+    x = torch.rand(7, dtype=torch.float64, generator=g).to(DEVICE) + 0.1
+    torch.testing.assert_close(autojac.jacobian(f, x, vectorize="repeat"), reference(f, x))
+    assert autojac.last_report().verified
