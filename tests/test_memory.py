@@ -248,3 +248,23 @@ def test_a_small_room_still_grows_its_chunks_when_the_function_holds_small_opera
     assert facts["reserve"] == facts["A"] < facts["cpu_reserve"]
     assert facts["room"] < facts["cpu_reserve"]  # a constant reserve would not let it grow
     assert max(facts["chunks"]) >= 16 and len(facts["chunks"]) < 64, facts
+
+
+def test_what_a_first_backward_keeps_allocated_is_counted_on_cuda_only():
+    """NOTE: [Workspaces a first backward keeps]: on CUDA, bytes left allocated beyond the tensors the caller
+    holds (cuBLAS's workspace for autograd's thread) count in the plan's fixed memory; the CPU has no such
+    counter (its untracked margin covers the like)."""
+    from conftest import DEVICE
+
+    from autojac._measure.device import allocated_bytes, kept_by_libraries
+
+    held = (torch.ones(1000, device=DEVICE),)
+    if DEVICE.type != "cuda":
+        assert allocated_bytes(DEVICE) is None and kept_by_libraries(DEVICE, None, held) == 0
+        return
+    before = allocated_bytes(DEVICE)
+    made = (torch.ones(3000, device=DEVICE),)  # the caller's own: 12000 bytes, a 12288-byte block
+    workspace = torch.empty(1 << 20, dtype=torch.uint8, device=DEVICE)  # what a library would keep
+    assert kept_by_libraries(DEVICE, before, made) == workspace.numel()
+    del workspace
+    assert kept_by_libraries(DEVICE, before, made) == 0

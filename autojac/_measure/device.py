@@ -6,6 +6,7 @@ import functools
 import logging
 import time
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -123,6 +124,32 @@ share of the budget.
 
 def untracked_margin(device: torch.device, budget_bytes: int) -> int:
     return min(CPU_WORKSPACE_RESERVE, budget_bytes // UNTRACKED_SHARE) if device.type == "cpu" else 0
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    """CUDA: the bytes PyTorch's allocator holds for tensors (and libraries' workspaces) now; None elsewhere."""
+    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+
+
+def kept_by_libraries(device: torch.device, before: int | None, made: Sequence[object]) -> int:
+    """CUDA: what stayed allocated since `before` beyond the tensors in `made` (which the caller holds).
+
+    NOTE: [Workspaces a first backward keeps]
+    On CUDA the backward pass runs in autograd's own device thread, whose cuBLAS handle allocates its workspace
+    (32 MiB on Hopper) at its first matrix product, through PyTorch's allocator, and keeps it for the process's
+    life. A fresh process's forward pass allocates the calling thread's workspace only: the first call's reference
+    VJP is where the backward's appears, outside every measured region, and every chunk runs above it. Unnoticed,
+    it put first calls 32 MiB over budgets of 139 and 208 MiB on an H200 (budget sweep, wide_mlp, the estimates
+    low by exactly that); counted here, it is part of the plan's fixed memory. Allocator blocks are 512-byte
+    multiples. Zero on the CPU, whose untracked margin covers the like (`untracked_margin`)."""
+    if before is None:
+        return 0
+    torch.cuda.synchronize(device)
+    own = 0
+    for t in made:
+        if isinstance(t, torch.Tensor):
+            own += -(-t.untyped_storage().nbytes() // 512) * 512
+    return max(0, int(torch.cuda.memory_allocated(device)) - before - own)
 
 
 FREE_MEMORY_FRESH_SECONDS = 0.5

@@ -40,7 +40,8 @@ from .._execute.layout import collector, seeds
 from .._execute.sparse import AT_ONE_POINT
 from .._execute.run import FixedChunks, RunLog, is_out_of_memory, push
 from .._execute.verify import VerificationError, blocks_of, check_against, check_columns, random_cotangents, reference_product
-from .._measure.device import free_memory, total_bytes, untracked_margin, untracked_reserve
+from .._measure.device import (allocated_bytes, free_memory, kept_by_libraries, total_bytes, untracked_margin,
+                               untracked_reserve)
 from .._measure.meter import PeakMeter
 from .._methods import METHODS
 from .._measure.engine_loops import LoopProbe
@@ -350,15 +351,18 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             checks["reference"] = call.reference(problem, checks["w"], graph)
         return checks["w"], checks["reference"]
 
+    retained = 0  # what the reference VJP left allocated beyond its own tensors (CUDA)
     if chain and chain[0].is_reference and not options.strict:
         vjp_seconds = region.seconds  # a VJP costs about an evaluation: only a bound for long runs, refined below
     else:
         with torch.enable_grad():
             _sync(device)
+            allocated = allocated_bytes(device)
             t = time.perf_counter()
             reference_for_check()
             _sync(device)
             vjp_seconds = time.perf_counter() - t
+            retained = kept_by_libraries(device, allocated, (*checks["w"], *checks["reference"]))
     note = ""
     structure_pending = False  # NOTE: [When structure is worth finding]
     looked = False  # whether this call looked for structure (else later calls may: see `_look_for_structure`)
@@ -402,7 +406,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
 
     def new_entry(problem: Problem) -> PlanEntry:
         facts = Facts(problem.col_passes, problem.row_passes, region.seconds, vjp_seconds)
-        fixed = problem.result_bytes + graph_bytes + untracked_margin(device, budget)  # NOTE: [Memory between the regions]
+        # NOTE: [Memory between the regions]; NOTE: [Workspaces a first backward keeps]
+        fixed = problem.result_bytes + graph_bytes + untracked_margin(device, budget) + retained
         made = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only, tangent_copy_bytes=copies,
                          once_why=("`f` writes in place into a tensor it captures" if writes_captured else
                                    "`f` draws random numbers"))
