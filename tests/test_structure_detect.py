@@ -454,6 +454,41 @@ def test_a_constant_operand_too_large_to_spell_out_is_taken_as_dense(monkeypatch
     assert capped.to_dense().all() and any("too large to spell out" in op for op in capped.dense_ops)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["W", "W.T"])
+def test_a_dense_constant_operand_is_never_copied_to_the_host(monkeypatch, transposed):
+    """NOTE: [A dense constant is known before it is loaded]: a dense weight's nonzeros are counted where it lives
+    and its values are never loaded (on a GPU, a 1 GiB weight copied to the host and laid out by a position map
+    took 2.7 s an mm); a weight with zeros is still spelled out exactly, also past a million elements."""
+    from autojac._structure import engine
+
+    loads = []
+    real_load = engine.Engine._load
+    monkeypatch.setattr(engine.Engine, "_load", lambda self, store: (loads.append(store.numel), real_load(self, store)))
+    g = torch.Generator().manual_seed(4)
+    dense = torch.randn(300, 4000, generator=g, dtype=torch.float64)
+    W = dense.t().contiguous().t() if transposed else dense  # a column-major layout counts in place too
+    f = lambda x: torch.tanh(W @ x)  # noqa: E731
+    p = detect(f, (rnd(4000),))
+    assert p.to_dense().all() and loads == []
+    banded = torch.zeros(1200, 1200, dtype=torch.float64)
+    i = torch.arange(1200)
+    banded[i, i] = 2.0
+    banded[i[1:], i[:-1]] = -1.0
+    h = lambda x: banded @ x  # noqa: E731
+    q = detect(h, (rnd(1200),))
+    assert q.nnz == 1200 + 1199 and not q.dense_ops and loads  # exact, so its values were loaded
+
+
+def test_nonzeros_are_counted_in_pieces_on_any_layout(monkeypatch):
+    from autojac._structure import engine
+
+    monkeypatch.setattr(engine, "COUNT_PIECE", 1000)
+    g = torch.Generator().manual_seed(6)
+    t = (torch.rand(90, 70, 3, generator=g) > 0.4).to(torch.float32)
+    for view in (t, t.permute(2, 0, 1), t[:, ::3], t.reshape(-1)[5:], t[0, 0, 0]):
+        assert engine._count_nonzero(view) == int(torch.count_nonzero(view))
+
+
 def test_a_memory_bound_stops_a_convolution_before_it_builds_its_sets():
     """`max_stored` (structure first under a budget) is checked by the convolution rule before it builds its
     sets (its transient is several times its result), not swallowed into a dense fallback; above the bound the

@@ -29,6 +29,48 @@ def arange1(n: int) -> torch.Tensor:
     return _ARANGE[:n]
 
 
+COUNT_PIECE = 1 << 20
+"""Elements counted at once by `_count_nonzero`: `torch.count_nonzero` of a whole 2048 x 131072 weight on an
+H200 held about 9 bytes an element of temporaries (2.3 GiB), a first call's peak 17x over a 139 MiB budget."""
+
+
+def _count_nonzero(view: torch.Tensor) -> int:
+    """Nonzero elements of a tensor of any size with at most COUNT_PIECE elements' temporaries at a time (one
+    synchronization on a GPU)."""
+    if view.dim() == 0 or view.numel() <= COUNT_PIECE:
+        return int(torch.count_nonzero(view))
+    if _dense_block(view):  # a transposed weight: its elements in memory order, counted in contiguous pieces
+        view = view.as_strided((view.numel(),), (1,), view.storage_offset())
+    total = torch.zeros((), dtype=torch.int64, device=view.device)
+    _count_into(view, total)
+    return int(total)
+
+
+def _dense_block(view: torch.Tensor) -> bool:
+    """Whether a view's elements fill one block of memory without gaps or overlap (any order of its dims)."""
+    dims = sorted((st, sz) for st, sz in zip(view.stride(), view.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def _count_into(view: torch.Tensor, total: torch.Tensor) -> None:
+    if view.dim() == 0 or view.numel() <= COUNT_PIECE:
+        total += torch.count_nonzero(view)
+        return
+    per_row = view.numel() // view.shape[0]
+    if per_row >= COUNT_PIECE:
+        for row in view:
+            _count_into(row, total)
+        return
+    step = COUNT_PIECE // per_row
+    for lo in range(0, view.shape[0], step):
+        total += torch.count_nonzero(view[lo:lo + step])
+
+
 def positions(meta: Meta) -> np.ndarray:
     """1-based storage positions of a tensor's elements, row-major."""
     if meta.whole:
@@ -116,6 +158,38 @@ class Engine:
             fresh = store.written[(pos if pos is not None else positions(meta)) - 1] > since
             d = D.take(d, np.where(fresh, np.arange(1, d.numel + 1), 0))
         return d
+
+    def nonzeros_of(self, meta: Meta) -> int | None:
+        """How many of a constant's elements are nonzero, counted where its value lives (a GPU tensor is not
+        copied to the host for it); None when unknown. NOTE: [A dense constant is known before it is loaded]"""
+        store = self.store(meta)
+        if store.pending:
+            if len(store.pending) != 1:
+                return None
+            ext = store.pending[0]
+            if self.tape.mode == "real":
+                flat = ext.snapshot if ext.snapshot is not None else storage_flat(ext.tensor).detach()
+            else:  # a fake storage laid out as the real one (what `from_tensor` keeps): the same positions
+                real = ext.tensor
+                if (tuple(real.stride()), real.storage_offset()) != (tuple(ext.meta.stride), ext.meta.offset):
+                    return None
+                flat = storage_flat(real).detach()
+            if flat.dtype != meta.dtype:
+                return None
+            try:
+                view = flat.as_strided(meta.shape, meta.stride, meta.offset)
+            except RuntimeError:  # beyond the real storage: unknown here
+                return None
+        else:
+            view = self.value_of(meta)
+            if view is None:
+                return None
+        return _count_nonzero(view)
+
+    def _may_have_value(self, meta: Meta) -> bool:
+        """Whether `value_of` could give a value, without loading one."""
+        store = self.store(meta)
+        return bool(store.pending) or (store.shadow is not None and store.shadow.dtype == meta.dtype)
 
     def value_of(self, meta: Meta) -> torch.Tensor | None:
         store = self.store(meta)
@@ -250,8 +324,13 @@ class Engine:
         info = call.info
         if info.random or info.name in _UNKNOWN_VALUE:
             return None
+        tensors = list(call.all_tensor_args())
+        for i, t in enumerate(tensors):  # a value missing is found before any is loaded (a GPU weight's copy)
+            if not self._may_have_value(call.meta(t)) and not (
+                    (info.name in _SELF_VALUE_FREE and i == 0) or id(t) in call.out_ids):
+                return None
         subst: dict[int, torch.Tensor] = {}
-        for i, t in enumerate(call.all_tensor_args()):
+        for i, t in enumerate(tensors):
             v = self.value_of(call.meta(t))
             if v is None:
                 if (info.name in _SELF_VALUE_FREE and i == 0) or id(t) in call.out_ids:

@@ -6,6 +6,9 @@ nonzero everywhere, so bilinear products take the union of both sides' contribut
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,11 +40,10 @@ those treated as dense. A 32768 x 512 weight with a few exact zeros built 16.7 m
 for a pattern that came out dense anyway (wide_mlp, a later call's look for structure)."""
 
 
-def _nearly_dense(pattern: np.ndarray, repeats: int) -> bool:
+def _nearly_dense(nonzero: int, size: int, repeats: int) -> bool:
     """Whether to take a constant operand's pattern as dense: no zero in it, or too many pairs to spell out
     (each of its nonzeros times `repeats` rows or columns of the other side)."""
-    nonzero = int(np.count_nonzero(pattern))
-    if nonzero == pattern.size:
+    if nonzero == size:
         return True
     if nonzero * max(repeats, 1) > EXACT_PAIRS_LIMIT:
         D.capped().append(f"a constant operand of {nonzero} nonzeros too large to spell out")
@@ -57,7 +59,7 @@ def bmm_deps(a: tuple, b: tuple, shape_a: tuple, shape_b: tuple) -> D.Deps | Non
     parts = []
     if da is not None and k:
         pat = None if vb is None else (vb != 0).numpy()
-        if pat is None or _nearly_dense(pat, n):
+        if pat is None or _nearly_dense(int(np.count_nonzero(pat)), pat.size, n):
             rows = reduce_deps(da, shape_a, [2])  # (B, n): union over the row of A
             parts.append(D.take(rows, pos_map((nb, n)).unsqueeze(-1).expand(nb, n, m).reshape(-1).numpy()))
         else:
@@ -69,7 +71,7 @@ def bmm_deps(a: tuple, b: tuple, shape_a: tuple, shape_b: tuple) -> D.Deps | Non
             parts.append(D.reduce(da, groups))
     if db is not None and k:
         pat = None if va is None else (va != 0).numpy()
-        if pat is None or _nearly_dense(pat, m):
+        if pat is None or _nearly_dense(int(np.count_nonzero(pat)), pat.size, m):
             cols = reduce_deps(db, shape_b, [1])  # (B, m): union over the column of B
             parts.append(D.take(cols, pos_map((nb, m)).unsqueeze(1).expand(nb, n, m).reshape(-1).numpy()))
         else:
@@ -82,8 +84,43 @@ def bmm_deps(a: tuple, b: tuple, shape_a: tuple, shape_b: tuple) -> D.Deps | Non
     return D.union(parts)
 
 
-def _product(call: Call, a, b, pa: torch.Tensor, pb: torch.Tensor) -> D.Deps | None:
-    return bmm_deps(_view3(call, a, pa), _view3(call, b, pb), tuple(pa.shape), tuple(pb.shape))
+def _product(call: Call, a, b, pa: Callable[[], torch.Tensor], pb: Callable[[], torch.Tensor],
+             sa: tuple[int, int, int], sb: tuple[int, int, int]) -> D.Deps | None:
+    """Deps of a @ b in the (B, n, k) @ (B, k, m) layout of shapes `sa`, `sb`; `pa`, `pb` give each operand's
+    position map in that layout when it is needed.
+
+    NOTE: [A dense constant is known before it is loaded]
+    A constant operand's exact pattern is wanted only when it has zeros and few enough pairs (EXACT_PAIRS_LIMIT),
+    so its nonzeros are counted first where it lives, and a dense one is never copied to the host or laid out
+    by a position map. A 2048 x 131072 weight on a GPU took 2.7 s an mm that way (its 1 GiB copied to the host,
+    reshaped, a 268-million-entry position map built, compared and counted): 22 of a first call's 24 s on an
+    H200 (wide_mlp, size gpu, under a budget), for a pattern that came out dense."""
+    return bmm_deps(_side(call, a, pa, sb[2]), _side(call, b, pb, sa[1]), sa, sb)
+
+
+def _side(call: Call, t, pos: Callable[[], torch.Tensor], repeats: int) -> tuple:
+    if isinstance(t, torch.Tensor) and call.deps(t) is None:
+        nonzero = call.nonzeros(t)
+        if nonzero is not None and _nearly_dense(nonzero, math.prod(call.shape(t)), repeats):
+            return None, None  # a constant without a usable pattern: the other side's contribution is dense
+    return _view3(call, t, pos())
+
+
+def _mm(call: Call, a, b) -> tuple:
+    """Position builders and (B, n, k), (B, k, m) shapes of a matrix product a @ b."""
+    (n, k), (_, m) = call.shape(a), call.shape(b)
+    return (lambda: pos_map(call.shape(a)).unsqueeze(0), lambda: pos_map(call.shape(b)).unsqueeze(0),
+            (1, n, k), (1, k, m))
+
+
+def _bmm(call: Call, a, b) -> tuple:
+    (nb, n, k), (_, _, m) = call.shape(a), call.shape(b)
+    return lambda: pos_map(call.shape(a)), lambda: pos_map(call.shape(b)), (nb, n, k), (nb, k, m)
+
+
+def _mv(call: Call, a, v) -> tuple:
+    (n, k) = call.shape(a)
+    return lambda: pos_map(call.shape(a)).unsqueeze(0), lambda: pos_map(call.shape(v)).view(1, -1, 1), (1, n, k), (1, k, 1)
 
 
 def _plus_self(call: Call, prod: D.Deps | None) -> list:
@@ -99,51 +136,52 @@ def _plus_self(call: Call, prod: D.Deps | None) -> list:
 @rule("mm")
 def mm_rule(call: Call) -> list:
     a, b = call.arg("self"), call.arg("mat2")
-    return [_product(call, a, b, pos_map(call.shape(a)).unsqueeze(0), pos_map(call.shape(b)).unsqueeze(0))]
+    return [_product(call, a, b, *_mm(call, a, b))]
 
 
 @rule("bmm")
 def bmm_rule(call: Call) -> list:
     a, b = call.arg("self"), call.arg("mat2")
-    return [_product(call, a, b, pos_map(call.shape(a)), pos_map(call.shape(b)))]
+    return [_product(call, a, b, *_bmm(call, a, b))]
 
 
 @rule("mv")
 def mv_rule(call: Call) -> list:
     a, v = call.arg("self"), call.arg("vec")
-    return [_product(call, a, v, pos_map(call.shape(a)).unsqueeze(0), pos_map(call.shape(v)).view(1, -1, 1))]
+    return [_product(call, a, v, *_mv(call, a, v))]
 
 
 @rule("dot", "vdot", "inner")
 def dot_rule(call: Call) -> list:
     a, b = call.arg("self"), call.arg("tensor", call.arg("other"))
-    return [_product(call, a, b, pos_map(call.shape(a)).view(1, 1, -1), pos_map(call.shape(b)).view(1, -1, 1))]
+    sa, sb = (1, 1, call.shape(a)[0]), (1, call.shape(b)[0], 1)
+    return [_product(call, a, b, lambda: pos_map(sa), lambda: pos_map(sb), sa, sb)]
 
 
 @rule("addmm")
 def addmm_rule(call: Call) -> list:
     a, b = call.arg("mat1"), call.arg("mat2")
-    return _plus_self(call, _product(call, a, b, pos_map(call.shape(a)).unsqueeze(0), pos_map(call.shape(b)).unsqueeze(0)))
+    return _plus_self(call, _product(call, a, b, *_mm(call, a, b)))
 
 
 @rule("addmv")
 def addmv_rule(call: Call) -> list:
     a, v = call.arg("mat"), call.arg("vec")
-    return _plus_self(call, _product(call, a, v, pos_map(call.shape(a)).unsqueeze(0), pos_map(call.shape(v)).view(1, -1, 1)))
+    return _plus_self(call, _product(call, a, v, *_mv(call, a, v)))
 
 
 @rule("baddbmm")
 def baddbmm_rule(call: Call) -> list:
     a, b = call.arg("batch1"), call.arg("batch2")
-    return _plus_self(call, _product(call, a, b, pos_map(call.shape(a)), pos_map(call.shape(b))))
+    return _plus_self(call, _product(call, a, b, *_bmm(call, a, b)))
 
 
 @rule("addbmm")
 def addbmm_rule(call: Call) -> list:
     a, b = call.arg("batch1"), call.arg("batch2")
-    pa, pb = pos_map(call.shape(a)), pos_map(call.shape(b))
-    prod = _product(call, a, b, pa, pb)
-    nb, n, m = pa.shape[0], pa.shape[1], pb.shape[2]
+    layout = _bmm(call, a, b)
+    prod = _product(call, a, b, *layout)
+    nb, n, m = layout[2][0], layout[2][1], layout[3][2]
     return _plus_self(call, reduce_deps(prod, (nb, n, m), [0]))
 
 
@@ -153,7 +191,8 @@ def outer_rule(call: Call) -> list:
         a, b = call.arg("vec1"), call.arg("vec2")
     else:
         a, b = call.arg("self"), call.arg("vec2")
-    prod = _product(call, a, b, pos_map(call.shape(a)).view(1, -1, 1), pos_map(call.shape(b)).view(1, 1, -1))
+    sa, sb = (1, call.shape(a)[0], 1), (1, 1, call.shape(b)[0])
+    prod = _product(call, a, b, lambda: pos_map(sa), lambda: pos_map(sb), sa, sb)
     return _plus_self(call, prod) if call.info.name == "addr" else [prod]
 
 
@@ -161,9 +200,9 @@ def outer_rule(call: Call) -> list:
 def linear_rule(call: Call) -> list:
     x, w, bias = call.arg("input"), call.arg("weight"), call.arg("bias")
     k = call.shape(w)[-1]
-    px = pos_map(call.shape(x)).reshape(1, -1, k)
-    pw = pos_map(call.shape(w)).reshape(-1, k).t().unsqueeze(0)
-    prod = _product(call, x, w, px, pw)
+    rows, outs = math.prod(call.shape(x)) // max(k, 1), math.prod(call.shape(w)) // max(k, 1)
+    prod = _product(call, x, w, lambda: pos_map(call.shape(x)).reshape(1, rows, k),
+                    lambda: pos_map(call.shape(w)).reshape(outs, k).t().unsqueeze(0), (1, rows, k), (1, k, outs))
     if isinstance(bias, torch.Tensor) and call.deps(bias) is not None:
         prod = D.union([prod, D.take(call.deps(bias), broadcast_positions(call.shape(bias), call.out_shape()))])
     return [prod]

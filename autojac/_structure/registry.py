@@ -153,6 +153,12 @@ class Call:
             return None
         return self.engine.value_of(self.meta(t))
 
+    def nonzeros(self, t) -> int | None:
+        """How many elements of a constant operand are nonzero, without loading its value; None when unknown."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        return self.engine.nonzeros_of(self.meta(t))
+
     def shape(self, t) -> tuple[int, ...]:
         return self.meta(t).shape if isinstance(t, torch.Tensor) else ()
 
