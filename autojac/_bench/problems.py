@@ -199,6 +199,6 @@ PROBLEMS = [
     Problem("tuple_inputs", "tuple inputs and outputs", tuple_inputs),
 ]
 
-BUDGET_PROBLEMS = [Problem("wide_mlp", "512 -> 512 through four 32768-wide residual blocks", wide_mlp)]
+BUDGET_PROBLEMS = [Problem("wide_mlp", "residual MLP, 512 -> 512 through four 32768-wide blocks (size gpu: 2048 -> 2048, 131072 wide)", wide_mlp)]
 
 BY_NAME = {p.name: p for p in PROBLEMS + BUDGET_PROBLEMS}
