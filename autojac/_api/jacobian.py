@@ -388,14 +388,24 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
                 if key is not None:
                     _cache.put(key, entry)
             elif entry.layout_found is not None and key is not None:
-                # A later call of this plan found structure that pays: the plan is made again with it.
-                result, entry = session.first_call(call, layout_found=entry.layout_found)
+                # A later call of this plan found structure that pays: the plan is made again with it, and the
+                # dense plan is kept until the two are weighed (NOTE: [A found pattern measured against the
+                # dense plan]).
+                dense = entry
+                result, entry = session.first_call(call, layout_found=dense.layout_found)
+                dense.layout_found = None
+                if entry.problem.layout is not None:
+                    entry.dense_plan = dense
                 planned = True
                 _cache.put(key, entry)
             else:
                 if options.strict:
                     session.check_strict(evaluate_plain(call.f, call.xs, False), "jacobian")
                 result = session.later_call(call, entry)
+                if entry.dense_plan is not None and key is not None:
+                    back = session.judge_structure(entry)
+                    if back is not None:
+                        _cache.put(key, back)
     except session.PatternFailed as exc:  # NOTE: [Patterns and values]
         logger.debug("the sparsity pattern failed the check, or the values it follows changed: planning again")
         result, entry = session.after_pattern_failed(call, exc.failure, later=True, layout=exc.layout)

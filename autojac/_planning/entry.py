@@ -199,6 +199,9 @@ class PlanEntry:
         """The tensors `f` held on the first call of a promising plan (NOTE: [Structure before trials])."""
         self.layout_found = None
         """(layout, note): a pattern a later call found that pays; the next call makes the plan again with it."""
+        self.dense_plan: PlanEntry | None = None
+        """The dense plan a pattern found by a later call replaced, kept until this plan's time is weighed
+        against it (NOTE: [A found pattern measured against the dense plan])."""
         self.reverify = False
         """Verify every call (a sparsity pattern valid at the first call's point only)."""
         self.confirm_trace = False

@@ -1271,6 +1271,50 @@ def _look_for_structure(call: Call, entry: PlanEntry) -> None:
             entry.structure = f"looked for on call {entry.calls + 1}: {note}"
 
 
+# NOTE: [A found pattern measured against the dense plan]
+# A pattern a later call finds is adopted because its colours promise fewer passes, priced as the CPU pays
+# them: a pass each. A GPU pays a batch of vectorized passes nearly the price of one at small sizes (kernel
+# launches, not arithmetic), and a structured run adds seeds and a gather: on an H200 the quick Brusselator (128
+# unknowns, 8 colours) ran 5.15 ms structured after its plan's look, against 1.96 ms for the dense plan it
+# replaced. So the dense plan is kept beside the structured one, and once the structured plan has settled or run
+# STRUCTURE_JUDGED_AFTER calls, the two fastest measured times are weighed: a dense plan faster by the margin
+# any switch of method needs (under DENSE_BACK_BELOW of the structured time) is taken back, with the pattern
+# and both times in its note; it does not look again. Not for a pattern the first call found: no dense
+# Jacobian was measured whole then (a first slice of it was, and judged the look).
+
+STRUCTURE_JUDGED_AFTER = 6
+DENSE_BACK_BELOW = choose.SWITCH_BELOW
+
+
+def judge_structure(entry: PlanEntry) -> PlanEntry | None:
+    """The dense plan to go back to, when a structured plan made from a later call's pattern has shown itself
+    slower (NOTE: [A found pattern measured against the dense plan]); None to keep the structured plan."""
+    dense = entry.dense_plan
+    if dense is None:
+        return None
+    with entry.lock:
+        if entry.dense_plan is None or entry.incumbent is None:
+            return None
+        best = entry.chosen().best
+        if best is None or not (entry.settled or entry.calls >= STRUCTURE_JUDGED_AFTER):
+            return None
+        entry.dense_plan = None  # judged once
+        dense_best = dense.chosen().best if dense.incumbent is not None else None
+        if dense_best is None or dense_best >= DENSE_BACK_BELOW * best:
+            entry.events.append(f"call {entry.calls}: structured {seconds_text(best)} against the dense plan's "
+                                f"{seconds_text(dense_best) if dense_best is not None else 'unmeasured time'}: kept")
+            return None
+        found = entry.structure
+    with dense.lock:
+        dense.layout_found, dense.structure_open = None, False
+        dense.structure = (f"found by a later call ({found}), but the plan made with it ran {seconds_text(best)} "
+                           f"against this dense plan's {seconds_text(dense_best)}: dense")
+        dense.events.append(f"the structured plan ran {seconds_text(best)} in {entry.calls} calls against "
+                            f"{seconds_text(dense_best)}: back to this dense plan")
+    logger.debug(dense.events[-1])
+    return dense
+
+
 def fixed_call(call: Call, entry: PlanEntry, name: str, chunk_size: int) -> object:
     """`jacobian(plan=...)`: exactly that method and chunk size, no exploration (fallbacks only on failure)."""
     _values_changed(call, entry, name)
