@@ -13,8 +13,9 @@
 # (PYTHONPATH), so nothing is installed. Results go to $OUT (default benchmarks/results/gpu-session), one file a
 # step plus summary.txt; copy the ones worth keeping into benchmarks/results and fix the commit they name (a
 # copied working tree may not know its own).
-#   1. the test suite on CUDA, one process per file (a device-side assert poisons a process's CUDA context:
-#      one file's failure must not fail the files after it);
+#   1. the test suite on CUDA: four pytest-xdist processes where xdist is installed (PER_FILE=1: one process
+#      per file instead; a device-side assert poisons a process's CUDA context, so one file's failure must
+#      not fail the files after it);
 #   2. the budget sweep on `wide_mlp --size gpu` (an unchunked need of about 2 GiB, budgets 4x, 10x, 15x below it:
 #      the mission's memory-constrained GPU job), quick;
 #   3. the training-loop benchmark, quick;
@@ -61,9 +62,16 @@ STEPS="$*"
 
 if wanted tests; then
     export PYTEST_TORCH_DEVICE=$DEVICE
-    for file in tests/test_*.py; do
-        step "$(basename "$file" .py)" 120 $PY -m pytest -q -x -p no:cacheprovider "$file"
-    done
+    if [ -z "${PER_FILE:-}" ] && $PY -c "import xdist" 2>/dev/null; then
+        # Four pytest processes share the GPU (the whole suite in about 110 s on an H200, against about 230 s a
+        # file at a time), each with 4 CPU threads: with 16 each, the CPU tests' timing decisions (calibrated
+        # on 2 cores) failed oversubscribed. A device-side assert ends one worker's CUDA use, not the others'.
+        OMP_NUM_THREADS=4 step tests 300 $PY -m pytest -q -p no:cacheprovider -n 4 -rf tests/
+    else
+        for file in tests/test_*.py; do
+            step "$(basename "$file" .py)" 120 $PY -m pytest -q -x -p no:cacheprovider "$file"
+        done
+    fi
 fi
 wanted budget_sweep && step budget_sweep 240 $PY benchmarks/budget_sweep.py --device "$DEVICE" --size "${SIZE:-gpu}" --quick --out "$OUT"
 wanted training_loop && step training_loop 150 $PY benchmarks/training_loop.py --device "$DEVICE" --quick --out "$OUT"
