@@ -74,3 +74,47 @@ def test_a_data_dependent_batch_aware_function_keeps_the_repeat_trick():
     x = torch.rand(7, dtype=torch.float64, generator=g).to(DEVICE) + 0.1
     torch.testing.assert_close(autojac.jacobian(f, x, vectorize="repeat"), reference(f, x))
     assert autojac.last_report().verified
+
+
+def test_the_cuda_trial_path_runs_on_any_device_when_asked(monkeypatch):
+    """The CUDA branch of the batch-aware trial, exercised where the suite runs (CI has no GPU): fake rows
+    first; a data-dependent branch sends the real trial under the guard, whose own IndexError (not a kernel's)
+    refuses a gather through a captured permutation; a batch-aware `f` with such a branch keeps the repeat
+    trick; shapes fake rows can check never reach a real batched run."""
+    from autojac._core import index_guard
+    from autojac._methods import base
+
+    monkeypatch.setattr(base, "_asserts_on_device", lambda device: True)
+    guarded = []
+    real_dispatch = index_guard.IndexGuard.__torch_dispatch__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        guarded.append(str(func))
+        return real_dispatch(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(index_guard.IndexGuard, "__torch_dispatch__", spy)
+    perm = torch.randperm(50, generator=g).to(DEVICE)
+
+    def mixes(x):
+        y = x[perm] * 2.0
+        return torch.sin(y) if float(x.sum()) > -1e9 else y
+
+    x = torch.randn(50, generator=g, dtype=torch.float64).to(DEVICE)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="reverse/repeat") as info:
+        autojac.jacobian(mixes, x, mode="reverse", vectorize="repeat")
+    cause = info.value.__cause__
+    assert isinstance(cause, IndexError) and "aten.index" in str(cause), repr(cause)  # the guard's message
+    assert guarded  # the trial ran under the guard
+
+    def branchy(x):
+        return torch.sin(x) * 2 if float(x.sum()) > 0 else torch.cos(x)
+
+    guarded.clear()
+    y = torch.rand(7, dtype=torch.float64, generator=g).to(DEVICE) + 0.1
+    torch.testing.assert_close(autojac.jacobian(branchy, y, vectorize="repeat"), reference(branchy, y))
+    assert guarded and autojac.last_report().method.endswith("/repeat")
+
+    guarded.clear()
+    plain = lambda x: torch.tanh(x) * x  # noqa: E731 - fake rows check its shapes: no guarded run
+    torch.testing.assert_close(autojac.jacobian(plain, y + 1, vectorize="repeat"), reference(plain, y + 1))
+    assert not guarded

@@ -317,7 +317,7 @@ def check_batch_aware(f: Callable, xs: Sequence[torch.Tensor], problem: Problem)
         shifted.append(x.detach() + d)
     rows = tuple(torch.stack([x.detach(), s]) for x, s in zip(xs, shifted))
     guard = contextlib.nullcontext()
-    if problem.inputs.device.type == "cuda" and not _check_shapes_on_fake_rows(f, rows, problem):
+    if _asserts_on_device(problem.inputs.device) and not _check_shapes_on_fake_rows(f, rows, problem):
         guard = IndexGuard()  # NOTE: [A batched trial must not run kernels that assert]
     with torch.no_grad(), guard:
         batched = call(f, rows, private=True)
@@ -333,6 +333,11 @@ def check_batch_aware(f: Callable, xs: Sequence[torch.Tensor], problem: Problem)
                     f"vectorize='repeat' needs `f` to treat a leading batch dimension as independent rows, but "
                     f"`f` on a batch of two different inputs gave row {r} of output {i} unlike `f` on that input "
                     f"alone (it mixes rows, or reads the first dimension as data). Use vectorize='vmap' or 'loop'.")
+
+
+def _asserts_on_device(device: torch.device) -> bool:
+    """Whether an out-of-bounds index is a device-side assert there (CUDA) rather than an error (the CPU)."""
+    return device.type == "cuda"
 
 
 def _check_shapes_on_fake_rows(f: Callable, rows: Sequence[torch.Tensor], problem: Problem) -> bool:
