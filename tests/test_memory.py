@@ -268,3 +268,26 @@ def test_what_a_first_backward_keeps_allocated_is_counted_on_cuda_only():
     assert kept_by_libraries(DEVICE, before, made) == workspace.numel()
     del workspace
     assert kept_by_libraries(DEVICE, before, made) == 0
+
+
+def test_what_the_reference_vjp_leaves_allocated_is_part_of_the_plans_fixed_memory(monkeypatch):
+    """The planner's side of NOTE: [Workspaces a first backward keeps], on any device: what `kept_by_libraries`
+    reports after the first call's reference VJP is added to the plan's fixed bytes, so chunks are sized in
+    what the budget leaves above it."""
+    from conftest import DEVICE
+
+    from autojac._planning import session
+
+    W = torch.randn(48, 48, dtype=torch.float64, device=DEVICE) / 7
+    x = torch.randn(48, dtype=torch.float64, device=DEVICE)
+
+    def fixed(kept: int) -> int:
+        monkeypatch.setattr(session, "kept_by_libraries", lambda device, before, made: kept)
+        autojac.clear_cache()  # plans are keyed by code: each reading makes its own
+        f = lambda x: torch.tanh(W @ x) * x  # noqa: E731
+        autojac.jacobian(f, x, memory_budget="256 MiB", mode="reverse", vectorize="vmap")
+        return autojac.plan(f, x, memory_budget="256 MiB", mode="reverse", vectorize="vmap").entry.fixed_bytes
+
+    # The rest of the fixed bytes (the result, the measured forward pass, the CPU's margin) is measured anew by
+    # each first call: a page or two apart.
+    assert abs(fixed(5 << 20) - fixed(0) - (5 << 20)) <= 64 << 10
