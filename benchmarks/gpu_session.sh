@@ -75,6 +75,8 @@ if wanted tests; then
 fi
 wanted budget_sweep && step budget_sweep 240 $PY benchmarks/budget_sweep.py --device "$DEVICE" --size "${SIZE:-gpu}" --quick --out "$OUT"
 wanted training_loop && step training_loop 150 $PY benchmarks/training_loop.py --device "$DEVICE" --quick --out "$OUT"
-wanted structured && step structured 150 $PY benchmarks/structured.py --device "$DEVICE" --quick --out "$OUT"
-wanted habits && step habits 150 $PY benchmarks/habits.py --device "$DEVICE" --quick --out "$OUT"
+# Quick sizes are launch-bound on a GPU (a smoke test). For figures, full sizes on a few problems fit a step:
+#   STRUCTURED_ARGS="--only brusselator,heat,dense_control" HABITS_ARGS="--only mlp,rosenbrock --batches 512,4096"
+wanted structured && step structured 150 $PY benchmarks/structured.py --device "$DEVICE" ${STRUCTURED_ARGS:---quick} --out "$OUT"
+wanted habits && step habits 150 $PY benchmarks/habits.py --device "$DEVICE" ${HABITS_ARGS:---quick} --out "$OUT"
 exit 0
