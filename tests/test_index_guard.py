@@ -33,6 +33,9 @@ OPS = [
     ("embedding", lambda i: F.embedding(i, X), (I(5, 0), I(6))),
     ("cross_entropy", lambda i: F.cross_entropy(X[: i.numel()], i), (I(3, 0), I(4, 0))),
     ("cross_entropy, ignored", lambda i: F.cross_entropy(X[: i.numel()], i, ignore_index=-7), (I(-7, 1), I(-8, 1))),
+    ("multi_margin_loss", lambda i: F.multi_margin_loss(X[: i.numel()], i), (I(3, 0), I(0, 4))),
+    ("multilabel_margin_loss", lambda i: F.multilabel_margin_loss(X[:2], i.view(2, 4)),
+     (I(3, 0, -1, 0, 2, -1, 0, 0), I(3, 4, -1, 0, 2, -1, 0, 0))),
 ]
 
 

@@ -57,10 +57,10 @@ def _at_dim(self: torch.Tensor, dim: int, index: torch.Tensor, what: str) -> Non
     _check(index, _dim_size(self, dim), what)
 
 
-def _nll(self: torch.Tensor, target: torch.Tensor, ignore_index: int, what: str) -> None:
+def _nll(self: torch.Tensor, target: torch.Tensor, ignore_index: int | None, what: str) -> None:
     classes = self.shape[-1] if self.dim() == 1 else self.shape[1]
     if target.numel() and not target.is_floating_point():
-        kept = target[target != ignore_index]
+        kept = target if ignore_index is None else target[target != ignore_index]
         if kept.numel():
             low, high = (int(v) for v in torch.aminmax(kept))
             if low < 0 or high >= classes:
@@ -90,6 +90,9 @@ def _rules() -> dict[object, Callable[..., None]]:
         lambda a, kw, what: _check(a[1], a[0].shape[0], what))
     add(["nll_loss_forward", "nll_loss2d_forward"],
         lambda a, kw, what: _nll(a[0], a[1], a[4] if len(a) > 4 else kw.get("ignore_index", -100), what))
+    add(["multi_margin_loss"], lambda a, kw, what: _nll(a[0], a[1], None, what))
+    # Class indices ended by -1 (what follows it is not read; checked all the same: a refusal, never a miss).
+    add(["multilabel_margin_loss_forward"], lambda a, kw, what: _nll(a[0], a[1], -1, what))
     return rules
 
 
