@@ -84,10 +84,10 @@ def bmm_deps(a: tuple, b: tuple, shape_a: tuple, shape_b: tuple) -> D.Deps | Non
     return D.union(parts)
 
 
-def _product(call: Call, a, b, pa: Callable[[], torch.Tensor], pb: Callable[[], torch.Tensor],
-             sa: tuple[int, int, int], sb: tuple[int, int, int]) -> D.Deps | None:
-    """Deps of a @ b in the (B, n, k) @ (B, k, m) layout of shapes `sa`, `sb`; `pa`, `pb` give each operand's
-    position map in that layout when it is needed.
+def _product(call: Call, a, b, sa: tuple[int, int, int], sb: tuple[int, int, int],
+             pb: Callable[[], torch.Tensor] | None = None) -> D.Deps | None:
+    """Deps of a @ b viewed as (B, n, k) @ (B, k, m) of shapes `sa`, `sb`: each operand's elements in their own
+    order, except where `pb` gives b's position map in that layout (a transposed weight), built only if needed.
 
     NOTE: [A dense constant is known before it is loaded]
     A constant operand's exact pattern is wanted only when it has zeros and few enough pairs (EXACT_PAIRS_LIMIT),
@@ -95,7 +95,8 @@ def _product(call: Call, a, b, pa: Callable[[], torch.Tensor], pb: Callable[[], 
     by a position map. A 2048 x 131072 weight on a GPU took 2.7 s an mm that way (its 1 GiB copied to the host,
     reshaped, a 268-million-entry position map built, compared and counted): 22 of a first call's 24 s on an
     H200 (wide_mlp, size gpu, under a budget), for a pattern that came out dense."""
-    return bmm_deps(_side(call, a, pa, sb[2]), _side(call, b, pb, sa[1]), sa, sb)
+    return bmm_deps(_side(call, a, lambda: pos_map(sa), sb[2]), _side(call, b, pb or (lambda: pos_map(sb)), sa[1]),
+                    sa, sb)
 
 
 def _side(call: Call, t, pos: Callable[[], torch.Tensor], repeats: int) -> tuple:
@@ -107,20 +108,12 @@ def _side(call: Call, t, pos: Callable[[], torch.Tensor], repeats: int) -> tuple
 
 
 def _mm(call: Call, a, b) -> tuple:
-    """Position builders and (B, n, k), (B, k, m) shapes of a matrix product a @ b."""
-    (n, k), (_, m) = call.shape(a), call.shape(b)
-    return (lambda: pos_map(call.shape(a)).unsqueeze(0), lambda: pos_map(call.shape(b)).unsqueeze(0),
-            (1, n, k), (1, k, m))
+    """(B, n, k), (B, k, m) of a matrix product a @ b (B = 1)."""
+    return (1, *call.shape(a)), (1, *call.shape(b))
 
 
-def _bmm(call: Call, a, b) -> tuple:
-    (nb, n, k), (_, _, m) = call.shape(a), call.shape(b)
-    return lambda: pos_map(call.shape(a)), lambda: pos_map(call.shape(b)), (nb, n, k), (nb, k, m)
-
-
-def _mv(call: Call, a, v) -> tuple:
-    (n, k) = call.shape(a)
-    return lambda: pos_map(call.shape(a)).unsqueeze(0), lambda: pos_map(call.shape(v)).view(1, -1, 1), (1, n, k), (1, k, 1)
+def _mv(call: Call, a) -> tuple:
+    return (1, *call.shape(a)), (1, call.shape(a)[1], 1)
 
 
 def _plus_self(call: Call, prod: D.Deps | None) -> list:
@@ -142,20 +135,20 @@ def mm_rule(call: Call) -> list:
 @rule("bmm")
 def bmm_rule(call: Call) -> list:
     a, b = call.arg("self"), call.arg("mat2")
-    return [_product(call, a, b, *_bmm(call, a, b))]
+    return [_product(call, a, b, call.shape(a), call.shape(b))]
 
 
 @rule("mv")
 def mv_rule(call: Call) -> list:
     a, v = call.arg("self"), call.arg("vec")
-    return [_product(call, a, v, *_mv(call, a, v))]
+    return [_product(call, a, v, *_mv(call, a))]
 
 
 @rule("dot", "vdot", "inner")
 def dot_rule(call: Call) -> list:
     a, b = call.arg("self"), call.arg("tensor", call.arg("other"))
     sa, sb = (1, 1, call.shape(a)[0]), (1, call.shape(b)[0], 1)
-    return [_product(call, a, b, lambda: pos_map(sa), lambda: pos_map(sb), sa, sb)]
+    return [_product(call, a, b, sa, sb)]
 
 
 @rule("addmm")
@@ -167,21 +160,20 @@ def addmm_rule(call: Call) -> list:
 @rule("addmv")
 def addmv_rule(call: Call) -> list:
     a, v = call.arg("mat"), call.arg("vec")
-    return _plus_self(call, _product(call, a, v, *_mv(call, a, v)))
+    return _plus_self(call, _product(call, a, v, *_mv(call, a)))
 
 
 @rule("baddbmm")
 def baddbmm_rule(call: Call) -> list:
     a, b = call.arg("batch1"), call.arg("batch2")
-    return _plus_self(call, _product(call, a, b, *_bmm(call, a, b)))
+    return _plus_self(call, _product(call, a, b, call.shape(a), call.shape(b)))
 
 
 @rule("addbmm")
 def addbmm_rule(call: Call) -> list:
     a, b = call.arg("batch1"), call.arg("batch2")
-    layout = _bmm(call, a, b)
-    prod = _product(call, a, b, *layout)
-    nb, n, m = layout[2][0], layout[2][1], layout[3][2]
+    (nb, n, _), (_, _, m) = call.shape(a), call.shape(b)
+    prod = _product(call, a, b, call.shape(a), call.shape(b))
     return _plus_self(call, reduce_deps(prod, (nb, n, m), [0]))
 
 
@@ -192,7 +184,7 @@ def outer_rule(call: Call) -> list:
     else:
         a, b = call.arg("self"), call.arg("vec2")
     sa, sb = (1, call.shape(a)[0], 1), (1, 1, call.shape(b)[0])
-    prod = _product(call, a, b, lambda: pos_map(sa), lambda: pos_map(sb), sa, sb)
+    prod = _product(call, a, b, sa, sb)
     return _plus_self(call, prod) if call.info.name == "addr" else [prod]
 
 
@@ -201,8 +193,8 @@ def linear_rule(call: Call) -> list:
     x, w, bias = call.arg("input"), call.arg("weight"), call.arg("bias")
     k = call.shape(w)[-1]
     rows, outs = math.prod(call.shape(x)) // max(k, 1), math.prod(call.shape(w)) // max(k, 1)
-    prod = _product(call, x, w, lambda: pos_map(call.shape(x)).reshape(1, rows, k),
-                    lambda: pos_map(call.shape(w)).reshape(outs, k).t().unsqueeze(0), (1, rows, k), (1, k, outs))
+    prod = _product(call, x, w, (1, rows, k), (1, k, outs),
+                    lambda: pos_map(call.shape(w)).reshape(outs, k).t().unsqueeze(0))
     if isinstance(bias, torch.Tensor) and call.deps(bias) is not None:
         prod = D.union([prod, D.take(call.deps(bias), broadcast_positions(call.shape(bias), call.out_shape()))])
     return [prod]
