@@ -301,9 +301,8 @@ def _batch_facts(f: Callable, xs: tuple[torch.Tensor, ...], batch: int, cache: b
                  defer: bool = False) -> tuple[tuple, "_Recheck | None"]:
     """((each output's number of feature dims, output features per sample, each output's (shape, dtype)), None),
     checked once per function key and the tensors it holds (every call with `cache=False`). With `defer`, a
-    function checked before whose
-    tensors changed since (weights a training step wrote) gets its verdict back with a `_Recheck` to confirm on
-    the result (NOTE: [Independence confirmed on the result])."""
+    function checked before whose tensors changed since (weights a training step wrote) gets its verdict back
+    with a `_Recheck` to confirm on the result (NOTE: [Independence confirmed on the result])."""
     function_key, modules = describe_function(f)
     key = (function_key, tuple((tuple(x.shape), x.dtype, x.device) for x in xs), torch.is_grad_enabled(),
            module_modes(modules))

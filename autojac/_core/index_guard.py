@@ -26,13 +26,9 @@ def _dim_size(t: torch.Tensor, dim: int) -> int:
     return t.shape[dim] if t.dim() else 1  # a 0-d tensor indexes like one of size 1
 
 
-def _check(index: torch.Tensor | None, size: int, what: str, allowed: int | None = None) -> None:
+def _check(index: torch.Tensor | None, size: int, what: str) -> None:
     if index is None or index.numel() == 0 or index.dtype == torch.bool or index.is_floating_point():
         return
-    if allowed is not None:  # an ignored value (a loss's ignore_index) is in bounds wherever it appears
-        index = index[index != allowed]
-        if index.numel() == 0:
-            return
     low, high = (int(v) for v in torch.aminmax(index))
     if low < -size or high >= size:
         bad = high if high >= size else low
