@@ -916,6 +916,11 @@ def test_a_first_calls_real_trace_is_checked_until_a_fake_trace_confirms_it(monk
     """A cheap `f` is traced on its real values on its first call (NOTE: [A real trace first]): its pattern holds
     at that point only, so calls are checked until the next call's fake-tensor trace confirms it."""
     _forced_structure(monkeypatch)
+    # The confirming trace stops past a time limit (then calls stay checked, which is never wrong): on a loaded
+    # machine (four test processes on one H200 host) it passed it. What is tested here is the confirmation.
+    from autojac._planning import session
+
+    monkeypatch.setattr(session, "DETECT_LIMIT", 1e6)
     g = lambda u: stencil(u) * 6.0  # noqa: E731
     x = t64(400)
     want = torch.autograd.functional.jacobian(g, x)
