@@ -107,6 +107,7 @@ class Engine:
         self.detached: dict[int, int] = {}  # tensor id -> index of the op that detached it
         self.step = 0
         self.dense_ops: list[str] = []
+        self._views: dict[tuple, tuple[Deps, Deps]] = {}  # a view's sets, with the storage's sets they came from
         offset = 0
         for m in tape.input_metas:
             store = Store(m.storage_numel)
@@ -148,9 +149,20 @@ class Engine:
         store = self.store(meta)
         if store.deps is None:
             return None
-        pos = None if meta.whole else positions(meta)
-        d = store.deps if pos is None else D.take(store.deps, pos)
         since = self.detached.get(id(t))
+        if meta.whole:
+            pos, d = None, store.deps
+        else:
+            # A view read by several ops (a stencil's `u[0]`, in every term) is taken once while its storage's sets
+            # stay the same object (a write replaces them).
+            view = (meta.skey, meta.shape, meta.stride, meta.offset)
+            taken = self._views.get(view)
+            if since is None and taken is not None and taken[0] is store.deps:
+                return taken[1]
+            pos = positions(meta)
+            d = D.take(store.deps, pos)
+            if since is None:
+                self._views[view] = (store.deps, d)
         if since is not None and d is not None:
             # A detached tensor carries no derivative, except through what was written into it afterwards.
             if store.written is None:
