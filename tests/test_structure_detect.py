@@ -632,3 +632,38 @@ def test_a_narrow_union_past_the_union_limit_is_capped_like_any_other(monkeypatc
     u = D._union2(a, b)
     assert u.table.shape[0] == 1 and D.capped(), (u, D.capped())
     D.capped().clear()
+
+
+def test_a_view_read_again_after_its_storage_is_written_follows_the_write():
+    """A view's sets are taken once per state of its storage: read, overwritten through another view, read again,
+    it depends on what was written (the engine keeps the first reading only while the storage's sets stay)."""
+    def f(u):
+        v = u.clone()
+        a = v[:5]
+        before = a * 2.0
+        v[:5] = u[5:10] ** 2
+        after = a * 3.0
+        return torch.cat([before, after, a.sin()])
+
+    check(f, rnd(10))
+
+
+def test_tables_assembled_without_the_constructor_agree_with_it():
+    """NOTE: [CSR tables assembled without scipy's checks]: on this scipy the fast assembly is used, and a table
+    made through it behaves as the constructor's in the operations detection uses."""
+    from autojac._structure import deps as D
+
+    assert D._ASSEMBLED  # the installed scipy passed the import-time comparison
+    rng = np.random.default_rng(3)
+    dense = rng.random((40, 30)) < 0.2
+    ref = sp.csr_array(dense)
+    ref.sort_indices()
+    fast = D.csr(ref.indptr.astype(np.int64), ref.indices.astype(np.int64), 30)
+    other = sp.csr_array(rng.random((40, 30)) < 0.1)
+    rows = rng.integers(0, 40, 25)
+    assert fast.shape == ref.shape and fast.nnz == ref.nnz and fast.has_canonical_format
+    np.testing.assert_array_equal(fast.toarray(), dense)
+    np.testing.assert_array_equal((fast + other).toarray(), dense | other.toarray())
+    np.testing.assert_array_equal(D.take_rows(fast, rows).toarray(), dense[rows])
+    np.testing.assert_array_equal(fast.T.toarray(), dense.T)
+    np.testing.assert_array_equal((fast @ other.T).toarray() != 0, (dense.astype(int) @ other.toarray().T.astype(int)) != 0)
