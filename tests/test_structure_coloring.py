@@ -229,3 +229,15 @@ def test_the_lattice_screen_by_differences_agrees_with_colouring_every_net(seed,
         assert verdict == all(np.unique(c).size == c.size for c in colours)
     lone = _differences(digits[:, :1], np.array([1]))  # one net of one vertex: nothing can clash
     assert _no_clash(lone, coefs, k).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 12), density=st.floats(0.0, 0.6), seed=st.integers(0, 2**16), mirror=st.booleans())
+def test_a_pattern_is_found_symmetric_exactly_when_it_equals_its_transpose(n, density, seed, mirror):
+    """Symmetric patterns are coloured once (`colorings`); the test of symmetry agrees with the dense transpose."""
+    from autojac._planning.structure import _symmetric
+
+    dense = np.random.default_rng(seed).random((n, n)) < density
+    if mirror:
+        dense |= dense.T
+    assert _symmetric(pattern(dense)) == bool((dense == dense.T).all())

@@ -25,13 +25,13 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 from .._core.errors import InputError
 from .._core.problem import Problem
 from .._execute.sparse import SparseLayout
-import numpy as np
-
 from .._structure import Coloring, Pattern, color_columns, color_rows, color_symmetric, detect
 from .._structure.detect import TooDense, TooLong
 
@@ -261,7 +261,7 @@ def colorings(pattern: Pattern, symmetric: bool = False) -> tuple[Coloring, Colo
     lower_rows, lower_cols = pattern.max_col_nnz, pattern.max_row_nnz
     first_rows = lower_rows <= lower_cols
     first = color_rows(pattern) if first_rows else color_columns(pattern)
-    if pattern.shape[0] == pattern.shape[1] and _symmetric(pattern):
+    if pattern.shape[0] == pattern.shape[1] and lower_rows == lower_cols and _symmetric(pattern):
         if symmetric:
             first = color_symmetric(pattern, first)
         other = Coloring("column" if first_rows else "row", first.colors, first.n_colors, first.lower_bound,
@@ -276,10 +276,12 @@ def colorings(pattern: Pattern, symmetric: bool = False) -> tuple[Coloring, Colo
 
 
 def _symmetric(pattern: Pattern) -> bool:
-    n = pattern.shape[0]
-    forward = pattern.rows * n + pattern.cols  # sorted row-major already
-    backward = np.sort(pattern.cols * n + pattern.rows)
-    return bool(np.array_equal(forward, backward))
+    """Whether a square pattern is its own transpose: its CSR arrays are its CSC arrays (scipy's conversion is a
+    counting pass that keeps each column's rows in order; 0.10 against 0.34 ms for sorting the transposed
+    positions, on a Brusselator's 12288 nonzeros)."""
+    rows = pattern.to_scipy()
+    columns = sp.csc_array(rows)
+    return bool(np.array_equal(columns.indptr, rows.indptr) and np.array_equal(columns.indices, rows.indices))
 
 
 def user_pattern(mask: object, problem: Problem, who: str) -> Pattern:
