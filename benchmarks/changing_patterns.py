@@ -3,7 +3,7 @@
 A training or simulation loop often builds `f` anew each step around that step's data: a gather through a new
 permutation, a new mask. Such an `f` has the same code and captured shapes every step, so autojac reuses one plan
 (keyed by what determines cost), but its sparsity pattern is the new values' (NOTE: [A pattern found again] in
-autojac/_planning/session.py). Each loop runs STEPS steps, one Jacobian per step, for every contestant in turn;
+autojac/_planning/first_call.py). Each loop runs STEPS steps, one Jacobian per step, for every contestant in turn;
 the loops are repeated ROUNDS times in a shuffled order (seeded) and the median step time of each contestant's
 steps after the first two is reported, with its whole-loop time. autojac starts each loop from an empty cache
 (its first step plans). Every autojac Jacobian is compared with `torch.func.jacrev`'s in float64.

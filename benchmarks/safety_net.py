@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import autojac
+from autojac._execute import verify
 from autojac._planning import session
 from autojac._bench.problems import BY_NAME
 from autojac._bench.suite import machine_name, machine_text
@@ -40,7 +41,7 @@ def measure(name: str, size: str, device: torch.device) -> dict:
         return f(*args)
 
     spent = []
-    real_check, real_reference = session.check_against, session.Call.reference
+    real_check, real_reference = verify.check_against, session.Call.reference
 
     def timed(real):
         def run(*args):
@@ -54,7 +55,7 @@ def measure(name: str, size: str, device: torch.device) -> dict:
                 spent.append((time.perf_counter() - start, len(counted) - before))
         return run
 
-    session.check_against, session.Call.reference = timed(real_check), timed(real_reference)
+    verify.check_against, session.Call.reference = timed(real_check), timed(real_reference)
     try:
         autojac.clear_cache()
         _sync(device)
@@ -64,7 +65,7 @@ def measure(name: str, size: str, device: torch.device) -> dict:
         first = time.perf_counter() - start
         first_method = autojac.last_report().method
     finally:
-        session.check_against, session.Call.reference = real_check, real_reference
+        verify.check_against, session.Call.reference = real_check, real_reference
     first_evaluations = len(counted)
     plan = autojac.tune(g, x, time_limit=30)
     warm = []

@@ -13,7 +13,12 @@ import torch
 
 import autojac
 from autojac._measure.engine_loops import LoopProbe
-from autojac._planning import session
+from autojac._core.options import Options
+from autojac._core.problem import Problem, Signature
+from autojac._methods.base import evaluate_plain
+from autojac._planning import choose, first_call
+from autojac._planning.choose import Facts
+from autojac._planning.entry import PlanEntry
 
 from reference import reference
 
@@ -115,7 +120,7 @@ def test_the_callers_own_debug_flag_is_left_alone():
 
 
 def test_a_first_call_puts_the_torch_func_engine_first_when_autograd_would_loop(monkeypatch):
-    monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)  # any loop counts: the decision, not the timing
+    monkeypatch.setattr(first_call, "LOOP_SLICE_SECONDS", 1.0)  # any loop counts: the decision, not the timing
     x = torch.randn(128, dtype=torch.float64)
     f = lambda x: _grid(x)  # noqa: E731 - a new function object: a new plan
     want = reference(f, x)
@@ -124,7 +129,7 @@ def test_a_first_call_puts_the_torch_func_engine_first_when_autograd_would_loop(
     assert r.method == "reverse/vmap [func]" and r.evaluations == 2 and r.verified
     # The probe's 8 rows (torch.autograd's engine) are the answer's first rows: the torch.func engine pushes the
     # rest (NOTE: [The probe's rows are kept]), and the whole is checked and right.
-    assert sum(r.chunk_sizes) == 128 - session.PROBE_VECTORS, r
+    assert sum(r.chunk_sizes) == 128 - first_call.PROBE_VECTORS, r
     p = autojac.plan(f, x)
     assert "reverse/vmap [func] went first: torch.autograd's vmap loops over the chunk for aten::roll" in str(p)
     # the autograd engine stays a candidate that later calls measure; every answer is right
@@ -133,18 +138,18 @@ def test_a_first_call_puts_the_torch_func_engine_first_when_autograd_would_loop(
 
 
 def test_no_probe_without_loops_below_the_row_count_or_when_f_may_run_only_once(monkeypatch):
-    monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)
+    monkeypatch.setattr(first_call, "LOOP_SLICE_SECONDS", 1.0)
     # Loops counted only: the probe's timing alone (its 8 vectors against a VJP, loop-like when a busy machine
     # slows the batched pass) can also put torch.func first; the likely cause of this test's one failure in a
     # full run (not reproduced alone, nor beside a CPU hog).
-    monkeypatch.setattr(session, "LOOP_LIKE", float("inf"))
+    monkeypatch.setattr(first_call, "LOOP_LIKE", float("inf"))
     x = torch.randn(128, dtype=torch.float64)
     W = torch.randn(128, 128, dtype=torch.float64)
     g = lambda x: torch.exp(x @ W.T / 10) * x  # noqa: E731 - batching rules for every op of its backward
     torch.testing.assert_close(autojac.jacobian(g, x), reference(g, x))
     assert autojac.last_report().method == "reverse/vmap [autograd]"
     assert autojac.last_report().evaluations == 1
-    assert sum(autojac.last_report().chunk_sizes) == 128 - session.PROBE_VECTORS  # the probe's rows are kept
+    assert sum(autojac.last_report().chunk_sizes) == 128 - first_call.PROBE_VECTORS  # the probe's rows are kept
     # Under create_graph the probe's rows (pushed without a graph) are not kept: every row is differentiable.
     x2 = x.clone().requires_grad_()
     got = autojac.jacobian(g, x2, create_graph=True)
@@ -178,7 +183,7 @@ class _OldStyle(torch.autograd.Function):
 
 
 def test_the_autograd_engine_answers_when_the_torch_func_one_cannot_run_f(monkeypatch):
-    monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)
+    monkeypatch.setattr(first_call, "LOOP_SLICE_SECONDS", 1.0)
     x = torch.randn(128, dtype=torch.float64)
     f = lambda x: _OldStyle.apply(x) + x**2  # noqa: E731
     torch.testing.assert_close(autojac.jacobian(f, x), reference(f, x))
@@ -188,7 +193,7 @@ def test_the_autograd_engine_answers_when_the_torch_func_one_cannot_run_f(monkey
 
 
 def test_no_probe_under_a_callers_budget(monkeypatch):
-    monkeypatch.setattr(session, "LOOP_SLICE_SECONDS", 1.0)
+    monkeypatch.setattr(first_call, "LOOP_SLICE_SECONDS", 1.0)
     x = torch.randn(128, dtype=torch.float64)
     f = lambda x: _grid(x)  # noqa: E731
     torch.testing.assert_close(autojac.jacobian(f, x, memory_budget="256 MiB"), reference(f, x))
@@ -233,23 +238,23 @@ def test_counted_loops_are_priced_at_what_the_probe_measured(monkeypatch):
             return False
 
     clock = {"t": 0.0}
-    monkeypatch.setattr(session, "LoopProbe", OneLoop)
-    monkeypatch.setattr(session, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))  # the session's clock only
+    monkeypatch.setattr(first_call, "LoopProbe", OneLoop)
+    monkeypatch.setattr(first_call, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))  # the first call's clock only
 
     def vjp(*args, batched=False, **kwargs):  # 8 vectors: a 300 us fixed part, then 140 us each beyond the first
         clock["t"] += 300e-6 + 7 * 140e-6
         return None
 
-    monkeypatch.setattr(session, "vjp", vjp)
+    monkeypatch.setattr(first_call, "vjp", vjp)
     x = torch.randn(512, dtype=torch.float64)
     W = torch.randn(512, 512, dtype=torch.float64)
-    graph = session.evaluate_plain(lambda v: torch.tanh(W @ v), (x,), False)
-    problem = session.Problem(inputs=session.Signature(((512,),), (torch.float64,), torch.device("cpu"), None),
-                        out_shapes=((512,),), out_dtypes=(torch.float64,), out_spec=None, draws_random=False)
-    entry = session.PlanEntry(problem, session.Options(), 1 << 30, 0, session.Facts(512, 512, 1e-4, 300e-6), session.choose.allowed(session.Options(), False), False)
-    chain = session.choose.first_chain(session.Options(), 512, 512, False)
+    graph = evaluate_plain(lambda v: torch.tanh(W @ v), (x,), False)
+    problem = Problem(inputs=Signature(((512,),), (torch.float64,), torch.device("cpu"), None),
+                      out_shapes=((512,),), out_dtypes=(torch.float64,), out_spec=None, draws_random=False)
+    entry = PlanEntry(problem, Options(), 1 << 30, 0, Facts(512, 512, 1e-4, 300e-6), choose.allowed(Options(), False), False)
+    chain = choose.first_chain(Options(), 512, 512, False)
     assert chain[0].name == "reverse/vmap [autograd]"
-    got = session._engine_by_probe(chain, problem, graph, entry, 1e-4)
+    got = first_call._engine_by_probe(chain, problem, graph, entry, 1e-4)
     assert got[0].name == "reverse/vmap [func]", [m.name for m in got]
     assert "loops over the chunk for aten::tanh_backward" in entry.events[-1]
 

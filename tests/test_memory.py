@@ -276,13 +276,13 @@ def test_what_the_reference_vjp_leaves_allocated_is_part_of_the_plans_fixed_memo
     what the budget leaves above it."""
     from conftest import DEVICE
 
-    from autojac._planning import session
+    from autojac._planning import first_call
 
     W = torch.randn(48, 48, dtype=torch.float64, device=DEVICE) / 7
     x = torch.randn(48, dtype=torch.float64, device=DEVICE)
 
     def fixed(kept: int) -> int:
-        monkeypatch.setattr(session, "kept_by_libraries", lambda device, before, made: kept)
+        monkeypatch.setattr(first_call, "kept_by_libraries", lambda device, before, made: kept)
         autojac.clear_cache()  # plans are keyed by code: each reading makes its own
         f = lambda x: torch.tanh(W @ x) * x  # noqa: E731
         autojac.jacobian(f, x, memory_budget="256 MiB", mode="reverse", vectorize="vmap")

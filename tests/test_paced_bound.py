@@ -13,7 +13,7 @@ import torch
 import autojac
 from autojac._measure.device import MemoryFacts
 from autojac._measure.meter import PeakMeter
-from autojac._planning import session
+from autojac._planning import first_call
 from autojac._planning.choose import MethodId
 
 from reference import reference
@@ -21,23 +21,23 @@ from reference import reference
 
 def _free(monkeypatch, gib: float) -> None:
     """Pretend the CPU has this much free memory: the default budget, and so the room, follow it."""
-    monkeypatch.setattr(session, "free_memory", lambda device: MemoryFacts("cpu", int(gib * 2**30), "test"))
+    monkeypatch.setattr(first_call, "free_memory", lambda device: MemoryFacts("cpu", int(gib * 2**30), "test"))
 
 
 def test_the_paced_bound_counts_each_vector_at_the_probes_pace_and_the_graph_once():
     x = torch.randn(64, dtype=torch.float64)
     problem = autojac.plan(lambda x: torch.tanh(x[:32]), x).problem
-    rate = session.CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads()
+    rate = first_call.CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads()
     per_vector = rate * 1e-5 + problem.in_bytes + problem.out_bytes
     autograd = MethodId("reverse", "vmap", "autograd")
     func = MethodId("reverse", "vmap", "func")
-    assert session._paced_bound(autograd, 32, 10**9, 1e-5, problem) == 10**9 + 32 * per_vector  # with the graph
+    assert first_call._paced_bound(autograd, 32, 10**9, 1e-5, problem) == 10**9 + 32 * per_vector  # with the graph
     # no probe, or a run the probe's pace does not bound (torch.func's batching rules are not torch.autograd's):
     # nothing tighter than the evaluation's bound
-    assert session._paced_bound(autograd, 32, 10**9, None, problem) == math.inf
-    assert session._paced_bound(func, 32, 10**9, 1e-5, problem) == math.inf
-    assert session._paced_bound(MethodId("forward", "vmap", "func"), 32, 10**9, 1e-5, problem) == math.inf
-    assert session._paced_bound(MethodId("reverse", "loop"), 32, 10**9, 1e-5, problem) == math.inf
+    assert first_call._paced_bound(autograd, 32, 10**9, None, problem) == math.inf
+    assert first_call._paced_bound(func, 32, 10**9, 1e-5, problem) == math.inf
+    assert first_call._paced_bound(MethodId("forward", "vmap", "func"), 32, 10**9, 1e-5, problem) == math.inf
+    assert first_call._paced_bound(MethodId("reverse", "loop"), 32, 10**9, 1e-5, problem) == math.inf
 
 
 def test_a_slow_evaluation_that_holds_little_is_not_measured_chunk_by_chunk(monkeypatch):
@@ -60,7 +60,7 @@ def test_a_slow_evaluation_that_holds_little_is_not_measured_chunk_by_chunk(monk
     r = autojac.last_report()
     torch.testing.assert_close(got, want)
     assert r.method.startswith("reverse/vmap") and r.verified, r
-    assert r.chunk_sizes == (128 - session.PROBE_VECTORS,), r  # after the probe's rows, one chunk: not split
+    assert r.chunk_sizes == (128 - first_call.PROBE_VECTORS,), r  # after the probe's rows, one chunk: not split
 
 
 def test_a_backward_that_touches_much_memory_a_vector_is_still_measured(monkeypatch):
@@ -77,4 +77,4 @@ def test_a_backward_that_touches_much_memory_a_vector_is_still_measured(monkeypa
     r = autojac.last_report()
     torch.testing.assert_close(got, reference(f, x), rtol=1e-4, atol=1e-5)
     assert r.method.startswith("reverse/vmap") and r.verified, r
-    assert len(r.chunk_sizes) > 1 and r.chunk_sizes[0] <= -(-128 // session.STRUCTURE_SLICES), r
+    assert len(r.chunk_sizes) > 1 and r.chunk_sizes[0] <= -(-128 // first_call.STRUCTURE_SLICES), r

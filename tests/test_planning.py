@@ -467,7 +467,7 @@ def test_a_whole_trial_is_charged_all_it_cost_its_check_included(monkeypatch):
     """Exploration's share holds only if a trial pays for everything it adds to the call: the alternative's
     run, its collection and its check (a check that takes 50 ms must cost the credit at least that)."""
     import autojac
-    from autojac._planning import session
+    from autojac._execute import verify
 
     W = torch.randn(40, 40, dtype=torch.float64)
     f = lambda x: torch.tanh(x @ W.T)  # noqa: E731 - batch-aware: every alternative can run
@@ -477,7 +477,7 @@ def test_a_whole_trial_is_charged_all_it_cost_its_check_included(monkeypatch):
     entry = autojac.plan(f, x).entry
     assert not entry.settled
     entry.warm = True  # trials may start (a tanh loops on the autograd engine: they may anyway)
-    real_check = session.check_against
+    real_check = verify.check_against
     checked = []
 
     def slow_check(*args):
@@ -485,7 +485,7 @@ def test_a_whole_trial_is_charged_all_it_cost_its_check_included(monkeypatch):
         __import__("time").sleep(0.05)
         return real_check(*args)
 
-    monkeypatch.setattr(session, "check_against", slow_check)
+    monkeypatch.setattr(verify, "check_against", slow_check)
     entry.credit = 10.0  # enough for a whole trial
     incumbent_best = entry.chosen().best
     autojac.jacobian(f, x)
@@ -517,7 +517,7 @@ def test_a_slice_is_timed_when_the_trace_is_under_a_quarter_of_the_dense_estimat
     """The slice decides whether to look (with the share its entries allow); the estimate before it only
     decides whether to time one, under SLICE_SHARE: a 4 ms trace against a 20 ms estimate is timed, against
     a 15 ms one it is not."""
-    from autojac._planning.structure import DETECT_SHARE, might_pay
+    from autojac._planning.structure import might_pay
 
     sig = Signature(((1024,),), (torch.float32,), torch.device("cpu"), False)
     problem = Problem(sig, ((1024,),), (torch.float32,), False)
@@ -652,7 +652,7 @@ def test_a_trials_own_evaluation_is_not_projected_as_if_paid_per_slice(monkeypat
     import time as _time
 
     import autojac
-    from autojac._planning import choose, session
+    from autojac._planning import choose
 
     W = torch.randn(64, 64, dtype=torch.float64) / 8
 

@@ -173,7 +173,7 @@ def _failing_on_demand():
 
 def test_a_ready_call_takes_the_short_path_and_f_s_own_errors_come_unchained(monkeypatch):
     # NOTE: [A ready plan's call]: a checked plan's call does not go through the general attempts.
-    from autojac._planning import session
+    from autojac._planning import later_calls
 
     x = x8()
     g, state = _failing_on_demand()
@@ -185,7 +185,7 @@ def test_a_ready_call_takes_the_short_path_and_f_s_own_errors_come_unchained(mon
         raise AssertionError("a ready call went through the general attempts")
 
     with monkeypatch.context() as patch:
-        patch.setattr(session, "_attempts", no_general_attempt)
+        patch.setattr(later_calls, "_attempts", no_general_attempt)
         assert_same_structure_and_close(autojac.jacobian(g, x, plan=p), reference(g, x))
     state["fail"] = True
     with pytest.raises(KeyError, match="g's own") as info:

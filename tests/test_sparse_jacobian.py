@@ -272,9 +272,9 @@ def test_detection_past_its_time_limit_stops_between_ops_and_the_plan_stays_dens
 def _first_call_without_looking(monkeypatch, g, x):
     """A first call whose rule says the dense Jacobian is too short to pay for a trace (as it says of
     `pde_residual` (large) on the benchmark machine): made so here, so the later-call path is what runs."""
-    from autojac._planning import session
+    from autojac._planning import first_call
 
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: False)
+    monkeypatch.setattr(first_call, "might_pay", lambda *a, **k: False)
     autojac.jacobian(g, x)
     monkeypatch.undo()
     p = autojac.plan(g, x)
@@ -306,7 +306,7 @@ def test_a_pattern_a_later_call_found_is_weighed_against_the_dense_plan_it_repla
     taken back (on a GPU small structured runs lost to dense ones 2.6x). Each way is made so here by the margin
     (on a 2-core CPU the stencil's 3 colours beat 400 dense passes; on a GPU they need not). Every result is
     torch's."""
-    from autojac._planning import session
+    from autojac._planning import later_calls
 
     g = lambda u: stencil(u) * 1.0 + 0.0  # noqa: E731 - a plan of its own
     x = t64(400)
@@ -314,12 +314,12 @@ def test_a_pattern_a_later_call_found_is_weighed_against_the_dense_plan_it_repla
     dense = _first_call_without_looking(monkeypatch, g, x)
     dense.credit = 10.0
     # any dense time counts as faster, or none does
-    monkeypatch.setattr(session, "DENSE_BACK_BELOW", 1e9 if dense_faster else 0.0)
+    monkeypatch.setattr(later_calls, "DENSE_BACK_BELOW", 1e9 if dense_faster else 0.0)
     torch.testing.assert_close(autojac.jacobian(g, x), want)  # looks
     torch.testing.assert_close(autojac.jacobian(g, x), want)  # plans again with the pattern
     structured = autojac.plan(g, x).entry
     assert structured is not dense and structured.problem.layout is not None and structured.dense_plan is dense
-    for _ in range(session.STRUCTURE_JUDGED_AFTER + 1):
+    for _ in range(later_calls.STRUCTURE_JUDGED_AFTER + 1):
         torch.testing.assert_close(autojac.jacobian(g, x), want)
     p = autojac.plan(g, x)
     assert structured.dense_plan is None  # judged, once
@@ -338,7 +338,7 @@ def test_a_promising_look_comes_before_any_trial(monkeypatch):
     """NOTE: [Structure before trials]: the first call's dense Jacobian of a stencil samples 3 nonzeros a row, so
     no trial spends the credit while the look waits for it; the look may draw, beyond the credit, on what that
     bound says it saves over LOOK_PAYBACK_CALLS calls (a plan that did not look promising only on the credit)."""
-    from autojac._planning import session
+    from autojac._planning import later_calls
     from autojac._planning.structure import LOOK_PAYBACK_CALLS
 
     g = lambda u: stencil(u) - 0.0  # noqa: E731
@@ -347,14 +347,14 @@ def test_a_promising_look_comes_before_any_trial(monkeypatch):
     entry = _first_call_without_looking(monkeypatch, g, x)
     assert entry.structure_share is not None and entry.structure_share <= 3 / 400
     entry.warm, entry.credit = True, 1.0  # credit for any trial, not for the trace
-    monkeypatch.setattr(session, "_trace_estimate", lambda e: 1e9)
+    monkeypatch.setattr(later_calls, "_trace_estimate", lambda e: 1e9)
     for _ in range(3):
         torch.testing.assert_close(autojac.jacobian(g, x), want)
         assert autojac.last_report().trial is None and entry.structure_open
     assert all(s.status == "untried" for s in entry.stats.values() if s.method.name != entry.incumbent
                and s.status not in ("failed", "not tried"))
     share = entry.structure_share
-    monkeypatch.setattr(session, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
+    monkeypatch.setattr(later_calls, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
     entry.credit, entry.structure_share = 0.0, None  # not promising: the credit alone does not cover the look
     torch.testing.assert_close(autojac.jacobian(g, x), want)
     assert entry.structure_open and entry.layout_found is None
@@ -369,7 +369,7 @@ def test_a_closure_rebuilt_around_new_tensors_does_not_borrow_for_its_look(monke
     """NOTE: [Structure before trials]: a structured plan would check every call made on new captured tensors,
     so a promising plan whose `f` holds other tensors than on its first call looks on the credit alone, and its
     trials resume."""
-    from autojac._planning import session
+    from autojac._planning import later_calls
     from autojac._planning.structure import LOOK_PAYBACK_CALLS
 
     def make(target):
@@ -380,7 +380,7 @@ def test_a_closure_rebuilt_around_new_tensors_does_not_borrow_for_its_look(monke
     entry = _first_call_without_looking(monkeypatch, g, x)
     assert entry.structure_share is not None
     share = entry.structure_share
-    monkeypatch.setattr(session, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
+    monkeypatch.setattr(later_calls, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
     entry.warm, entry.credit = True, 0.0
     h = make(t64(400, seed=2))  # same code, same shapes: the same plan, other tensors
     torch.testing.assert_close(autojac.jacobian(h, x), torch.autograd.functional.jacobian(h, x))
@@ -392,18 +392,18 @@ def test_a_closure_rebuilt_around_new_tensors_does_not_borrow_for_its_look(monke
 def test_with_has_aux_the_same_function_holds_the_same_values_from_call_to_call(monkeypatch):
     """The values a plan compares are those of the user's `f`, not of the stand-in that keeps its aux (whose own
     state is new every call): so a promising look borrows with `has_aux=True` too, as without it."""
-    from autojac._planning import session
+    from autojac._planning import first_call, later_calls
     from autojac._planning.structure import LOOK_PAYBACK_CALLS
 
     g = lambda u: (stencil(u) * 3.0, u.sum())  # noqa: E731
     x = t64(400)
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: False)
+    monkeypatch.setattr(first_call, "might_pay", lambda *a, **k: False)
     autojac.jacobian(g, x, has_aux=True)
     monkeypatch.undo()
     entry = autojac.plan(g, x, has_aux=True).entry
     assert entry.structure_open and entry.structure_share is not None
     share = entry.structure_share
-    monkeypatch.setattr(session, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
+    monkeypatch.setattr(later_calls, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
     entry.warm, entry.credit = True, 0.0
     jac, aux = autojac.jacobian(g, x, has_aux=True)
     torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda u: g(u)[0], x))
@@ -430,13 +430,13 @@ def test_a_dense_function_is_looked_at_once_and_stays_dense(monkeypatch):
 def test_a_jacobian_the_first_call_found_dense_is_never_looked_at(monkeypatch):
     # Every row and column of tanh(W x) is full: a pattern holds at least those nonzeros, so no colouring could
     # halve the 100 passes, and no later call spends its exploration credit on a trace.
-    from autojac._planning import session
+    from autojac._planning import first_call
 
     W = t64(100, 100) / 10  # tanh unsaturated: no derivative rounds to an exact zero
     g = lambda x: torch.tanh(x @ W)  # noqa: E731
     x = t64(100)
     want = torch.autograd.functional.jacobian(g, x)
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: False)  # the first call does not look either
+    monkeypatch.setattr(first_call, "might_pay", lambda *a, **k: False)  # the first call does not look either
     torch.testing.assert_close(autojac.jacobian(g, x), want)
     monkeypatch.undo()
     entry = autojac.plan(g, x).entry
@@ -465,9 +465,9 @@ def test_no_later_look_for_structure_under_a_budget_the_caller_gave(monkeypatch)
     32.6 MiB), so a plan under an explicit budget does not look on later calls."""
     g = lambda u: stencil(u) * 2.0  # noqa: E731
     x = t64(400)
-    from autojac._planning import session
+    from autojac._planning import first_call
 
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: False)
+    monkeypatch.setattr(first_call, "might_pay", lambda *a, **k: False)
     autojac.jacobian(g, x, memory_budget="2GiB")
     monkeypatch.undo()
     entry = autojac.plan(g, x, memory_budget="2GiB").entry
@@ -754,21 +754,22 @@ def _forced_structure(monkeypatch, look: bool = True, shares: list | None = None
     propagation made it dense on a CI run, and on a loaded machine a plain VJP timed slower than the probe's
     8 batched rows projects a dense run of 0 s (a limit of 0 s: the real `worth_detecting` never looks then),
     which is right for the product but not what these tests are about."""
-    from autojac._planning import session
+    from autojac._planning import first_call, later_calls
 
     def decide(projected, eval_seconds, share=None):
         if shares is not None:
             shares.append(share)
         return look
 
-    monkeypatch.setattr(session, "might_pay", lambda *a, **k: True)
-    monkeypatch.setattr(session, "worth_detecting", decide)
-    find_layout = session._find_layout
+    monkeypatch.setattr(first_call, "might_pay", lambda *a, **k: True)
+    monkeypatch.setattr(first_call, "worth_detecting", decide)
+    find_layout = first_call._find_layout
 
     def without_a_limit(call, problem, max_seconds=None, *rest, **options):
         return find_layout(call, problem, None, *rest, **options)
 
-    monkeypatch.setattr(session, "_find_layout", without_a_limit)
+    monkeypatch.setattr(first_call, "_find_layout", without_a_limit)
+    monkeypatch.setattr(later_calls, "_find_layout", without_a_limit)  # a later call's look as well
 
 
 def test_the_first_slice_hands_its_density_to_the_decision(monkeypatch):
@@ -815,10 +816,10 @@ def test_a_first_call_that_finds_structure_evaluates_f_once_beside_the_trace(mon
     started from, instead of evaluating `f` again (the trace, on fake tensors, is not counted). The engine probe
     is held to torch.autograd's engine, which starts from that evaluation too: when its timing put torch.func's
     first, the dense slice evaluated `f` its own way (a second evaluation, not the compressed run's)."""
-    from autojac._planning import session
+    from autojac._planning import first_call
 
     _forced_structure(monkeypatch)
-    monkeypatch.setattr(session, "_engine_by_probe",
+    monkeypatch.setattr(first_call, "_engine_by_probe",
                         lambda chain, *a, **k: sorted(chain, key=lambda m: "[func]" in m.name))
     g = lambda u: stencil(u) * 4.0  # noqa: E731
     x = t64(400)
@@ -829,16 +830,16 @@ def test_a_first_call_that_finds_structure_evaluates_f_once_beside_the_trace(mon
 
 def _layouts_checked(monkeypatch) -> list:
     """Record the layouts of the blocks each safety-net check of the planner reads (a list filled as it runs)."""
-    from autojac._planning import session
+    from autojac._execute import verify
 
     seen = []
-    real = session.check_against
+    real = verify.check_against
 
     def spy(name, result, *args, **kwargs):
         seen.append([t.layout for t in torch.utils._pytree.tree_leaves(result)])
         return real(name, result, *args, **kwargs)
 
-    monkeypatch.setattr(session, "check_against", spy)
+    monkeypatch.setattr(verify, "check_against", spy)
     return seen
 
 
@@ -918,9 +919,9 @@ def test_a_first_calls_real_trace_is_checked_until_a_fake_trace_confirms_it(monk
     _forced_structure(monkeypatch)
     # The confirming trace stops past a time limit (then calls stay checked, which is never wrong): on a loaded
     # machine (four test processes on one H200 host) it passed it. What is tested here is the confirmation.
-    from autojac._planning import session
+    from autojac._planning import later_calls
 
-    monkeypatch.setattr(session, "DETECT_LIMIT", 1e6)
+    monkeypatch.setattr(later_calls, "DETECT_LIMIT", 1e6)
     g = lambda u: stencil(u) * 6.0  # noqa: E731
     x = t64(400)
     want = torch.autograd.functional.jacobian(g, x)

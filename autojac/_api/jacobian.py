@@ -20,7 +20,7 @@ from .._core.options import EFFORTS, Options, check_callable, check_flag, make_o
 from .._core.pytree import Arguments
 from .._core.problem import Signature, check_inputs
 from .._methods.base import evaluate_plain
-from .._planning import session, store
+from .._planning import first_call as first, later_calls as later, session, store
 from .._planning.cache import PlanCache
 from .._planning.entry import PlanEntry
 from .._planning.keys import argument_signature, describe_function, stable
@@ -378,14 +378,14 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
     began = time.perf_counter()
     try:
         if plan is not None:
-            result = session.fixed_call(call, entry, plan.name, plan.chunk_size)
+            result = later.fixed_call(call, entry, plan.name, plan.chunk_size)
         else:
             if entry is None and key is not None:
                 entry = _loaded_entry(key, options)
                 if entry is not None:
                     _cache.put(key, entry)
             if entry is None:
-                result, entry = session.first_call(call)
+                result, entry = first.first_call(call)
                 planned = True
                 if key is not None:
                     _cache.put(key, entry)
@@ -394,7 +394,7 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
                 # dense plan is kept until the two are weighed (NOTE: [A found pattern measured against the
                 # dense plan]).
                 dense = entry
-                result, entry = session.first_call(call, layout_found=dense.layout_found)
+                result, entry = first.first_call(call, layout_found=dense.layout_found)
                 dense.layout_found = None
                 if entry.problem.layout is not None:
                     entry.dense_plan = dense
@@ -403,14 +403,14 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
             else:
                 if options.strict:
                     session.check_strict(evaluate_plain(call.f, call.xs, False), "jacobian")
-                result = session.later_call(call, entry)
+                result = later.later_call(call, entry)
                 if entry.dense_plan is not None and key is not None:
-                    back = session.judge_structure(entry)
+                    back = later.judge_structure(entry)
                     if back is not None:
                         _cache.put(key, back)
     except session.PatternFailed as exc:  # NOTE: [Patterns and values]
         logger.debug("the sparsity pattern failed the check, or the values it follows changed: planning again")
-        result, entry = session.after_pattern_failed(call, exc.failure, later=True, layout=exc.layout)
+        result, entry = first.after_pattern_failed(call, exc.failure, later=True, layout=exc.layout)
         planned = True
         if key is not None:
             _cache.put(key, entry)
@@ -420,7 +420,7 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
         logger.debug("%s: making a new plan", exc)
         if key is not None:
             _cache.pop(key)
-        result, entry = session.first_call(call)
+        result, entry = first.first_call(call)
         planned = True
         if key is not None:
             _cache.put(key, entry)
@@ -570,15 +570,15 @@ def _plan(who: str, f, inputs, effort: str, time_limit, argnums, has_aux, raw: d
         try:
             try:
                 if entry is None:
-                    _, entry = session.first_call(call, compute=effort != "estimate")
+                    _, entry = first.first_call(call, compute=effort != "estimate")
                 elif entry.effort == "estimate" and effort != "estimate":
-                    session.later_call(call, entry, explore=False)
+                    later.later_call(call, entry, explore=False)
                 if effort == "exhaustive":
-                    session.tune(call, entry, time_limit)
+                    later.tune(call, entry, time_limit)
             except session.PatternFailed as exc:  # NOTE: [Patterns and values]
-                _, entry = session.after_pattern_failed(call, exc.failure, later=True, layout=exc.layout)
+                _, entry = first.after_pattern_failed(call, exc.failure, later=True, layout=exc.layout)
                 if effort == "exhaustive":
-                    session.tune(call, entry, time_limit)
+                    later.tune(call, entry, time_limit)
         finally:
             evaluator.finish()
     if options.cache:

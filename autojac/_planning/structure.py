@@ -17,7 +17,7 @@ used when it needs at most SAVES of the dense passes; the dense slice is then
 dropped and the Jacobian computed one seed per colour. A user's pattern is
 always coloured and used. A dense plan whose first call did not look (too short
 for that call to pay a trace) looks on a later call, from the exploration credit
-(`session._look_for_structure`): a Jacobian called again and again pays for it.
+(`later_calls._look_for_structure`): a Jacobian called again and again pays for it.
 """
 
 from __future__ import annotations

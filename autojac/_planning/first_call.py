@@ -1,0 +1,720 @@
+"""A plan's first call: it computes the Jacobian with a first method chosen by rules, measuring as it goes
+(NOTE: [Planning that pays for itself]), looks for structure where it can pay, and makes the plan; a pattern that
+fails its check on new values is found again here (NOTE: [A pattern found again])."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+
+import torch
+
+from .._core.errors import MemoryBudgetError, UnsupportedFunctionError
+from .._core.options import Options
+from .._core.problem import Problem
+from .._core.units import format_bytes, parse_budget
+from .._execute.layout import collector, seeds
+from .._execute.run import RunLog
+from .._execute import verify
+from .._execute.verify import VerificationError, blocks_of, random_cotangents
+from .._measure.device import (allocated_bytes, free_memory, kept_by_libraries, total_bytes, untracked_margin,
+                               untracked_reserve)
+from .._measure.engine_loops import LoopProbe
+from .._methods.base import PlainGraph, evaluate_plain, grad_mode, vjp
+from . import choose
+from .choose import Facts, MethodId
+from .entry import PlanEntry
+from .keys import largest_captured_bytes
+from .plan import seconds_text
+from .session import (MEASURE_WHEN_PRIOR_ABOVE, PRIOR_FACTOR, PROGRESS_AFTER_SECONDS, Call, Progress, _batch_aware_once,
+                      _check_outputs_unchanged, check_strict, _first_line, _learn, logger, _method, _no_method,
+                      _planned_chunk, _record_failure, _sync, _trimming)
+from .sizing import Sizer
+from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, MIN_PASSES, REAL_TRACE_BELOW,
+                        STRUCTURE_BYTES_PER_NONZERO, layout_for, might_pay, promising_share, sampled_bounds,
+                        too_dense_to_pay, worth_detecting)
+
+CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND = 12e9
+"""An upper bound of how fast one CPU thread grows resident memory (touching new pages; 2x the fastest
+measured, 5.9 GiB/s with transparent huge pages, benchmarks/results/cpu-2core-meter.md): what an
+evaluation that took t seconds can have allocated, when it was not measured."""
+FIRST_CHUNK_SECONDS = 1.0
+STRUCTURE_SLICES = 8
+STRUCTURE_SLICE_MAX = 64
+"""When structure might pay, the dense run's first chunk is 1/STRUCTURE_SLICES of the basis, at most
+STRUCTURE_SLICE_MAX vectors: its time decides (and is wasted if structure is found)."""
+LOOP_SLICE_SECONDS = 1e-6
+"""What the torch.func engine saves per looped op call and vector, at least: its batched backward against
+torch.autograd's loop (RK4 rollout, 160 looped tanh_backward calls per vector on 64-element states: about
+0.9 us each; a grid residual's `roll` on 40 x 40: about 8 us). See NOTE: [The autograd engine's vmap loops]."""
+PROBE_MIN_PASSES = 100
+"""A first call probes the autograd engine for loops only over this many rows: the probe costs about one
+VJP, under 5% of a vmapped run's bound (LOOP_TO_VMAP of a VJP per row) from here on."""
+PROBE_VECTORS = 8
+LOOP_LIKE = 0.5
+VMAP_PER_VJP = 0.2
+"""The probe pushes PROBE_VECTORS vectors; over LOOP_LIKE of a plain VJP's time per vector beyond the first (the
+first pays about a VJP's fixed work), the autograd engine's batching is loop-like, and the torch.func engine is
+expected at VMAP_PER_VJP of a VJP per vector.
+`tanh(W @ x)` with a 512 x 512 W (float64): torch.autograd's vmap runs `mv`'s backward as one `bmm` over
+copies of W, 265 ms for the 512 rows against 12.5 ms for torch.func.jacrev and 81 ms for a loop of VJPs;
+no op falls back to a loop, so counting loops alone missed it (`W @ x` only: `x @ W.T` and `nn.Linear` batch
+as one matmul)."""
+FUNC_EVALUATION_FACTOR = 2.0
+FUNC_FIXED_SECONDS = 5e-4
+"""What putting the torch.func engine first costs a first call: an evaluation of `f` under its transform,
+counted at FUNC_EVALUATION_FACTOR plain evaluations, and this much of the transforms' own set-up (a per-sample
+MLP over 256 rows: its first call 3.0 ms on the torch.func engine against 2.5 ms on the autograd one,
+which loops twice per vector there, though warm the torch.func engine is 1.7x faster)."""
+
+
+# --- the first call --------------------------------------------------------------------------------
+
+def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[object, PlanEntry]:
+    """Make a plan by computing the Jacobian (see NOTE: [Planning that pays for itself]); (result, entry).
+
+    With `compute=False` (`plan(..., effort="estimate")`), stop after the first
+    evaluation: the entry holds the rules' choice and nothing measured.
+    """
+    options, device = call.options, call.device
+    began = time.perf_counter()
+    budget = parse_budget(options.budget, free_memory(device).free_bytes, call.who, total=total_bytes(device))
+    # NOTE: [The CPU reserve]: BLAS and OpenMP workspaces appear in the peak RSS the meter reads, so measured
+    # chunks include them; a first chunk sized by the prior alone keeps this much back for them.
+    reserve = untracked_reserve(device)
+    region = call.meter.region() if _measure_first_evaluation(options, device) else Timed(device)
+    with region:
+        graph = evaluate_plain(call.f, call.xs, options.create_graph)
+    ys = graph.ys
+    problem = Problem(
+        inputs=call.signature,
+        out_shapes=tuple(tuple(y.shape) for y in ys),
+        out_dtypes=tuple(y.dtype for y in ys),
+        out_spec=graph.out_spec,
+        draws_random=call.f.draws_random,
+        symmetric=bool(getattr(call.captures[0], "jacobian_is_symmetric", False)),
+    )
+    graph_bytes = region.peak_bytes
+    measured_forward = graph_bytes is not None
+    # Not measured: the forward pass is bounded by how fast pages can be touched. The bound decides whether
+    # chunks must be measured, not their size (it is far above most real forward passes).
+    graph_bound = graph_bytes if measured_forward else (
+        int(_touchable_bytes(region.seconds)) if device.type == "cpu" else 0)
+    graph_bytes = graph_bytes or 0
+    forward_bytes = graph_bytes if measured_forward else 0
+    # NOTE: [Structure first when only a sparse result fits]
+    # A sparse output is asked for so that a Jacobian whose dense form cannot fit never exists densely (a
+    # 450 x 450 heat equation: 305 GiB dense, 1.0 million nonzeros). When its dense blocks alone are over the
+    # budget, the pattern is found before anything else (no dense probe or slice: their collector is the
+    # dense result), used however many colours it takes, and the budget is held against the sparse result.
+    # Only if no pattern fits is the call refused.
+    structure_first = (problem.result_bytes + forward_bytes > budget and options.output != "dense"
+                       and options.sparsity is not None)
+    if not structure_first:
+        _check_result_fits(call, problem, budget, forward_bytes,
+                           hint=options.output == "dense" and options.sparsity is not None)
+    if options.strict:
+        check_strict(graph, call.who)
+    # NOTE: [An f that writes what it captures]: every evaluation is a step the caller sees and no later
+    # evaluation computes the same function, so one evaluation per call and nothing explored.
+    writes_captured = call.f.writes_captured
+    once_only = problem.draws_random or writes_captured
+    candidates = choose.allowed(options, False)
+    chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+    if options.vectorize == "auto" and getattr(call.f.f, "__autojac_repeat_on_request__", False):
+        # NOTE: [The sum trick's copies fold into the batch]: `batch_jacobian`'s functions, repeat trick asked for.
+        candidates = [m for m in candidates if m.vectorize != "repeat"]
+        chain = [m for m in chain if m.vectorize != "repeat"]
+    if not chain:
+        raise UnsupportedFunctionError(
+            f"{call.who}: `f` draws random numbers (dropout in training mode, torch.randn), and "
+            f"mode={options.mode!r}, vectorize={options.vectorize!r} evaluates it more than once, so its "
+            "Jacobian would mix several realizations. Use mode='reverse', or mode='forward-trick' with "
+            "vectorize='vmap' or 'loop', which evaluate it once; or put the modules in eval()."
+        )
+    # The safety net's reference, taken now on the plain evaluation (it also times one VJP, the unit of the
+    # predictions), unless the first method is torch's own loop on that evaluation: it needs no check, and
+    # its first row times a VJP as well. A fallback then takes the reference when it needs it.
+    checks: dict[str, object] = {}
+
+    def reference_for_check():
+        if "reference" not in checks:
+            checks["w"] = random_cotangents(problem)
+            checks["reference"] = call.reference(problem, checks["w"], graph)
+        return checks["w"], checks["reference"]
+
+    retained = 0  # what the reference VJP left allocated beyond its own tensors (CUDA)
+    if chain and chain[0].is_reference and not options.strict:
+        vjp_seconds = region.seconds  # a VJP costs about an evaluation: only a bound for long runs, refined below
+    else:
+        with torch.enable_grad():
+            _sync(device)
+            allocated = allocated_bytes(device)
+            t = time.perf_counter()
+            reference_for_check()
+            _sync(device)
+            vjp_seconds = time.perf_counter() - t
+            retained = kept_by_libraries(device, allocated, (*checks["w"], *checks["reference"]))
+    note = ""
+    structure_pending = False  # NOTE: [When structure is worth finding]
+    looked = False  # whether this call looked for structure (else later calls may: see `_look_for_structure`)
+    if layout_found is not None and compute:  # a pattern a later call of the last plan found: use it
+        layout, note = layout_found
+        looked = True
+        problem = dataclasses.replace(problem, layout=layout)
+        chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+    elif structure_first:
+        layout, note = _find_layout(call, problem, None, _first_trace(problem, region.seconds),
+                                    max_nnz=max(int(budget - forward_bytes - untracked_margin(device, budget))
+                                                // STRUCTURE_BYTES_PER_NONZERO, 1))
+        looked = True
+        if layout is None:
+            raise MemoryBudgetError(
+                f"{call.who}: the memory budget is {format_bytes(budget)}, but the dense Jacobian "
+                f"({problem.n_out} x {problem.n_in}) takes {format_bytes(problem.result_bytes)}, and for "
+                f"output={options.output!r} no sparsity pattern that fits was found: {note}. Raise "
+                "`memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time.")
+        problem = dataclasses.replace(problem, layout=layout)
+        _check_result_fits(call, problem, budget, forward_bytes)
+        chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+    elif options.sparsity is not None and compute:
+        if isinstance(options.sparsity, str) and writes_captured:
+            # The trace runs `f` once more, and even on fake tensors its in-place write bumps the captured tensor's
+            # version, which breaks the backward of the evaluation this call started from (later calls never look
+            # for such an `f` either: below).
+            note = "not looked for: `f` writes in place into a tensor it captures (a trace would run it again)"
+        elif isinstance(options.sparsity, str):
+            structure_pending = might_pay(problem, min(region.seconds, vjp_seconds), vjp_seconds)
+            note = "" if structure_pending else "not looked for: the dense Jacobian is too short to pay for a trace"
+        else:
+            layout, note = _find_layout(call, problem)
+            problem = dataclasses.replace(problem, layout=layout)
+            chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+
+    # NOTE: [Copies inside matrix kernels]: a forward method's fixed memory, known before it runs.
+    copies = largest_captured_bytes(*call.captures)
+    # NOTE: [A larger chunk meets new workspaces]: at most what the kernels could pack, its largest operand.
+    new_size = min(reserve, max(copies, forward_bytes, problem.in_bytes + problem.out_bytes))
+
+    def new_entry(problem: Problem) -> PlanEntry:
+        facts = Facts(problem.col_passes, problem.row_passes, region.seconds, vjp_seconds)
+        # NOTE: [Memory between the regions]; NOTE: [Workspaces a first backward keeps]
+        fixed = problem.result_bytes + graph_bytes + untracked_margin(device, budget) + retained
+        made = PlanEntry(problem, options, budget, fixed, facts, candidates, once_only, tangent_copy_bytes=copies,
+                         once_why=("`f` writes in place into a tensor it captures" if writes_captured else
+                                   "`f` draws random numbers"))
+        made.new_size_reserve = new_size
+        made.reverify = problem.layout is not None and not problem.layout.pattern.valid_everywhere
+        # A real trace the first call chose (not one a failed fake trace fell back to): confirmed later.
+        made.confirm_trace = (made.reverify and problem.layout.pattern.source == "real trace"
+                              and not problem.layout.pattern.notes)
+        return made
+
+    entry = new_entry(problem)
+    entry.structure = note
+    if not compute:
+        entry.incumbent = chain[0].name
+        entry.chosen().status = "chosen"
+        entry.effort = "estimate"
+        return None, entry
+    probed: dict = {}
+    chain = _engine_by_probe(chain, problem, graph, entry, region.seconds, keep=probed)
+    if (not structure_pending and note and isinstance(options.sparsity, str) and layout_found is None
+            and entry.facts.probe_seconds_per_vector is not None
+            and might_pay(problem, min(region.seconds, vjp_seconds), vjp_seconds,
+                          per_pass=entry.facts.probe_seconds_per_vector, share=DETECT_SHARE)):
+        # The probe timed batched vectors: a dense run it puts over the bar is timed on a first slice after all
+        # (a per-sample MLP on 256 samples: 0.14 ms a row batched, 1.4 plain VJPs, not the 0.2 assumed). Held to
+        # the strict share: a few vectors' time each carries the batch's fixed cost over a few, so it overstates a
+        # long run (at SLICE_SHARE the suite's per_sample_mlp large split its 256 rows for a slice: 2.0 -> 2.9 ms).
+        structure_pending, note = True, ""
+        entry.structure = note
+    if structure_pending and "rows" in probed:  # NOTE: [Sparse probe rows decide without a slice]
+        k, rows, batched = probed["rows"]
+        share = _nonzero_share(rows, k, problem)
+        projected = problem.row_passes * max(batched - vjp_seconds, 0.0) / max(k - 1, 1)
+        if (share is not None and share <= LOOKS_SPARSE
+                and worth_detecting(projected, min(region.seconds, vjp_seconds), share)):
+            structure_pending, looked = False, True
+            layout, note = _find_layout(call, problem, DETECT_LIMIT * projected, _first_trace(problem, region.seconds))
+            entry.structure = note
+            if layout is not None:  # one seed per colour; the probe's dense rows are not colour products
+                probed.clear()
+                facts = entry.facts
+                problem = dataclasses.replace(problem, layout=layout)
+                entry = new_entry(problem)
+                entry.facts = dataclasses.replace(entry.facts, autograd_loops=facts.autograd_loops,
+                                                  probe_seconds_per_vector=facts.probe_seconds_per_vector)
+                entry.structure = note
+                chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+    failures: list[tuple[str, BaseException]] = []
+    result = None
+    prior = PRIOR_FACTOR * (graph_bytes + max(problem.in_bytes, problem.out_bytes))
+    bound_prior = PRIOR_FACTOR * (graph_bound + max(problem.in_bytes, problem.out_bytes))
+    methods = _Restartable()(chain)
+    for m in methods:
+        if (not m.evaluates_once and entry.once_only) or entry.stats[m.name].excluded:
+            continue
+        method = _method(m)
+        n = m.passes(problem.col_passes, problem.row_passes)
+        stats = entry.stats[m.name]
+        room = entry.room_bytes()
+        run_bound = n * bound_prior
+        if not measured_forward and device.type == "cpu":  # NOTE: [A run's memory bounded by its pace]
+            run_bound = min(run_bound, _paced_bound(m, n, graph_bound, entry.facts.probe_seconds_per_vector, problem))
+        measured = (call.meter.kind != "none") and room is not None and run_bound > MEASURE_WHEN_PRIOR_ABOVE * room
+        first = _long_run_first_chunk(n, vjp_seconds)
+        if measured and not measured_forward:  # learn the memory line on an eighth of the basis first
+            first = min(first or n, max(2, -(-n // STRUCTURE_SLICES)))
+        if structure_pending:  # a first slice of the dense run tells whether looking for structure pays
+            first = min(first or n, -(-n // STRUCTURE_SLICES), STRUCTURE_SLICE_MAX)
+        sizer = Sizer(None if options.chunk_size is None else min(options.chunk_size, max(n, 1)),
+                      room_bytes=room, prior_bytes_per_vector=prior if measured or not (call.meter.kind != "none") else None,
+                      timed=True, measured=measured, minimum=2 if m.vectorize == "vmap" and n >= 2 else 1, first=first,
+                      reserve_bytes=reserve + entry.fixed_prior(m), trim_between=_trimming(call, entry),
+                      new_size_reserve=entry.new_size_reserve)
+        progress = Progress(options.progress, n, m.name)
+        adopted = False
+        verdict: dict[str, object] = {}
+
+        def after_first_slice(log: RunLog, n=n, sizer=sizer) -> bool:
+            nonlocal structure_pending
+            if not structure_pending:
+                return True
+            structure_pending = False
+            done = log.vectors
+            projected = (log.seconds or 0.0) * n / max(done, 1)
+            share = slice_assembler.nonzero_share(0, start + done) if slice_assembler is not None else None
+            verdict["look"] = worth_detecting(projected, min(region.seconds, vjp_seconds), share)  # one noisy timing less
+            verdict["projected"] = projected
+            if verdict["look"]:
+                return False
+            sizer.first = None
+            sizer.sizes.clear()  # the slice was only to decide: the run goes on in chunks as large as fit
+            return True
+        try:
+            state = None
+            t = time.perf_counter()
+            if graph is not None:
+                with grad_mode(options.create_graph):
+                    state = method.adopt(graph)
+                adopted = state is not None
+                if not adopted and options.budget is not None:
+                    # Under a budget, free the plain graph: this method evaluates `f` its own way. Without one,
+                    # keep it for a fallback that can start from it (no extra evaluation if this one fails).
+                    graph = None
+            adopt_seconds = time.perf_counter() - t
+            _batch_aware_once(call, entry, m)
+            # The run's collector, made here so that the slice's callback can count the zeros of its rows (a hint
+            # of structure).
+            slice_assembler = collector(problem, m.by_rows) if structure_pending and problem.layout is None else None
+            # The engine probe's vectors are this run's first rows (NOTE: [The probe's rows are kept]).
+            start, probe_seconds = 0, 0.0
+            rows = probed.pop("rows", None)
+            if rows is not None and m.by_rows and problem.layout is None:
+                start, parts, probe_seconds = rows
+                slice_assembler = slice_assembler or collector(problem, m.by_rows)
+                slice_assembler.add(0, start, parts)
+                progress.already(start)
+            # Unprobed, the autograd engine's first chunk counts its own loops (a few microseconds, no extra work):
+            # the exploration order of later calls follows (NOTE: [The autograd engine's vmap loops]). The counter
+            # is process-wide, so it is held for that chunk only.
+            counting = (m.mode, m.vectorize, m.engine) == ("reverse", "vmap", "autograd") and \
+                entry.facts.autograd_loops is None and not entry.once_only
+            loops = LoopProbe() if counting else None
+
+            def after_chunk(log: RunLog, loops=loops) -> bool:
+                if loops is not None:
+                    loops.__exit__(None, None, None)  # closing twice is harmless
+                return after_first_slice(log)
+            with grad_mode(options.create_graph), (loops if loops is not None else contextlib.nullcontext()):
+                assembler, log, position, seconds, state = call.run(m, problem, sizer, state=state,
+                                                                    progress=progress, after_chunk=after_chunk,
+                                                                    assembler=slice_assembler, start=start)
+            seconds += probe_seconds
+            if loops is not None and loops.active:
+                entry.facts = dataclasses.replace(entry.facts, autograd_loops=loops.loops)
+            if verdict.get("look"):
+                looked = True
+                # Detection is stopped past DETECT_LIMIT times the projected dense Jacobian (see there why).
+                layout, note = _find_layout(call, problem, DETECT_LIMIT * verdict["projected"],
+                                            _first_trace(problem, region.seconds))
+                entry.structure = note
+                if layout is not None:  # start again with one seed per colour (the dense slice is not reused)
+                    problem = dataclasses.replace(problem, layout=layout)
+                    entry = new_entry(problem)
+                    entry.structure = note
+                    chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+                    # The plain evaluation stays: a method that starts from it pushes the colours' seeds through
+                    # its backward, with no evaluation of `f` beyond the call's first (and the trace).
+                    methods.restart(chain)
+                    progress.close()
+                    continue
+                # No structure worth it: the dense run goes on, its chunks no longer held to the slice's size.
+                sizer = Sizer(sizer.fixed, room_bytes=sizer.room, prior_bytes_per_vector=sizer.prior, memory=sizer.points,
+                              timed=True, measured=sizer.measured, minimum=sizer.minimum, reserve_bytes=sizer.reserve,
+                              trim_between=sizer.trim_between, new_size_reserve=sizer.new_size_reserve)
+                with grad_mode(options.create_graph):
+                    assembler, more, _, rest, state = call.run(m, problem, sizer, state=state, progress=progress,
+                                                               start=position, assembler=assembler)
+                log.chunks += more.chunks
+                seconds += rest
+            result, collecting = call.collect(assembler)
+            seconds += collecting
+            if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
+                w, reference = reference_for_check()
+                verify.check_against(m.name, assembler.checkable(result), w, reference, problem)
+                call.verified = True
+                stats.checked_sizes.update(c.size for c in log.chunks)
+            elif log.chunks and log.chunks[0].seconds:  # torch's loop: one row of it is one VJP
+                vjp_seconds = log.chunks[0].seconds / max(log.chunks[0].size, 1)
+                entry.facts = dataclasses.replace(entry.facts, vjp_seconds=vjp_seconds)
+        except Exception as exc:  # noqa: BLE001 - every failure of a method is a reason to try the next
+            failure = exc
+        else:
+            graph = None
+            evaluation = region.seconds if adopted else 0.0  # the evaluation it started from is part of its cost
+            stats.add_run(evaluation + adopt_seconds + seconds)
+            stats.verified, stats.status = True, "chosen"
+            _learn(stats, log, sizer)
+            stats.chunk_size = _planned_chunk(entry, stats)
+            entry.incumbent = m.name
+            call.method_name = m.name
+            break
+        finally:
+            progress.close()
+        # Outside the except block, so that an error of `f` itself propagates unchanged: a method that
+        # failed in its own machinery hands over; if `f` itself now raises, that error is the answer.
+        result = None
+        _check_outputs_unchanged(call, problem, failure)
+        if isinstance(failure, VerificationError) and problem.layout is not None:
+            return after_pattern_failed(call, failure)
+        _record_failure(entry, stats, failure, call, failures)
+    if entry.incumbent is None:
+        raise _no_method(call, failures)
+    graph = None
+    entry.needs_reorder = True  # the priors of the alternatives are worked out when a later call needs them
+    # Not under a budget the caller gave: detection's index sets are neither measured nor held to it (a later
+    # call's look at wide_mlp's 32768-wide layers took 2.2 GB under a 32.6 MiB budget).
+    entry.structure_open = (isinstance(options.sparsity, str) and not looked and problem.layout is None
+                            and min(problem.n_in, problem.n_out) >= MIN_PASSES and not options.measures_nothing
+                            and options.budget is None)
+    if entry.structure_open and result is not None:
+        bounds = sampled_bounds(blocks_of(result, problem), problem)
+        dense = too_dense_to_pay(bounds, problem)  # a look could not pay: never taken
+        if dense:
+            entry.structure_open, entry.structure = False, dense
+        entry.structure_share = promising_share(bounds, problem)  # NOTE: [Structure before trials]
+        if entry.structure_share is not None:
+            entry.values_first = call.f.value_sources()
+    if options.measures_nothing:  # mode, vectorize and chunk size given: nothing to choose, nothing to measure
+        entry.settled = True
+    if writes_captured:
+        entry.settled, entry.structure_open = True, False
+        for s in entry.stats.values():
+            if s.method.name != entry.incumbent and not s.excluded and s.status != "failed":
+                s.excluded = "`f` writes in place into a tensor it captures: each call evaluates it once, nothing is tried"
+                s.status, s.reason = "not tried", s.excluded
+        entry.events.append("settled at once: `f` writes in place into a tensor it captures (state autojac cannot "
+                            "put back), so each call evaluates it once and tries nothing else")
+    elapsed = time.perf_counter() - began
+    entry.credit = choose.INITIAL_CREDIT * elapsed
+    entry.calls = 1
+    entry.warm = False
+    if problem.layout is not None:  # checked on these values: see NOTE: [Patterns and values]
+        entry.values_seen = call.f.value_sources()
+    waiting = entry.repeat_waiting()
+    if waiting is not None and entry.facts.eval_seconds is not None and entry.facts.vjp_seconds is not None:
+        # NOTE: [New values before a repeat method runs]
+        entry.values_last = call.f.value_sources()
+        waiting.checks.estimate = entry.facts.eval_seconds + entry.facts.vjp_seconds
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("new plan: %s", entry.snapshot())
+    return result, entry
+
+
+class _Restartable:
+    """Iterate a chain of methods; `restart(chain)` starts over with another one (structure was found)."""
+
+    def __call__(self, chain):
+        self.chain, self.i = list(chain), 0
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.i >= len(self.chain):
+            raise StopIteration
+        self.i += 1
+        return self.chain[self.i - 1]
+
+    def restart(self, chain) -> None:
+        self.chain, self.i = list(chain), 0
+
+
+def _check_result_fits(call: Call, problem: Problem, budget: int, forward_bytes: int, hint: bool = False) -> None:
+    """MemoryBudgetError before any basis vector is pushed if the result and the forward pass (its measured bytes,
+    0 when not measured) cannot fit; `hint`: say that a sparse output may fit where the dense one does not."""
+    if problem.result_bytes + forward_bytes > budget:
+        sparse = problem.layout is not None and problem.layout.output != "dense"
+        raise MemoryBudgetError(
+            f"{call.who}: the memory budget is {format_bytes(budget)}, but the Jacobian alone "
+            f"({problem.n_out} x {problem.n_in}"
+            + (f", {problem.layout.pattern.nnz} nonzeros as {problem.layout.output} blocks" if sparse else "")
+            + f") takes {format_bytes(problem.result_bytes)}"
+            + (f" and the forward pass {format_bytes(forward_bytes)}" if forward_bytes else "")
+            # On a GPU the first evaluation's peak also holds what libraries allocate once per process inside it
+            # (cuBLAS's workspace at a fresh process's first matmul: 32 MiB on Hopper), which this call must count.
+            + (" (its measured peak, with any workspace a library allocated there for the first time in this "
+               "process, such as cuBLAS's)" if forward_bytes and problem.inputs.device.type == "cuda" else "")
+            + ". Raise `memory_budget`, or compute the Jacobian of fewer outputs or inputs at a time"
+            + (". If it is mostly zeros, output='sparse' or 'csr' returns it without them." if hint else ".")
+        )
+
+
+def _find_layout(call: Call, problem: Problem, max_seconds: float | None = None, trace: str = "auto",
+                 max_nnz: int | None = None):
+    """Detect (or take the user's) pattern and colour it, outside the evaluations anyone sees."""
+    xs = tuple(x.detach() for x in call.xs)
+    return call.f.isolated(lambda raw: layout_for(raw, xs, problem, call.options.sparsity, call.options.output,
+                                                  call.who, max_seconds, trace, max_nnz))
+
+
+def _first_trace(problem: Problem, eval_seconds: float) -> str:
+    """How a first call traces `f` (NOTE: [A real trace first])."""
+    return "real" if eval_seconds < REAL_TRACE_BELOW and not problem.draws_random else "auto"
+
+
+class Timed:
+    """A stand-in for a meter region when memory is not measured: wall seconds only (CUDA-synchronized)."""
+
+    peak_bytes = None
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> Timed:
+        _sync(self.device)
+        self._began = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self._began
+
+
+def _measure_first_evaluation(options: Options, device: torch.device) -> bool:
+    """Measure the first evaluation's memory when a budget was given, or on CUDA (the allocator's counters
+    cost nothing); with the default budget on the CPU (half the free memory) the bound is enough."""
+    return options.budget is not None or device.type == "cuda"
+
+
+def after_pattern_failed(call: Call, failure: BaseException | None, later: bool = False,
+                    layout=None) -> tuple[object, PlanEntry]:
+    """A compressed Jacobian failed the check (a pattern that missed a nonzero): the plan is made again, dense,
+    or with a pattern found again.
+
+    `later`: the check failed on a later call. After the tensors `f` holds changed (NOTE: [Patterns and values]),
+    a pattern autojac found is found again for the new values (see NOTE: [A pattern found again]); a pattern the
+    caller gave, or one that failed at a new point with the same values (a real trace's pattern, valid at its
+    point only: NOTE: [A real trace first]), makes the plan dense."""
+    if later and isinstance(call.options.sparsity, str) and (failure is None or call.values_now is not None):
+        return _found_again(call, failure, layout)  # the values `f` holds changed (not the point, see below)
+    call.events.append(f"the sparsity pattern failed the check ({_first_line(failure)}); computed densely")
+    dense = _call_again(call, dataclasses.replace(call.options, sparsity=None))
+    try:
+        result, entry = first_call(dense)
+    except MemoryBudgetError as exc:
+        raise MemoryBudgetError(f"{call.who}: the sparsity pattern failed the check ({_first_line(failure)}), and "
+                                f"the dense Jacobian cannot be made instead: {exc}") from None
+    if not later:
+        entry.structure = "a sparsity pattern was found but failed the check; dense"
+    elif call.values_now is not None:
+        entry.structure = ("the sparsity pattern given held on the values it was checked with, then failed the check "
+                           "after the tensors `f` captures changed; dense from then on")
+    else:
+        entry.structure = "a sparsity pattern held at the point it was found, then failed the check at another; dense"
+    _took_over(call, dense)
+    return result, entry
+
+
+# NOTE: [A pattern found again]
+# A pattern depends on the values `f` holds (NOTE: [Patterns and values]): a closure rebuilt every step around a
+# new permutation or mask has a new pattern every step. When the plan's pattern fails its check on new values,
+# the call plans again with structure as a first call does (whose rules bound detection by what the dense
+# Jacobian would cost), and so finds the pattern of the values it now holds, or plans dense if none pays. If
+# that pattern differs from the one before, the new plan follows the values: a later call on new values plans
+# again before it computes anything (no compressed run that is bound to fail, no check of it); one whose
+# pattern comes out the same as before stops following them (values that change without changing the
+# pattern, such as weights an optimizer updates, then only pay the check again).
+
+
+def _found_again(call: Call, failure: BaseException | None, layout) -> tuple[object, PlanEntry]:
+    if failure is not None:
+        call.events.append(f"the sparsity pattern failed the check on new values ({_first_line(failure)}); planned "
+                           "again for them")
+    else:
+        call.events.append("the tensors `f` holds changed and the plan's pattern follows them; planned again")
+    made = _call_again(call, call.options)
+    result, entry = first_call(made)
+    new = entry.problem.layout
+    entry.follows_values = new is not None and not (layout is not None and layout.pattern == new.pattern)
+    entry.events.append("planned again after the tensors `f` holds changed" + (
+        "; its pattern changed with them, so a call on new values plans again" if entry.follows_values else
+        "; a call on new values checks the pattern"))
+    _took_over(call, made)
+    return result, entry
+
+
+def _call_again(call: Call, options) -> Call:
+    """A fresh call on the same evaluator and inputs (the plan is made again by it, with `options`)."""
+    again = Call(call.f, call.xs, call.signature, options, call.who)
+    again.captures = call.captures
+    return again
+
+
+def _took_over(call: Call, made: Call) -> None:
+    call.events += made.events
+    call.chunks, call.verified, call.method_name = made.chunks, made.verified, made.method_name
+
+
+def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph | None, entry: PlanEntry,
+                     eval_seconds: float, keep: dict | None = None) -> list[MethodId]:
+    """The chain, with the torch.func engine first if torch.autograd's vmap would loop (NOTE: [The autograd
+    engine's vmap loops]) or runs a few vectors no faster than a loop of VJPs.
+
+    The probe's vectors are the Jacobian's first rows: with `keep` given, they are left there (`keep["rows"]`:
+    (k, parts, seconds)) for the run that follows to start after them.
+
+    Probed with PROBE_VECTORS vectors pushed batched through the plain evaluation's backward (their time is
+    also compared with the plain VJP's) when the first method is reverse vmap on the autograd engine over at
+    least PROBE_MIN_PASSES rows, and the torch.func engine may evaluate `f` again: not for a random `f` or one
+    that writes what it captures, and not under a budget of the caller's (its evaluation's memory is not known
+    before it runs). The autograd engine stays a candidate: later calls measure it like any alternative.
+    """
+    if not chain or graph is None or entry.once_only or entry.options.budget is not None:
+        return chain
+    m = chain[0]
+    other = dataclasses.replace(m, engine="func")
+    n = m.passes(problem.col_passes, problem.row_passes)
+    if (m.mode, m.vectorize, m.engine) != ("reverse", "vmap", "autograd") or other not in chain or n < PROBE_MIN_PASSES:
+        return chain
+    k = min(PROBE_VECTORS, n)
+    try:
+        with LoopProbe() as probe, grad_mode(entry.options.create_graph):
+            _sync(problem.inputs.device)
+            began = time.perf_counter()
+            rows = vjp(graph.ys, graph.xs, seeds(problem, True, 0, k), create_graph=False, batched=True)
+            _sync(problem.inputs.device)
+            batched = time.perf_counter() - began
+            per_vector = batched / k
+    except Exception:  # noqa: BLE001 - only advice: the methods find out for themselves what fails
+        return chain
+    if keep is not None and problem.layout is None and not entry.options.create_graph:
+        keep["rows"] = (k, rows, batched)
+    vjp_seconds = entry.facts.vjp_seconds or 0.0
+    # A batched backward costs about a plain VJP's fixed work, then its vectors: the marginal cost per vector is
+    # what a loop would pay in full (W @ x on 128 rows: 16 us a vector over 8, but 13 us beyond the first, against
+    # a 38 us VJP; on 512 rows 82 us beyond the first, against 53 us).
+    marginal = max(batched - vjp_seconds, 0.0) / max(k - 1, 1)
+    loop_like = vjp_seconds > 0 and marginal > LOOP_LIKE * vjp_seconds
+    # Loops counted only where the probe could watch (another thread probing at the same time: unknown, unless
+    # the timing alone says loop-like).
+    loops = max(probe.loops, int(loop_like)) if probe.active or loop_like else None
+    entry.facts = dataclasses.replace(entry.facts, autograd_loops=loops, probe_seconds_per_vector=per_vector)  # priors
+    worth = FUNC_EVALUATION_FACTOR * eval_seconds + FUNC_FIXED_SECONDS
+    slow = n * (marginal - VMAP_PER_VJP * vjp_seconds) if loop_like or probe.loops else 0.0
+    # Counted loops cost at least LOOP_SLICE_SECONDS a call and vector, and what the probe's vectors beyond the
+    # first measured where that is more: a looped op's fallback is not always cheap (tanh(W x) on 512 rows,
+    # one looped tanh_backward a vector: 37 ms on the autograd engine against 6 ms on torch.func's, which 1 us a
+    # call put at 0.5 ms lost).
+    lost = max(probe.loops * n * LOOP_SLICE_SECONDS, slow if probe.loops else 0.0)
+    if lost > worth:  # some loops
+        ops = ", ".join(probe.ops[:4]) + (" and more" if len(probe.ops) > 4 else "")
+        why = (f"torch.autograd's vmap loops over the chunk for {ops} ({probe.loops} looped op calls per vector, "
+               f"about {seconds_text(lost)} over the basis)")
+    elif slow > worth:
+        why = (f"torch.autograd's vmap took {seconds_text(marginal)} a vector beyond the first of {k}, "
+               f"{marginal / vjp_seconds:.1f}x a plain VJP (a batching rule no faster than a loop)")
+    else:
+        return chain
+    entry.events.append(f"{other.name} went first: {why}")
+    logger.debug(entry.events[-1])
+    return [other, *(c for c in chain if c != other)]
+
+
+def _nonzero_share(parts, k: int, problem: Problem) -> float | None:
+    """The share of nonzero entries in k rows given as per-input parts (None parts: zeros)."""
+    total = k * sum(problem.in_sizes)
+    if total <= 0:
+        return None
+    nonzero = sum(int(torch.count_nonzero(p)) for p in parts if p is not None)
+    return nonzero / total
+
+
+# NOTE: [Sparse probe rows decide without a slice]
+# Where structure might pay, a first slice of the dense run (up to 64 vectors, timed) decides whether to look
+# for it (NOTE: [When structure is worth finding]). The engine probe's rows hold the same evidence when they are
+# sparse: their nonzero share, and a pace (the batched time of its vectors beyond the first, which leaves out
+# the fixed work a slice's projection also carries). If at most LOOKS_SPARSE of their entries are nonzero and
+# that pace already puts the trace under the sparse share of the dense run, the pattern is looked for at once:
+# the slice (5-7 ms of a per-sample MLP's 23 ms first call, then thrown away) is not run. Otherwise the slice
+# decides, as before.
+
+
+# NOTE: [The probe's rows are kept]
+# The engine probe pushes the first PROBE_VECTORS rows of the basis through the plain evaluation's backward:
+# those are the Jacobian's first rows, whichever engine then goes first (the engines compute the same rows).
+# The run starts after them, so the probe costs a first call one chunk boundary instead of PROBE_VECTORS
+# vectors; the safety net checks the assembled whole as before. Not kept under `create_graph` (the probe
+# builds no graph) or with a pattern's seeds (the probe pushes dense rows).
+
+
+# NOTE: [A run's memory bounded by its pace]
+# Unmeasured, the first evaluation's memory is bounded by its time (CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND per
+# thread), and a first call measures its chunks when n vectors at PRIOR_FACTOR times that bound each could
+# take over MEASURE_WHEN_PRIOR_ABOVE of the room. That bound follows the evaluation's time, and so its noise: a
+# gated layer evaluated in 0.1-0.25 ms crossed the line on most first calls (256 rows at 11.5 GiB of room),
+# and a measured run is split to learn its memory line on an eighth of the basis and trims the heap before
+# each chunk (malloc_trim, then the pages touched afresh): first calls of 9-12 ms against 4-7 ms unmeasured
+# (the suite's tuple_inputs and per_sample_mlp, large; 2-core CPU). Where the engine probe
+# timed vectors pushed batched through torch.autograd's backward (`probe_seconds_per_vector`, their whole time
+# over their count, so it carries the batch's fixed work too), a run on that engine is bounded the same way by
+# that pace: k vectors batched touch what their time allows, and their tensors grow linearly in k. So the run
+# is bounded by n times the pace's bytes (with the seed and the row it writes) plus the plain graph it runs on
+# (the first evaluation's bound, once); the smaller bound decides. Both bounds are upper bounds already (twice
+# the fastest touch rate measured), so the pace's is not doubled again as the prior is; the threshold keeps a
+# factor 4 of the room for what it misses. Not for the torch.func engine: its batching rules differ from
+# torch.autograd's (for `W @ x` the autograd engine runs one bmm over copies of W, 20x slower than torch.func:
+# see VMAP_PER_VJP), so the autograd engine's pace bounds nothing of it.
+
+
+def _touchable_bytes(seconds: float) -> float:
+    """The most memory the CPU's threads can touch in `seconds` (CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND each)."""
+    return CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND * torch.get_num_threads() * seconds
+
+
+def _paced_bound(m: MethodId, n: int, graph_bound: int, pace: float | None, problem: Problem) -> float:
+    """A run on torch.autograd's vmap bounded by the engine probe's pace on it (NOTE: [A run's memory bounded by
+    its pace]); infinite for other methods, or without a probe."""
+    if pace is None or (m.mode, m.vectorize, m.engine) != ("reverse", "vmap", "autograd"):
+        return math.inf
+    per_vector = _touchable_bytes(pace)
+    return graph_bound + n * (per_vector + problem.in_bytes + problem.out_bytes)
+
+
+def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
+    """A first chunk of about FIRST_CHUNK_SECONDS when a run could take over PROGRESS_AFTER_SECONDS.
+
+    The bound is one unbatched product per vector (a loop): vmap is faster, so
+    this only starts small what might be long, to learn its real pace (the
+    progress bar's estimate, and whether larger chunks pay) before committing.
+    """
+    if n * vjp_seconds <= PROGRESS_AFTER_SECONDS:
+        return None
+    return max(2, int(FIRST_CHUNK_SECONDS / max(vjp_seconds, 1e-9)))
