@@ -275,7 +275,8 @@ def jacobian(
       the first call's Jacobian (every row and column up to 2^14 entries, else
       16 sampled rows and columns) allows a
       colouring of at most 1/8 of the passes, the look comes before any trial
-      and may also draw on what that bound saves over 5 calls. The dense plan is
+      and may also draw on what that bound saves over 5 calls (trials wait for
+      it only while 10 more calls' share would let it be taken). The dense plan is
       kept beside the structured one: after 6 calls of it (or once it settles),
       a dense plan faster by 3% takes the key back, and does not look again.
       When nothing is left to try, the plan is settled and calls measure nothing.

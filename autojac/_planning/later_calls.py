@@ -24,7 +24,7 @@ from .session import (MEASURE_WHEN_PRIOR_ABOVE, PRIOR_FACTOR, PROGRESS_AFTER_SEC
                       PatternFailed, Progress, _batch_aware_once, _check_outputs_unchanged, _learn, logger, _no_method,
                       _planned_chunk, _record_failure, _sync, _trimming)
 from .sizing import Sizer
-from .structure import DETECT_LIMIT, LOOK_PAYBACK_CALLS, confirm_real_trace, trace_estimate
+from .structure import DETECT_LIMIT, LOOK_PAYBACK_CALLS, LOOK_WAIT_CALLS, confirm_real_trace, trace_estimate
 
 
 def _confirm_pattern(call: Call, entry: PlanEntry) -> None:
@@ -161,8 +161,9 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
         confirm = explore and not look and entry.confirm_trace
         if confirm:
             entry.confirm_trace = False  # one confirmation per plan
-        # NOTE: [Structure before trials]: a promising look waits for the credit before any trial spends it.
-        wait = entry.structure_open and entry.structure_share is not None
+        # NOTE: [Structure before trials]: a promising look within reach waits for the credit before any trial
+        # spends it.
+        wait = entry.structure_open and entry.structure_share is not None and _look_within_reach(entry, estimate)
         trial = entry.next_trial() if explore and not look and not confirm and not wait else None
     if look:
         _look_for_structure(call, entry)
@@ -204,6 +205,14 @@ def _look_allowance(entry: PlanEntry) -> float:
     if entry.structure_share is None or not best:
         return entry.credit
     return entry.credit + LOOK_PAYBACK_CALLS * best * (1.0 - entry.structure_share)
+
+
+def _look_within_reach(entry: PlanEntry, estimate: float) -> bool:
+    """Whether a promising look's allowance covers its trace within LOOK_WAIT_CALLS more calls' exploration share
+    (NOTE: [Structure before trials]): only then do trials wait for it."""
+    cost = entry.chosen().cost if entry.incumbent is not None else None
+    per_call = choose.EXPLORE_SHARE * (cost or 0.0)
+    return _look_allowance(entry) + LOOK_WAIT_CALLS * per_call >= estimate
 
 
 def _look_for_structure(call: Call, entry: PlanEntry) -> None:

@@ -204,7 +204,12 @@ def too_dense_to_pay(bounds: tuple[int, int] | None, problem: Problem) -> str:
 # is a closure rebuilt around new tensors every call (the tensors `f` holds differ from the first call's when
 # the look would borrow): a structured plan checks every call made on new values (NOTE: [Patterns and values]),
 # which ate what the pattern saved on the suite's small grid residual (20 steps 2.5x torch.func's loop, from
-# 1.8-1.9x with the look left to the credit); there the look waits for the credit, trials resume.
+# 1.8-1.9x with the look left to the credit); there the look waits for the credit, trials resume. Nor does a
+# look out of reach hold the trials back: one whose allowance would not cover its estimated trace within
+# LOOK_WAIT_CALLS more calls' exploration share (the suite's small per-sample MLP, 64 x 160 at 0.4-0.5 ms a
+# call: 3.3 ms of allowance against a trace estimated at 4 ms or more, 0.04 ms more a call) blocked every trial
+# for some 20 calls; its repeat trick, untried, runs in 0.17-0.2 ms. Such a look is taken when the credit
+# covers it, as any alternative is, and still before any trial once it does.
 
 PROMISING = 1 / 8
 """A first call's dense Jacobian whose sampled rows or columns could be coloured in at most this share of the
@@ -213,6 +218,9 @@ dense passes makes the look for structure the plan's next exploration (NOTE: [St
 
 LOOK_PAYBACK_CALLS = 5
 """A promising look may take, beyond the credit, what its lower bound says it saves over this many calls."""
+LOOK_WAIT_CALLS = 10
+"""Trials wait for a promising look only while the exploration share of this many more calls would let it be
+taken; a look further out than that waits for the credit like any other alternative."""
 
 
 def promising_share(bounds: tuple[int, int] | None, problem: Problem) -> float | None:
