@@ -104,9 +104,12 @@ def csr(indptr: np.ndarray, indices: np.ndarray, n_cols: int, canonical: bool = 
 # same values, and the same sums and row picks); if anything differs, every table goes through the constructor.
 
 
-def _assembled(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> sp.csr_array:
+def _assembled(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int],
+               attributes: dict | None = None) -> sp.csr_array:
+    """A canonical CSR table as scipy's constructor leaves one: its other `attributes` (default: the ones
+    `_assembly_agrees` read off the constructor at import) and these arrays, unchecked."""
     m = sp.csr_array.__new__(sp.csr_array)
-    m.__dict__.update(_FRESH)
+    m.__dict__.update(_FRESH if attributes is None else attributes)
     m._shape, m.data, m.indices, m.indptr = shape, data, indices, indptr
     m.has_sorted_indices = True
     m.has_canonical_format = True
@@ -122,9 +125,7 @@ def _assembly_agrees() -> tuple[bool, dict]:
         slow.has_canonical_format = True
         fresh = {k: v for k, v in vars(slow).items() if k not in ("_shape", "data", "indices", "indptr")
                  and not isinstance(v, np.ndarray)}
-        global _FRESH
-        _FRESH = fresh
-        fast = _assembled(np.ones(3, bool), indices.copy(), indptr.copy(), (3, 4))
+        fast = _assembled(np.ones(3, bool), indices.copy(), indptr.copy(), (3, 4), fresh)
         same = (set(vars(fast)) == set(vars(slow)) and fast.indices.dtype == slow.indices.dtype
                 and fast.indptr.dtype == slow.indptr.dtype and fast.shape == slow.shape
                 and all(np.array_equal(a.toarray(), b.toarray()) for a, b in
@@ -134,7 +135,6 @@ def _assembly_agrees() -> tuple[bool, dict]:
         return False, {}
 
 
-_FRESH: dict = {}
 _ASSEMBLED, _FRESH = _assembly_agrees()
 
 
