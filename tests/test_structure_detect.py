@@ -667,3 +667,7 @@ def test_tables_assembled_without_the_constructor_agree_with_it():
     np.testing.assert_array_equal(D.take_rows(fast, rows).toarray(), dense[rows])
     np.testing.assert_array_equal(fast.T.toarray(), dense.T)
     np.testing.assert_array_equal((fast @ other.T).toarray() != 0, (dense.astype(int) @ other.toarray().T.astype(int)) != 0)
+    # Index arrays longer than the table's entries go through the constructor, which trims them (a table's
+    # `indices` is read whole elsewhere: stacking tables concatenates them).
+    long = D.csr(np.array([0, 1, 2], np.int64), np.array([3, 5, 7], np.int64), 10)
+    assert long.indices.tolist() == [3, 5] and long.nnz == 2

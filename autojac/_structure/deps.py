@@ -85,7 +85,8 @@ def csr(indptr: np.ndarray, indices: np.ndarray, n_cols: int, canonical: bool = 
     """A boolean CSR matrix from its index arrays; `canonical` promises sorted, duplicate-free rows."""
     n_rows = indptr.shape[0] - 1
     data = np.ones(indices.shape[0], dtype=bool)
-    if _ASSEMBLED and indptr.dtype == _I64 and indices.dtype == _I64 and canonical:
+    if (_ASSEMBLED and canonical and indptr.dtype == _I64 and indices.dtype == _I64
+            and indices.shape[0] == int(indptr[-1])):  # exact arrays: nothing for the constructor's prune to trim
         return _assembled(data, indices, indptr, (n_rows, n_cols))
     m = sp.csr_array((data, indices, indptr), shape=(n_rows, n_cols))
     if canonical:
@@ -98,10 +99,11 @@ def csr(indptr: np.ndarray, indices: np.ndarray, n_cols: int, canonical: bool = 
 # NOTE: [CSR tables assembled without scipy's checks]
 # scipy's constructor checks the index arrays' contents to choose their dtype (a pass over both) and the
 # format (a prune): 25-40 us a table, 16 tables a Brusselator detection, a tenth of its 4.5 ms. The index arrays
-# built here are int64 and canonical by construction (every caller promises it), so a table whose arrays are
-# int64 is assembled as scipy's constructor leaves one, attribute by attribute. Whether that is what the
-# installed scipy's constructor leaves is checked once, at import, on a small table (the same attributes, the
-# same values, and the same sums and row picks); if anything differs, every table goes through the constructor.
+# built here are canonical by construction (every caller promises it), so a table whose arrays are int64 and
+# exactly nnz long (nothing to prune) is assembled as scipy's constructor leaves one, attribute by attribute.
+# Whether that is what the installed scipy's constructor leaves is checked once, at import, on a small table (the
+# same attributes, the same values, and the same sums and row picks); if anything differs, every table goes
+# through the constructor.
 
 
 def _assembled(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int],
