@@ -82,6 +82,42 @@ def test_alternatives_are_pruned_by_passes_and_predictions():
     assert tried[:2] == ["reverse/repeat", "reverse/vmap [autograd]"]  # repeat first, then the other engine
 
 
+def test_one_vector_has_nothing_to_vectorize():
+    """A mode with one pass (a scalar loss in reverse mode): its vmap and repeat methods push that vector as the
+    loop does, so they are not tried and the plan has nothing left to explore; with the loop not allowed they
+    stay candidates."""
+    inc = BY_NAME["reverse/loop"]
+    facts = Facts(n_in=2048, n_out=1, eval_seconds=1e-4, vjp_seconds=2e-4)
+    order = {m.name: why for m, _, why in choose.exploration_order(choose.ALL, inc, 3e-4, facts)}
+    for name in ("reverse/vmap [func]", "reverse/vmap [autograd]", "reverse/repeat"):
+        assert order[name] == "one vector: reverse/loop's product", (name, order[name])
+    assert all(why for why in order.values()), order  # forward modes: 2048 passes against 1
+    vmaps = [m for m in choose.ALL if m.vectorize == "vmap"]
+    func = BY_NAME["reverse/vmap [func]"]
+    order = {m.name: why for m, _, why in choose.exploration_order(vmaps, func, 3e-4, facts)}
+    assert order["reverse/vmap [autograd]"] == ""  # no loop among the candidates: still tried
+    # Two vectors are not one: vmap may beat a loop of two.
+    two = Facts(n_in=2048, n_out=2, eval_seconds=1e-4, vjp_seconds=2e-4)
+    order = {m.name: why for m, _, why in choose.exploration_order(choose.ALL, inc, 5e-4, two)}
+    assert order["reverse/vmap [autograd]"] == ""
+
+
+def test_a_scalar_losss_plan_settles_at_once():
+    """The gradient as a Jacobian (one output): nothing to explore, so later calls are untimed from the start."""
+    import autojac
+
+    W = torch.randn(32, 64, dtype=torch.float64)
+    loss = lambda w: torch.tanh(w @ W.T).pow(2).mean()  # noqa: E731
+    w = torch.randn(16, 64, dtype=torch.float64)
+    autojac.clear_cache()
+    for _ in range(4):
+        got = autojac.jacobian(loss, w)
+    torch.testing.assert_close(got, torch.autograd.functional.jacobian(loss, w))
+    p = autojac.plan(loss, w)
+    assert p.settled and (p.mode, p.vectorize) == ("reverse", "loop"), str(p)
+    assert "one vector: reverse/loop's product" in str(p)
+
+
 def test_the_engine_probe_orders_the_engines():
     inc = BY_NAME["reverse/vmap [autograd]"]
 

@@ -258,7 +258,8 @@ def jacobian(
       values, at the share of recent calls that did, as when a closure is
       rebuilt around new tensors):
       a mode needing over 4x the passes, or a method predicted over 4x slower, is
-      not tried; a trial whose first slice projects over 1.5x the plan's time (its
+      not tried, nor vmap and repeat for a mode of one pass (a scalar loss: the
+      loop's own product); a trial whose first slice projects over 1.5x the plan's time (its
       one evaluation of `f` counted once, the slice's chunk scaled up; the plan's
       time with the checks a repeat plan pays on new captured values) stops
       there, and if that projection is under 4x, the alternative gets one whole

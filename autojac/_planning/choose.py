@@ -268,18 +268,25 @@ def exploration_order(
 ) -> list[tuple[MethodId, float | None, str]]:
     """Every candidate but the incumbent, with its prior time and, if it is not worth trying, why.
 
-    Not tried: a mode needing over PRUNE_PASSES times the incumbent's passes, and
-    any method predicted over PRUNE_PREDICTED times the incumbent's time. The rest
-    are tried fastest prediction first (ties: the order of `candidates`).
+    Not tried: a mode needing over PRUNE_PASSES times the incumbent's passes, any
+    method predicted over PRUNE_PREDICTED times the incumbent's time, and a vmap or
+    repeat method of a mode with one pass where that mode's loop is a candidate: one
+    vector is the loop's product (torch.autograd's vmap runs it as the loop does,
+    torch.func's adds its transform around the same backward, a repeat method a batch
+    of one copy): a scalar loss's plan has nothing to try and settles. The rest are
+    tried fastest prediction first (ties: the order of `candidates`).
     """
     rows = []
     passes = incumbent.passes(facts.n_in, facts.n_out)
+    looped = {c.mode for c in candidates if c.vectorize == "loop"}
     for i, m in enumerate(candidates):
         if m == incumbent:
             continue
         prior = prior_seconds(m, incumbent, incumbent_seconds, facts)
         n = m.passes(facts.n_in, facts.n_out)
-        if n > PRUNE_PASSES * max(passes, 1):
+        if n == 1 and m.vectorize != "loop" and m.mode in looped:
+            rows.append((m, prior, f"one vector: {m.mode}/loop's product", i))
+        elif n > PRUNE_PASSES * max(passes, 1):
             rows.append((m, prior, f"{n} passes against {passes}", i))
         elif prior is not None and prior > PRUNE_PREDICTED * incumbent_seconds:
             rows.append((m, prior, f"predicted {_seconds(prior)} against {_seconds(incumbent_seconds)}", i))
