@@ -91,8 +91,8 @@ class MethodId:
     vectorize: str
     engine: str = ""
 
-    @property
-    def name(self) -> str:
+    @functools.cached_property
+    def name(self) -> str:  # read some 20 times a first call (stats are keyed by it): made once
         return f"{self.mode}/{self.vectorize}" + (f" [{self.engine}]" if self.engine else "")
 
     @property
