@@ -26,12 +26,17 @@ def _dim_size(t: torch.Tensor, dim: int) -> int:
     return t.shape[dim] if t.dim() else 1  # a 0-d tensor indexes like one of size 1
 
 
+def _outside(index: torch.Tensor, low: int, high: int) -> int | None:
+    """An entry of the non-empty integer `index` outside [low, high), or None (one read-back of its extremes)."""
+    least, most = (int(v) for v in torch.aminmax(index))
+    return most if most >= high else least if least < low else None
+
+
 def _check(index: torch.Tensor | None, size: int, what: str) -> None:
     if index is None or index.numel() == 0 or index.dtype == torch.bool or index.is_floating_point():
         return
-    low, high = (int(v) for v in torch.aminmax(index))
-    if low < -size or high >= size:
-        bad = high if high >= size else low
+    bad = _outside(index, -size, size)
+    if bad is not None:
         raise IndexError(f"{what}: index {bad} is out of bounds for size {size}")
 
 
@@ -57,11 +62,9 @@ def _nll(self: torch.Tensor, target: torch.Tensor, ignore_index: int | None, wha
     classes = self.shape[-1] if self.dim() == 1 else self.shape[1]
     if target.numel() and not target.is_floating_point():
         kept = target if ignore_index is None else target[target != ignore_index]
-        if kept.numel():
-            low, high = (int(v) for v in torch.aminmax(kept))
-            if low < 0 or high >= classes:
-                raise IndexError(f"{what}: target {high if high >= classes else low} is out of bounds for "
-                                 f"{classes} classes")
+        bad = _outside(kept, 0, classes) if kept.numel() else None
+        if bad is not None:
+            raise IndexError(f"{what}: target {bad} is out of bounds for {classes} classes")
 
 
 def _rules() -> dict[object, Callable[..., None]]:
