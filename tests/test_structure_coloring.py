@@ -1,5 +1,6 @@
 """Colourings are always valid, near the lower bound on banded and stencil patterns, and fast on large ones."""
 
+import dataclasses
 import time
 
 import numpy as np
@@ -115,6 +116,24 @@ def test_periodic_stencil_and_brusselator_structure():
     # 6 nonzeros in every row and column: 6 colours would put each colour once in every row, 512 / 6 columns a
     # colour, not a whole number, so at least 7 (the packing bound); 7 exists (a tile of 8 x 16, repeated).
     assert c.is_valid(bruss) and c.lower_bound == 7 and c.n_colors <= 8
+
+
+@pytest.mark.parametrize("n", [8, 16, 20])
+def test_a_grid_hint_gives_the_searched_colour_count_and_a_wrong_one_only_costs_time(n):
+    # NOTE: [Grids the trace saw]: the chain from a (2, n, n) grid is searched first; the colouring found on it
+    # uses no more colours than the search over guessed chains, and a hint that is not the pattern's grid (or
+    # does not even multiply out to its size) still gives a valid colouring.
+    lap, eye = stencil_2d(n, periodic=True), sp.identity(n * n, dtype=bool)
+    bare = pattern(sp.bmat([[lap, eye], [eye, lap]]))
+    searched = color_columns(bare)
+    hinted = color_columns(dataclasses.replace(bare, grids=((), ((2, n, n),))))
+    assert "grid" in hinted.order and hinted.n_colors <= searched.n_colors and conflicts_free(bare, hinted)
+    assert hinted.n_colors <= hinted.lower_bound + 1
+    for wrong in ((2 * n, n), (n, 2 * n), (3, n, n), (4, n * n // 2)):
+        c = color_columns(dataclasses.replace(bare, grids=((), (wrong,))))
+        assert conflicts_free(bare, c) and c.n_colors <= max(searched.n_colors, c.lower_bound + 1)
+        r = color_rows(dataclasses.replace(bare, grids=((wrong,), ())))
+        assert conflicts_free(bare, r)
 
 
 @pytest.mark.parametrize("block", [1, 4, 7])

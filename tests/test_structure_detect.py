@@ -193,6 +193,27 @@ def test_brusselator():
     assert p.max_row_nnz == 6 and p.max_col_nnz == 6
 
 
+def test_a_detected_pattern_keeps_the_grids_its_sides_were_seen_in():
+    # The flat input is reshaped to (2, n, n) inside f, and the flat output is a view of a (2, n, n) stack: both
+    # sides' grids. A (n, n) slice of either is not its whole storage: no grid. NOTE: [Grids the trace saw]
+    n = 8
+    p = detect(brusselator(n), (rnd(2 * n * n),))
+    assert p.grids == (((2, n, n),), ((2, n, n),))
+    # A transposed view of the input is not laid out like the input: not a grid of its numbering.
+    q = detect(lambda u: (u.reshape(n, 2 * n).t() * 2).reshape(-1), (rnd(2 * n * n),))
+    assert q.grids[1] == ((n, 2 * n),)
+    # Several inputs of one shape are stacked; a 1-D input alone has no grid.
+    r = detect(lambda a, b: a * b, (rnd(3, 5), rnd(3, 5)))
+    assert r.grids == (((3, 5),), ((2, 3, 5),))
+    assert detect(lambda x: x.sin(), (rnd(7),)).grids == ((), ())
+
+
+def test_a_users_split_mask_gives_its_shapes_as_grids():
+    mask = torch.rand(6, 4, 5) < 0.3
+    assert Pattern.from_user(mask, out_shape=(2, 3), in_shape=(4, 5)).grids == (((2, 3),), ((4, 5),))
+    assert Pattern.from_user(mask.reshape(6, 20)).grids == ((), ())
+
+
 def test_brusselator_by_slicing_equals_roll():
     n = 6
     def f(u):

@@ -22,6 +22,7 @@ for that call to pay a trace) looks on a later call, from the exploration credit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -310,7 +311,16 @@ def user_pattern(mask: object, problem: Problem, who: str) -> Pattern:
     if mask.numel() != shape[0] * shape[1]:
         raise InputError(f"{who}: the `sparsity` pattern has {tuple(mask.shape)} ({mask.numel()} entries), but the Jacobian "
                          f"is {shape[0]} x {shape[1]}. Pass a mask of shape ({shape[0]}, {shape[1]}).")
-    return Pattern.from_user(mask.reshape(shape))
+    return dataclasses.replace(Pattern.from_user(mask.reshape(shape)),
+                               grids=(_grids(problem.out_shapes), _grids(problem.inputs.shapes)))
+
+
+def _grids(shapes) -> tuple[tuple[int, ...], ...]:
+    """One side's tensors' shapes as a grid of its flat numbering (a hint for colourings, as `detect` finds)."""
+    if not shapes or any(s != shapes[0] for s in shapes):
+        return ()
+    grid = tuple(shapes[0]) if len(shapes) == 1 else (len(shapes), *shapes[0])
+    return (grid,) if sum(d > 1 for d in grid) > 1 else ()
 
 
 def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -80,5 +81,24 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
     full = D.materialize(joined, n_out, engine.n_in)
     return Pattern.from_csr(full, valid_everywhere=tape.mode == "fake",
                             dense_ops=tuple(dict.fromkeys(engine.dense_ops)),
+                            grids=(grids(tape, tape.output_metas), grids(tape, tape.input_metas)),
                             seconds=time.perf_counter() - start,
                             source=f"{tape.mode} trace", notes=tuple(notes))
+
+
+def grids(tape, metas) -> tuple[tuple[int, ...], ...]:
+    """The shapes the trace saw one side's elements in, row-major (a hint for colourings: NOTE: [Grids the
+    trace saw]): for one tensor, every whole view of its storage in the tape (a flat input that `f` reshapes
+    to (2, 32, 32)); for several tensors of one shape, that shape stacked. Nothing for other sides."""
+    if not metas or not all(m.whole for m in metas):
+        return ()
+    if len(metas) > 1:
+        shape = metas[0].shape
+        return ((len(metas), *shape),) if all(m.shape == shape for m in metas[1:]) and math.prod(shape) > 1 else ()
+    side = metas[0]
+    seen = {side.shape: None}
+    for op in tape.ops:
+        for m in (*op.arg_metas.values(), *op.out_metas):
+            if m.skey == side.skey and m.shape not in seen and m.whole:
+                seen[m.shape] = None
+    return tuple(s for s in seen if sum(d > 1 for d in s) > 1)  # a grid has two axes at least

@@ -34,8 +34,14 @@ class Pattern:
     seconds: float = 0.0
     source: str = "user"  # "fake trace", "real trace" or "user"
     notes: tuple[str, ...] = ()
+    grids: tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]] = ((), ())
+    """Shapes the rows' and the columns' elements were seen in, row-major (the outputs', the inputs'): hints for
+    the colourings' lattice search (NOTE: [Grids the trace saw]), never trusted: a colouring is checked on the
+    pattern whatever its source."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "grids", tuple(tuple(tuple(int(d) for d in shape) for shape in side)
+                                                for side in self.grids))
         object.__setattr__(self, "rows", _frozen(self.rows))
         object.__setattr__(self, "cols", _frozen(self.cols))
         object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
@@ -137,4 +143,8 @@ class Pattern:
         else:
             flat = torch.nonzero(mask.reshape(-1).cpu()).reshape(-1)
         flat = np.sort(flat.numpy().astype(np.int64))
-        return cls(shape=shape, rows=flat // shape[1], cols=flat % shape[1], source="user")
+        out_grid = tuple(out_shape) if out_shape is not None else dims[:split]
+        in_grid = tuple(in_shape) if in_shape is not None else dims[split:]
+        return cls(shape=shape, rows=flat // shape[1], cols=flat % shape[1], source="user",
+                   grids=(tuple(g for g in (out_grid,) if sum(d > 1 for d in g) > 1),
+                          tuple(g for g in (in_grid,) if sum(d > 1 for d in g) > 1)))
