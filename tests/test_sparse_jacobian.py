@@ -826,24 +826,31 @@ def test_the_first_slice_hands_its_density_to_the_decision(monkeypatch):
     W = t64(400, 400) / 20  # not saturated: tanh's derivative is exactly 0 in float64 far out
     h = lambda u: torch.tanh(W @ u)  # noqa: E731
     torch.testing.assert_close(autojac.jacobian(h, x), torch.autograd.functional.jacobian(h, x))
-    # The residual: first the engine probe's 8 rows (sparse: NOTE: [Sparse probe rows decide without a slice]),
-    # then, as they did not decide to look, the slice's; the dense layer's probe rows are dense: its slice alone.
-    assert len(seen) == 3 and all(v is not None for v in seen), seen
-    assert seen[0] <= 3 / 400 and seen[1] <= 3 / 400 and seen[2] > 0.9, seen
+    # The residual: first its first row (NOTE: [A sparse first row decides before the probe]), then the engine
+    # probe's 8 rows (NOTE: [Sparse probe rows decide without a slice]), then, as neither decided to look, the
+    # slice's; the dense layer's first row and probe rows are dense (or all zeros: no evidence): its slice alone.
+    assert len(seen) == 4 and all(v is not None for v in seen), seen
+    assert all(0 < v <= 3 / 400 for v in seen[:3]) and seen[3] > 0.9, seen
 
 
 def test_sparse_probe_rows_look_for_structure_without_a_dense_slice(monkeypatch):
     """Where the engine probe's rows are sparse and their pace already says a trace pays, the pattern is looked
     for at once: no dense slice is pushed, the colours' seeds go through the first evaluation's backward."""
+    from autojac._planning import first_call
+
     shares = []
     _forced_structure(monkeypatch, look=True, shares=shares)
+    # The first row gives no evidence here (all zeros), so the probe's rows decide.
+    monkeypatch.setattr(first_call, "_first_row", lambda graph, problem: (None,))
     g = lambda u: stencil(u) * 5.0  # noqa: E731
     x = t64(400)
     torch.testing.assert_close(autojac.jacobian(g, x), torch.autograd.functional.jacobian(g, x))
     report = autojac.last_report()
-    layout = autojac.plan(g, x).problem.layout
+    plan = autojac.plan(g, x)
+    layout = plan.problem.layout
     assert layout is not None and report.verified and report.evaluations == 1, report
     assert len(shares) == 1 and shares[0] <= 3 / 400, shares  # decided on the probe's rows alone
+    assert plan.entry.facts.probe_seconds_per_vector is not None
     assert sum(report.chunk_sizes) == layout.row_passes, report  # the colours only: no dense slice
 
     # Dense probe rows: the slice decides, as before (here it says no, and the dense run goes on).
@@ -852,6 +859,22 @@ def test_sparse_probe_rows_look_for_structure_without_a_dense_slice(monkeypatch)
     h = lambda u: torch.tanh(u @ W.T)  # noqa: E731 - batches on torch.autograd's engine: no loops
     torch.testing.assert_close(autojac.jacobian(h, x), torch.autograd.functional.jacobian(h, x))
     assert len(shares) == 2 and shares[1] > 0.9 and autojac.plan(h, x).problem.layout is None, shares
+
+
+def test_a_sparse_first_row_looks_for_structure_before_the_engine_probe(monkeypatch):
+    """NOTE: [A sparse first row decides before the probe]: the first row's share decides; the engine probe
+    never runs (its dense rows would be thrown away), nor a dense slice; `f` is evaluated once."""
+    shares = []
+    _forced_structure(monkeypatch, look=True, shares=shares)
+    g = lambda u: stencil(u) * 7.0  # noqa: E731
+    x = t64(400)
+    torch.testing.assert_close(autojac.jacobian(g, x), torch.autograd.functional.jacobian(g, x))
+    report, plan = autojac.last_report(), autojac.plan(g, x)
+    layout = plan.problem.layout
+    assert layout is not None and report.verified and report.evaluations == 1, report
+    assert shares == [3 / 400], shares  # the first row of a periodic tridiagonal residual: 3 nonzeros
+    assert plan.entry.facts.probe_seconds_per_vector is None  # no probe
+    assert sum(report.chunk_sizes) == layout.row_passes, report  # the colours only
 
 
 def test_a_first_call_that_finds_structure_evaluates_f_once_beside_the_trace(monkeypatch):

@@ -229,9 +229,10 @@ def jacobian(
         first slice is timed; if a trace (about 40
         evaluations of `f`) is under 10% of the projected dense Jacobian (50%
         when at most 1/16 of the slice's entries are nonzero), the pattern is
-        detected (sparse engine-probe rows, at most 1/16 nonzero, whose pace
-        already puts the trace under half the dense run, decide at once, with
-        no slice; stopped past 3x that projection, or as soon as it is
+        detected (a sparse first row, at most 1/16 nonzero, with the dense run
+        at a fifth of a VJP a row putting the trace under half of it, decides at
+        once, before the engine probe; then sparse probe rows whose pace does
+        the same, with no slice; stopped past 3x that projection, or as soon as it is
         too full to halve the passes) and coloured, and compression is used when
         it needs at most half the dense passes. An `f` evaluated in under 2 ms is
         traced on its real values, its calls checked until the second call's
