@@ -637,6 +637,44 @@ def test_a_narrow_union_spells_the_same_sets_as_the_general_one(monkeypatch, see
     assert sets(narrow) == spelled(D.take_rows(a.table, a.rowmap) + D.take_rows(b.table, b.rowmap))
 
 
+@pytest.mark.parametrize("case", ["all inside", "none inside", "some inside", "duplicated rows"])
+def test_a_union_with_one_entry_an_element_spells_the_same_sets_as_the_general_one(monkeypatch, case):
+    """deps._join_one: a set of one entry an element joined to sets of a few (without the row-wise deduplication,
+    or returning the wide side itself); the sets must equal the sparse-matrix union's."""
+    import numpy as np
+
+    from autojac._structure import deps as D
+
+    rng = np.random.default_rng(7)
+    n, n_in, w = 200, 5000, 4
+    cols = np.sort(np.stack([rng.choice(n_in, w, replace=False) for _ in range(n)]), axis=1)
+    rowmap = rng.permutation(n) if case != "duplicated rows" else rng.integers(0, n, n)
+    wide = D.Deps(rowmap, D.csr(np.arange(0, n * w + 1, w), cols.reshape(-1), n_in))
+    spelled_wide = cols[rowmap]
+    if case == "all inside":
+        one = spelled_wide[np.arange(n), rng.integers(0, w, n)]
+    else:  # entries no set holds, or some it holds
+        spare = np.setdiff1d(np.arange(n_in), cols)
+        one = rng.choice(spare, n)
+        if case == "some inside":
+            one[::3] = spelled_wide[::3, 0]
+    single = D.Deps(np.arange(n), D.csr(np.arange(n + 1), one, n_in))
+
+    def sets(d):
+        m = D.take_rows(d.table, d.rowmap).tocsr()
+        m.sum_duplicates()
+        return m.indptr.tolist(), m.indices.tolist()
+
+    for a, b in ((wide, single), (single, wide)):
+        narrow = D._union2(a, b)
+        if case == "all inside":
+            assert narrow is wide
+        with monkeypatch.context() as m:
+            m.setattr(D, "NARROW_UNION_WIDTH", 0)
+            general = D._union2(a, b)
+        assert sets(narrow) == sets(general)
+
+
 def test_a_narrow_union_past_the_union_limit_is_capped_like_any_other(monkeypatch):
     """The narrow path spells every element's set out; past UNION_LIMIT entries the general union's conservative
     cap (one shared set, noted) applies to it as well."""

@@ -309,6 +309,10 @@ def _narrow_union(a: Deps, b: Deps) -> Deps | None:
     if not wa or not wb or wa + wb > NARROW_UNION_WIDTH or n * (wa + wb) > UNION_LIMIT:
         return None  # past UNION_LIMIT the general union caps it, as for any other union
     ia, ib = a.table.indices[:a.table.indptr[-1]], b.table.indices[:b.table.indptr[-1]]
+    if min(wa, wb) == 1:
+        joined = _join_one(*((a, ia.reshape(-1, wa), ib[b.rowmap]) if wb == 1 else (b, ib.reshape(-1, wb), ia[a.rowmap])))
+        if joined is not None:
+            return joined
     m = np.concatenate([ia.reshape(-1, wa)[a.rowmap], ib.reshape(-1, wb)[b.rowmap]], 1)
     m.sort(1)
     repeated = m[:, 1:] == m[:, :-1]
@@ -319,9 +323,32 @@ def _narrow_union(a: Deps, b: Deps) -> Deps | None:
         return Deps(np.arange(n, dtype=_I64), _with_width(table, width))
     keep = np.ones(m.shape, bool)
     keep[:, 1:] = ~repeated
+    counts = np.full(n, width, _I64)
+    for j in range(width - 1):  # column by column: count_nonzero along rows of a few entries took 30 us on 1024
+        counts -= repeated[:, j]
     indptr = np.zeros(n + 1, _I64)
-    np.cumsum(np.count_nonzero(keep, axis=1), out=indptr[1:])
+    np.cumsum(counts, out=indptr[1:])
     return Deps(np.arange(n, dtype=_I64), csr(indptr, m[keep].astype(_I64, copy=False), a.n_in))
+
+
+def _join_one(wide: Deps, rows: np.ndarray, one: np.ndarray) -> Deps | None:
+    """The union of `wide` (its table's rows as an (r, w) array, sorted) with one entry an element (`one`): `wide`
+    itself where every element's set holds its entry already (a * a * b joined with a), the entries put in by a sort
+    with nothing to deduplicate where none does (a sum of shifted copies, one more term at a time); None otherwise.
+    Of a Brusselator's 13 unions, 4 and 7: 30 against 120-140 us, and 60-75 against 75-160 us."""
+    m = rows[wide.rowmap]
+    inside = m[:, 0] == one
+    for j in range(1, m.shape[1]):  # column by column: numpy's reductions along rows of 2-15 entries are slow
+        inside |= m[:, j] == one
+    if inside.all():
+        return wide
+    if inside.any():
+        return None
+    n, w = m.shape
+    m = np.concatenate([m, one[:, None]], 1)
+    m.sort(1)
+    indptr = np.arange(0, n * (w + 1) + 1, w + 1, dtype=_I64)
+    return Deps(np.arange(n, dtype=_I64), _with_width(csr(indptr, m.reshape(-1).astype(_I64, copy=False), wide.n_in), w + 1))
 
 
 def union(ds: Sequence[Deps | None]) -> Deps | None:
