@@ -97,8 +97,8 @@ def grids(tape, metas) -> tuple[tuple[int, ...], ...]:
         return ((len(metas), *shape),) if all(m.shape == shape for m in metas[1:]) and math.prod(shape) > 1 else ()
     side = metas[0]
     seen = {side.shape: None}
-    for op in tape.ops:
-        for m in (*op.arg_metas.values(), *op.out_metas):
+    for op in tape.ops:  # a view of the storage is some op's output (the side itself is the tape's input or output)
+        for m in op.out_metas:
             if m.skey == side.skey and m.shape not in seen and m.whole:
                 seen[m.shape] = None
     return tuple(s for s in seen if sum(d > 1 for d in s) > 1)  # a grid has two axes at least
