@@ -183,7 +183,11 @@ class Settings:
     few: int = 5  # rounds for slower calls
     few_seconds: float = 0.1
     slow_seconds: float = 5.0  # one round for calls slower than this
-    first_repeats: int = 5
+    first_repeats: int = 9
+    """First calls timed per contestant (their median is reported). 9, not 5: a dense result fresh from the kernel in
+    2 MiB pages (numpy asks for them) faulted in 2 ms in most calls on the 2-core VM but 31 ms in 10-20% of them (a
+    33.5 MB Brusselator result; never in 4 KiB pages, which take a steady 6.5-7.8 ms), so two slow samples in five
+    decided a median (Brusselator first calls 10.2, 10.7, 18.8, 33.6, 52.7 ms in one run)."""
     settle_seconds: float = 120.0
     memory: str = "rss"  # "rss" (fresh subprocesses), "tracker" (in process), "cuda", "off"
     once_seconds: float = 10.0  # a peer whose first (checked) call takes longer is timed by that call alone
