@@ -861,6 +861,30 @@ def test_sparse_probe_rows_look_for_structure_without_a_dense_slice(monkeypatch)
     assert len(shares) == 2 and shares[1] > 0.9 and autojac.plan(h, x).problem.layout is None, shares
 
 
+@pytest.mark.parametrize("first_engine", ["autograd", "func"])
+def test_the_probes_pace_sends_a_dense_run_to_a_slice_only_on_the_engine_it_timed(monkeypatch, first_engine):
+    """A probe pace that puts the dense run over the bar has its first slice timed (to decide on structure), but
+    only while the autograd engine the probe timed runs first: a run the probe sent to torch.func has another pace."""
+    from autojac._planning import first_call
+
+    def probe(chain, problem, graph, entry, eval_seconds, keep=None):
+        entry.facts = dataclasses.replace(entry.facts, probe_seconds_per_vector=1.0)  # slow enough to pay a trace
+        first = dataclasses.replace(chain[0], engine=first_engine)
+        return [first, *(c for c in chain if c != first)]
+
+    monkeypatch.setattr(first_call, "_engine_by_probe", probe)
+    monkeypatch.setattr(first_call, "might_pay", lambda *a, per_pass=None, **k: per_pass is not None)  # the pace only
+    monkeypatch.setattr(first_call, "worth_detecting", lambda *a, **k: False)
+    W = t64(200, 200) / 15
+    h = lambda u: torch.tanh(W @ u)  # noqa: E731
+    x = t64(200)
+    torch.testing.assert_close(autojac.jacobian(h, x), torch.autograd.functional.jacobian(h, x))
+    report = autojac.last_report()
+    assert report.method == f"reverse/vmap [{first_engine}]", report
+    sliced = report.chunk_sizes[0] == 25  # 1/8 of the basis
+    assert sliced == (first_engine == "autograd"), report.chunk_sizes
+
+
 def test_a_sparse_first_row_looks_for_structure_before_the_engine_probe(monkeypatch):
     """NOTE: [A sparse first row decides before the probe]: the first row's share decides; the engine probe
     never runs (its dense rows would be thrown away), nor a dense slice; `f` is evaluated once."""

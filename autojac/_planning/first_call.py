@@ -220,49 +220,50 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         entry.chosen().status = "chosen"
         entry.effort = "estimate"
         return None, entry
-    if structure_pending and not options.create_graph:  # NOTE: [A sparse first row decides before the probe]
-        share = _nonzero_share(_first_row(graph, problem), 1, problem)
-        projected = problem.row_passes * LOOP_TO_VMAP * vjp_seconds
-        if (share and share <= LOOKS_SPARSE  # a row of zeros says nothing: a saturated unit, an unused input
-                and worth_detecting(projected, min(region.seconds, vjp_seconds), share)):
-            structure_pending, looked = False, True
-            layout, note = _find_layout(call, problem, DETECT_LIMIT * projected, _first_trace(problem, region.seconds))
-            entry.structure = note
-            if layout is not None:
-                problem = dataclasses.replace(problem, layout=layout)
-                entry = new_entry(problem)
-                entry.structure = note
-                chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     probed: dict = {}
+
+    def look_now(rows, k: int, projected: float) -> None:
+        """Look for the pattern at once if `rows` (k of the Jacobian's first rows) are sparse and the dense run,
+        `projected`, would pay for the trace; with a pattern, the plan starts again with one seed per colour."""
+        nonlocal structure_pending, looked, layout, note, problem, entry, chain
+        share = _nonzero_share(rows, k, problem)
+        if not (share and share <= LOOKS_SPARSE  # rows of zeros say nothing: a saturated unit, an unused input
+                and worth_detecting(projected, min(region.seconds, vjp_seconds), share)):
+            return
+        structure_pending, looked = False, True
+        layout, note = _find_layout(call, problem, DETECT_LIMIT * projected, _first_trace(problem, region.seconds))
+        entry.structure = note
+        if layout is not None:  # the probe's dense rows, if any, are not colour products
+            probed.clear()
+            facts = entry.facts
+            problem = dataclasses.replace(problem, layout=layout)
+            entry = new_entry(problem)
+            entry.facts = dataclasses.replace(entry.facts, autograd_loops=facts.autograd_loops,
+                                              probe_seconds_per_vector=facts.probe_seconds_per_vector)
+            entry.structure = note
+            chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+
+    if structure_pending and not options.create_graph:  # NOTE: [A sparse first row decides before the probe]
+        look_now(_first_row(graph, problem), 1, problem.row_passes * LOOP_TO_VMAP * vjp_seconds)
     chain = _engine_by_probe(chain, problem, graph, entry, region.seconds, keep=probed)
     if (not structure_pending and note and isinstance(options.sparsity, str) and layout_found is None
             and entry.facts.probe_seconds_per_vector is not None
+            and chain[0].engine == "autograd"  # the probe's pace is that engine's: not the run's if it went second
             and might_pay(problem, min(region.seconds, vjp_seconds), vjp_seconds,
                           per_pass=entry.facts.probe_seconds_per_vector, share=DETECT_SHARE)):
         # The probe timed batched vectors: a dense run it puts over the bar is timed on a first slice after all
         # (a per-sample MLP on 256 samples: 0.14 ms a row batched, 1.4 plain VJPs, not the 0.2 assumed). Held to
         # the strict share: a few vectors' time each carries the batch's fixed cost over a few, so it overstates a
         # long run (at SLICE_SHARE the suite's per_sample_mlp large split its 256 rows for a slice: 2.0 -> 2.9 ms).
+        # Only where the autograd engine stays first: a pace that put torch.func first is that of a run which will
+        # not happen (tanh(W x), 512 x 512: the autograd engine's batched `mv` backward is 20x slower than the
+        # torch.func run, whose slice then decided on its own timing, and in the VM's slow phases looked for
+        # structure on a dense Jacobian: first calls 29-31 ms against 22-25 ms with `sparsity=None`).
         structure_pending, note = True, ""
         entry.structure = note
     if structure_pending and "rows" in probed:  # NOTE: [Sparse probe rows decide without a slice]
         k, rows, batched = probed["rows"]
-        share = _nonzero_share(rows, k, problem)
-        projected = problem.row_passes * max(batched - vjp_seconds, 0.0) / max(k - 1, 1)
-        if (share and share <= LOOKS_SPARSE  # a row of zeros says nothing: a saturated unit, an unused input
-                and worth_detecting(projected, min(region.seconds, vjp_seconds), share)):
-            structure_pending, looked = False, True
-            layout, note = _find_layout(call, problem, DETECT_LIMIT * projected, _first_trace(problem, region.seconds))
-            entry.structure = note
-            if layout is not None:  # one seed per colour; the probe's dense rows are not colour products
-                probed.clear()
-                facts = entry.facts
-                problem = dataclasses.replace(problem, layout=layout)
-                entry = new_entry(problem)
-                entry.facts = dataclasses.replace(entry.facts, autograd_loops=facts.autograd_loops,
-                                                  probe_seconds_per_vector=facts.probe_seconds_per_vector)
-                entry.structure = note
-                chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+        look_now(rows, k, problem.row_passes * max(batched - vjp_seconds, 0.0) / max(k - 1, 1))
     failures: list[tuple[str, BaseException]] = []
     result = None
     prior = PRIOR_FACTOR * (graph_bytes + max(problem.in_bytes, problem.out_bytes))
