@@ -225,8 +225,9 @@ def jacobian(
         faster per vector than a smaller one, the run and the plan's later calls
         keep to the size that was fastest.
       - Structure (sparsity="auto"): when the dense Jacobian has at least 64
-        passes and could be long (a trace estimated under a quarter of it), its
-        first slice is timed; if a trace (about 40
+        passes and could be long (a trace estimated under a quarter of it; at
+        the engine probe's pace only where the autograd engine it timed runs
+        first), its first slice is timed; if a trace (about 40
         evaluations of `f`) is under 10% of the projected dense Jacobian (50%
         when at most 1/16 of the slice's entries are nonzero), the pattern is
         detected (a sparse first row, at most 1/16 nonzero, with the dense run
