@@ -362,8 +362,11 @@ class PlanEntry:
         best = min((s for s in self.stats.values() if s.status in ("measured", "chosen") and s.best is not None),
                    key=lambda s: s.cost, default=None)
         # Against an incumbent with no warm run yet, only by a clear margin (NOTE: [No warm wait behind a looping
-        # engine]).
-        below = choose.SWITCH_BELOW if self.warm else choose.SWITCH_BELOW_COLD
+        # engine]); so too against one measured once, a trial's run that made it the incumbent: one sample,
+        # cold for torch.func (its first calls on a function are its slowest), against the fastest of the other's
+        # several (a dense tanh(W x): forward/vmap, 7.2 ms warm, took the plan back from forward-trick/vmap [func],
+        # 5.7 ms warm, with a run of 5.84 ms, its best of three, against the other's one run of 6.31 ms).
+        below = choose.SWITCH_BELOW if self.warm and len(inc.runs) > 1 else choose.SWITCH_BELOW_COLD
         if best is not None and inc.best is not None and best is not inc and best.cost < below * inc.cost:
             checks = (f" + {seconds_text(inc.extra)} of checks a call on new captured values" if inc.extra else "")
             self.events.append(f"switched from {inc.method.name} ({seconds_text(inc.best)}{checks}) to "
