@@ -267,7 +267,8 @@ def jacobian(
       there, and if that projection is under 4x, the alternative gets one whole
       run before the plan settles. Under a budget, forward modes are not tried when a zero tangent the size
       of the largest tensor `f` holds would not fit. A measured alternative whose
-      fastest whole call beats the plan's method by over 3% replaces it; one within
+      fastest whole call beats the plan's method by over 3% replaces it (by
+      over 20% while that method has run only once, cold); one within
       2x runs two more whole calls first (a first run is a cold one, or sliced, and
       torch.func warms up over two or more calls), and more, up to 6 in all, while
       its latest run is its fastest by over 10%; each waits for credit only if it
