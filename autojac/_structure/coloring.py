@@ -676,7 +676,7 @@ def _color(pattern, side: str, seed: int) -> Coloring:
     if grid_chains:  # NOTE: [Grids the trace saw]
         lat = _lattice(g, lb, min(best_k, lb + 2), probe, work=3e6, chains=grid_chains)
         if lat is not None:
-            return done(lat[0], f"{lat[1]}, on a grid of the trace's")
+            return done(lat[0], f"{lat[1]}, on a grid of the shapes")
     lat = _lattice(g, lb, best_k, probe, work=3e6)
     if lat is not None:
         candidates.append(lat)
