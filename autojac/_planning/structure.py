@@ -35,6 +35,7 @@ from .._core.problem import Problem
 from .._execute.sparse import SparseLayout
 from .._structure import Coloring, Pattern, color_columns, color_rows, color_symmetric, detect
 from .._structure.detect import TooDense, TooLong
+from .._structure.pattern import side_grids
 
 logger = logging.getLogger("autojac")
 
@@ -312,15 +313,7 @@ def user_pattern(mask: object, problem: Problem, who: str) -> Pattern:
         raise InputError(f"{who}: the `sparsity` pattern has {tuple(mask.shape)} ({mask.numel()} entries), but the Jacobian "
                          f"is {shape[0]} x {shape[1]}. Pass a mask of shape ({shape[0]}, {shape[1]}).")
     return dataclasses.replace(Pattern.from_user(mask.reshape(shape)),
-                               grids=(_grids(problem.out_shapes), _grids(problem.inputs.shapes)))
-
-
-def _grids(shapes) -> tuple[tuple[int, ...], ...]:
-    """One side's tensors' shapes as a grid of its flat numbering (a hint for colourings, as `detect` finds)."""
-    if not shapes or any(s != shapes[0] for s in shapes):
-        return ()
-    grid = tuple(shapes[0]) if len(shapes) == 1 else (len(shapes), *shapes[0])
-    return (grid,) if sum(d > 1 for d in grid) > 1 else ()
+                               grids=(side_grids(problem.out_shapes), side_grids(problem.inputs.shapes)))
 
 
 def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,

@@ -309,11 +309,12 @@ def _narrow_union(a: Deps, b: Deps) -> Deps | None:
     if not wa or not wb or wa + wb > NARROW_UNION_WIDTH or n * (wa + wb) > UNION_LIMIT:
         return None  # past UNION_LIMIT the general union caps it, as for any other union
     ia, ib = a.table.indices[:a.table.indptr[-1]], b.table.indices[:b.table.indptr[-1]]
+    ma, mb = ia.reshape(-1, wa)[a.rowmap], ib.reshape(-1, wb)[b.rowmap]  # every element's set, (n, width)
     if min(wa, wb) == 1:
-        joined = _join_one(*((a, ia.reshape(-1, wa), ib[b.rowmap]) if wb == 1 else (b, ib.reshape(-1, wb), ia[a.rowmap])))
+        joined = _join_one(a, ma, mb[:, 0]) if wb == 1 else _join_one(b, mb, ma[:, 0])
         if joined is not None:
             return joined
-    m = np.concatenate([ia.reshape(-1, wa)[a.rowmap], ib.reshape(-1, wb)[b.rowmap]], 1)
+    m = np.concatenate([ma, mb], 1)
     m.sort(1)
     repeated = m[:, 1:] == m[:, :-1]
     width = wa + wb
@@ -331,12 +332,11 @@ def _narrow_union(a: Deps, b: Deps) -> Deps | None:
     return Deps(np.arange(n, dtype=_I64), csr(indptr, m[keep].astype(_I64, copy=False), a.n_in))
 
 
-def _join_one(wide: Deps, rows: np.ndarray, one: np.ndarray) -> Deps | None:
-    """The union of `wide` (its table's rows as an (r, w) array, sorted) with one entry an element (`one`): `wide`
-    itself where every element's set holds its entry already (a * a * b joined with a), the entries put in by a sort
-    with nothing to deduplicate where none does (a sum of shifted copies, one more term at a time); None otherwise.
-    Of a Brusselator's 13 unions, 4 and 7: 30 against 120-140 us, and 60-75 against 75-160 us."""
-    m = rows[wide.rowmap]
+def _join_one(wide: Deps, m: np.ndarray, one: np.ndarray) -> Deps | None:
+    """The union of `wide` (its elements' sets as an (n, w) array, rows sorted) with one entry an element (`one`):
+    `wide` itself where every element's set holds its entry already (a * a * b joined with a), the entries put in by
+    a sort with nothing to deduplicate where none does (a sum of shifted copies, one more term at a time); None
+    otherwise. Of a Brusselator's 13 unions, 4 and 7: 30 against 120-140 us, and 60-75 against 75-160 us."""
     inside = m[:, 0] == one
     for j in range(1, m.shape[1]):  # column by column: numpy's reductions along rows of 2-15 entries are slow
         inside |= m[:, j] == one

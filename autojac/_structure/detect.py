@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -12,7 +11,7 @@ from . import deps as D
 from . import rules  # noqa: F401 - fills the op registry now, not inside the first propagation's time limit
 from .deps import TooDense  # noqa: F401 - raised here and by the engine; callers catch it from here
 from .engine import Engine
-from .pattern import Pattern
+from .pattern import Pattern, is_grid, side_grids
 from .trace import record
 
 _MODES = ("auto", "fake", "real")
@@ -93,12 +92,11 @@ def grids(tape, metas) -> tuple[tuple[int, ...], ...]:
     if not metas or not all(m.whole for m in metas):
         return ()
     if len(metas) > 1:
-        shape = metas[0].shape
-        return ((len(metas), *shape),) if all(m.shape == shape for m in metas[1:]) and math.prod(shape) > 1 else ()
+        return side_grids([m.shape for m in metas])
     side = metas[0]
     seen = {side.shape: None}
     for op in tape.ops:  # a view of the storage is some op's output (the side itself is the tape's input or output)
         for m in op.out_metas:
             if m.skey == side.skey and m.shape not in seen and m.whole:
                 seen[m.shape] = None
-    return tuple(s for s in seen if sum(d > 1 for d in s) > 1)  # a grid has two axes at least
+    return tuple(s for s in seen if is_grid(s))

@@ -17,6 +17,22 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def is_grid(shape: Sequence[int]) -> bool:
+    """Whether `shape` lays a flat numbering out on two axes or more (axes of 1 do not count)."""
+    return sum(d > 1 for d in shape) > 1
+
+
+def side_grids(shapes: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    """The grid one side's tensors (of `shapes`, concatenated flat) lay its numbering out in: one tensor's shape,
+    several tensors of one shape stacked; none for tensors of different shapes or a shape with one long axis
+    (NOTE: [Grids the trace saw])."""
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    if not shapes or any(s != shapes[0] for s in shapes):
+        return ()
+    grid = shapes[0] if len(shapes) == 1 else (len(shapes), *shapes[0])
+    return (grid,) if is_grid(grid) else ()
+
+
 @dataclass(frozen=True, eq=False)
 class Pattern:
     """Positions (rows[k], cols[k]) that may be nonzero in the n_out x n_in Jacobian, sorted row-major.
@@ -146,5 +162,4 @@ class Pattern:
         out_grid = tuple(out_shape) if out_shape is not None else dims[:split]
         in_grid = tuple(in_shape) if in_shape is not None else dims[split:]
         return cls(shape=shape, rows=flat // shape[1], cols=flat % shape[1], source="user",
-                   grids=(tuple(g for g in (out_grid,) if sum(d > 1 for d in g) > 1),
-                          tuple(g for g in (in_grid,) if sum(d > 1 for d in g) > 1)))
+                   grids=(side_grids([out_grid]), side_grids([in_grid])))
