@@ -761,3 +761,37 @@ def test_a_saved_plan_keeps_whether_a_contender_is_still_warming_up():
     loaded = store.entry_from(data, Options())
     assert loaded.stats["reverse/vmap [func]"].warming and loaded.stats["reverse/vmap [func]"].runs == [0.0161, 0.0115]
     assert not loaded.stats["reverse/loop"].warming
+
+
+@pytest.mark.parametrize("verified_before", [True, False])
+def test_a_confirming_run_is_checked_only_as_the_plans_own_calls_are(verified_before):
+    # NOTE: [A confirming run]: a close contender's second run is not checked again once the method was verified
+    # on this function (no extra evaluation of f); a method never verified here still is.
+    W = torch.randn(12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    evaluations = []
+
+    def f(x):
+        evaluations.append(1)
+        return torch.tanh(W @ x)
+
+    x = torch.randn(6, dtype=torch.float64)
+    autojac.clear_cache()
+    autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
+    entry = autojac.plan(f, x, mode="reverse", vectorize="vmap").entry
+    other = next(name for name in entry.stats if name != entry.incumbent and name.startswith("reverse/vmap"))
+    inc = entry.chosen()
+    with entry.lock:
+        contender = entry.stats[other]
+        contender.runs, contender.status, contender.verified = [inc.best * 1.02], "measured", verified_before
+        for s in entry.stats.values():
+            if s.status == "untried":
+                s.status = "slower"
+        entry.warm, entry.credit, entry.structure_open = True, 1.0, False
+    evaluations.clear()
+    got = autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
+    report, evaluated = autojac.last_report(), len(evaluations)
+    assert report.trial is not None and report.trial.startswith(other)  # the confirming run
+    assert report.verified is not verified_before
+    assert evaluated == (1 if verified_before else 2)  # its own evaluation, and the check's if any
+    torch.testing.assert_close(got, reference(f, x))
+    assert entry.stats[other].verified
