@@ -5,7 +5,7 @@
     python benchmarks/habits.py [--device cuda] [--quick] [--only mlp,springs,rosenbrock] [--memory rss|tracker|off]
 
 Writes benchmarks/results/<machine>-habits.md, .json and .png (with --quick: <machine>-habits-quick.*).
-The full run takes about 30 minutes on 2 quiet CPU cores (most of it the fresh processes measuring memory and
+The full run takes about 10 minutes on 2 quiet CPU cores (most of it the fresh processes measuring memory and
 autojac settling on the B = 4096 batches); --quick about 2 minutes. See benchmarks/README.md ("The torch.func
 user's habits").
 """
@@ -29,7 +29,7 @@ if __package__:
 else:  # run as a script: its folder is on sys.path
     import _common as C
 
-EXPECTED = {"quick": "about 2 minutes on 2 CPU cores", "full": "about 30 minutes on 2 quiet CPU cores"}
+EXPECTED = {"quick": "about 2 minutes on 2 CPU cores", "full": "about 10 minutes on 2 quiet CPU cores"}
 WARM_RATIO = 1.10
 BATCHES = {"full": [64, 512, 4096], "quick": [8, 32]}
 BUDGET_SHARE = 0.25  # the budget: a quarter of vmap(jacrev)'s (or torch.func.hessian's) peak, above autojac's floor
