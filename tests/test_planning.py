@@ -795,3 +795,35 @@ def test_a_confirming_run_is_checked_only_as_the_plans_own_calls_are(verified_be
     assert evaluated == (1 if verified_before else 2)  # its own evaluation, and the check's if any
     torch.testing.assert_close(got, reference(f, x))
     assert entry.stats[other].verified
+
+
+def test_a_repeat_contenders_confirming_run_on_new_captured_values_is_checked():
+    # NOTE: [A confirming run]: whether `f` is batch-aware can depend on the values it holds (m * x.roll(1, 0) is
+    # at m = 0, and mixes a batch's rows at m = 1), so a repeat method's run on tensors other than those it was
+    # checked with is checked, confirming run or not: here the check catches it and the plan's method answers.
+    def make(m):
+        return lambda x: torch.tanh(x) + m * x.roll(1, 0)
+
+    x = torch.randn(8, dtype=torch.float64)
+    autojac.clear_cache()
+    autojac.jacobian(make(torch.tensor(0.0, dtype=torch.float64)), x, mode="reverse")
+    entry = autojac.plan(make(torch.tensor(0.0, dtype=torch.float64)), x, mode="reverse").entry
+    if entry.chosen().method.vectorize == "repeat":
+        pytest.skip("the first call chose the repeat trick itself")
+    repeat = "reverse/repeat"
+    inc = entry.chosen()
+    with entry.lock:  # as if the repeat trick had run once, checked, on m = 0 (where it is right)
+        s = entry.stats[repeat]
+        s.runs, s.status, s.verified = [inc.best * 1.02], "measured", True
+        s.checked_sizes.update(range(1, 9))
+        entry.batch_aware_checked = True
+        for other in entry.stats.values():
+            if other.status == "untried":
+                other.status = "slower"
+        entry.warm, entry.credit, entry.structure_open = True, 1.0, False
+    f1 = make(torch.tensor(1.0, dtype=torch.float64))  # new captured values: the repeat trick is wrong here
+    got = autojac.jacobian(f1, x, mode="reverse")
+    report = autojac.last_report()
+    assert report.trial is not None and report.trial.startswith(repeat)
+    torch.testing.assert_close(got, reference(f1, x))
+    assert entry.stats[repeat].status == "failed"
