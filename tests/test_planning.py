@@ -763,6 +763,19 @@ def test_a_saved_plan_keeps_whether_a_contender_is_still_warming_up():
     assert not loaded.stats["reverse/loop"].warming
 
 
+def _confirming_run_next(entry, name: str, verified: bool = True):
+    """Set a real plan up so that its next call's trial is a confirming run of `name`: measured once, 2% slower
+    than the incumbent, every untried method out of the way, credit to spare."""
+    with entry.lock:
+        s = entry.stats[name]
+        s.runs, s.status, s.verified = [entry.chosen().best * 1.02], "measured", verified
+        for other in entry.stats.values():
+            if other.status == "untried":
+                other.status = "slower"
+        entry.warm, entry.credit, entry.structure_open = True, 1.0, False
+    return s
+
+
 @pytest.mark.parametrize("verified_before", [True, False])
 def test_a_confirming_run_is_checked_only_as_the_plans_own_calls_are(verified_before):
     # NOTE: [A confirming run]: a close contender's second run is not checked again once the method was verified
@@ -779,14 +792,7 @@ def test_a_confirming_run_is_checked_only_as_the_plans_own_calls_are(verified_be
     autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
     entry = autojac.plan(f, x, mode="reverse", vectorize="vmap").entry
     other = next(name for name in entry.stats if name != entry.incumbent and name.startswith("reverse/vmap"))
-    inc = entry.chosen()
-    with entry.lock:
-        contender = entry.stats[other]
-        contender.runs, contender.status, contender.verified = [inc.best * 1.02], "measured", verified_before
-        for s in entry.stats.values():
-            if s.status == "untried":
-                s.status = "slower"
-        entry.warm, entry.credit, entry.structure_open = True, 1.0, False
+    _confirming_run_next(entry, other, verified=verified_before)
     evaluations.clear()
     got = autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
     report, evaluated = autojac.last_report(), len(evaluations)
@@ -811,16 +817,10 @@ def test_a_repeat_contenders_confirming_run_on_new_captured_values_is_checked():
     if entry.chosen().method.vectorize == "repeat":
         pytest.skip("the first call chose the repeat trick itself")
     repeat = "reverse/repeat"
-    inc = entry.chosen()
-    with entry.lock:  # as if the repeat trick had run once, checked, on m = 0 (where it is right)
-        s = entry.stats[repeat]
-        s.runs, s.status, s.verified = [inc.best * 1.02], "measured", True
+    s = _confirming_run_next(entry, repeat)  # as if the repeat trick had run once, checked, on m = 0 (right there)
+    with entry.lock:
         s.checked_sizes.update(range(1, 9))
         entry.batch_aware_checked = True
-        for other in entry.stats.values():
-            if other.status == "untried":
-                other.status = "slower"
-        entry.warm, entry.credit, entry.structure_open = True, 1.0, False
     f1 = make(torch.tensor(1.0, dtype=torch.float64))  # new captured values: the repeat trick is wrong here
     got = autojac.jacobian(f1, x, mode="reverse")
     report = autojac.last_report()
