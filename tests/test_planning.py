@@ -583,6 +583,7 @@ def test_a_slice_is_timed_when_the_trace_is_under_a_quarter_of_the_dense_estimat
 def test_a_repeat_plan_checked_on_every_call_counts_its_checks():
     # a closure rebuilt every step: the repeat trick (5 ms) is checked on each call's new captured values (4 ms)
     e = entry_with({"reverse/repeat": [0.005, 0.005], "reverse/vmap [autograd]": [0.007, 0.007]}, "reverse/repeat")
+    e.stats["reverse/repeat"].checks.confirmed = True  # shown batch-aware everywhere: NOTE: [Batch-aware at every point]
     e.stats["reverse/repeat"].note_values(True, 0.001)
     e.consider_switch()
     assert e.incumbent == "reverse/repeat"  # 6 ms against 7: the repeat trick is still the faster
@@ -596,6 +597,8 @@ def test_a_repeat_plan_checked_on_every_call_counts_its_checks():
     for _ in range(8):  # the same closure again and again: no checks, the extra cost fades
         repeat.note_values(False, None)
     assert repeat.extra == 0.0 and repeat.cost == 0.005
+    repeat.checks.confirmed = False  # not shown batch-aware everywhere: every call pays a whole check
+    assert repeat.extra == 0.004 and repeat.cost == pytest.approx(0.009)
 
 
 def test_a_plan_counts_each_call_once():
@@ -651,6 +654,11 @@ def test_a_repeat_method_waiting_behind_a_vmap_incumbent_is_priced_with_the_chec
     repeat.prior, func.prior = 0.008, 0.009
     assert e.repeat_waiting() is not None
     repeat.checks.estimate = 0.003  # the first call's evaluation and VJP: no check has run yet
+    # Not shown batch-aware for every input yet, each call would pay a check (NOTE: [Batch-aware at every point]).
+    assert repeat.extra == pytest.approx(0.003)
+    assert e.next_trial().method.name == "reverse/vmap [func]"
+    e.stats["reverse/vmap [func]"].status = "untried"
+    repeat.checks.confirmed = True  # shown: only calls on new values pay one
     assert repeat.extra == 0.0  # nothing noted: no calls on new values known
     assert e.next_trial().method.name == "reverse/repeat"
     repeat.note_values(True, None)  # the second call brought new values (a closure rebuilt around new tensors)

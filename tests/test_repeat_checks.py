@@ -224,3 +224,111 @@ def test_a_function_that_is_not_batch_aware_is_found_on_fake_rows_before_any_rea
             autojac.jacobian(f, x, vectorize="repeat")
         assert (2, 300) not in real_shapes, real_shapes
     torch.testing.assert_close(autojac.jacobian(f, x), torch.func.jacfwd(f)(x))  # the planner's own choice
+
+
+# --- NOTE: [Batch-aware at every point] --------------------------------------------------------------------
+
+_A = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+def _ball(x: torch.Tensor) -> torch.Tensor:
+    """Reduces over every copy (x.norm()), but the coupling term is zero while the joint norm is under 2."""
+    return torch.sin(x @ _A.T) + torch.relu(x.norm() - 2.0) * x
+
+
+def _on_sphere(radius: float, seed: int) -> torch.Tensor:
+    x = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return x / x.norm() * radius
+
+
+def test_a_repeat_method_batch_aware_only_near_where_it_was_checked_is_still_checked_elsewhere():
+    """Inside the ball the repeat trick is right and passes every check; a plan held to it (vectorize='repeat')
+    must still check its calls, so that outside the ball the wrong Jacobian is caught, not returned."""
+    f = lambda x: _ball(x)  # noqa: E731
+    autojac.clear_cache()
+    entry = None
+    for i in range(60):  # inside: the repeat trick is right here, until the plan has traced `f` on two copies
+        x = _on_sphere(1.0, i)
+        torch.testing.assert_close(autojac.jacobian(f, x, vectorize="repeat"), reference(f, x))
+        entry = entry or autojac.plan(f, x, vectorize="repeat").entry
+        if any("not shown batch-aware" in e for e in entry.events):
+            break
+    assert any("not shown batch-aware" in e for e in entry.events), list(entry.events)
+    assert entry.copies_values is None  # the trace on two copies saw the norm over both
+    for i in range(4):  # outside: the copies' norm couples them
+        x = _on_sphere(3.0, 10 + i)
+        with pytest.raises(autojac.UnsupportedFunctionError):  # only repeat methods were allowed
+            autojac.jacobian(f, x, vectorize="repeat")
+
+
+def test_a_plan_that_settles_inside_the_ball_stays_right_outside_it():
+    f = lambda x: _ball(x)  # noqa: E731
+    for i in range(60):
+        x = _on_sphere(1.0 if i < 40 else 3.0, i)
+        torch.testing.assert_close(autojac.jacobian(f, x), reference(f, x))
+
+
+def test_a_function_shown_batch_aware_everywhere_runs_the_repeat_trick_unchecked():
+    """A trace on two copies ties each copy's outputs to its own inputs: from then on a repeat call on the
+    same captured values evaluates `f` once and is not checked; before, each call was checked."""
+    W = torch.randn(4, 4, dtype=torch.float64)
+    f = lambda x: torch.tanh(x @ W).cumsum(-1)  # noqa: E731
+    x = torch.randn(5, 4, dtype=torch.float64)
+    want = reference(f, x)
+    autojac.clear_cache()
+    torch.testing.assert_close(autojac.jacobian(f, x, vectorize="repeat"), want)
+    torch.testing.assert_close(autojac.jacobian(f, x, vectorize="repeat"), want)
+    report = autojac.last_report()
+    assert report.verified and report.evaluations == 2  # not shown yet: checked
+    entry = autojac.plan(f, x, vectorize="repeat").entry
+    for _ in range(40):
+        torch.testing.assert_close(autojac.jacobian(f, x, vectorize="repeat"), want)
+        if entry.copies_values is not None:
+            break
+    assert entry.copies_values is not None, list(entry.events)
+    torch.testing.assert_close(autojac.jacobian(f, x, vectorize="repeat"), want)
+    report = autojac.last_report()
+    assert not report.verified and report.evaluations == 1
+    W.add_(0.5)  # another weight: the trace held for the old one, the call is checked again
+    torch.testing.assert_close(autojac.jacobian(f, x, vectorize="repeat"), reference(f, x))
+    assert autojac.last_report().verified
+
+
+@pytest.mark.parametrize("f, confirmed", [
+    (lambda x: torch.tanh(x).cumsum(-1), True),
+    (lambda x: (x * x.sum(-1, keepdim=True), x.pow(2).sum(-1)), True),
+    (lambda x: x - x.mean(), False),
+    (lambda x: x + 0.0 * x.roll(1, 0), False),
+    (_ball, False),
+    (lambda x: torch.sin(x) + x * torch.relu(x.detach().norm() - 2.0), False),  # coupled through a detached value
+    (lambda x: x * torch.sign(x.sum()), False),  # through a piecewise-constant op
+    (lambda x: torch.where(x > 0, x, 0.1 * x).cumsum(-1), True),  # a mask within each copy
+    (lambda x: torch.nn.functional.dropout(x, 0.5, True), False),  # each copy would draw its own mask
+], ids=["cumsum", "tuple-out", "mean", "roll0", "ball", "detached-norm", "sign-of-sum", "row-mask", "dropout"])
+def test_the_trace_on_two_copies_tells_batch_aware_functions_from_the_others(f, confirmed):
+    from autojac._core.problem import check_inputs, describe
+    from autojac._planning.structure import copies_independent
+
+    x = torch.randn(4, 3, dtype=torch.float64) if f is not _ball else _on_sphere(1.0, 0)
+    x = x / x.norm() if f is not _ball else x  # inside the ball for the detached norm too
+    xs, signature, _ = check_inputs(x)
+    why = copies_independent(f, xs, describe(f, xs, signature), None)
+    assert (why == "") == confirmed, why
+
+
+def test_a_coupling_through_a_detached_value_is_not_taken_for_batch_awareness():
+    """`x * relu(x.detach().norm() - 2)` has no derivative through the norm, but under the repeat trick the norm
+    runs over every copy: a trace of derivatives alone showed the copies independent, and the repeat trick then
+    ran unchecked and was wrong outside the ball."""
+    f = lambda x: torch.sin(x @ _A.T) + x * torch.relu(x.detach().norm() - 2.0)  # noqa: E731
+    autojac.clear_cache()
+    entry = None
+    for i in range(60):
+        x = _on_sphere(1.0, i)
+        torch.testing.assert_close(autojac.jacobian(f, x, vectorize="repeat"), reference(f, x))
+        entry = entry or autojac.plan(f, x, vectorize="repeat").entry
+        if any("batch-aware" in e for e in entry.events):
+            break
+    assert entry.copies_values is None, list(entry.events)
+    with pytest.raises(autojac.UnsupportedFunctionError):
+        autojac.jacobian(f, _on_sphere(3.0, 99), vectorize="repeat")

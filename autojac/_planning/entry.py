@@ -38,6 +38,9 @@ class ValueChecks:
     estimate: float | None = None
     """A check's time before any ran: the first call's plain evaluation and VJP (NOTE: [New values before a repeat
     method runs])."""
+    confirmed: bool = False
+    """Whether `f` was shown batch-aware for every input at the values the latest call saw: until then every call
+    of a repeat method is checked (NOTE: [Batch-aware at every point])."""
 
 
 @dataclass
@@ -102,7 +105,11 @@ class MethodStats:
         was timed, at its estimate (NOTE: [New values before a repeat method runs])."""
         checks = self.checks
         seconds = None if checks is None else (checks.seconds if checks.seconds is not None else checks.estimate)
-        if seconds is None or not checks.recent:
+        if seconds is None:
+            return 0.0
+        if not checks.confirmed:  # every call is checked (NOTE: [Batch-aware at every point])
+            return seconds
+        if not checks.recent:
             return 0.0
         return seconds * sum(checks.recent) / len(checks.recent)
 
@@ -178,6 +185,13 @@ class PlanEntry:
         self.credit = 0.0
         self.batch_aware_checked = False
         """Whether `f` passed `check_batch_aware` (before a repeat method's first check in this plan)."""
+        self.copies_values = None
+        """The tensors `f` held when a trace on two copies showed it batch-aware for every input (NOTE: [Batch-aware
+        at every point]); None: not shown."""
+        self.copies_next = 0.0
+        """The exploration credit the next such trace waits for beyond its estimate (math.inf: not again)."""
+        self.checks_paid = 0.0
+        """Seconds a repeat incumbent's calls spent on checks while it was not shown batch-aware everywhere."""
         self.calls = 0
         self.settled = False
         self.effort = "measure"
@@ -313,8 +327,9 @@ class PlanEntry:
                     s.retried = True
                     return choose.Trial(s.method, s.method.passes(self.problem.col_passes, self.problem.row_passes))
                 return None
-            if self.structure_open or self.confirm_trace or not self.warm:  # not settled before structure is
-                # looked for, a pattern confirmed, or the incumbent timed warm
+            if self.structure_open or self.confirm_trace or not self.warm or self.copies_pending():
+                # not settled before structure is looked for, a pattern confirmed, the incumbent timed warm, or a
+                # repeat method that would win shown batch-aware everywhere (NOTE: [Batch-aware at every point])
                 return None
             self.settled = True
             self.events.append(f"settled after {self.calls} calls")
@@ -341,6 +356,36 @@ class PlanEntry:
             return None
         return next((s for s in self.stats.values()
                      if s.checks is not None and not s.excluded and s.status != "failed"), None)
+
+    def value_checks(self) -> ValueChecks | None:
+        """The record of checks shared by the plan's repeat methods, if it has any."""
+        return next((s.checks for s in self.stats.values() if s.checks is not None), None)
+
+    def batch_aware_at(self, values) -> bool:
+        """Whether `f` was shown batch-aware for every input at these values (NOTE: [Batch-aware at every point]);
+        the repeat methods' price follows."""
+        confirmed = self.copies_values is not None and values == self.copies_values
+        checks = self.value_checks()
+        if checks is not None:
+            checks.confirmed = confirmed
+        return confirmed
+
+    def repeat_contender(self) -> MethodStats | None:
+        """A repeat method worth showing batch-aware everywhere: the incumbent, or a measured one whose runs,
+        without the checks it pays until then, beat the incumbent by a switch's margin."""
+        if self.incumbent is None:
+            return None
+        inc = self.chosen()
+        if inc.method.vectorize == "repeat":
+            return inc if inc.status != "failed" else None
+        return next((s for s in self.stats.values()
+                     if s.checks is not None and not s.excluded and s.status == "measured" and s.best is not None
+                     and inc.cost is not None and s.best < choose.SWITCH_BELOW * inc.cost), None)
+
+    def copies_pending(self) -> bool:
+        """Whether a trace on two copies is still to come (NOTE: [Batch-aware at every point])."""
+        return (self.copies_values is None and self.copies_next != math.inf and self.batch_aware_checked
+                and self.repeat_contender() is not None)
 
     def record_call(self, seconds: float) -> None:
         """Count a call; while exploring, earn EXPLORE_SHARE of a call's worth of credit.

@@ -24,7 +24,8 @@ from .session import (MEASURE_WHEN_PRIOR_ABOVE, PRIOR_FACTOR, PROGRESS_AFTER_SEC
                       PatternFailed, Progress, _batch_aware_once, _check_outputs_unchanged, _learn, logger, _no_method,
                       _planned_chunk, _record_failure, _sync, _trimming)
 from .sizing import Sizer
-from .structure import DETECT_LIMIT, LOOK_PAYBACK_CALLS, LOOK_WAIT_CALLS, confirm_real_trace, trace_estimate
+from .structure import (DETECT_LIMIT, LOOK_PAYBACK_CALLS, LOOK_WAIT_CALLS, confirm_real_trace, copies_independent,
+                        trace_estimate)
 
 
 def _confirm_pattern(call: Call, entry: PlanEntry) -> None:
@@ -84,6 +85,10 @@ def _values_changed(call: Call, entry: PlanEntry, name: str | None = None) -> No
         # it guards against a point where the Jacobian vanishes, and a closure rebuilt every step with a new
         # target would pay its three evaluations every step.
         call.must_verify, call.values_now = True, now
+    with entry.lock:
+        everywhere = entry.batch_aware_at(now)
+    if repeat and not everywhere:  # NOTE: [Batch-aware at every point]
+        call.must_verify, call.values_now = True, now
 
 
 # NOTE: [A repeat plan on changing values]
@@ -136,6 +141,34 @@ def _values_checked(call: Call, entry: PlanEntry) -> None:
             entry.values_seen = call.values_now
 
 
+def _confirm_copies(call: Call, entry: PlanEntry, allowed: float) -> None:
+    """Trace `f` on fake tensors holding two copies of its inputs (NOTE: [Batch-aware at every point]): if each
+    copy's outputs depend on that copy's inputs only, repeat calls on these values are no longer checked."""
+    began = time.perf_counter()
+    now = call.f.value_sources()
+    xs = tuple(x.detach() for x in call.xs)
+    why = call.f.isolated(lambda raw: copies_independent(raw, xs, entry.problem, allowed))
+    with entry.lock:
+        spent = time.perf_counter() - began
+        entry.credit -= spent
+        if not why:
+            entry.copies_values, entry.copies_next = now, math.inf
+            checks = entry.value_checks()
+            if checks is not None:
+                checks.recent.clear()  # those calls were checked for want of this trace, not for new values
+            entry.batch_aware_at(now)
+            entry.events.append(f"call {entry.calls + 1}: a trace on two copies showed `f` batch-aware for every "
+                                f"input of these shapes ({seconds_text(spent)}); repeat calls on these values are "
+                                "no longer checked")
+            entry.consider_switch()
+        else:
+            # Out of time: again once the credit holds twice as much; otherwise not again (the checks stay).
+            entry.copies_next = 2.0 * allowed if why.startswith("the trace ran past") else math.inf
+            entry.events.append(f"call {entry.calls + 1}: not shown batch-aware for every input ({why}); each "
+                                "call of a repeat method is checked")
+    logger.debug(entry.events[-1])
+
+
 def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float | None = None) -> object:
     """Run a plan: its incumbent, or (while exploring, credit permitting) a trial of the next alternative."""
     began = time.perf_counter()
@@ -161,14 +194,22 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
         confirm = explore and not look and entry.confirm_trace
         if confirm:
             entry.confirm_trace = False  # one confirmation per plan
+        # NOTE: [Batch-aware at every point]: from the credit, or once a repeat incumbent's checks cost as much.
+        copies = (explore and not look and not confirm and entry.copies_pending()
+                  and max(entry.credit, entry.checks_paid) >= max(estimate, entry.copies_next))
+        if copies:
+            allowed = max(entry.credit, entry.checks_paid, DETECT_LIMIT * (entry.chosen().best or 0.0))
+            entry.checks_paid = 0.0
         # NOTE: [Structure before trials]: a promising look within reach waits for the credit before any trial
         # spends it.
         wait = entry.structure_open and entry.structure_share is not None and _look_within_reach(entry, estimate)
-        trial = entry.next_trial() if explore and not look and not confirm and not wait else None
+        trial = entry.next_trial() if explore and not look and not confirm and not copies and not wait else None
     if look:
         _look_for_structure(call, entry)
     if confirm:
         _confirm_pattern(call, entry)
+    if copies:
+        _confirm_copies(call, entry, allowed)
     if trial is not None:
         result = _trial(call, entry, trial)
     else:
@@ -189,6 +230,8 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
     if trial is None and call.method_name == entry.incumbent and entry.chosen().method.vectorize == "repeat":
         with entry.lock:
             entry.chosen().note_values(call.must_verify, call.recheck_seconds)
+            if call.must_verify and call.recheck_seconds is not None and entry.copies_values is None:
+                entry.checks_paid += call.recheck_seconds  # NOTE: [Batch-aware at every point]
             if call.must_verify:  # only a check raises the incumbent's cost: NOTE: [A repeat plan on changing values]
                 entry.consider_switch()
     return result

@@ -151,6 +151,59 @@ def confirm_real_trace(f, xs, pattern: Pattern, max_seconds: float | None) -> st
     return ""
 
 
+# NOTE: [Batch-aware at every point]
+# The repeat trick is right only where `f` treats its copies as independent rows, and that can hold at one
+# point and not at another: `sin(x @ A.T) + relu(x.norm() - 2) * x` reduces over every copy, but its coupling
+# term is zero while the copies' joint norm stays under 2. The rows check (NOTE: [Batch-aware, checked on
+# different rows]) and the first check at each chunk size passed there; a plan settled on the repeat trick
+# then returned a wrong Jacobian, unchecked, as soon as x left the ball. So a repeat method's Jacobian is
+# checked on every call (an evaluation of `f` and a VJP) until `f` is shown batch-aware for every input of
+# these shapes: a trace of `f` on fake tensors holding two stacked copies of its inputs, whose dependency
+# sets (the sparsity detector's, which never miss a nonzero and are dense across an op without an exact rule),
+# followed for values rather than derivatives, must tie every output of each copy to inputs of that copy only:
+# `x * relu(x.detach().norm() - 2)` couples the copies through a detached value, a mask or an index can too,
+# so detached tensors, piecewise-constant ops and integer and boolean results carry their operands' sets there,
+# and a random op refuses (each copy would draw its own numbers). The trace holds for the values `f`
+# captures when it ran (an index or a weight's zeros enter its rules), so a call on other values is checked
+# again. A trace that fails (data-dependent control flow, an op without a fake kernel) or runs out of time
+# leaves the checks in place, priced into the method's cost. Not covered: an `f` that reads its batch size
+# as data (`x * x.shape[0]`), which the rows check and the check at each chunk size catch at the point they
+# ran, unless the term vanishes there.
+
+
+def copies_independent(f, xs, problem: Problem, max_seconds: float | None) -> str:
+    """"" when a fake-tensor trace of `f` on two stacked copies of `xs` ties each copy's outputs to that
+    copy's inputs only (for every input of these shapes), else why not (NOTE: [Batch-aware at every point])."""
+    stacked = tuple(torch.stack([x, x]) for x in xs)
+    try:
+        pattern = detect(f, stacked, trace="fake", max_seconds=max_seconds, values=True)
+    except TooLong as late:
+        return f"the trace ran past its allowance ({late})"
+    except Exception as exc:  # noqa: BLE001 - unconfirmed: every repeat call stays checked
+        return f"the fake trace failed ({type(exc).__name__})"
+    if pattern.shape != (2 * problem.n_out, 2 * problem.n_in):
+        return "its outputs on two copies are not two copies of its outputs"
+    random = [note[len("random op: "):] for note in pattern.notes if note.startswith("random op: ")]
+    if random:  # each copy would draw its own numbers
+        return f"it draws random numbers ({random[0]})"
+    rows = _copy_of(pattern.rows, problem.out_sizes)
+    cols = _copy_of(pattern.cols, problem.in_sizes)
+    mixed = int(np.count_nonzero(rows != cols))
+    if mixed:
+        dense = f"; no exact rule for {', '.join(pattern.dense_ops[:3])}" if pattern.dense_ops else ""
+        return f"{mixed} dependencies of one copy's outputs on the other copy's inputs{dense}"
+    return ""
+
+
+def _copy_of(positions: np.ndarray, sizes) -> np.ndarray:
+    """Which of two stacked copies each flat position belongs to, for tensors of `sizes` elements per copy
+    concatenated (each stacked along a new leading dimension)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(2 * sizes)[:-1]])
+    which = np.searchsorted(starts, positions, side="right") - 1
+    return (positions - starts[which]) // np.maximum(sizes[which], 1)
+
+
 DENSE_SAMPLES = 16
 """Rows and columns of a first call's dense Jacobian read to tell whether any pattern could pay."""
 COUNT_ALL_UP_TO = 1 << 14

@@ -26,7 +26,7 @@ class TooLong(Exception):
 
 
 def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_nnz: int | None = None,
-           max_seconds: float | None = None, max_stored: int | None = None) -> Pattern:
+           max_seconds: float | None = None, max_stored: int | None = None, values: bool = False) -> Pattern:
     """Sparsity pattern of the Jacobian of `f(*xs)` (inputs and outputs flattened and concatenated).
 
     trace="auto" traces f on fake tensors (the pattern then holds for every input of these shapes)
@@ -39,6 +39,9 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
     rollout, can make propagation cost far more than the trace; the trace itself costs about one
     evaluation of `f`, plus fake-tensor set-up the first time in a process). With `max_stored`, an op
     whose dependency sets store more entries raises TooDense as soon as it is propagated (a memory bound).
+    With `values=True` the pattern says which inputs each output's *value* depends on (through detached tensors,
+    masks and indices too: `Engine.values`), and the random ops the trace met are listed in its notes
+    ("random op: ..."): what the repeat trick's copies must not share (NOTE: [Batch-aware at every point]).
     """
     if trace not in _MODES:
         raise ValueError(f"trace must be one of {_MODES}, got {trace!r}")
@@ -66,7 +69,11 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
     for k, m in enumerate(tape.output_metas):
         if not m.floating:
             raise TypeError(f"output {k} has dtype {m.dtype}; Jacobians need floating-point outputs")
-    engine = Engine(tape)
+    engine = Engine(tape, values=values)
+    if values:
+        from .registry import op_info
+
+        notes += [f"random op: {op.func}" for op in tape.ops if op_info(op.func).random]
     propagating = time.perf_counter()  # the limit is on propagation: the trace costs about an evaluation
     try:
         out_deps = engine.run(None if max_seconds is None else propagating + max_seconds, max_stored)

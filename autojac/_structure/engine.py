@@ -100,8 +100,12 @@ _UNKNOWN_VALUE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empt
 class Engine:
     """Holds the replay state; rules call back into it through `Call`."""
 
-    def __init__(self, tape: Tape) -> None:
+    def __init__(self, tape: Tape, values: bool = False) -> None:
         self.tape = tape
+        self.values = values
+        """Track what each value depends on, not only its derivative: detached tensors, piecewise-constant ops and
+        integer and boolean results (masks, indices) carry their operands' sets (NOTE: [Batch-aware at every
+        point])."""
         self.n_in = sum(m.numel for m in tape.input_metas)
         self.stores: dict[tuple[int, int], Store] = {}  # by Meta.skey
         self.detached: dict[int, int] = {}  # tensor id -> index of the op that detached it
@@ -149,7 +153,7 @@ class Engine:
         store = self.store(meta)
         if store.deps is None:
             return None
-        since = self.detached.get(id(t))
+        since = None if self.values else self.detached.get(id(t))
         if meta.whole:
             pos, d = None, store.deps
         else:
@@ -278,11 +282,12 @@ class Engine:
             call = Call(self, op, info)
             values = self._fold(call)
             results = call.results
-            if all(not m.floating for _, m in results) or all(call.deps(t) is None for t in call.tensor_args()):
+            if ((not self.values and all(not m.floating for _, m in results))
+                    or all(call.deps(t) is None for t in call.tensor_args())):
                 out_deps: list[Deps | None] = [None] * len(results)
             else:
                 try:
-                    out_deps = info.rule(call)
+                    out_deps = self._value_rule(call, info) if self.values else info.rule(call)
                 except D.TooDense:  # a rule that foresaw it would hold more than the bound (`deps.check_stored`)
                     raise
                 except Exception as e:  # a rule that cannot handle these arguments: stay conservative
@@ -294,7 +299,7 @@ class Engine:
                 if D.stored_limit() is not None:
                     D.check_stored(sum(d.numel + d.table.nnz for d in out_deps if d is not None))
             for k, (t, m) in enumerate(results):
-                d = out_deps[k] if m.floating else None
+                d = out_deps[k] if m.floating or self.values else None
                 v = values[k] if values is not None else None
                 if id(t) in call.mutated_ids:
                     self.write(m, d, v)
@@ -304,6 +309,24 @@ class Engine:
                     self.set_fresh(t, m, d, v)
             self._unreturned_writes(call)
         return [self.deps_of(t, m) for t, m in zip(self.tape.outputs, self.tape.output_metas)]
+
+    def _value_rule(self, call, info) -> list[Deps | None]:
+        """An op's sets in `values` mode: a piecewise-constant op (sign, floor, a detach, a logical op) as an
+        element-wise one; and where an op that is not element-wise takes an integer or boolean tensor that depends
+        on the inputs (an index, a mask), every result element also depends on all of that tensor's sets (where it
+        reads is decided by them: conservative, never missing a dependency)."""
+        from .pointwise import PIECEWISE, pointwise_rule, zero_rule  # the rules import this module
+
+        if info.rule is zero_rule and info.name in PIECEWISE:
+            return pointwise_rule(call)
+        out = info.rule(call)
+        if info.pointwise:
+            return out
+        steering = [call.deps(t) for t in call.tensor_args() if not t.is_floating_point()]
+        steering = [d for d in steering if d is not None]
+        if not steering:
+            return out
+        return [D.union([d, D.dense(steering, m.numel)]) for d, (_, m) in zip(out, call.results)]
 
     def _unreturned_writes(self, call) -> None:
         """Arguments an op mutates without returning them get every argument's dependencies."""

@@ -20,6 +20,13 @@ def zero_rule(call: Call) -> list:
     return [None] * len(call.results)
 
 
+PIECEWISE = frozenset({"sign", "sgn", "floor", "ceil", "round", "trunc", "fix", "heaviside", "floor_divide", "signbit",
+                       "bernoulli", "poisson", "detach", "detach_copy", "isnan", "isinf", "isfinite", "isposinf",
+                       "isneginf", "logical_not", "logical_and", "logical_or", "logical_xor"})
+"""The ops of `zero_rule` whose values still depend on their operands' (the rest create values from shapes alone):
+element-wise when an engine tracks values (`Engine.values`)."""
+
+
 def _operand(call: Call, t, out_shape, drop: np.ndarray | None = None):
     d = call.deps(t)
     if d is None:
