@@ -16,6 +16,7 @@ import types
 import weakref
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +49,17 @@ _CAPTURE_DEPTH = 4
 _CAPTURE_WIDTH = 64
 
 
+_PLAIN_WIDTH = 4096
+"""A container wider than _CAPTURE_WIDTH but no wider than this is watched through the numbers and strings it
+holds, as one fingerprint (a permutation kept as a list of ints, a large config dict)."""
+
+
+def _plain_fingerprint(items) -> object:
+    """One value standing for the numbers and strings among `items`, in order (their hash and count)."""
+    plain = tuple(v for v in items if isinstance(v, _SCALARS))
+    return ("plain", len(plain), hash(plain))
+
+
 def captured(f: Callable, modules: Sequence[nn.Module]) -> tuple[list[torch.Tensor], list[object]]:
     """(tensors, plain values) `f` can reach besides its inputs and module buffers: through closure cells,
     the globals it names, defaults, the arguments of a `functools.partial`, the object of a bound method,
@@ -59,27 +71,51 @@ def captured(f: Callable, modules: Sequence[nn.Module]) -> tuple[list[torch.Tens
     found: dict[int, torch.Tensor] = {}
     values: list[object] = []
     visited: set[int] = set()
+    roots = {id(m) for m in modules}
+    reached: list[nn.Module] = []  # modules met on the way (`trainer.model`): watched as the roots are
 
-    def visit(obj: object, depth: int, plain: bool = True) -> None:
+    def visit(obj: object, depth: int, names: tuple[str, ...] = ()) -> None:
         if isinstance(obj, torch.Tensor):
             found.setdefault(id(obj), obj)
             return
         if isinstance(obj, _SCALARS):
-            if plain:
-                values.append(obj)
+            values.append(obj)
             return
-        if (depth > _CAPTURE_DEPTH or obj is None or isinstance(obj, (nn.Module, type, types.ModuleType))
-                or id(obj) in visited):
+        if depth > _CAPTURE_DEPTH or obj is None or id(obj) in visited:
+            return
+        if isinstance(obj, np.ndarray):  # a flag or an index kept in a NumPy array: by content where small
+            visited.add(id(obj))
+            if obj.size <= _PLAIN_WIDTH and obj.dtype != object:
+                values.append(("ndarray", obj.dtype.str, obj.shape, obj.tobytes()))
+            return
+        if isinstance(obj, nn.Module):
+            visited.add(id(obj))
+            if id(obj) not in roots:
+                reached.append(obj)
+            return
+        if isinstance(obj, (type, types.ModuleType)):
+            # A class or a Python module `f` names as a global: only the attributes its code names (`cfg.MIX`).
+            visited.add(id(obj))
+            attributes = vars(obj)
+            for name in names:
+                if name in attributes:
+                    visit(attributes[name], depth + 1)
             return
         visited.add(id(obj))
         if isinstance(obj, (tuple, list)):
+            # A list's numbers count too (a flag kept in a list); a log `f` appends to then makes every call one
+            # on new values, which costs checks, never a wrong answer.
             if len(obj) <= _CAPTURE_WIDTH:
-                for item in obj:  # a list's numbers are often a log `f` appends to, not what it computes with
-                    visit(item, depth + 1, plain=isinstance(obj, tuple))
+                for item in obj:
+                    visit(item, depth + 1)
+            elif len(obj) <= _PLAIN_WIDTH:
+                values.append(_plain_fingerprint(obj))
         elif isinstance(obj, dict):
             if len(obj) <= _CAPTURE_WIDTH:
                 for item in obj.values():
                     visit(item, depth + 1)
+            elif len(obj) <= _PLAIN_WIDTH:
+                values.append(_plain_fingerprint(obj.values()))
         elif isinstance(obj, types.MethodType):
             visit(obj.__self__, depth + 1)
             visit(obj.__func__, depth + 1)
@@ -96,7 +132,7 @@ def captured(f: Callable, modules: Sequence[nn.Module]) -> tuple[list[torch.Tens
                 visit(item, depth + 1)
             for name in obj.__code__.co_names:
                 if name in obj.__globals__:
-                    visit(obj.__globals__[name], depth + 1)
+                    visit(obj.__globals__[name], depth + 1, obj.__code__.co_names)
         elif not isinstance(obj, types.BuiltinFunctionType) and hasattr(obj, "__dict__"):
             attributes = vars(obj)
             if len(attributes) <= _CAPTURE_WIDTH:  # autojac's own wrappers, user objects, namespaces, configs
@@ -104,7 +140,7 @@ def captured(f: Callable, modules: Sequence[nn.Module]) -> tuple[list[torch.Tens
                     visit(item, depth + 1)
 
     visit(f, 0)
-    for root in modules:
+    for root in (*modules, *reached):
         for m in _all_submodules(root):
             for t in m._parameters.values():
                 if t is not None:
@@ -112,9 +148,19 @@ def captured(f: Callable, modules: Sequence[nn.Module]) -> tuple[list[torch.Tens
             for t in vars(m).values():
                 # Most attributes are flags, sizes and a module's own dicts: skipped before isinstance, which
                 # torch.Tensor's metaclass makes five times slower (a 5-layer MLP's walk: 43 -> 12 us a call).
-                if type(t) not in _NEVER_TENSORS and isinstance(t, torch.Tensor):
+                kind = type(t)
+                if kind in _MODULE_PLAIN:  # `training`, a dropout's `p`, a flag of one's own module
+                    values.append(t)
+                elif kind not in _NEVER_TENSORS and isinstance(t, torch.Tensor):
                     found.setdefault(id(t), t)
+            if root is not None and m not in modules:
+                for b in m._buffers.values():  # a reached module's buffers (the roots' are added by the caller)
+                    if b is not None:
+                        found.setdefault(id(b), b)
     return list(found.values()), values
+
+
+_MODULE_PLAIN = frozenset({bool, int, float, str})
 
 
 def _user_function(f: Callable) -> Callable:
@@ -186,6 +232,12 @@ def _put(buffer: torch.Tensor, value: torch.Tensor) -> None:
 _CONTENT_ELEMENTS = 1 << 16
 
 
+def version_of(t: torch.Tensor) -> int:
+    """`t._version`, or -1 for an inference tensor (which keeps no version counter: a constant built under
+    `torch.inference_mode()`; it is compared by content where small, see `_by_content`)."""
+    return -1 if t.is_inference() else t._version
+
+
 class ValuesSeen:
     """Tensors by identity (held weakly) and version counter, and plain values by value: equal only if
     every tensor is the same one, not written since (an in-place write bumps the version), and every plain
@@ -196,7 +248,7 @@ class ValuesSeen:
 
     def __init__(self, tensors: Sequence[torch.Tensor], plain: Sequence[object] = ()) -> None:
         self.refs = [weakref.ref(t) for t in tensors]
-        self.versions = [t._version for t in tensors]
+        self.versions = [version_of(t) for t in tensors]
         self.plain = list(plain)
         self.contents = [(i, t.detach().clone()) for i, t in enumerate(tensors) if _by_content(t)]
 
@@ -219,7 +271,7 @@ class ValuesSeen:
 
 
 def _by_content(t: torch.Tensor) -> bool:
-    return (not t.is_floating_point() and not t.is_complex() and t.numel() <= _CONTENT_ELEMENTS
+    return ((t.is_inference() or (not t.is_floating_point() and not t.is_complex())) and t.numel() <= _CONTENT_ELEMENTS
             and t.layout == torch.strided and t.device.type != "meta")
 
 
@@ -278,11 +330,11 @@ class Evaluator:
     def _snapshot(self) -> None:
         """The state the first (counted) evaluation starts from."""
         self._buffers = module_buffers(self._modules)
-        self._versions = [b._version for b in self._buffers]
+        self._versions = [version_of(b) for b in self._buffers]
         self._buffers_before = [b.detach().clone() for b in self._buffers]
         self._rng_before = rng_state(self.device)
         if self._watch_captured:
-            self._captured = [(t, t._version) for t in captured_tensors(_user_function(self.f), self._modules)]
+            self._captured = [(t, version_of(t)) for t in captured_tensors(_user_function(self.f), self._modules)]
         self._snapshot_taken = True
 
     def __call__(self, *xs: torch.Tensor, private: bool = False) -> object:
@@ -321,7 +373,7 @@ class Evaluator:
 
     def _changed(self, indices, values: bool) -> list[int]:
         return [i for i in indices
-                if self._buffers[i]._version != self._versions[i]
+                if version_of(self._buffers[i]) != self._versions[i]
                 or (values and not torch.equal(self._buffers[i], self._buffers_before[i]))]
 
     def _note_writes(self, values: bool) -> None:
@@ -368,7 +420,7 @@ class Evaluator:
         if self._learnt:
             return
         self._learnt = True
-        self._writes_captured = any(t._version != v for t, v in self._captured)
+        self._writes_captured = any(version_of(t) != v for t, v in self._captured)
         after = rng_state(self.device)
         self._draws_random = any(not torch.equal(a, b) for a, b in zip(after, self._rng_before))
         self._rng_after = after if self._draws_random else None
@@ -376,7 +428,7 @@ class Evaluator:
         # statistics in place without bumping their version.
         self._written = [
             i for i, b in enumerate(self._buffers)
-            if b._version != self._versions[i] or not torch.equal(b, self._buffers_before[i])
+            if version_of(b) != self._versions[i] or not torch.equal(b, self._buffers_before[i])
         ]
         self._buffers_after = [self._buffers[i].detach().clone() for i in self._written]
 

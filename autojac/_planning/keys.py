@@ -8,7 +8,9 @@ and requires_grad (not values), modules by identity, plain values (numbers, stri
 by value, tuples by their items, lists and dicts holding tensors by their items (a
 dict of parameters rebuilt every step), other lists and dicts by identity (more
 likely state that `f` changes, such as a counter), nested functions recursively,
-other objects by identity. Two functions with the same key compute the same kind of
+other objects by identity (the modules they hold, `trainer.model`, join the
+modules whose training flags are part of the key). What such objects hold is
+watched where a verdict depends on it (`Evaluator.value_sources`). Two functions with the same key compute the same kind of
 thing on different numbers, so they share a plan and what the safety net verified.
 A function whose Python control flow depends on captured *values* (an `if` on a
 captured tensor's sign choosing other code paths) should be run with `cache=False`.
@@ -98,7 +100,31 @@ def _signature(value: object, modules: dict[int, nn.Module], depth: int) -> Hash
             return (type(value), tuple((k, _signature(v, modules, depth - 1)) for k, v in items))
         except TypeError:  # unhashable keys
             return ("O", Identity(value))
+    _modules_within(value, modules, depth)
     return ("O", Identity(value))
+
+
+def _modules_within(value: object, modules: dict[int, nn.Module], depth: int) -> None:
+    """Register the modules an object keyed by identity holds (`trainer.model`, a list of layers): their training
+    flags are part of the key and their buffers are put back between evaluations, like a captured module's."""
+    if depth <= 0 or isinstance(value, (type, types.ModuleType, torch.Tensor)) or callable(value) and not hasattr(value, "__dict__"):
+        return
+    if isinstance(value, nn.Module):
+        modules.setdefault(id(value), value)
+        return
+    if isinstance(value, (list, tuple)):
+        items = value if len(value) <= _SMALL else ()
+    elif isinstance(value, dict):
+        items = tuple(value.values()) if len(value) <= _SMALL else ()
+    else:
+        attributes = getattr(value, "__dict__", None)
+        items = tuple(attributes.values()) if isinstance(attributes, dict) and len(attributes) <= _SMALL else ()
+    for item in items:
+        if isinstance(item, nn.Module):
+            modules.setdefault(id(item), item)
+        elif isinstance(item, (list, tuple, dict)) or (hasattr(item, "__dict__") and not isinstance(
+                item, (type, types.ModuleType, types.FunctionType, types.MethodType, torch.Tensor))):
+            _modules_within(item, modules, depth - 1)
 
 
 def _holds_tensors(value: list | dict) -> bool:
@@ -139,6 +165,9 @@ def function_signature(f: Callable, modules: dict[int, nn.Module], depth: int = 
                 modules.setdefault(id(value), value)
             elif isinstance(value, types.FunctionType) and value is not f and depth > 0:
                 function_signature(value, modules, depth - 1)
+            elif isinstance(value, (list, tuple, dict)) or (hasattr(value, "__dict__") and not isinstance(
+                    value, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType))):
+                _modules_within(value, modules, depth)  # a global list of layers, an object holding a model
         defaults = tuple(_signature(v, modules, depth - 1) for v in f.__defaults__ or ())
         return ("function", f.__code__, tuple(cells), defaults)
     return ("callable", Identity(f))
