@@ -459,3 +459,33 @@ def test_a_function_that_mixes_samples_only_for_some_inputs_is_checked_each_call
     torch.testing.assert_close(autojac.batch_jacobian(f, small, cache=False), per_sample(f, small))
     with pytest.raises(autojac.UnsupportedFunctionError, match="mixes samples"):
         autojac.batch_jacobian(f, large, cache=False)
+
+
+@pytest.mark.parametrize("dtype, outlier", [(torch.float32, 1e4), (torch.float64, 1e9)])
+def test_one_huge_sample_does_not_hide_the_others_mixing(dtype, outlier):
+    """The independence check's tolerance was the batch's largest entry times sqrt(eps): one sample 1e4 (1e9)
+    times larger let `0.5 x**2 + 0.3 x.sum(0)` pass, and its verdict was kept for every batch after it."""
+    f = lambda X: 0.5 * X ** 2 + 0.3 * X.sum(0)  # noqa: E731
+    X = torch.randn(4, 3, dtype=dtype, device=DEVICE)
+    X[0] *= outlier
+    with pytest.raises(autojac.UnsupportedFunctionError):
+        autojac.batch_jacobian(f, X, cache=False)
+
+
+def _coupled_energy(Y):
+    return (Y.sum(0) ** 2).sum() + (Y ** 3).sum()
+
+
+def _own_energy(Y):
+    return (Y ** 3).sum() + (Y.sin() * Y).sum()
+
+
+def test_a_jacobian_taken_inside_f_is_seen_by_the_independence_check():
+    """f = the gradient field of an energy, by autojac itself: the check ran `f` outside an autojac evaluation,
+    so the inner Jacobian came back detached, nothing required grad, and coupled samples were answered."""
+    X = torch.randn(5, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(autojac.UnsupportedFunctionError):
+        autojac.batch_jacobian(lambda X: autojac.jacobian(_coupled_energy, X), X, cache=False)
+    field = lambda X: autojac.jacobian(_own_energy, X)  # noqa: E731 - independent samples: answered
+    want = torch.func.vmap(torch.func.hessian(lambda x: _own_energy(x[None])))(X)
+    torch.testing.assert_close(autojac.batch_jacobian(field, X), want)

@@ -10,6 +10,7 @@ leaves that state at the end as one evaluation of `f` leaves it, as after
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import threading
 import types
@@ -281,6 +282,17 @@ _inside = threading.local()
 def inside_evaluation() -> int:
     """How many autojac evaluations of a user's `f` this thread is inside (a Jacobian taken within `f`: > 0)."""
     return getattr(_inside, "depth", 0)
+
+
+@contextlib.contextmanager
+def evaluating():
+    """Mark a direct call of `f` (outside `Evaluator.__call__`) as an autojac evaluation, so a Jacobian `f` takes
+    inside builds its graph (NOTE: [A Jacobian inside f])."""
+    _inside.depth = inside_evaluation() + 1
+    try:
+        yield
+    finally:
+        _inside.depth -= 1
 
 
 class Evaluator:
