@@ -337,6 +337,9 @@ def jacobian(
             recorder.evaluator = evaluator
         call = session.Call(evaluator, xs, signature, options, "jacobian")
         call.captures = (f, function_key, modules)
+        if plan is not None and entry.function_key is not None and entry.function_key != function_key:
+            # A plan made for another function: what was checked on that one says nothing about this one.
+            call.must_verify, call.values_now = True, entry.values_seen
         try:
             if transform is not None:  # NOTE: [Why composed calls take their own path]
                 if options.strict:
@@ -429,6 +432,8 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
         planned = True
         if key is not None:
             _cache.put(key, entry)
+    if entry is not None and entry.function_key is None:
+        entry.function_key = call.captures[1]
     _finish(call, time.perf_counter() - began, planned)
     return result
 
@@ -586,6 +591,8 @@ def _plan(who: str, f, inputs, effort: str, time_limit, argnums, has_aux, raw: d
                     later.tune(call, entry, time_limit)
         finally:
             evaluator.finish()
+    if entry.function_key is None:
+        entry.function_key = function_key
     if options.cache:
         _cache.put(key, entry)
     return entry.snapshot()

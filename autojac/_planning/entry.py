@@ -185,6 +185,8 @@ class PlanEntry:
         self.credit = 0.0
         self.batch_aware_checked = False
         """Whether `f` passed `check_batch_aware` (before a repeat method's first check in this plan)."""
+        self.function_key = None
+        """The key part of the function the plan was made for: a `plan=` call on another is checked."""
         self.copies_values = None
         """The tensors `f` held when a trace on two copies showed it batch-aware for every input (NOTE: [Batch-aware
         at every point]); None: not shown."""

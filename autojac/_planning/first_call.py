@@ -207,10 +207,14 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                          once_why=("`f` writes in place into a tensor it captures" if writes_captured else
                                    "`f` draws random numbers"))
         made.new_size_reserve = new_size
-        made.reverify = problem.layout is not None and not problem.layout.pattern.valid_everywhere
+        # A pattern valid at this point only, or one you gave (NOTE: [A pattern you gave is confirmed]), is
+        # checked on every call until a trace on fake tensors confirms it.
+        made.reverify = problem.layout is not None and (not problem.layout.pattern.valid_everywhere
+                                                         or problem.layout.pattern.source == "user")
         # A real trace the first call chose (not one a failed fake trace fell back to): confirmed later.
-        made.confirm_trace = (made.reverify and problem.layout.pattern.source == "real trace"
-                              and not problem.layout.pattern.notes)
+        made.confirm_trace = made.reverify and (
+            (problem.layout.pattern.source == "real trace" and not problem.layout.pattern.notes)
+            or problem.layout.pattern.source == "user")
         return made
 
     entry = new_entry(problem)
