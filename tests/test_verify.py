@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import DEVICE
+from reference import reference
+
+import autojac
 from autojac._core.problem import Problem, Signature
 from autojac._execute.verify import VerificationError, check_against
 
@@ -63,3 +67,46 @@ def test_a_right_jacobian_passes_in_float64():
     jac = torch.randn(30, 20, dtype=torch.float64)
     w = torch.randn(30, dtype=torch.float64)
     check_against("m", jac, (w,), (w @ jac,), _problem(30, 20, torch.float64))
+
+
+# --- NOTE: [Rows of very different sizes] -----------------------------------------------------------------
+
+def _loud_and_quiet(x):
+    """One output 1e9 times the others', which average over x's first dimension (not batch-aware)."""
+    return torch.cat([1e9 * x.sum(-1, keepdim=True), torch.sin(x) + 0.1 * x.mean(0)], -1)
+
+
+def test_a_method_wrong_only_in_small_rows_beside_huge_ones_is_caught():
+    x = torch.randn(3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(autojac.UnsupportedFunctionError):
+        autojac.jacobian(_loud_and_quiet, x, mode="reverse", vectorize="repeat")
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    for _ in range(40):  # the plan's trials included: never a wrong answer
+        x = torch.randn(3, dtype=torch.float64, device=DEVICE, generator=gen)
+        torch.testing.assert_close(autojac.jacobian(_loud_and_quiet, x), reference(_loud_and_quiet, x),
+                                   rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "forward-trick"])
+@pytest.mark.parametrize("vectorize", ["vmap", "loop", "repeat"])
+def test_rounding_in_a_row_that_should_be_zero_beside_huge_rows_fails_no_method(mode, vectorize):
+    g = lambda x: torch.cat([1e9 * x, (1e9 * x + x) - 1e9 * x - x, torch.sin(x)], -1)  # noqa: E731
+    x = torch.randn(4, dtype=torch.float64, device=DEVICE)
+    got = autojac.jacobian(g, x, mode=mode, vectorize=vectorize)
+    torch.testing.assert_close(got, reference(g, x), rtol=1e-7, atol=1e-6)
+
+
+def test_balanced_cotangents_only_where_rows_differ_widely():
+    from autojac._core.problem import check_inputs, describe
+    from autojac._execute.verify import balanced_cotangents
+
+    x = torch.randn(3, dtype=torch.float64, device=DEVICE)
+    for f, wanted in ((torch.sin, False), (_loud_and_quiet, True)):
+        xs, signature, _ = check_inputs(x)
+        problem = describe(f, xs, signature)
+        w = balanced_cotangents(reference(f, x), problem)
+        assert (w is not None) == wanted
+    if w is not None:  # the loud row no longer weighs 1e9 times the quiet ones: at most 1 / eps^(1/3) (1.7e5)
+        J = reference(_loud_and_quiet, x)
+        weights = (w[0].abs().unsqueeze(1) * J.abs()).amax(1)
+        assert float(weights.max()) < 1e7 * float(weights.min())

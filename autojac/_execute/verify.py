@@ -152,6 +152,74 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
                 )
 
 
+# NOTE: [Rows of very different sizes]
+# The product's tolerance is scaled by |w|^T |J|, a sum over the rows: where some outputs' rows are a million
+# times larger than others (a 1e9 * sum(x) beside O(1) outputs, physical units side by side), the large rows set
+# the tolerance of every column, and a method wrong only in the small rows passes (an adversarial test: the
+# repeat trick on an `f` that averages over its first dimension, wrong by 3-100% in the O(1) rows, "verified").
+# So when the rows' largest entries differ by more than UNBALANCED_ROWS, the check runs once more with each
+# output element's cotangent divided by its row's largest entry (rows of zeros keep the largest scale; no row
+# weighs more than eps^(1/3) of the largest allows, so that rounding in a row that should be zero never counts
+# as an error), so that rows weigh alike; that needs one more reference product, paid only by such Jacobians.
+# The row scales are taken by reductions over the result (no copy of it).
+
+UNBALANCED_ROWS = 1e3
+"""The check runs again with rows weighed alike where their largest entries differ by more than this, or by more
+than 1 / (10 x the tolerance) where that is more (float64: 1.7e6): only there can an error of 10% in the smallest
+row hide under the largest's share of the tolerance (a tanh layer's saturated units differ by 1e4 in float64)."""
+
+
+def balanced_cotangents(result: object, problem: Problem) -> tuple[torch.Tensor, ...] | None:
+    """Cotangents that weigh every row of J alike, when the rows' sizes differ by more than UNBALANCED_ROWS;
+    else None (NOTE: [Rows of very different sizes])."""
+    blocks = blocks_of(result, problem)
+    scales = []
+    with torch.no_grad():
+        for i, size in enumerate(problem.out_sizes):
+            s = None
+            for block in blocks[i]:
+                if block.layout == torch.strided:
+                    if block.numel() == 0:
+                        continue
+                    row = torch.maximum(block.amax(1), block.amin(1).neg())
+                else:
+                    rows, _ = block.indices()
+                    row = torch.zeros(size, dtype=block.dtype, device=block.device)
+                    row.scatter_reduce_(0, rows, block.values().abs(), reduce="amax")  # (index_reduce_ warns: beta)
+                row = row.double().nan_to_num(nan=0.0, posinf=0.0)
+                s = row if s is None else torch.maximum(s, row)
+            scales.append(s if s is not None else torch.zeros(size, dtype=torch.float64,
+                                                              device=problem.inputs.device))
+        if not scales:
+            return None
+        every = torch.cat(scales)
+        live = every[every > 0]
+        if live.numel() < 2:
+            return None
+        largest, smallest = float(live.max()), float(live.min())
+        spread = max([UNBALANCED_ROWS] + [1.0 / (10.0 * _tolerance(d)) for d in problem.out_dtypes if d.is_floating_point])
+        if largest <= spread * smallest:
+            return None
+        generator = torch.Generator(device=problem.inputs.device).manual_seed(0xBA1A)
+        out = []
+        for s, shape, dtype in zip(scales, problem.out_shapes, problem.out_dtypes):
+            # Rows under eps^(1/3) of the largest weigh no more than that: a row that should be zero holds rounding
+            # of about eps times the largest, which weighed in full would fail a right Jacobian.
+            floor = largest * torch.finfo(dtype).eps ** (1 / 3) if dtype.is_floating_point else 0.0
+            divisor = torch.where(s > 0, s.clamp(min=floor), torch.full_like(s, largest))
+            w = torch.randn(s.shape, generator=generator, dtype=torch.float64, device=s.device) / divisor
+            out.append(w.to(dtype).reshape(shape))
+        return tuple(out)
+
+
+def check_balanced(name: str, result: object, problem: Problem, reference_of) -> None:
+    """After `check_against` passed: once more with rows weighed alike, where their sizes differ widely
+    (NOTE: [Rows of very different sizes]); `reference_of(w)` is w^T J by an independent product."""
+    w = balanced_cotangents(result, problem)
+    if w is not None:
+        check_against(name, result, w, reference_of(w), problem)
+
+
 def check_columns(name: str, columns: object, start: int, stop: int, result: object, problem: Problem) -> None:
     """Raise VerificationError unless columns start..stop of `columns` (a trial's slice) match `result`."""
     got, want = blocks_of(columns, problem), blocks_of(result, problem)

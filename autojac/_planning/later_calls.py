@@ -401,6 +401,8 @@ def _check_run(call: Call, problem: Problem, name: str, stats, state, assembler,
     w = random_cotangents(problem)
     reference = _same_graph_reference(stats.method, state, w) or call.reference(problem, w)
     verify.check_against(name, assembler.checkable(result), w, reference, problem)
+    verify.check_balanced(name, assembler.checkable(result), problem,
+                          lambda w: _same_graph_reference(stats.method, state, w) or call.reference(problem, w))
     call.verified = True
     stats.checked_sizes.update(sizes)
 
@@ -672,6 +674,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
                 reference = _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)
                 try:
                     verify.check_against(m.name, assembler.checkable(result), w, reference, problem)
+                    verify.check_balanced(m.name, assembler.checkable(result), problem, lambda w: (
+                        _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)))
                     call.verified = True
                     stats.verified = True
                     stats.checked_sizes.add(log.chunks[0].size)
