@@ -376,6 +376,22 @@ def test_batch_jacobian_splits_the_batch_when_one_pass_does_not_fit():
     torch.testing.assert_close(got, per_sample(MLP, X))
 
 
+def test_a_batch_that_must_be_split_is_refused_for_an_f_that_reads_its_batch_size():
+    """NOTE: [A batch split in parts]: the halves' blocks of `f / x.shape[0]` came back 2x to 64x too large, and an
+    `f` holding per-sample targets of the whole batch's size failed with its own shape error."""
+    X = t64(64, 4)
+    W1, W2 = t64(4, 16384, seed=6) / 2, t64(16384, 4, seed=7) / 128  # one pass: 8 MiB a 16384-wide activation
+    wide = lambda x: torch.tanh(x @ W1) @ W2  # noqa: E731
+    budget = "12MiB"  # the 8 MiB workspace reserve and 4 MiB: a pass over 8 samples fits, over 64 not
+    want = torch.func.vmap(torch.func.jacrev(wide))(X)
+    torch.testing.assert_close(autojac.batch_jacobian(wide, X, memory_budget=budget), want)  # split, and right
+    with pytest.raises(autojac.UnsupportedFunctionError, match="reads the batch size"):
+        autojac.batch_jacobian(lambda x: wide(x) / x.shape[0], X, memory_budget=budget)
+    targets = t64(64, 4, seed=5)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="failed on a batch of 1"):
+        autojac.batch_jacobian(lambda x: (wide(x) - targets) ** 2, X, memory_budget=budget)
+
+
 def test_batch_jacobian_bad_input():
     with pytest.raises(autojac.InputError, match="same leading batch dimension"):
         autojac.batch_jacobian(lambda a, b: a + b.sum(), (t64(3, 2), t64(4, 2)))

@@ -524,6 +524,7 @@ def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict, tar
     except MemoryBudgetError:
         if batch == 1 or options.get("plan") is not None:
             raise
+        _check_split(f, inputs, xs)
         half = batch // 2
         parts = [_batch(f, _slice(inputs, a, b), tuple(x[a:b] for x in xs), options, target_mode)
                  for a, b in ((0, half), (half, batch))]
@@ -537,6 +538,46 @@ def _split_tangent(jac: Any, n: int, as_tuple: bool) -> tuple[Any, list[torch.Te
         jac, is_leaf=lambda t: isinstance(t, tuple) and len(t) == n + 1 and all(isinstance(e, torch.Tensor) for e in t))
     kept = [tuple(g[:n]) if as_tuple else g[0] for g in groups]
     return _pytree.tree_unflatten(kept, spec), [g[n] for g in groups]
+
+
+# NOTE: [A batch split in parts]
+# Where one pass over the batch does not fit the budget, the batch is computed in halves, so `f` sees batches of
+# other sizes than the caller's. A per-sample `f` that reads its batch size as data (`... / x.shape[0]`, a
+# mean-reduced loss) then gave blocks 8x too large, silently, and one holding per-sample targets of the whole
+# batch's size failed with its own shape error. Before the first split, `f` runs (under no_grad) on the first
+# sample alone and on the first two: sample 0 must come out the same both ways, within sqrt(eps) of its size;
+# otherwise the call is refused with what to do. Two tiny evaluations; what they cannot see (a size read only past
+# two) is the README's caveat.
+
+
+def _check_split(f: Callable, inputs, xs: tuple[torch.Tensor, ...]) -> None:
+    """Refuse to compute the batch in parts if `f` treats sample 0 differently in a batch of 1 and of 2 (NOTE: [A
+    batch split in parts])."""
+    why = None
+    try:
+        with torch.no_grad():
+            one = _leaves(_call_batch(f, _slice(inputs, 0, 1)))
+            two = _leaves(_call_batch(f, _slice(inputs, 0, 2)))
+        for a, b in zip(one, two):
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape[1:] != b.shape[1:]:
+                why = "its outputs' shapes depend on the batch size"
+                break
+            tol = torch.finfo(a.dtype).eps ** 0.5 if a.is_floating_point() else 0.0
+            scale = float(a[0].abs().nan_to_num(posinf=0.0).max()) if a[0].numel() else 0.0
+            if not torch.allclose(a[0], b[0], rtol=tol, atol=tol * scale, equal_nan=True):
+                why = "it computes sample 0 differently in a batch of 1 and in a batch of 2 (it reads the batch size)"
+                break
+    except Exception as exc:  # noqa: BLE001 - f's own error on a smaller batch: say why before anything else
+        why = f"it failed on a batch of 1 ({type(exc).__name__}: {str(exc)[:200]})"
+    if why:
+        raise UnsupportedFunctionError(
+            f"batch_jacobian: one pass over the batch of {xs[0].shape[0]} does not fit the memory budget, so the "
+            f"batch would be computed in parts, but `f` cannot be split: {why}. Raise `memory_budget`, or make "
+            "`f` compute each sample alone (per-sample tensors as inputs, not captured; no use of the batch size).")
+
+
+def _call_batch(f: Callable, part):
+    return f(*part) if type(part) is tuple else f(part)
 
 
 def _slice(inputs, a: int, b: int):
