@@ -511,3 +511,19 @@ def test_a_jacobian_taken_inside_f_is_seen_by_the_independence_check():
     field = lambda X: autojac.jacobian(_own_energy, X)  # noqa: E731 - independent samples: answered
     want = torch.func.vmap(torch.func.hessian(lambda x: _own_energy(x[None])))(X)
     torch.testing.assert_close(autojac.batch_jacobian(field, X), want)
+
+
+def test_hessian_of_an_f_that_writes_what_it_captures_says_what_to_do():
+    """torch.func.grad refuses an in-place write into a captured tensor: an autojac error with a way out (the
+    Jacobian of an autograd gradient, which it names), not torch's RuntimeError from inside."""
+    step = torch.zeros((), dtype=torch.float64, device=DEVICE)
+
+    def f(x):
+        step.add_(1)
+        return (x ** 3).sum() * 2.0
+
+    x = t64(5)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="writes in place into a tensor it captures"):
+        autojac.hessian(f, x)
+    way_out = autojac.jacobian(lambda x: torch.autograd.grad(f(x), x, create_graph=True)[0], x)
+    torch.testing.assert_close(way_out, torch.diag(12.0 * x))

@@ -57,7 +57,19 @@ class _Gradient:
         return (value, aux) if self.has_aux else value
 
     def __call__(self, *args: Any) -> Any:
-        return torch.func.grad(self._scalar, argnums=self.argnums, has_aux=self.has_aux)(*args)
+        try:
+            return torch.func.grad(self._scalar, argnums=self.argnums, has_aux=self.has_aux)(*args)
+        except RuntimeError as exc:
+            if "mutate a captured Tensor" not in str(exc):
+                raise
+            # torch.func refuses an `f` that writes a tensor it holds (a step counter, a running statistic, a
+            # BatchNorm in training mode): say so, with what to do, rather than torch's message from inside.
+            raise UnsupportedFunctionError(
+                "hessian: `f` writes in place into a tensor it captures (a step counter, a running statistic, a "
+                "BatchNorm in training mode updating its buffers), which torch.func.grad, the gradient autojac's "
+                "Hessians differentiate, refuses. Put such modules in eval() mode or keep that state outside `f`; "
+                "or take the Jacobian of an autograd gradient: `autojac.jacobian(lambda x: torch.autograd.grad(f(x), "
+                "x, create_graph=True)[0], x)`.") from exc
 
 
 def hessian(
