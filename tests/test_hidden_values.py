@@ -143,3 +143,25 @@ def test_tensors_made_under_inference_mode_can_be_captured():
     with torch.inference_mode():
         got = autojac.batch_jacobian(g, X)
     torch.testing.assert_close(got, _blocks(g, X))
+
+
+def test_a_batchnorm_in_training_mode_is_not_taken_for_an_f_that_writes_what_it_captures():
+    """Its running statistics are module buffers, put back between evaluations: the plan explores as before.
+    Watching the buffers of modules reached through objects (above) first counted every module's buffers as
+    captured tensors, and such a plan settled at once on its first method."""
+    bn = nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D)).double().train()
+    X = torch.randn(B, D, dtype=torch.float64)
+    autojac.clear_cache()
+    for _ in range(3):
+        torch.testing.assert_close(autojac.jacobian(bn, X), _full(bn, X))
+    entry = autojac.plan(bn, X).entry
+    assert not entry.once_only and not any("settled at once" in e for e in entry.events), list(entry.events)
+
+
+def _full(f, X):
+    before = [b.clone() for b in f.buffers()]
+    J = torch.autograd.functional.jacobian(f, X)
+    with torch.no_grad():
+        for b, v in zip(f.buffers(), before):
+            b.copy_(v)
+    return J

@@ -141,6 +141,7 @@ def captured(f: Callable, modules: Sequence[nn.Module]) -> tuple[list[torch.Tens
                     visit(item, depth + 1)
 
     visit(f, 0)
+    covered = {id(m) for root in modules for m in _all_submodules(root)} if reached else set()
     for root in (*modules, *reached):
         for m in _all_submodules(root):
             for t in m._parameters.values():
@@ -154,8 +155,10 @@ def captured(f: Callable, modules: Sequence[nn.Module]) -> tuple[list[torch.Tens
                     values.append(t)
                 elif kind not in _NEVER_TENSORS and isinstance(t, torch.Tensor):
                     found.setdefault(id(t), t)
-            if root is not None and m not in modules:
-                for b in m._buffers.values():  # a reached module's buffers (the roots' are added by the caller)
+            if id(root) not in roots and id(m) not in covered:
+                # A module reached only through an object: its buffers are not put back between evaluations (the
+                # roots' are, and are no captured tensors: a BatchNorm in training mode writes them every call).
+                for b in m._buffers.values():
                     if b is not None:
                         found.setdefault(id(b), b)
     return list(found.values()), values
