@@ -707,6 +707,13 @@ def test_a_closure_rebuilt_around_new_tensors_is_seen_bringing_new_values_before
     assert entry.values_last is None and len(repeat.checks.recent) == 5  # a settled plan watches nothing
 
 
+def _reverse_vmap_plan(f, x):
+    """A fresh plan of `f` held to reverse-mode vmap (its two engines), after its first call: its entry."""
+    autojac.clear_cache()
+    autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
+    return autojac.plan(f, x, mode="reverse", vectorize="vmap").entry
+
+
 def test_a_trials_own_evaluation_is_not_projected_as_if_paid_per_slice(monkeypatch):
     """A trial's first slice is projected to a whole run from its chunk's time; the evaluation of `f` the
     alternative makes once (here 50 ms, as the incumbent's calls do) is added once, not scaled with the chunk
@@ -724,9 +731,7 @@ def test_a_trials_own_evaluation_is_not_projected_as_if_paid_per_slice(monkeypat
         return torch.tanh(W @ x)
 
     x = torch.randn(64, dtype=torch.float64)
-    autojac.clear_cache()
-    autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
-    entry = autojac.plan(f, x, mode="reverse", vectorize="vmap").entry
+    entry = _reverse_vmap_plan(f, x)
     entry.credit = 0.0  # the incumbent's warm run (a tanh loops on the autograd engine: a trial could come at once)
     autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
     other = next(s for s in entry.stats.values() if s.method.vectorize == "vmap" and s.method.name != entry.incumbent)
@@ -796,9 +801,7 @@ def test_a_confirming_run_is_checked_only_as_the_plans_own_calls_are(verified_be
         return torch.tanh(W @ x)
 
     x = torch.randn(6, dtype=torch.float64)
-    autojac.clear_cache()
-    autojac.jacobian(f, x, mode="reverse", vectorize="vmap")
-    entry = autojac.plan(f, x, mode="reverse", vectorize="vmap").entry
+    entry = _reverse_vmap_plan(f, x)
     other = next(name for name in entry.stats if name != entry.incumbent and name.startswith("reverse/vmap"))
     _confirming_run_next(entry, other, verified=verified_before)
     evaluations.clear()

@@ -29,6 +29,7 @@ from .._core.errors import InputError, InputTypeError, MemoryBudgetError, Unsupp
 from .._core.evaluation import Evaluator, evaluating, module_modes, rng_state
 from .._core.options import check_callable, refuse_unknown
 from .._execute.verify import CHECK_BLOCK_BYTES
+from .._methods.base import rows_agree
 from .._planning.keys import describe_function
 from .compose import outer_transform
 from .jacobian import jacobian
@@ -574,9 +575,7 @@ def _check_split(f: Callable, inputs, xs: tuple[torch.Tensor, ...]) -> None:
             if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape[1:] != b.shape[1:]:
                 why = "its outputs' shapes depend on the batch size"
                 break
-            tol = torch.finfo(a.dtype).eps ** 0.5 if a.is_floating_point() else 0.0
-            scale = float(a[0].abs().nan_to_num(posinf=0.0).max()) if a[0].numel() else 0.0
-            if not torch.allclose(a[0], b[0], rtol=tol, atol=tol * scale, equal_nan=True):
+            if not rows_agree(b[0], a[0]):
                 why = "it computes sample 0 differently in a batch of 1 and in a batch of 2 (it reads the batch size)"
                 break
     except Exception as exc:  # noqa: BLE001 - f's own error on a smaller batch: say why before anything else

@@ -325,14 +325,19 @@ def check_batch_aware(f: Callable, xs: Sequence[torch.Tensor], problem: Problem)
         plain = (call(f, tuple(x.detach() for x in xs)), call(f, tuple(shifted)))
     for i, y in enumerate(batched):
         for r in range(2):
-            want = plain[r][i]
-            tol = torch.finfo(want.dtype).eps ** 0.5 if want.is_floating_point() else 0.0  # batched kernels round
-            scale = float(want.abs().nan_to_num(posinf=0.0).max()) if want.numel() else 0.0  # otherwise
-            if not torch.allclose(y[r], want, rtol=tol, atol=tol * scale, equal_nan=True):
+            if not rows_agree(y[r], plain[r][i]):
                 raise NotBatchAwareError(
                     f"vectorize='repeat' needs `f` to treat a leading batch dimension as independent rows, but "
                     f"`f` on a batch of two different inputs gave row {r} of output {i} unlike `f` on that input "
                     f"alone (it mixes rows, or reads the first dimension as data). Use vectorize='vmap' or 'loop'.")
+
+
+def rows_agree(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether one row of a batched evaluation matches `f` on that row alone: within sqrt(eps), relative to the
+    row's largest element (batched kernels sum in other orders); NaN where both give NaN."""
+    tol = torch.finfo(want.dtype).eps ** 0.5 if want.is_floating_point() else 0.0
+    scale = float(want.abs().nan_to_num(posinf=0.0).max()) if want.numel() else 0.0
+    return torch.allclose(got, want, rtol=tol, atol=tol * scale, equal_nan=True)
 
 
 def _asserts_on_device(device: torch.device) -> bool:

@@ -104,13 +104,22 @@ def _signature(value: object, modules: dict[int, nn.Module], depth: int) -> Hash
     return ("O", Identity(value))
 
 
+def _may_hold_modules(value: object) -> bool:
+    """A container or a plain object whose items or attributes may be modules (not a class, a Python module, a
+    function or a tensor)."""
+    return isinstance(value, (list, tuple, dict)) or (hasattr(value, "__dict__") and not isinstance(
+        value, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, torch.Tensor)))
+
+
 def _modules_within(value: object, modules: dict[int, nn.Module], depth: int) -> None:
     """Register the modules an object keyed by identity holds (`trainer.model`, a list of layers): their training
     flags are part of the key and their buffers are put back between evaluations, like a captured module's."""
-    if depth <= 0 or isinstance(value, (type, types.ModuleType, torch.Tensor)) or callable(value) and not hasattr(value, "__dict__"):
+    if depth <= 0:
         return
     if isinstance(value, nn.Module):
         modules.setdefault(id(value), value)
+        return
+    if not _may_hold_modules(value):
         return
     if isinstance(value, (list, tuple)):
         items = value if len(value) <= _SMALL else ()
@@ -122,8 +131,7 @@ def _modules_within(value: object, modules: dict[int, nn.Module], depth: int) ->
     for item in items:
         if isinstance(item, nn.Module):
             modules.setdefault(id(item), item)
-        elif isinstance(item, (list, tuple, dict)) or (hasattr(item, "__dict__") and not isinstance(
-                item, (type, types.ModuleType, types.FunctionType, types.MethodType, torch.Tensor))):
+        elif _may_hold_modules(item):
             _modules_within(item, modules, depth - 1)
 
 
@@ -165,8 +173,7 @@ def function_signature(f: Callable, modules: dict[int, nn.Module], depth: int = 
                 modules.setdefault(id(value), value)
             elif isinstance(value, types.FunctionType) and value is not f and depth > 0:
                 function_signature(value, modules, depth - 1)
-            elif isinstance(value, (list, tuple, dict)) or (hasattr(value, "__dict__") and not isinstance(
-                    value, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType))):
+            elif _may_hold_modules(value):
                 _modules_within(value, modules, depth)  # a global list of layers, an object holding a model
         defaults = tuple(_signature(v, modules, depth - 1) for v in f.__defaults__ or ())
         return ("function", f.__code__, tuple(cells), defaults)

@@ -95,10 +95,11 @@ def _values_changed(call: Call, entry: PlanEntry, name: str | None = None) -> No
         # it guards against a point where the Jacobian vanishes, and a closure rebuilt every step with a new
         # target would pay its three evaluations every step.
         call.must_verify, call.values_now = True, now
-    with entry.lock:
-        everywhere = entry.batch_aware_at(now)
-    if repeat and not everywhere:  # NOTE: [Batch-aware at every point]
-        call.must_verify, call.values_now = True, now
+    if repeat:  # NOTE: [Batch-aware at every point]
+        with entry.lock:
+            everywhere = entry.batch_aware_at(now)
+        if not everywhere:
+            call.must_verify, call.values_now = True, now
 
 
 # NOTE: [A repeat plan on changing values]
