@@ -867,7 +867,7 @@ def test_the_probes_pace_sends_a_dense_run_to_a_slice_only_on_the_engine_it_time
     only while the autograd engine the probe timed runs first: a run the probe sent to torch.func has another pace."""
     from autojac._planning import first_call
 
-    def probe(chain, problem, graph, entry, eval_seconds, keep=None):
+    def probe(chain, problem, graph, entry, eval_seconds, keep=None, rows_wanted=False):
         entry.facts = dataclasses.replace(entry.facts, probe_seconds_per_vector=1.0)  # slow enough to pay a trace
         first = dataclasses.replace(chain[0], engine=first_engine)
         return [first, *(c for c in chain if c != first)]

@@ -26,6 +26,15 @@ probe is open, and a probe opens only when none is running (NOTE: [Batched
 backwards wait for an open loop probe]); a loop in a batched backward of the
 user's own in another thread meanwhile counts as this probe's, which can only
 change which engine goes first.
+
+NOTE: [Loops read off the graph]
+Which backward nodes fall back is a fact about torch, not about `f`: `benchmarks/fallback_table.py`
+measures it once per torch version for 90-odd common ops (38 of them loop on torch 2.13: CumsumBackward0
+three times, RollBackward0, TanhBackward0 once...) into `fallback_table.py`. A first call already holds an
+autograd graph (its first evaluation), so `backward_fallbacks` walks it and adds up the table: the loops a
+batched backward would make, and the graph's size, with no batched pass run and no warning raised. A node
+the table does not know (a custom Function, a rarer op) counts as none and is named, so that the caller can
+fall back to a probe.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import warnings
 import torch
 
 from .._core.batched_gate import close_probe, open_probe
+from .fallback_table import FALLBACKS
 
 _LOCK = threading.Lock()
 _FLAG = getattr(torch._C, "_debug_only_display_vmap_fallback_warnings", None)
@@ -141,3 +151,41 @@ class LoopProbe:
                     close_probe()
                 finally:
                     _LOCK.release()
+
+
+WALK_LIMIT = 20000
+"""Nodes `backward_fallbacks` walks at most (about 1 us each); a larger graph is left unread."""
+
+
+class GraphLoops:
+    """What a graph's nodes say about one batched backward through it (NOTE: [Loops read off the graph])."""
+
+    def __init__(self, fallbacks: int, nodes: int, looping: list[str], unknown: list[str]) -> None:
+        self.fallbacks = fallbacks
+        """Looped op calls, from the table."""
+        self.nodes = nodes
+        """Backward nodes (leaves' AccumulateGrad included): what a transform pays for per op."""
+        self.looping = looping
+        """The kinds of node that loop, most looped first."""
+        self.unknown = unknown
+        """The kinds of node the table does not know (they count as none)."""
+
+
+def backward_fallbacks(ys) -> GraphLoops | None:
+    """Walk the autograd graph behind `ys` (NOTE: [Loops read off the graph]); None past WALK_LIMIT nodes."""
+    seen: set = set()
+    stack = [y.grad_fn for y in ys if y is not None and y.grad_fn is not None]
+    kinds: dict[str, int] = {}
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        if len(seen) >= WALK_LIMIT:
+            return None
+        seen.add(node)
+        name = type(node).__name__
+        kinds[name] = kinds.get(name, 0) + 1
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+    loops = {k: c * FALLBACKS[k] for k, c in kinds.items() if FALLBACKS.get(k)}
+    unknown = sorted(k for k in kinds if k not in FALLBACKS and k != "AccumulateGrad")
+    return GraphLoops(sum(loops.values()), len(seen), sorted(loops, key=lambda k: -loops[k]), unknown)

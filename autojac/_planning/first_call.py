@@ -22,7 +22,7 @@ from .._execute import verify
 from .._execute.verify import VerificationError, blocks_of, random_cotangents
 from .._measure.device import (allocated_bytes, free_memory, kept_by_libraries, total_bytes, untracked_margin,
                                untracked_reserve)
-from .._measure.engine_loops import LoopProbe
+from .._measure.engine_loops import WALK_LIMIT, LoopProbe, backward_fallbacks
 from .._methods.base import PlainGraph, evaluate_plain, grad_mode, vjp
 from . import choose
 from .choose import Facts, MethodId
@@ -46,13 +46,15 @@ STRUCTURE_SLICES = 8
 STRUCTURE_SLICE_MAX = 64
 """When structure might pay, the dense run's first chunk is 1/STRUCTURE_SLICES of the basis, at most
 STRUCTURE_SLICE_MAX vectors: its time decides (and is wasted if structure is found)."""
-LOOP_SLICE_SECONDS = 1e-6
-"""What the torch.func engine saves per looped op call and vector, at least: its batched backward against
-torch.autograd's loop (RK4 rollout, 160 looped tanh_backward calls per vector on 64-element states: about
-0.9 us each; a grid residual's `roll` on 40 x 40: about 8 us). See NOTE: [The autograd engine's vmap loops]."""
+LOOP_SECONDS_PER_VECTOR = 3.3e-6
+"""What one looped op call costs torch.autograd's vmap per vector of the chunk, beyond a batched op (fitted
+on the 2-core CPU, first calls on the autograd engine against the torch.func one: a robot arm's 9 looped
+cumsum/flip calls over 12 and 48 rows, 0.20 and 1.27 ms lost; a gated layer's one tanh_backward over 64 and
+256 rows; 80 over 16 rows in an RK4 rollout). See NOTE: [The autograd engine's vmap loops]."""
 PROBE_MIN_PASSES = 100
-"""A first call probes the autograd engine for loops only over this many rows: the probe costs about one
-VJP, under 5% of a vmapped run's bound (LOOP_TO_VMAP of a VJP per row) from here on."""
+"""A first call probes the autograd engine for loops the table of backward nodes cannot tell (NOTE: [Loops read
+off the graph]) only over this many rows: the probe costs about one VJP, under 5% of a vmapped run's bound
+(LOOP_TO_VMAP of a VJP per row) from here on."""
 PROBE_VECTORS = 8
 LOOP_LIKE = 0.5
 VMAP_PER_VJP = 0.2
@@ -63,12 +65,14 @@ expected at VMAP_PER_VJP of a VJP per vector.
 copies of W, 265 ms for the 512 rows against 12.5 ms for torch.func.jacrev and 81 ms for a loop of VJPs;
 no op falls back to a loop, so counting loops alone missed it (`W @ x` only: `x @ W.T` and `nn.Linear` batch
 as one matmul)."""
-FUNC_EVALUATION_FACTOR = 2.0
-FUNC_FIXED_SECONDS = 5e-4
-"""What putting the torch.func engine first costs a first call: an evaluation of `f` under its transform,
-counted at FUNC_EVALUATION_FACTOR plain evaluations, and this much of the transforms' own set-up (a per-sample
-MLP over 256 rows: its first call 3.0 ms on the torch.func engine against 2.5 ms on the autograd one,
-which loops twice per vector there, though warm the torch.func engine is 1.7x faster)."""
+FUNC_FIXED_SECONDS = 1.75e-4
+FUNC_SECONDS_PER_NODE = 7.5e-6
+"""What putting the torch.func engine first costs a first call beyond its evaluation of `f` (which the autograd
+engine does not need: it runs on the first evaluation's graph): this much of the transforms' own set-up, and
+this much per node of `f`'s graph (the evaluation under `torch.func.vjp` and the vmapped backward, op by op).
+Fitted with LOOP_SECONDS_PER_VECTOR on the 2-core CPU: a 3 -> 3 map of 6 nodes, +0.29 ms on the torch.func
+engine; a CNN classifier of 20, +0.37 ms; an RK4 rollout of 985 nodes that loops 80 times over 16 rows, +9 ms;
+the same rollout on 64-element states (1965 nodes, 160 loops, 64 rows), 3.6 ms faster."""
 
 
 # --- the first call --------------------------------------------------------------------------------
@@ -249,7 +253,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
 
     if structure_pending and not options.create_graph:  # NOTE: [A sparse first row decides before the probe]
         look_now(_first_row(graph, problem), 1, problem.row_passes * LOOP_TO_VMAP * vjp_seconds)
-    chain = _engine_by_probe(chain, problem, graph, entry, region.seconds, keep=probed)
+    chain = _engine_by_probe(chain, problem, graph, entry, region.seconds, keep=probed, rows_wanted=structure_pending)
     if (not structure_pending and note and isinstance(options.sparsity, str) and layout_found is None
             and entry.facts.probe_seconds_per_vector is not None
             and chain[0].engine == "autograd"  # the probe's pace is that engine's: not the run's if it went second
@@ -604,26 +608,52 @@ def _took_over(call: Call, made: Call) -> None:
 
 
 def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph | None, entry: PlanEntry,
-                     eval_seconds: float, keep: dict | None = None) -> list[MethodId]:
+                     eval_seconds: float, keep: dict | None = None, rows_wanted: bool = False) -> list[MethodId]:
     """The chain, with the torch.func engine first if torch.autograd's vmap would loop (NOTE: [The autograd
     engine's vmap loops]) or runs a few vectors no faster than a loop of VJPs.
 
-    The probe's vectors are the Jacobian's first rows: with `keep` given, they are left there (`keep["rows"]`:
-    (k, parts, seconds)) for the run that follows to start after them.
+    The loops are read off the first evaluation's graph (NOTE: [Loops read off the graph]). Unless they already
+    put torch.func first (and `rows_wanted` is False: structure might pay, and the probe's rows would tell, NOTE:
+    [Sparse probe rows decide without a slice]), over at least PROBE_MIN_PASSES rows PROBE_VECTORS vectors are
+    pushed batched
+    through that graph's backward (loops counted, their time compared with the plain VJP's); with `keep` given,
+    they are left there (`keep["rows"]`: (k, parts, seconds)) as the Jacobian's first rows for the run that
+    follows to start after them.
 
-    Probed with PROBE_VECTORS vectors pushed batched through the plain evaluation's backward (their time is
-    also compared with the plain VJP's) when the first method is reverse vmap on the autograd engine over at
-    least PROBE_MIN_PASSES rows, and the torch.func engine may evaluate `f` again: not for a random `f` or one
-    that writes what it captures, and not under a budget of the caller's (its evaluation's memory is not known
-    before it runs). The autograd engine stays a candidate: later calls measure it like any alternative.
+    Only when the first method is reverse vmap on the autograd engine and the torch.func engine may evaluate
+    `f` again: not for a random `f` or one that writes what it captures, and not under a budget of the caller's
+    (its evaluation's memory is not known before it runs). Loops cost LOOP_SECONDS_PER_VECTOR a looped call and
+    row; the torch.func engine an evaluation of `f`, FUNC_FIXED_SECONDS and FUNC_SECONDS_PER_NODE a node of the
+    graph. The autograd engine stays a candidate: later calls measure it like any alternative.
     """
     if not chain or graph is None or entry.once_only or entry.options.budget is not None:
         return chain
     m = chain[0]
     other = dataclasses.replace(m, engine="func")
-    n = m.passes(problem.col_passes, problem.row_passes)
-    if (m.mode, m.vectorize, m.engine) != ("reverse", "vmap", "autograd") or other not in chain or n < PROBE_MIN_PASSES:
+    if (m.mode, m.vectorize, m.engine) != ("reverse", "vmap", "autograd") or other not in chain:
         return chain
+    n = m.passes(problem.col_passes, problem.row_passes)
+    walked = backward_fallbacks(graph.ys)
+    nodes = walked.nodes if walked is not None else WALK_LIMIT
+    worth = eval_seconds + FUNC_FIXED_SECONDS + FUNC_SECONDS_PER_NODE * nodes
+    if walked is not None and walked.fallbacks:
+        # The table knows loops: where they cost more than the torch.func engine, it goes first with no probe
+        # (whose 8 vectors and warnings took 0.7 ms of a grid residual's 2.9 ms first call).
+        entry.facts = dataclasses.replace(entry.facts, autograd_loops=walked.fallbacks)
+        lost = walked.fallbacks * n * LOOP_SECONDS_PER_VECTOR
+        if lost > worth and not (rows_wanted and n >= PROBE_MIN_PASSES):
+            kinds = ", ".join(walked.looping[:4]) + (" and more" if len(walked.looping) > 4 else "")
+            why = (f"torch.autograd's vmap would loop over the chunk for {kinds} ({walked.fallbacks} looped op "
+                   f"calls a pass, by the table of backward nodes: about {seconds_text(lost)} over the basis, "
+                   f"against {seconds_text(worth)} for the torch.func engine's evaluation and {nodes} nodes)")
+            return _func_first(chain, other, entry, why)
+    if n < PROBE_MIN_PASSES:
+        if walked is not None and not walked.unknown:  # every node known: no loop left to count on the run
+            entry.facts = dataclasses.replace(entry.facts, autograd_loops=walked.fallbacks)
+        return chain
+    # Over PROBE_MIN_PASSES rows a probe runs unless the table already put torch.func first: for loops of nodes
+    # the table does not know, a batching rule slower than a loop, and its pace, which bounds the run's memory
+    # (NOTE: [A run's memory bounded by its pace]).
     k = min(PROBE_VECTORS, n)
     try:
         with LoopProbe() as probe, grad_mode(entry.options.create_graph):
@@ -647,13 +677,11 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
     # the timing alone says loop-like).
     loops = max(probe.loops, int(loop_like)) if probe.active or loop_like else None
     entry.facts = dataclasses.replace(entry.facts, autograd_loops=loops, probe_seconds_per_vector=per_vector)  # priors
-    worth = FUNC_EVALUATION_FACTOR * eval_seconds + FUNC_FIXED_SECONDS
     slow = n * (marginal - VMAP_PER_VJP * vjp_seconds) if loop_like or probe.loops else 0.0
-    # Counted loops cost at least LOOP_SLICE_SECONDS a call and vector, and what the probe's vectors beyond the
-    # first measured where that is more: a looped op's fallback is not always cheap (tanh(W x) on 512 rows,
-    # one looped tanh_backward a vector: 37 ms on the autograd engine against 6 ms on torch.func's, which 1 us a
-    # call put at 0.5 ms lost).
-    lost = max(probe.loops * n * LOOP_SLICE_SECONDS, slow if probe.loops else 0.0)
+    # Counted loops cost at least LOOP_SECONDS_PER_VECTOR a call and vector, and what the probe's vectors beyond
+    # the first measured where that is more: a looped op's fallback is not always cheap (tanh(W x) on 512 rows,
+    # one looped tanh_backward a vector: 37 ms on the autograd engine against 6 ms on torch.func's).
+    lost = max(probe.loops * n * LOOP_SECONDS_PER_VECTOR, slow if probe.loops else 0.0)
     if lost > worth:  # some loops
         ops = ", ".join(probe.ops[:4]) + (" and more" if len(probe.ops) > 4 else "")
         why = (f"torch.autograd's vmap loops over the chunk for {ops} ({probe.loops} looped op calls per vector, "
@@ -663,6 +691,10 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
                f"{marginal / vjp_seconds:.1f}x a plain VJP (a batching rule no faster than a loop)")
     else:
         return chain
+    return _func_first(chain, other, entry, why)
+
+
+def _func_first(chain: list[MethodId], other: MethodId, entry: PlanEntry, why: str) -> list[MethodId]:
     entry.events.append(f"{other.name} went first: {why}")
     logger.debug(entry.events[-1])
     return [other, *(c for c in chain if c != other)]
