@@ -206,8 +206,8 @@ def jacobian(
         and finds batching no faster than half a plain VJP per vector, at a like
         cost: then the torch.func engine goes first. Below 100 rows, with nodes
         the table does not know, the autograd engine's own run counts its loops,
-        for later calls' order. If a method fails, the next: the other engine, the loop, the other
-        modes.
+        for later calls' order. If a method fails, the next: the other engine,
+        the loop, the other modes.
         If that evaluation wrote in place into a tensor `f` captures (a counter,
         a running average that is not a module buffer), the plan settles on the
         method that worked: each call evaluates `f` once and nothing is explored.
