@@ -17,6 +17,7 @@ private generator, never the global RNG.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +35,7 @@ class VerificationError(AutojacError, ArithmeticError):
     """A method's Jacobian disagreed with an independent vector-Jacobian product."""
 
 
+@functools.cache
 def _tolerance(dtype: torch.dtype) -> float:
     return 2.0 * torch.finfo(dtype).eps ** 0.5
 
@@ -181,23 +183,24 @@ def balanced_cotangents(result: object, problem: Problem) -> tuple[torch.Tensor,
                 if block.layout == torch.strided:
                     if block.numel() == 0:
                         continue
-                    row = torch.maximum(block.amax(1), block.amin(1).neg())
+                    row = torch.linalg.vector_norm(block, float("inf"), dim=1)  # max |J| a row: no copy of |J|
                 else:
                     rows, _ = block.indices()
                     row = torch.zeros(size, dtype=block.dtype, device=block.device)
                     row.scatter_reduce_(0, rows, block.values().abs(), reduce="amax")  # (index_reduce_ warns: beta)
-                row = row.double().nan_to_num(nan=0.0, posinf=0.0)
+                row = row.double().nan_to_num_(nan=0.0, posinf=0.0)
                 s = row if s is None else torch.maximum(s, row)
             scales.append(s if s is not None else torch.zeros(size, dtype=torch.float64,
                                                               device=problem.inputs.device))
         if not scales:
             return None
-        every = torch.cat(scales)
-        live = every[every > 0]
-        if live.numel() < 2:
+        every = scales[0] if len(scales) == 1 else torch.cat(scales)
+        if every.numel() < 2:
             return None
-        largest, smallest = float(live.max()), float(live.min())
-        spread = max([UNBALANCED_ROWS] + [1.0 / (10.0 * _tolerance(d)) for d in problem.out_dtypes if d.is_floating_point])
+        # The largest scale and the smallest nonzero one, in one reading (no nonzero row: 0 and inf; one: equal;
+        # balanced either way).
+        largest, smallest = torch.stack([every.max(), torch.where(every > 0, every, torch.inf).min()]).tolist()
+        spread = _spread(problem.out_dtypes)
         if largest <= spread * smallest:
             return None
         generator = torch.Generator(device=problem.inputs.device).manual_seed(0xBA1A)
@@ -210,6 +213,11 @@ def balanced_cotangents(result: object, problem: Problem) -> tuple[torch.Tensor,
             w = torch.randn(s.shape, generator=generator, dtype=torch.float64, device=s.device) / divisor
             out.append(w.to(dtype).reshape(shape))
         return tuple(out)
+
+
+@functools.cache
+def _spread(dtypes: tuple[torch.dtype, ...]) -> float:
+    return max([UNBALANCED_ROWS] + [1.0 / (10.0 * _tolerance(d)) for d in dtypes if d.is_floating_point])
 
 
 def check_balanced(name: str, result: object, problem: Problem, reference_of) -> None:
