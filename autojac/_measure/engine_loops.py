@@ -172,7 +172,15 @@ class GraphLoops:
 
 
 def backward_fallbacks(ys) -> GraphLoops | None:
-    """Walk the autograd graph behind `ys` (NOTE: [Loops read off the graph]); None past WALK_LIMIT nodes."""
+    """Walk the autograd graph behind `ys` (NOTE: [Loops read off the graph]); None past WALK_LIMIT nodes, or
+    where a node cannot be read (only advice: the methods find out for themselves what fails)."""
+    try:
+        return _walk(ys)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _walk(ys) -> GraphLoops | None:
     seen: set = set()
     stack = [y.grad_fn for y in ys if y is not None and y.grad_fn is not None]
     kinds: dict[str, int] = {}

@@ -615,10 +615,9 @@ def _engine_by_probe(chain: list[MethodId], problem: Problem, graph: PlainGraph 
     The loops are read off the first evaluation's graph (NOTE: [Loops read off the graph]). Unless they already
     put torch.func first (and `rows_wanted` is False: structure might pay, and the probe's rows would tell, NOTE:
     [Sparse probe rows decide without a slice]), over at least PROBE_MIN_PASSES rows PROBE_VECTORS vectors are
-    pushed batched
-    through that graph's backward (loops counted, their time compared with the plain VJP's); with `keep` given,
-    they are left there (`keep["rows"]`: (k, parts, seconds)) as the Jacobian's first rows for the run that
-    follows to start after them.
+    pushed batched through that graph's backward (loops counted, their time compared with the plain VJP's); with
+    `keep` given, they are left there (`keep["rows"]`: (k, parts, seconds)) as the Jacobian's first rows for the
+    run that follows to start after them.
 
     Only when the first method is reverse vmap on the autograd engine and the torch.func engine may evaluate
     `f` again: not for a random `f` or one that writes what it captures, and not under a budget of the caller's

@@ -1,0 +1,92 @@
+"""First calls of the suite's problems at two commits, side by side: processes alternate between them.
+
+The full suite's first-call figures move by up to 1.5x between runs on the shared 2-core VMs (the peers' own
+times by up to 2x between days), more than most planning changes do; alternating processes of two checkouts in
+one time window puts both under the same conditions.
+
+    git worktree add /tmp/old <commit>
+    python benchmarks/first_call_ab.py /tmp/old . --rounds 2 --out benchmarks/results/cpu-2core-first-call-ab.md
+
+Each process times `clear_cache()` + one call, 12 times per problem size (the first 2 dropped), and reports the
+median and what the call ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import json, statistics, sys, time, warnings
+warnings.simplefilter("ignore")
+import autojac
+from autojac._bench.problems import PROBLEMS
+out = {}
+for p in PROBLEMS:
+    for size in ("small", "large"):
+        f, x = p.build(size, "cpu")
+        times = []
+        for r in range(12):
+            autojac.clear_cache()
+            t = time.perf_counter(); autojac.jacobian(f, x); t = time.perf_counter() - t
+            if r >= 2:
+                times.append(t)
+        report = autojac.last_report()
+        out[f"{p.name} {size}"] = (statistics.median(times), report.method, list(report.chunk_sizes), report.evaluations)
+print(json.dumps(out))
+"""
+
+
+def run(checkout: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(checkout).resolve()))
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def commit_of(checkout: str) -> str:
+    return subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old")
+    parser.add_argument("new")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    began = time.time()
+    runs: dict[str, list[dict]] = {"old": [], "new": []}
+    for _ in range(args.rounds):
+        for side in ("old", "new"):
+            runs[side].append(run(getattr(args, side)))
+    names = list(runs["old"][0])
+    lines = [f"# First calls at two commits, alternating processes\n",
+             f"{commit_of(args.old)} (old) against {commit_of(args.new)} (new); {args.rounds} process(es) each, "
+             f"alternating; each figure the median over processes of each process's median of 10 first calls. "
+             f"2-core AMD EPYC VM, torch 2.13.0+cpu, {time.strftime('%Y-%m-%d')}, {time.time() - began:.0f} s. "
+             f"`benchmarks/first_call_ab.py`.\n",
+             "| problem | old | old ran | new | new ran | new / old |", "|---|---|---|---|---|---|"]
+    logs = []
+    for name in names:
+        old = statistics.median(r[name][0] for r in runs["old"])
+        new = statistics.median(r[name][0] for r in runs["new"])
+        o, n = runs["old"][-1][name], runs["new"][-1][name]
+        logs.append(math.log(new / old))
+        lines.append(f"| {name} | {old * 1e3:.2f} ms | {o[1]} {o[2]} ({o[3]} ev.) | {new * 1e3:.2f} ms | "
+                     f"{n[1]} {n[2]} ({n[3]} ev.) | {new / old:.2f}x |")
+    lines.append(f"\nGeometric mean new / old: {math.exp(sum(logs) / len(logs)):.3f}x over {len(logs)} problem sizes.")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
