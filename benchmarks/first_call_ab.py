@@ -27,6 +27,7 @@ CHILD = r"""
 import json, statistics, sys, time, warnings
 warnings.simplefilter("ignore")
 import autojac
+assert autojac.__file__.startswith(sys.argv[1]), (autojac.__file__, sys.argv[1])
 from autojac._bench.problems import PROBLEMS
 out = {}
 for p in PROBLEMS:
@@ -45,8 +46,10 @@ print(json.dumps(out))
 
 
 def run(checkout: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(checkout).resolve()))
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
+    root = str(pathlib.Path(checkout).resolve())
+    # Run from the checkout: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH.
+    done = subprocess.run([sys.executable, "-c", CHILD, root], env=dict(os.environ, PYTHONPATH=root), cwd=root,
+                          capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
