@@ -70,7 +70,7 @@ def main() -> None:
         for side in ("old", "new"):
             runs[side].append(run(getattr(args, side)))
     names = list(runs["old"][0])
-    lines = [f"# First calls at two commits, alternating processes\n",
+    lines = ["# First calls at two commits, alternating processes\n",
              f"{commit_of(args.old)} (old) against {commit_of(args.new)} (new); {args.rounds} process(es) each, "
              f"alternating; each figure the median over processes of each process's median of 10 first calls. "
              f"2-core AMD EPYC VM, torch 2.13.0+cpu, {time.strftime('%Y-%m-%d')}, {time.time() - began:.0f} s. "
