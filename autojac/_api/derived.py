@@ -537,7 +537,7 @@ def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict, tar
     except MemoryBudgetError:
         if batch == 1 or options.get("plan") is not None:
             raise
-        _check_split(f, inputs, xs)
+        _check_split(f, xs)
         half = batch // 2
         parts = [_batch(f, _slice(inputs, a, b), tuple(x[a:b] for x in xs), options, target_mode)
                  for a, b in ((0, half), (half, batch))]
@@ -563,14 +563,14 @@ def _split_tangent(jac: Any, n: int, as_tuple: bool) -> tuple[Any, list[torch.Te
 # two) is the README's caveat.
 
 
-def _check_split(f: Callable, inputs, xs: tuple[torch.Tensor, ...]) -> None:
+def _check_split(f: Callable, xs: tuple[torch.Tensor, ...]) -> None:
     """Refuse to compute the batch in parts if `f` treats sample 0 differently in a batch of 1 and of 2 (NOTE: [A
     batch split in parts])."""
     why = None
     try:
         with torch.no_grad():
-            one = _leaves(_call_batch(f, _slice(inputs, 0, 1)))
-            two = _leaves(_call_batch(f, _slice(inputs, 0, 2)))
+            one = _leaves(f(*(x[:1] for x in xs)))
+            two = _leaves(f(*(x[:2] for x in xs)))
         for a, b in zip(one, two):
             if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape[1:] != b.shape[1:]:
                 why = "its outputs' shapes depend on the batch size"
@@ -585,10 +585,6 @@ def _check_split(f: Callable, inputs, xs: tuple[torch.Tensor, ...]) -> None:
             f"batch_jacobian: one pass over the batch of {xs[0].shape[0]} does not fit the memory budget, so the "
             f"batch would be computed in parts, but `f` cannot be split: {why}. Raise `memory_budget`, or make "
             "`f` compute each sample alone (per-sample tensors as inputs, not captured; no use of the batch size).")
-
-
-def _call_batch(f: Callable, part):
-    return f(*part) if type(part) is tuple else f(part)
 
 
 def _slice(inputs, a: int, b: int):

@@ -10,7 +10,6 @@ leaves that state at the end as one evaluation of `f` leaves it, as after
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import threading
 import types
@@ -287,14 +286,16 @@ def inside_evaluation() -> int:
     return getattr(_inside, "depth", 0)
 
 
-@contextlib.contextmanager
-def evaluating():
-    """Mark a direct call of `f` (outside `Evaluator.__call__`) as an autojac evaluation, so a Jacobian `f` takes
-    inside builds its graph (NOTE: [A Jacobian inside f])."""
-    _inside.depth = inside_evaluation() + 1
-    try:
-        yield
-    finally:
+class evaluating:
+    """`with evaluating():` around a call of the user's `f` marks it as an autojac evaluation, so a Jacobian `f`
+    takes inside builds its graph (NOTE: [A Jacobian inside f]). A plain class: it wraps every evaluation."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _inside.depth = inside_evaluation() + 1
+
+    def __exit__(self, *exc: object) -> None:
         _inside.depth -= 1
 
 
@@ -369,11 +370,8 @@ class Evaluator:
         self.started += 1
         self.plain_call = not private
         self._raised = True
-        _inside.depth = inside_evaluation() + 1
-        try:
+        with evaluating():
             out = self.arguments.call(self.f, xs if private else [x.clone() for x in xs])
-        finally:
-            _inside.depth -= 1
         self._raised = False
         self.count += 1
         self._completed += 1

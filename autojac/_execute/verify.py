@@ -220,6 +220,16 @@ def _spread(dtypes: tuple[torch.dtype, ...]) -> float:
     return max([UNBALANCED_ROWS] + [1.0 / (10.0 * _tolerance(d)) for d in dtypes if d.is_floating_point])
 
 
+def check(name: str, result: object, problem: Problem, reference_of, w: Sequence[torch.Tensor] | None = None,
+          reference: Sequence | None = None) -> None:
+    """The safety net on a method's result: `check_against` with random cotangents (`w`, whose product
+    `reference` may be given), then `check_balanced`; `reference_of(w)` is w^T J by an independent product."""
+    if w is None:
+        w = random_cotangents(problem)
+    check_against(name, result, w, reference_of(w) if reference is None else reference, problem)
+    check_balanced(name, result, problem, reference_of)
+
+
 def check_balanced(name: str, result: object, problem: Problem, reference_of) -> None:
     """After `check_against` passed: once more with rows weighed alike, where their sizes differ widely
     (NOTE: [Rows of very different sizes]); `reference_of(w)` is w^T J by an independent product."""

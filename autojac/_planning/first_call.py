@@ -388,9 +388,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             seconds += collecting
             if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
                 w, reference = reference_for_check()
-                verify.check_against(m.name, assembler.checkable(result), w, reference, problem)
-                verify.check_balanced(m.name, assembler.checkable(result), problem,
-                                      lambda w: call.reference(problem, w, graph))
+                verify.check(m.name, assembler.checkable(result), problem, lambda w: call.reference(problem, w, graph),
+                             w, reference)
                 call.verified = True
                 stats.checked_sizes.update(c.size for c in log.chunks)
             elif log.chunks and log.chunks[0].seconds:  # torch's loop: one row of it is one VJP

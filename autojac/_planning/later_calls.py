@@ -11,7 +11,7 @@ from .._core.problem import Problem
 from .._execute.run import FixedChunks, RunLog
 from .._execute.sparse import AT_ONE_POINT
 from .._execute import verify
-from .._execute.verify import VerificationError, check_columns, random_cotangents, reference_product
+from .._execute.verify import VerificationError, check_columns, reference_product
 from .._measure.device import untracked_reserve
 from .._methods.base import PlainGraph, grad_mode
 from . import choose
@@ -399,11 +399,8 @@ def _needs_check(call: Call, entry: PlanEntry, stats, sizes) -> bool:
 
 def _check_run(call: Call, problem: Problem, name: str, stats, state, assembler, result, sizes) -> None:
     """The safety net on a run's result (a VerificationError if it fails); its chunk sizes are checked then."""
-    w = random_cotangents(problem)
-    reference = _same_graph_reference(stats.method, state, w) or call.reference(problem, w)
-    verify.check_against(name, assembler.checkable(result), w, reference, problem)
-    verify.check_balanced(name, assembler.checkable(result), problem,
-                          lambda w: _same_graph_reference(stats.method, state, w) or call.reference(problem, w))
+    verify.check(name, assembler.checkable(result), problem,
+                 lambda w: _same_graph_reference(stats.method, state, w) or call.reference(problem, w))
     call.verified = True
     stats.checked_sizes.update(sizes)
 
@@ -671,11 +668,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
             slice_unchecked = not stats.verified or stats.unchecked_sizes([log.chunks[0].size])
             if slice_unchecked or inc.unchecked_sizes(rest) or call.must_verify:
                 checking = time.perf_counter()
-                w = random_cotangents(problem)
-                reference = _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)
                 try:
-                    verify.check_against(m.name, assembler.checkable(result), w, reference, problem)
-                    verify.check_balanced(m.name, assembler.checkable(result), problem, lambda w: (
+                    verify.check(m.name, assembler.checkable(result), problem, lambda w: (
                         _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)))
                     call.verified = True
                     stats.verified = True
