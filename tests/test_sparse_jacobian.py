@@ -1148,7 +1148,9 @@ def test_the_first_calls_sampled_bounds_count_the_sampled_lines_of_the_whole_jac
             lines = np.unique(np.linspace(0, sum(sizes) - 1, min(DENSE_SAMPLES, sum(sizes))).astype(np.int64))
             matrix = whole if along_rows else whole.T
             want = max(int(torch.count_nonzero(matrix[int(g)])) for g in lines)
-            assert _fullest(blocks, tuple(sizes), along_rows) == want
-            # Small Jacobians have every line counted (COUNT_ALL_UP_TO).
+            # Every line counted, as small Jacobians are (COUNT_ALL_UP_TO).
             every = max((int(torch.count_nonzero(line)) for line in matrix), default=0)
-            assert _fullest(blocks, tuple(sizes), along_rows, every=True) == every
+            # float64 is counted through NumPy, bfloat16 (which NumPy lacks) by torch's own ops.
+            for typed in (blocks, [[b.to(torch.bfloat16) for b in row] for row in blocks]):
+                assert _fullest(typed, tuple(sizes), along_rows) == want
+                assert _fullest(typed, tuple(sizes), along_rows, every=True) == every

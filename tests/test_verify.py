@@ -110,3 +110,27 @@ def test_balanced_cotangents_only_where_rows_differ_widely():
         J = reference(_loud_and_quiet, x)
         weights = (w[0].abs().unsqueeze(1) * J.abs()).amax(1)
         assert float(weights.max()) < 1e7 * float(weights.min())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_row_scales_are_the_largest_magnitude_in_each_row_on_every_path(dtype, layout):
+    """The rows' scales (NumPy views for CPU floats, torch's reductions for the rest, a scatter for sparse blocks)
+    are max |J| per row, NaN or infinite rows read as 0, so that they never set the balance."""
+    from autojac._execute.verify import _row_scale
+
+    g = torch.Generator().manual_seed(7)
+    block = torch.randn(6, 5, generator=g, dtype=torch.float64) * 10.0 ** torch.arange(6.0).unsqueeze(1)
+    block[2] = -block[2].abs()  # a row whose largest magnitude is negative
+    block[3, 1] = float("nan")
+    block[4, 0] = float("-inf")
+    block[5] = 0.0
+    want = block.abs().amax(1).to(dtype).double().numpy()
+    typed = block.to(dtype).to(DEVICE)
+    if layout == "sparse":
+        typed = typed.to_sparse_coo().coalesce()
+    got = _row_scale(typed, 6)
+    import numpy as np
+    finite = np.isfinite(want)
+    assert np.array_equal(got[finite], want[finite]) and got.dtype == np.float64
+    assert not np.isfinite(got[~finite]).any()  # NaN or inf here; balanced_cotangents reads them as 0
