@@ -1150,7 +1150,9 @@ def test_the_first_calls_sampled_bounds_count_the_sampled_lines_of_the_whole_jac
             want = max(int(torch.count_nonzero(matrix[int(g)])) for g in lines)
             # Every line counted, as small Jacobians are (COUNT_ALL_UP_TO).
             every = max((int(torch.count_nonzero(line)) for line in matrix), default=0)
-            # float64 is counted through NumPy, bfloat16 (which NumPy lacks) by torch's own ops.
-            for typed in (blocks, [[b.to(torch.bfloat16) for b in row] for row in blocks]):
+            # float64 is counted through NumPy, bfloat16 (which NumPy lacks) by torch's own ops, and inputs of
+            # both dtypes side by side through each.
+            mixed = [[b.to(torch.bfloat16) if j % 2 else b for j, b in enumerate(row)] for row in blocks]
+            for typed in (blocks, [[b.to(torch.bfloat16) for b in row] for row in blocks], mixed):
                 assert _fullest(typed, tuple(sizes), along_rows) == want
                 assert _fullest(typed, tuple(sizes), along_rows, every=True) == every

@@ -236,7 +236,7 @@ def _row_scale(block: torch.Tensor, size: int) -> np.ndarray:
     16), a sparse one by a scatter of its values."""
     if block.layout == torch.strided:  # detached by `blocks_of`: no grad mode needed
         if block.device.type == "cpu" and block.dtype in _NUMPY_FLOATS:
-            a = block.resolve_neg().numpy()  # NaN propagates through max and min without a warning
+            a = block.detach().resolve_neg().numpy()  # NaN propagates through max and min without a warning
             return np.maximum(a.max(1), -a.min(1)).astype(np.float64)
         row = torch.maximum(block.amax(1), block.amin(1).neg_())
     else:

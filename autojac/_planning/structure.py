@@ -313,16 +313,16 @@ def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_row
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
-def _line_counts(block: torch.Tensor, dim: int, local: np.ndarray | None):
+def _line_counts(block: torch.Tensor, dim: int, local: np.ndarray | None) -> np.ndarray:
     """Nonzeros in the lines `local` (all when None) of a 2-D block along `dim` (0: rows, 1: columns)."""
     if block.device.type == "cpu" and block.dtype in _NUMPY_DTYPES:
-        a = block.numpy()
+        a = block.detach().resolve_neg().numpy()
         if local is not None:
             a = a[local] if dim == 0 else a[:, local]
         return np.count_nonzero(a, axis=1 - dim)
     if local is not None:
         block = block.index_select(dim, torch.as_tensor(local, device=block.device))
-    return torch.count_nonzero(block, dim=1 - dim)
+    return torch.count_nonzero(block, dim=1 - dim).cpu().numpy()
 
 
 def colorings(pattern: Pattern, symmetric: bool = False) -> tuple[Coloring, Coloring]:
