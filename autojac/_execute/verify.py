@@ -42,6 +42,18 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 2.0 * torch.finfo(dtype).eps ** 0.5
 
 
+_HOST_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def host_view(t: torch.Tensor) -> np.ndarray | None:
+    """A NumPy view of a CPU float tensor (no copy), or None for other devices and dtypes (bfloat16): the safety
+    net's and the structure bounds' small reductions cost 2-5 us an op through NumPy where torch's cost 8-15 on
+    the 2-core CPU."""
+    if t.device.type != "cpu" or t.layout != torch.strided or t.dtype not in _HOST_FLOATS:
+        return None
+    return t.detach().resolve_neg().numpy()
+
+
 def blocks_of(result: object, problem: Problem) -> list[list[torch.Tensor]]:
     """The result's (output, input) blocks, each viewed as (output size, input size)."""
     flat = flatten(result)[0]
@@ -165,8 +177,8 @@ def _close(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> bo
     if got.device.type == "cpu" and ref.device.type == "cpu":
         if got.numel() <= SMALL_CLOSE:
             return all(abs(a - b) <= atol + rtol * abs(b) for a, b in zip(got.tolist(), ref.tolist()))
-        if got.dtype in (torch.float32, torch.float64) and ref.dtype == got.dtype:
-            a, b = got.detach().resolve_neg().numpy(), ref.detach().resolve_neg().numpy()
+        a, b = (host_view(got), host_view(ref)) if got.dtype in (torch.float32, torch.float64) else (None, None)
+        if a is not None and b is not None and a.dtype == b.dtype:
             with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: not close, and no warning for it
                 return bool((np.abs(a - b) <= atol + rtol * np.abs(b)).all())
     return torch.allclose(got, ref, rtol=rtol, atol=atol)
@@ -234,19 +246,16 @@ def _row_scale(block: torch.Tensor, size: int) -> np.ndarray:
     through a NumPy view (its small reductions cost 2-5 us where torch's cost 8-15 on the 2-core CPU), another
     dense block by two reductions on its device (`vector_norm(ord=inf)` took 75 us on 128 x 128 where these take
     16), a sparse one by a scatter of its values."""
+    a = host_view(block)
+    if a is not None:  # NaN propagates through max and min without a warning
+        return np.maximum(a.max(1), -a.min(1)).astype(np.float64)
     if block.layout == torch.strided:  # detached by `blocks_of`: no grad mode needed
-        if block.device.type == "cpu" and block.dtype in _NUMPY_FLOATS:
-            a = block.detach().resolve_neg().numpy()  # NaN propagates through max and min without a warning
-            return np.maximum(a.max(1), -a.min(1)).astype(np.float64)
         row = torch.maximum(block.amax(1), block.amin(1).neg_())
     else:
         rows, _ = block.indices()
         row = torch.zeros(size, dtype=block.dtype, device=block.device)
         row.scatter_reduce_(0, rows, block.values().abs(), reduce="amax")  # (index_reduce_ warns: beta)
     return row.double().cpu().numpy()
-
-
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 @functools.cache

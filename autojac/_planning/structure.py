@@ -33,6 +33,7 @@ import torch
 from .._core.errors import InputError
 from .._core.problem import Problem
 from .._execute.sparse import SparseLayout
+from .._execute.verify import host_view
 from .._structure import Coloring, Pattern, color_columns, color_rows, color_symmetric, detect
 from .._structure.detect import TooDense, TooLong
 from .._structure.pattern import side_grids
@@ -310,13 +311,10 @@ def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_row
     return best
 
 
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
-
-
 def _line_counts(block: torch.Tensor, dim: int, local: np.ndarray | None) -> np.ndarray:
     """Nonzeros in the lines `local` (all when None) of a 2-D block along `dim` (0: rows, 1: columns)."""
-    if block.device.type == "cpu" and block.dtype in _NUMPY_DTYPES:
-        a = block.detach().resolve_neg().numpy()
+    a = host_view(block)
+    if a is not None:
         if local is not None:
             a = a[local] if dim == 0 else a[:, local]
         return np.count_nonzero(a, axis=1 - dim)
