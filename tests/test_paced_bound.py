@@ -78,3 +78,45 @@ def test_a_backward_that_touches_much_memory_a_vector_is_still_measured(monkeypa
     torch.testing.assert_close(got, reference(f, x), rtol=1e-4, atol=1e-5)
     assert r.method.startswith("reverse/vmap") and r.verified, r
     assert len(r.chunk_sizes) > 1 and r.chunk_sizes[0] <= -(-128 // first_call.STRUCTURE_SLICES), r
+
+
+def test_a_reverse_run_under_the_probes_rows_is_bounded_by_the_reference_vjp(monkeypatch):
+    # 32 rows: no engine probe (PROBE_MIN_PASSES), so only the evaluation's time bounded the run, and a 50 ms
+    # evaluation put 32 vectors at 77 GB: the run was split into 4 + 28 rows to learn its memory line, which on a
+    # backward of many small ops (an RK4 rollout) costs nearly a second whole run. The safety net's reference VJP
+    # is measured instead; it holds kilobytes, and the run goes in one chunk.
+    if PeakMeter("cpu").kind == "none":
+        pytest.skip("no peak counter here: chunks are never measured")
+    _free(monkeypatch, 64)
+    W = torch.randn(32, 64, dtype=torch.float64) / 8
+
+    def f(x):
+        time.sleep(0.05)
+        return torch.tanh(W @ torch.sin(x))
+
+    x = torch.randn(64, dtype=torch.float64)
+    got = autojac.jacobian(f, x)
+    r = autojac.last_report()
+    torch.testing.assert_close(got, reference(f, x))
+    assert r.method.startswith("reverse/vmap") and r.verified, r
+    assert r.chunk_sizes == (32,), r
+
+
+def test_a_reverse_run_whose_vjp_holds_much_is_still_measured(monkeypatch):
+    # Each vector's backward holds a 48 x 16384 intermediate (6 MiB in float64): 48 rows take ~300 MiB, over a
+    # quarter of a 1 GiB room. The evaluation is quick (its time-bound is tens of MB), but the reference VJP
+    # shows what a vector holds, and the run is measured chunk by chunk, the first chunk an eighth of the rows.
+    if PeakMeter("cpu").kind == "none":
+        pytest.skip("no peak counter here: chunks are never measured")
+    _free(monkeypatch, 2)
+    v = torch.linspace(0.5, 1.5, 16384, dtype=torch.float64)
+
+    def f(x):
+        return torch.tanh(torch.outer(x, v)).sum(1)
+
+    x = torch.randn(48, dtype=torch.float64) / 4
+    got = autojac.jacobian(f, x)
+    r = autojac.last_report()
+    torch.testing.assert_close(got, reference(f, x))
+    assert r.method.startswith("reverse/vmap") and r.verified, r
+    assert len(r.chunk_sizes) > 1 and r.chunk_sizes[0] <= -(-48 // first_call.STRUCTURE_SLICES), r

@@ -215,9 +215,12 @@ def jacobian(
         and one output per vector) says it fits the budget with room to spare.
         On the CPU without a budget the forward pass is not measured: it is
         bounded by its time at twice the fastest rate pages were touched, and a
-        run on torch.autograd's vmap by the probe's pace a vector (the
-        smaller bound decides); chunks are measured only when that bound over
-        the basis passes a quarter of the room. Otherwise
+        run on torch.autograd's vmap by the probe's pace a vector; when that
+        bound would call for measuring a reverse vmap run, the reference VJP is
+        measured instead, and the run bounded by twice its peak a vector plus
+        the largest tensor `f` holds (the smallest bound decides); chunks are
+        measured only when that bound over the basis passes a quarter of the
+        room. Otherwise
         a first chunk that fits by that prior, measured (CUDA allocator
         peak, or the process's peak RSS on Linux), then chunks that grow at most
         4x at a time while the measured line says they fit (on the CPU, a

@@ -151,16 +151,27 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         return checks["w"], checks["reference"]
 
     retained = 0  # what the reference VJP left allocated beyond its own tensors (CUDA)
+    vjp_peak = None  # NOTE: [A reverse run's memory bounded by one VJP's]
     if chain and chain[0].is_reference and not options.strict:
         vjp_seconds = region.seconds  # a VJP costs about an evaluation: only a bound for long runs, refined below
     else:
+        measure_vjp = (not measured_forward and device.type == "cpu" and call.meter.kind != "none"
+                       and _reverse_vmap(chain[0])
+                       and chain[0].passes(problem.col_passes, problem.row_passes) * PRIOR_FACTOR
+                       * (graph_bound + max(problem.in_bytes, problem.out_bytes))
+                       > MEASURE_WHEN_PRIOR_ABOVE * max(budget - problem.result_bytes, 0))
         with torch.enable_grad():
             _sync(device)
             allocated = allocated_bytes(device)
             t = time.perf_counter()
-            reference_for_check()
+            if measure_vjp:
+                with call.meter.region() as measured:
+                    reference_for_check()
+                vjp_peak = measured.peak_bytes
+            else:
+                reference_for_check()
             _sync(device)
-            vjp_seconds = time.perf_counter() - t
+            vjp_seconds = measured.seconds if vjp_peak is not None else time.perf_counter() - t
             retained = kept_by_libraries(device, allocated, (*checks["w"], *checks["reference"]))
     note = ""
     structure_pending = False  # NOTE: [When structure is worth finding]
@@ -287,6 +298,9 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         run_bound = n * bound_prior
         if not measured_forward and device.type == "cpu":  # NOTE: [A run's memory bounded by its pace]
             run_bound = min(run_bound, _paced_bound(m, n, graph_bound, entry.facts.probe_seconds_per_vector, problem))
+            if vjp_peak is not None and _reverse_vmap(m):  # NOTE: [A reverse run's memory bounded by one VJP's]
+                run_bound = min(run_bound, graph_bound + n * (PRIOR_FACTOR * (vjp_peak + problem.in_bytes
+                                                                              + problem.out_bytes) + copies))
         measured = (call.meter.kind != "none") and room is not None and run_bound > MEASURE_WHEN_PRIOR_ABOVE * room
         first = _long_run_first_chunk(n, vjp_seconds)
         if measured and not measured_forward:  # learn the memory line on an eighth of the basis first
@@ -773,6 +787,24 @@ def _paced_bound(m: MethodId, n: int, graph_bound: int, pace: float | None, prob
         return math.inf
     per_vector = _touchable_bytes(pace)
     return graph_bound + n * (per_vector + problem.in_bytes + problem.out_bytes)
+
+
+def _reverse_vmap(m: MethodId) -> bool:
+    return m.mode == "reverse" and m.vectorize == "vmap"
+
+
+# NOTE: [A reverse run's memory bounded by one VJP's]
+# A reverse run pushes its vectors through one backward pass, batched: each vector's cotangents and gradients
+# are one VJP's, and torch.autograd's batching rules may add a copy of an operand per vector (`W @ x`: one bmm
+# over copies of W). So on the CPU, where the first evaluation is not measured and its time-bound would split
+# the run to learn its memory line (an RK4 rollout, 16 rows: a first chunk of 2, then 14, 10.1 + 13.1 ms against
+# 13.4 ms for all 16 at once; 64 rows: 24.6 + 52 ms against 57.6 ms), the safety net's reference VJP, which
+# runs anyway, is measured instead (one meter region, ~20 us with the heap trimmed first, so that reused
+# blocks show as growth and the reading errs high). A vmapped reverse run is then bounded by the plain graph
+# it may build again (the evaluation's time-bound, once) plus n times PRIOR_FACTOR times that VJP's peak with
+# the seed and the row it writes, plus the largest tensor `f` holds per vector (the copy a batching rule may
+# make); the smaller bound decides, with MEASURE_WHEN_PRIOR_ABOVE's factor 4 of the room for what it misses.
+# Forward and repeat runs evaluate `f` in their own way: a VJP says nothing of them.
 
 
 def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
