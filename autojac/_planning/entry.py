@@ -227,6 +227,7 @@ class PlanEntry:
         self.values_last = None
         """The tensors `f` held on the plan's latest call, while a repeat method waits untried behind another
         incumbent (NOTE: [New values before a repeat method runs]); None: not watched."""
+        self.values_watched = 0  # calls that came to watch them (every WATCH_EVERY-th looks once RUNS_KEPT have)
         self.follows_values = False
         """The pattern changed with the tensors `f` holds: a call on new ones plans again first (NOTE: [A pattern
         found again])."""
@@ -295,9 +296,10 @@ class PlanEntry:
 
     def _next_trial(self, inc: MethodStats) -> choose.Trial | None:
         waiting = [s for s in self.stats.values() if s.status == "untried"]
+        inc_cost = inc.cost  # read once: `cost` takes the fastest of the kept runs and the checks' share
         close = [s for s in self.stats.values()
-                 if s.status == "measured" and s.method.name != self.incumbent and s.best is not None
-                 and s.cost < choose.CONFIRM_WITHIN * inc.cost]
+                 if s.status == "measured" and s.runs and s.method.name != self.incumbent
+                 and s.cost < choose.CONFIRM_WITHIN * inc_cost]
         confirm = [s for s in close if len(s.runs) < choose.CONFIRM_RUNS]
         if not confirm and not waiting:
             # Runs for a contender still warming up come after every untried method's trial: taken first, they
@@ -322,10 +324,10 @@ class PlanEntry:
             # cost): one stopped within RETRY_PROJECTED of the incumbent gets one whole run, once the credit
             # covers what that run would cost beyond an incumbent call by the projection.
             retry = [s for s in self.stats.values() if s.status == "slower" and s.stopped_on_slice and not s.retried
-                     and s.prior is not None and s.prior + s.extra < choose.RETRY_PROJECTED * inc.cost]
+                     and s.prior is not None and s.prior + s.extra < choose.RETRY_PROJECTED * inc_cost]
             if retry:
                 s = min(retry, key=lambda s: s.prior)
-                if self.credit >= s.prior - inc.cost:
+                if self.credit >= s.prior - inc_cost:
                     s.retried = True
                     return choose.Trial(s.method, s.method.passes(self.problem.col_passes, self.problem.row_passes))
                 return None
@@ -380,9 +382,12 @@ class PlanEntry:
         inc = self.chosen()
         if inc.method.vectorize == "repeat":
             return inc if inc.status != "failed" else None
+        inc_cost = inc.cost
+        if inc_cost is None:
+            return None
         return next((s for s in self.stats.values()
-                     if s.checks is not None and not s.excluded and s.status == "measured" and s.best is not None
-                     and inc.cost is not None and s.best < choose.SWITCH_BELOW * inc.cost), None)
+                     if s.checks is not None and not s.excluded and s.status == "measured" and s.runs
+                     and s.best < choose.SWITCH_BELOW * inc_cost), None)
 
     def copies_pending(self) -> bool:
         """Whether a trace on two copies is still to come (NOTE: [Batch-aware at every point])."""

@@ -17,7 +17,7 @@ from .._methods.base import PlainGraph, grad_mode
 from . import choose
 from .choose import MethodId
 from .cost_model import n_chunks
-from .entry import PlanEntry
+from .entry import RUNS_KEPT, PlanEntry
 from .first_call import _find_layout
 from .plan import seconds_text
 from .session import (MEASURE_WHEN_PRIOR_ABOVE, PRIOR_FACTOR, PROGRESS_AFTER_SECONDS, Call, OutputsChanged,
@@ -122,7 +122,13 @@ def _values_changed(call: Call, entry: PlanEntry, name: str | None = None) -> No
 # an evaluation and at least one product) so that a cold first call cannot price a repeat method out for good:
 # the repeat method's place in the trial order, its trial's projection and the switch then count the checks it
 # would pay. A loop over one function on unchanged values prices none, as before. Watching stops for good once
-# a repeat method is the plan's method (its own checks are noted from then on) or the plan settles.
+# a repeat method is the plan's method (its own checks are noted from then on) or the plan settles. Reading the
+# values costs 20-40 us a call (a robot arm's 0.8 ms calls), and plans that do not settle kept paying it: after
+# the RUNS_KEPT calls the share is taken over, every WATCH_EVERY-th call looks (a change since the last look
+# counts as one call that brought new values), enough to follow a caller's pattern for pricing, which never
+# touches correctness (a repeat incumbent checks its own calls).
+
+WATCH_EVERY = 8
 
 
 def _watch_values(call: Call, entry: PlanEntry) -> None:
@@ -133,6 +139,9 @@ def _watch_values(call: Call, entry: PlanEntry) -> None:
         waiting = entry.repeat_waiting()
         if waiting is None:
             entry.values_last = None
+            return
+        entry.values_watched += 1
+        if entry.values_watched > RUNS_KEPT and entry.values_watched % WATCH_EVERY:
             return
     now = call.f.value_sources()
     with entry.lock:
