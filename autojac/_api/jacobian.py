@@ -216,7 +216,8 @@ def jacobian(
         On the CPU without a budget the forward pass is not measured: it is
         bounded by its time at twice the fastest rate pages were touched, and a
         run on torch.autograd's vmap by the probe's pace a vector; when that
-        bound would call for measuring a reverse vmap run, the reference VJP is
+        bound would call for measuring a reverse vmap run (and the evaluation
+        took 4x what touching the result's pages could), the reference VJP is
         measured instead, and the run bounded by twice its peak a vector plus
         the largest tensor `f` holds (the smallest bound decides); chunks are
         measured only when that bound over the basis passes a quarter of the

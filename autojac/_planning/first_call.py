@@ -157,6 +157,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     else:
         measure_vjp = (not measured_forward and device.type == "cpu" and call.meter.kind != "none"
                        and _reverse_vmap(chain[0])
+                       and region.seconds >= TRIM_TOUCH_FACTOR * problem.result_bytes / _touchable_bytes(1.0)
                        and chain[0].passes(problem.col_passes, problem.row_passes) * PRIOR_FACTOR
                        * (graph_bound + max(problem.in_bytes, problem.out_bytes))
                        > MEASURE_WHEN_PRIOR_ABOVE * max(budget - problem.result_bytes, 0))
@@ -804,7 +805,12 @@ def _reverse_vmap(m: MethodId) -> bool:
 # it may build again (the evaluation's time-bound, once) plus n times PRIOR_FACTOR times that VJP's peak with
 # the seed and the row it writes, plus the largest tensor `f` holds per vector (the copy a batching rule may
 # make); the smaller bound decides, with MEASURE_WHEN_PRIOR_ABOVE's factor 4 of the room for what it misses.
-# Forward and repeat runs evaluate `f` in their own way: a VJP says nothing of them.
+# Forward and repeat runs evaluate `f` in their own way: a VJP says nothing of them. The trim has a cost beyond
+# its own: what the call allocates next, the result first, is touched afresh instead of reusing resident pages
+# (a grid residual's 20 MB dense result: first calls 9 -> 14 ms). A split costs about one more batched backward,
+# so the VJP is measured only where the evaluation takes TRIM_TOUCH_FACTOR times what touching the result's
+# pages could (at the fastest touch rate: the real one is 2-4x slower).
+TRIM_TOUCH_FACTOR = 4.0
 
 
 def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
