@@ -45,30 +45,49 @@ print(json.dumps(out))
 """
 
 
-def run(checkout: str) -> dict:
+def run(checkout: str, child: str = CHILD) -> dict:
+    """The child's JSON, run on `checkout`'s autojac (also used by warm_call_ab.py)."""
     root = str(pathlib.Path(checkout).resolve())
     # Run from the checkout: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH.
-    done = subprocess.run([sys.executable, "-c", CHILD, root], env=dict(os.environ, PYTHONPATH=root), cwd=root,
+    done = subprocess.run([sys.executable, "-c", child, root], env=dict(os.environ, PYTHONPATH=root), cwd=root,
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def alternate(old: str, new: str, rounds: int, child: str = CHILD) -> dict[str, list[dict]]:
+    """`rounds` runs of each checkout, old and new alternating."""
+    runs: dict[str, list[dict]] = {"old": [], "new": []}
+    for _ in range(rounds):
+        runs["old"].append(run(old, child))
+        runs["new"].append(run(new, child))
+    return runs
+
+
+def finish(lines: list[str], out: str | None) -> None:
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        pathlib.Path(out).write_text(text)
 
 
 def commit_of(checkout: str) -> str:
     return subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.Namespace:
+    """The two checkouts, the rounds and the output file (also warm_call_ab.py's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0])
     began = time.time()
-    runs: dict[str, list[dict]] = {"old": [], "new": []}
-    for _ in range(args.rounds):
-        for side in ("old", "new"):
-            runs[side].append(run(getattr(args, side)))
+    runs = alternate(args.old, args.new, args.rounds)
     names = list(runs["old"][0])
     lines = ["# First calls at two commits, alternating processes\n",
              f"{commit_of(args.old)} (old) against {commit_of(args.new)} (new); {args.rounds} process(es) each, "
@@ -85,10 +104,7 @@ def main() -> None:
         lines.append(f"| {name} | {old * 1e3:.2f} ms | {o[1]} {o[2]} ({o[3]} ev.) | {new * 1e3:.2f} ms | "
                      f"{n[1]} {n[2]} ({n[3]} ev.) | {new / old:.2f}x |")
     lines.append(f"\nGeometric mean new / old: {math.exp(sum(logs) / len(logs)):.3f}x over {len(logs)} problem sizes.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).write_text(text)
+    finish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,13 @@ on exploring while the plan is not settled), interleaved, one call at a time, an
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
+
+from first_call_ab import alternate, arguments, commit_of, finish  # benchmarks/ is the script's directory: first on sys.path
 
 CHILD = r"""
 import json, statistics, sys, time, warnings
@@ -67,46 +65,27 @@ print(json.dumps(out))
 """
 
 
-def run(checkout: str) -> dict:
-    root = str(pathlib.Path(checkout).resolve())
-    done = subprocess.run([sys.executable, "-c", CHILD, root], env=dict(os.environ, PYTHONPATH=root),
-                          cwd=root, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def commit_of(checkout: str) -> str:
-    return subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("old")
-    parser.add_argument("new")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = arguments(__doc__.splitlines()[0])
     sys.path.insert(0, str(pathlib.Path(args.new).resolve()))
     from autojac._bench.suite import machine_text
     import torch
 
     began = time.time()
-    runs: dict[str, list[dict]] = {"old": [], "new": []}
-    for _ in range(args.rounds):
-        for side in ("old", "new"):
-            runs[side].append(run(getattr(args, side)))
+    runs = alternate(args.old, args.new, args.rounds, CHILD)
     names = [n for n in runs["old"][0] if all(n in r for side in runs.values() for r in side)]
     lines = ["# Warm calls at two commits, alternating processes\n",
              f"{commit_of(args.old)} (old) against {commit_of(args.new)} (new); {args.rounds} process(es) each, "
              f"alternating; each figure the median over processes of each process's median call (12 calls from "
              f"a fresh plan first; frozen: `plan=` the plan held then, plain: the plain call, exploring while the "
-             f"plan is not settled). {machine_text(torch.device('cpu'))}, {time.strftime('%Y-%m-%d')}, "
+             f"plan is not settled; the plans each side held, which can differ between processes). "
+             f"{machine_text(torch.device('cpu'))}, {time.strftime('%Y-%m-%d')}, "
              f"{time.time() - began:.0f} s. `benchmarks/warm_call_ab.py`.\n",
-             "| problem | plan (new) | old frozen | new frozen | new / old | old plain | new plain | new / old |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| problem | plan (old) | plan (new) | old frozen | new frozen | new / old | old plain | new plain | new / old |",
+             "|---|---|---|---|---|---|---|---|---|"]
     logs = {"frozen": [], "plain": []}
     for name in names:
-        row = [name, runs["new"][-1][name][2]]
+        row = [name, ", ".join(sorted({r[name][2] for r in runs["old"]})), ", ".join(sorted({r[name][2] for r in runs["new"]}))]
         for k, kind in enumerate(("frozen", "plain")):
             old = statistics.median(r[name][k] for r in runs["old"])
             new = statistics.median(r[name][k] for r in runs["new"])
@@ -116,10 +95,7 @@ def main() -> None:
     for kind, values in logs.items():
         lines.append(f"\nGeometric mean new / old, {kind}: {math.exp(sum(values) / len(values)):.3f}x over "
                      f"{len(values)} problems.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).write_text(text)
+    finish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,26 @@ def _free(monkeypatch, gib: float) -> None:
     monkeypatch.setattr(first_call, "free_memory", lambda device: MemoryFacts("cpu", int(gib * 2**30), "test"))
 
 
+def _slow_layer(rows: int, cols: int, seconds: float):
+    """tanh(W sin(x)) for an x of `cols` elements, evaluated in at least `seconds` (I/O, Python work)."""
+    W = torch.randn(rows, cols, dtype=torch.float64) / math.sqrt(cols)
+
+    def f(x):
+        time.sleep(seconds)
+        return torch.tanh(W @ torch.sin(x))
+
+    return f, torch.randn(cols, dtype=torch.float64)
+
+
+def _reverse_vmap_report(f, x):
+    """The first call's report, after checking its Jacobian against torch's loop."""
+    got = autojac.jacobian(f, x)
+    r = autojac.last_report()
+    torch.testing.assert_close(got, reference(f, x))
+    assert r.method.startswith("reverse/vmap") and r.verified, r
+    return r
+
+
 def test_the_paced_bound_counts_each_vector_at_the_probes_pace_and_the_graph_once():
     x = torch.randn(64, dtype=torch.float64)
     problem = autojac.plan(lambda x: torch.tanh(x[:32]), x).problem
@@ -48,18 +68,7 @@ def test_a_slow_evaluation_that_holds_little_is_not_measured_chunk_by_chunk(monk
     if PeakMeter("cpu").kind == "none":
         pytest.skip("no peak counter here: chunks are never measured")
     _free(monkeypatch, 1024)
-    W = torch.randn(128, 256, dtype=torch.float64) / 16
-
-    def f(x):
-        time.sleep(0.2)
-        return torch.tanh(W @ torch.sin(x))
-
-    x = torch.randn(256, dtype=torch.float64)
-    want = reference(f, x)
-    got = autojac.jacobian(f, x)
-    r = autojac.last_report()
-    torch.testing.assert_close(got, want)
-    assert r.method.startswith("reverse/vmap") and r.verified, r
+    r = _reverse_vmap_report(*_slow_layer(128, 256, 0.2))
     assert r.chunk_sizes == (128 - first_call.PROBE_VECTORS,), r  # after the probe's rows, one chunk: not split
 
 
@@ -88,17 +97,7 @@ def test_a_reverse_run_under_the_probes_rows_is_bounded_by_the_reference_vjp(mon
     if PeakMeter("cpu").kind == "none":
         pytest.skip("no peak counter here: chunks are never measured")
     _free(monkeypatch, 64)
-    W = torch.randn(32, 64, dtype=torch.float64) / 8
-
-    def f(x):
-        time.sleep(0.05)
-        return torch.tanh(W @ torch.sin(x))
-
-    x = torch.randn(64, dtype=torch.float64)
-    got = autojac.jacobian(f, x)
-    r = autojac.last_report()
-    torch.testing.assert_close(got, reference(f, x))
-    assert r.method.startswith("reverse/vmap") and r.verified, r
+    r = _reverse_vmap_report(*_slow_layer(32, 64, 0.05))
     assert r.chunk_sizes == (32,), r
 
 
@@ -114,9 +113,5 @@ def test_a_reverse_run_whose_vjp_holds_much_is_still_measured(monkeypatch):
     def f(x):
         return torch.tanh(torch.outer(x, v)).sum(1)
 
-    x = torch.randn(48, dtype=torch.float64) / 4
-    got = autojac.jacobian(f, x)
-    r = autojac.last_report()
-    torch.testing.assert_close(got, reference(f, x))
-    assert r.method.startswith("reverse/vmap") and r.verified, r
+    r = _reverse_vmap_report(f, torch.randn(48, dtype=torch.float64) / 4)
     assert len(r.chunk_sizes) > 1 and r.chunk_sizes[0] <= -(-48 // first_call.STRUCTURE_SLICES), r
