@@ -166,13 +166,13 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             allocated = allocated_bytes(device)
             t = time.perf_counter()
             if measure_vjp:
-                with call.meter.region() as measured:
+                with call.meter.region() as vjp_region:
                     reference_for_check()
-                vjp_peak = measured.peak_bytes
+                vjp_peak = vjp_region.peak_bytes
             else:
                 reference_for_check()
             _sync(device)
-            vjp_seconds = measured.seconds if vjp_peak is not None else time.perf_counter() - t
+            vjp_seconds = vjp_region.seconds if vjp_peak is not None else time.perf_counter() - t
             retained = kept_by_libraries(device, allocated, (*checks["w"], *checks["reference"]))
     note = ""
     structure_pending = False  # NOTE: [When structure is worth finding]
