@@ -70,6 +70,13 @@ def finish(lines: list[str], out: str | None) -> None:
         pathlib.Path(out).write_text(text)
 
 
+def machine() -> str:
+    """This machine and torch, in the suite's words (from the newer checkout's autojac, on sys.path here)."""
+    import torch
+    from autojac._bench.suite import machine_text
+    return machine_text(torch.device("cpu"))
+
+
 def commit_of(checkout: str) -> str:
     return subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
@@ -92,7 +99,7 @@ def main() -> None:
     lines = ["# First calls at two commits, alternating processes\n",
              f"{commit_of(args.old)} (old) against {commit_of(args.new)} (new); {args.rounds} process(es) each, "
              f"alternating; each figure the median over processes of each process's median of 10 first calls. "
-             f"2-core AMD EPYC VM, torch 2.13.0+cpu, {time.strftime('%Y-%m-%d')}, {time.time() - began:.0f} s. "
+             f"{machine()}, {time.strftime('%Y-%m-%d')}, {time.time() - began:.0f} s. "
              f"`benchmarks/first_call_ab.py`.\n",
              "| problem | old | old ran | new | new ran | new / old |", "|---|---|---|---|---|---|"]
     logs = []

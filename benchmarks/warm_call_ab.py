@@ -12,12 +12,10 @@ on exploring while the plan is not settled), interleaved, one call at a time, an
 from __future__ import annotations
 
 import math
-import pathlib
 import statistics
-import sys
 import time
 
-from first_call_ab import alternate, arguments, commit_of, finish  # benchmarks/ is the script's directory: first on sys.path
+from first_call_ab import alternate, arguments, commit_of, finish, machine  # benchmarks/ is the script's directory: first on sys.path
 
 CHILD = r"""
 import json, statistics, sys, time, warnings
@@ -67,10 +65,6 @@ print(json.dumps(out))
 
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
-    sys.path.insert(0, str(pathlib.Path(args.new).resolve()))
-    from autojac._bench.suite import machine_text
-    import torch
-
     began = time.time()
     runs = alternate(args.old, args.new, args.rounds, CHILD)
     names = [n for n in runs["old"][0] if all(n in r for side in runs.values() for r in side)]
@@ -79,7 +73,7 @@ def main() -> None:
              f"alternating; each figure the median over processes of each process's median call (12 calls from "
              f"a fresh plan first; frozen: `plan=` the plan held then, plain: the plain call, exploring while the "
              f"plan is not settled; the plans each side held, which can differ between processes). "
-             f"{machine_text(torch.device('cpu'))}, {time.strftime('%Y-%m-%d')}, "
+             f"{machine()}, {time.strftime('%Y-%m-%d')}, "
              f"{time.time() - began:.0f} s. `benchmarks/warm_call_ab.py`.\n",
              "| problem | plan (old) | plan (new) | old frozen | new frozen | new / old | old plain | new plain | new / old |",
              "|---|---|---|---|---|---|---|---|---|"]
