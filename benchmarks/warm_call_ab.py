@@ -15,7 +15,8 @@ import math
 import statistics
 import time
 
-from first_call_ab import alternate, arguments, commit_of, finish, machine  # benchmarks/ is the script's directory: first on sys.path
+# benchmarks/ is the script's directory, first on sys.path
+from first_call_ab import alternate, arguments, commit_of, finish, machine
 
 CHILD = r"""
 import json, statistics, sys, time, warnings
@@ -75,11 +76,12 @@ def main() -> None:
              f"plan is not settled; the plans each side held, which can differ between processes). "
              f"{machine()}, {time.strftime('%Y-%m-%d')}, "
              f"{time.time() - began:.0f} s. `benchmarks/warm_call_ab.py`.\n",
-             "| problem | plan (old) | plan (new) | old frozen | new frozen | new / old | old plain | new plain | new / old |",
+             "| problem | plan (old) | plan (new) | old frozen | new frozen | new / old | old plain | new plain "
+             "| new / old |",
              "|---|---|---|---|---|---|---|---|---|"]
     logs = {"frozen": [], "plain": []}
     for name in names:
-        row = [name, ", ".join(sorted({r[name][2] for r in runs["old"]})), ", ".join(sorted({r[name][2] for r in runs["new"]}))]
+        row = [name, *(", ".join(sorted({r[name][2] for r in runs[side]})) for side in ("old", "new"))]
         for k, kind in enumerate(("frozen", "plain")):
             old = statistics.median(r[name][k] for r in runs["old"])
             new = statistics.median(r[name][k] for r in runs["new"])

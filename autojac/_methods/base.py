@@ -245,7 +245,8 @@ def vjp(
     create_graph: bool,
     batched: bool = False,
 ) -> Parts:
-    """`torch.autograd.grad` that treats outputs without a graph as independent (None)."""
+    """`torch.autograd.grad` (or the engine call it makes: NOTE: [The engine called as torch.autograd.grad calls
+    it]) that treats outputs without a graph as independent (None)."""
     pairs = [(y, v) for y, v in zip(ys, cotangents) if y is not None and y.requires_grad]
     if not pairs:
         return (None,) * len(xs)

@@ -227,7 +227,6 @@ class PlanEntry:
         self.values_last = None
         """The tensors `f` held on the plan's latest call, while a repeat method waits untried behind another
         incumbent (NOTE: [New values before a repeat method runs]); None: not watched."""
-        self.values_watched = 0  # calls that came to watch them (every WATCH_EVERY-th looks once RUNS_KEPT have)
         self.follows_values = False
         """The pattern changed with the tensors `f` holds: a call on new ones plans again first (NOTE: [A pattern
         found again])."""

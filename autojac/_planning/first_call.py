@@ -109,6 +109,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         int(_touchable_bytes(region.seconds)) if device.type == "cpu" else 0)
     graph_bytes = graph_bytes or 0
     forward_bytes = graph_bytes if measured_forward else 0
+    # Bytes a basis vector may take before anything is measured (PRIOR_FACTOR), from the forward pass's bound.
+    bound_prior = PRIOR_FACTOR * (graph_bound + max(problem.in_bytes, problem.out_bytes))
     # NOTE: [Structure first when only a sparse result fits]
     # A sparse output is asked for so that a Jacobian whose dense form cannot fit never exists densely (a
     # 450 x 450 heat equation: 305 GiB dense, 1.0 million nonzeros). When its dense blocks alone are over the
@@ -158,8 +160,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         measure_vjp = (not measured_forward and device.type == "cpu" and call.meter.kind != "none"
                        and _reverse_vmap(chain[0])
                        and region.seconds >= TRIM_TOUCH_FACTOR * problem.result_bytes / _touchable_bytes(1.0)
-                       and chain[0].passes(problem.col_passes, problem.row_passes) * PRIOR_FACTOR
-                       * (graph_bound + max(problem.in_bytes, problem.out_bytes))
+                       and chain[0].passes(problem.col_passes, problem.row_passes) * bound_prior
                        > MEASURE_WHEN_PRIOR_ABOVE * max(budget - problem.result_bytes, 0))
         with torch.enable_grad():
             _sync(device)
@@ -287,7 +288,6 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     failures: list[tuple[str, BaseException]] = []
     result = None
     prior = PRIOR_FACTOR * (graph_bytes + max(problem.in_bytes, problem.out_bytes))
-    bound_prior = PRIOR_FACTOR * (graph_bound + max(problem.in_bytes, problem.out_bytes))
     methods = _Restartable()(chain)
     for m in methods:
         if (not m.evaluates_once and entry.once_only) or entry.stats[m.name].excluded:

@@ -140,8 +140,7 @@ def _watch_values(call: Call, entry: PlanEntry) -> None:
         if waiting is None:
             entry.values_last = None
             return
-        entry.values_watched += 1
-        if entry.values_watched > RUNS_KEPT and entry.values_watched % WATCH_EVERY:
+        if entry.calls > RUNS_KEPT and entry.calls % WATCH_EVERY:  # the plan's calls so far, this one not counted
             return
     now = call.f.value_sources()
     with entry.lock:
