@@ -27,7 +27,7 @@ import torch
 from .._core.errors import AutojacError
 from .._methods.base import vjp
 from .._core.problem import Problem
-from .._core.pytree import flatten
+from .._core.pytree import leaves
 
 # The most of |J| (bytes, per output block) the check copies at once when it judges suspect columns.
 CHECK_BLOCK_BYTES = 1 << 18
@@ -54,12 +54,23 @@ def host_view(t: torch.Tensor) -> np.ndarray | None:
     return t.detach().resolve_neg().numpy()
 
 
-def blocks_of(result: object, problem: Problem) -> list[list[torch.Tensor]]:
+class Blocks(list):
+    """The result's (output, input) blocks as `blocks[i][j]`, each an (output size, input size) matrix, with
+    their NumPy views (`views[i][j]`, None where `host_view` gives none) taken once for every reading of them:
+    the safety net's product, its row scales and the structure bounds each took a view of every block (3-9 us
+    apiece, 0.1 ms of a 2 x 2-block first call on the 2-core CPU)."""
+
+    @functools.cached_property
+    def views(self) -> list[list[np.ndarray | None]]:
+        return [[host_view(b) for b in row] for row in self]
+
+
+def blocks_of(result: object, problem: Problem) -> Blocks:
     """The result's (output, input) blocks, each viewed as (output size, input size)."""
-    flat = flatten(result)[0]
+    flat = leaves(result)
     n_in = len(problem.in_sizes)
-    return [[_matrix(flat[i * n_in + j].detach(), problem.out_sizes[i], problem.in_sizes[j]) for j in range(n_in)]
-            for i in range(len(problem.out_sizes))]
+    return Blocks([[_matrix(flat[i * n_in + j].detach(), problem.out_sizes[i], problem.in_sizes[j])
+                    for j in range(n_in)] for i in range(len(problem.out_sizes))])
 
 
 def _matrix(block: torch.Tensor, m: int, n: int) -> torch.Tensor:
@@ -103,7 +114,7 @@ def reference_product(ys: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], w:
 
 
 def check_against(name: str, result: object, w: Sequence[torch.Tensor], reference: Sequence, problem: Problem,
-                  blocks: list[list[torch.Tensor]] | None = None) -> None:
+                  blocks: Blocks | None = None) -> None:
     """Raise VerificationError unless w^T J matches `reference` (see NOTE above); `blocks` are the result's
     `blocks_of`, where the caller has them.
 
@@ -116,16 +127,12 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
         return
     device = problem.inputs.device
     blocks = blocks_of(result, problem) if blocks is None else blocks
-    single = len(w) == 1
     with torch.no_grad():
         for j, size in enumerate(problem.in_sizes):
             dtype = problem.inputs.dtypes[j]
-            if single:
-                got = _vecmat(w[0].reshape(-1).to(dtype), blocks[0][j])
-            else:
-                got = torch.zeros(size, dtype=dtype, device=device)
-                for i, wi in enumerate(w):
-                    got += _vecmat(wi.reshape(-1).to(dtype), blocks[i][j])
+            got = _vecmat(w[0].reshape(-1).to(dtype), blocks[0][j])
+            for i in range(1, len(w)):
+                got = got + _vecmat(w[i].reshape(-1).to(dtype), blocks[i][j])
             if reference[j] is None:
                 ref = torch.zeros(size, dtype=dtype, device=device)
             else:
@@ -206,18 +213,21 @@ row hide under the largest's share of the tolerance (a tanh layer's saturated un
 
 
 def balanced_cotangents(result: object, problem: Problem,
-                        blocks: list[list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, ...] | None:
+                        blocks: Blocks | None = None) -> tuple[torch.Tensor, ...] | None:
     """Cotangents that weigh every row of J alike, when the rows' sizes differ by more than UNBALANCED_ROWS;
     else None (NOTE: [Rows of very different sizes]). `blocks`: the result's `blocks_of`, if at hand."""
     blocks = blocks_of(result, problem) if blocks is None else blocks
+    views = blocks.views if problem.inputs.device.type == "cpu" else None
     scales = []
     for i, size in enumerate(problem.out_sizes):
-        s = np.zeros(size)
-        for block in blocks[i]:
+        s = None
+        for j, block in enumerate(blocks[i]):
             if block.numel():
-                row = _row_scale(block, size)
-                s = np.maximum(s, np.where(np.isfinite(row), row, 0.0))  # a row with a NaN or an infinity: 0
-        scales.append(s)
+                row = _row_scale(block, size, None if views is None else views[i][j])
+                if not np.isfinite(row).all():
+                    row = np.where(np.isfinite(row), row, 0.0)  # a row with a NaN or an infinity: 0
+                s = row if s is None else np.maximum(s, row)
+        scales.append(np.zeros(size) if s is None else s)
     if not scales:
         return None
     every = scales[0] if len(scales) == 1 else np.concatenate(scales)
@@ -241,12 +251,12 @@ def balanced_cotangents(result: object, problem: Problem,
     return tuple(out)
 
 
-def _row_scale(block: torch.Tensor, size: int) -> np.ndarray:
+def _row_scale(block: torch.Tensor, size: int, a: np.ndarray | None = None) -> np.ndarray:
     """max |J| in each row of a (size x n) block, as float64 on the host, without a copy of |J|: a dense CPU block
-    through a NumPy view (its small reductions cost 2-5 us where torch's cost 8-15 on the 2-core CPU), another
-    dense block by two reductions on its device (`vector_norm(ord=inf)` took 75 us on 128 x 128 where these take
-    16), a sparse one by a scatter of its values."""
-    a = host_view(block)
+    through a NumPy view (`a`, if taken already; its small reductions cost 2-5 us where torch's cost 8-15 on the
+    2-core CPU), another dense block by two reductions on its device (`vector_norm(ord=inf)` took 75 us on
+    128 x 128 where these take 16), a sparse one by a scatter of its values."""
+    a = host_view(block) if a is None else a
     if a is not None:  # NaN propagates through max and min without a warning
         return np.maximum(a.max(1), -a.min(1)).astype(np.float64)
     if block.layout == torch.strided:  # detached by `blocks_of`: no grad mode needed
@@ -264,18 +274,19 @@ def _spread(dtypes: tuple[torch.dtype, ...]) -> float:
 
 
 def check(name: str, result: object, problem: Problem, reference_of, w: Sequence[torch.Tensor] | None = None,
-          reference: Sequence | None = None) -> None:
+          reference: Sequence | None = None, blocks: Blocks | None = None) -> None:
     """The safety net on a method's result: `check_against` with random cotangents (`w`, whose product
-    `reference` may be given), then `check_balanced`; `reference_of(w)` is w^T J by an independent product."""
+    `reference` may be given), then `check_balanced`; `reference_of(w)` is w^T J by an independent product.
+    `blocks`: the result's `blocks_of`, if the caller has them."""
     if w is None:
         w = random_cotangents(problem)
-    blocks = blocks_of(result, problem)
+    blocks = blocks_of(result, problem) if blocks is None else blocks
     check_against(name, result, w, reference_of(w) if reference is None else reference, problem, blocks)
     check_balanced(name, result, problem, reference_of, blocks)
 
 
 def check_balanced(name: str, result: object, problem: Problem, reference_of,
-                   blocks: list[list[torch.Tensor]] | None = None) -> None:
+                   blocks: Blocks | None = None) -> None:
     """After `check_against` passed: once more with rows weighed alike, where their sizes differ widely
     (NOTE: [Rows of very different sizes]); `reference_of(w)` is w^T J by an independent product."""
     blocks = blocks_of(result, problem) if blocks is None else blocks

@@ -286,6 +286,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         k, rows, batched = probed["rows"]
         look_now(rows, k, problem.row_passes * max(batched - vjp_seconds, 0.0) / max(k - 1, 1))
     failures: list[tuple[str, BaseException]] = []
+    read = None  # (a result, its blocks) as the safety net read them
     result = None
     prior = PRIOR_FACTOR * (graph_bytes + max(problem.in_bytes, problem.out_bytes))
     methods = _Restartable()(chain)
@@ -403,8 +404,12 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             seconds += collecting
             if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
                 w, reference = reference_for_check()
-                verify.check(m.name, assembler.checkable(result), problem, lambda w: call.reference(problem, w, graph),
-                             w, reference)
+                checkable = assembler.checkable(result)
+                checked = blocks_of(checkable, problem)
+                if checkable is result:
+                    read = (result, checked)  # the structure bounds read the same blocks (and their NumPy views)
+                verify.check(m.name, checkable, problem, lambda w: call.reference(problem, w, graph), w, reference,
+                             checked)
                 call.verified = True
                 stats.checked_sizes.update(c.size for c in log.chunks)
             elif log.chunks and log.chunks[0].seconds:  # torch's loop: one row of it is one VJP
@@ -441,7 +446,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                             and min(problem.n_in, problem.n_out) >= MIN_PASSES and not options.measures_nothing
                             and options.budget is None)
     if entry.structure_open and result is not None:
-        bounds = sampled_bounds(blocks_of(result, problem), problem)
+        bounds = sampled_bounds(read[1] if read is not None and read[0] is result else blocks_of(result, problem),
+                                problem)
         dense = too_dense_to_pay(bounds, problem)  # a look could not pay: never taken
         if dense:
             entry.structure_open, entry.structure = False, dense

@@ -224,10 +224,11 @@ def sampled_bounds(blocks: list[list[torch.Tensor]], problem: Problem) -> tuple[
     if problem.symmetric or any(b.layout != torch.strided for row in blocks for b in row):
         return None
     every = problem.n_in * problem.n_out <= COUNT_ALL_UP_TO
+    views = getattr(blocks, "views", None) if problem.inputs.device.type == "cpu" else None
     with torch.no_grad():
-        rows = _fullest(blocks, problem.out_sizes, along_rows=True, every=every)
+        rows = _fullest(blocks, problem.out_sizes, along_rows=True, every=every, views=views)
         # Columns only where they can change a verdict: rows sparse enough make the Jacobian promising already.
-        columns = _fullest(blocks, problem.in_sizes, along_rows=False, every=every) if rows > PROMISING * min(
+        columns = _fullest(blocks, problem.in_sizes, along_rows=False, every=every, views=views) if rows > PROMISING * min(
             problem.n_in, problem.n_out) else rows
         return rows, columns
 
@@ -288,12 +289,13 @@ def promising_share(bounds: tuple[int, int] | None, problem: Problem) -> float |
     return share if share <= PROMISING else None
 
 
-def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_rows: bool, every: bool = False) -> int:
+def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_rows: bool, every: bool = False,
+             views: list[list[np.ndarray | None]] | None = None) -> int:
     """The most nonzeros in DENSE_SAMPLES evenly spaced rows (or columns) of the whole Jacobian's blocks, or in
     every one of them (`every`): one count per block, after one gather of the sampled lines (a count per sampled
     line was 32 small ops on a first call). CPU blocks are counted through NumPy views (no copy): its small ops
     cost 1-2 us where torch's cost 8-15 on the 2-core CPU (a 2 x 2-block Jacobian of 256 x 256 took 0.45 ms to
-    bound through torch)."""
+    bound through torch). `views`: the blocks' NumPy views, where taken already."""
     dim = 0 if along_rows else 1
     starts = np.cumsum((0, *sizes))
     if every:
@@ -306,14 +308,16 @@ def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_row
     best = 0
     for k, local in lines.items():
         line_blocks = blocks[k] if along_rows else [row[k] for row in blocks]
-        counts = sum(_line_counts(b, dim, local) for b in line_blocks)
+        line_views = [None] * len(line_blocks) if views is None else views[k] if along_rows else [row[k] for row in views]
+        counts = sum(_line_counts(b, dim, local, a) for b, a in zip(line_blocks, line_views))
         best = max(best, int(counts.max()))
     return best
 
 
-def _line_counts(block: torch.Tensor, dim: int, local: np.ndarray | None) -> np.ndarray:
-    """Nonzeros in the lines `local` (all when None) of a 2-D block along `dim` (0: rows, 1: columns)."""
-    a = host_view(block)
+def _line_counts(block: torch.Tensor, dim: int, local: np.ndarray | None, a: np.ndarray | None = None) -> np.ndarray:
+    """Nonzeros in the lines `local` (all when None) of a 2-D block along `dim` (0: rows, 1: columns); `a`: its
+    NumPy view, if taken already."""
+    a = host_view(block) if a is None else a
     if a is not None:
         if local is not None:
             a = a[local] if dim == 0 else a[:, local]
