@@ -408,7 +408,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
                 checked = blocks_of(checkable, problem)
                 if checkable is result:
                     read = (result, checked)  # the structure bounds read the same blocks (and their NumPy views)
-                verify.check(m.name, checkable, problem, lambda w: call.reference(problem, w, graph), w, reference,
+                verify.check(m.name, checkable, problem, call.references(problem, graph), w, reference,
                              checked)
                 call.verified = True
                 stats.checked_sizes.update(c.size for c in log.chunks)

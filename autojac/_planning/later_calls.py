@@ -11,7 +11,7 @@ from .._core.problem import Problem
 from .._execute.run import FixedChunks, RunLog
 from .._execute.sparse import AT_ONE_POINT
 from .._execute import verify
-from .._execute.verify import VerificationError, check_columns, reference_product
+from .._execute.verify import VerificationError, check_columns
 from .._measure.device import untracked_reserve
 from .._methods.base import PlainGraph, grad_mode
 from . import choose
@@ -408,7 +408,7 @@ def _needs_check(call: Call, entry: PlanEntry, stats, sizes) -> bool:
 def _check_run(call: Call, problem: Problem, name: str, stats, state, assembler, result, sizes) -> None:
     """The safety net on a run's result (a VerificationError if it fails); its chunk sizes are checked then."""
     verify.check(name, assembler.checkable(result), problem,
-                 lambda w: _same_graph_reference(stats.method, state, w) or call.reference(problem, w))
+                 _references(call, problem, stats.method, state))
     call.verified = True
     stats.checked_sizes.update(sizes)
 
@@ -527,11 +527,10 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
     raise _no_method(call, failures)
 
 
-def _same_graph_reference(m: MethodId, state, w):
-    """A reference product on the method's own plain graph (one backward pass), if it has one."""
-    if m.on_plain_graph and isinstance(state, PlainGraph):
-        return reference_product(state.ys, state.xs, w)
-    return None
+def _references(call: Call, problem, m: MethodId, state):
+    """A check's reference products: on the method's own plain graph (one backward pass each), if it has one,
+    else on one fresh plain evaluation of `f` (`Call.references`)."""
+    return call.references(problem, state if m.on_plain_graph and isinstance(state, PlainGraph) else None)
 
 
 def _attempts(entry: PlanEntry, first: str | None):
@@ -677,8 +676,8 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
             if slice_unchecked or inc.unchecked_sizes(rest) or call.must_verify:
                 checking = time.perf_counter()
                 try:
-                    verify.check(m.name, assembler.checkable(result), problem, lambda w: (
-                        _same_graph_reference(inc.method, inc_state, w) or call.reference(problem, w)))
+                    verify.check(m.name, assembler.checkable(result), problem,
+                                 _references(call, problem, inc.method, inc_state))
                     call.verified = True
                     stats.verified = True
                     stats.checked_sizes.add(log.chunks[0].size)
