@@ -164,11 +164,13 @@ def test_a_first_call_puts_the_torch_func_engine_first_when_the_table_says_autog
         x = torch.randn(n, dtype=torch.float64)
         f = lambda x: _grid(x)  # noqa: E731 - a new function object: a new plan
         want = reference(f, x)
-        torch.testing.assert_close(autojac.jacobian(f, x), want)
+        # Dense only: on a loaded machine the grid's first call looked for its structure (timing decides) and
+        # pushed 4 compressed rows.
+        torch.testing.assert_close(autojac.jacobian(f, x, sparsity=None), want)
         r = autojac.last_report()
         assert r.method == "reverse/vmap [func]" and r.evaluations == 2 and r.verified
         assert sum(r.chunk_sizes) == n, r  # no probe rows: the torch.func engine pushes every row
-        p = autojac.plan(f, x)
+        p = autojac.plan(f, x, sparsity=None)
         assert "reverse/vmap [func] went first: torch.autograd's vmap would loop over the chunk for RollBackward0" in str(p)
         assert p.entry.facts.autograd_loops == 2
         for _ in range(6):  # the autograd engine stays a candidate that later calls measure; every answer is right
