@@ -228,8 +228,9 @@ def sampled_bounds(blocks: list[list[torch.Tensor]], problem: Problem) -> tuple[
     with torch.no_grad():
         rows = _fullest(blocks, problem.out_sizes, along_rows=True, every=every, views=views)
         # Columns only where they can change a verdict: rows sparse enough make the Jacobian promising already.
-        columns = _fullest(blocks, problem.in_sizes, along_rows=False, every=every, views=views) if rows > PROMISING * min(
-            problem.n_in, problem.n_out) else rows
+        columns = rows
+        if rows > PROMISING * min(problem.n_in, problem.n_out):
+            columns = _fullest(blocks, problem.in_sizes, along_rows=False, every=every, views=views)
         return rows, columns
 
 
@@ -308,7 +309,10 @@ def _fullest(blocks: list[list[torch.Tensor]], sizes: tuple[int, ...], along_row
     best = 0
     for k, local in lines.items():
         line_blocks = blocks[k] if along_rows else [row[k] for row in blocks]
-        line_views = [None] * len(line_blocks) if views is None else views[k] if along_rows else [row[k] for row in views]
+        if views is None:
+            line_views = [None] * len(line_blocks)
+        else:
+            line_views = views[k] if along_rows else [row[k] for row in views]
         counts = sum(_line_counts(b, dim, local, a) for b, a in zip(line_blocks, line_views))
         best = max(best, int(counts.max()))
     return best
