@@ -178,10 +178,7 @@ class Call:
 
     def reference(self, problem: Problem, w, graph: PlainGraph | None = None):
         """w^T J by one plain VJP: on `graph` if given, else on a fresh plain evaluation of `f`."""
-        if graph is None:
-            graph = evaluate_plain(self.f, self.xs, False)
-            self._check_shapes(graph.ys, problem)
-        return reference_product(graph.ys, graph.xs, w)
+        return self.references(problem, graph)(w)
 
     def references(self, problem: Problem, graph: PlainGraph | None = None):
         """`reference` for one check's products (the random one, and the balanced one where rows differ widely):
