@@ -290,14 +290,20 @@ def test_detection_past_its_time_limit_stops_between_ops_and_the_plan_stays_dens
 
 def _first_call_without_looking(monkeypatch, g, x):
     """A first call whose rule says the dense Jacobian is too short to pay for a trace (as it says of
-    `pde_residual` (large) on the benchmark machine): made so here, so the later-call path is what runs."""
+    `pde_residual` (large) on the benchmark machine): made so here, so the later-call path is what runs. Then
+    the plan's second call, which reads its Jacobian's bounds (NOTE: [Structure bounds on the second call]) and
+    neither looks nor tries anything else."""
     from autojac._planning import first_call
 
     monkeypatch.setattr(first_call, "might_pay", lambda *a, **k: False)
     autojac.jacobian(g, x)
     monkeypatch.undo()
     p = autojac.plan(g, x)
-    assert "not looked for" in str(p) and p.entry.structure_open
+    assert "not looked for" in str(p) and p.entry.structure_open and p.entry.bounds_pending
+    p.entry.credit = 10.0  # enough for a look or any trial: the bounds come first
+    autojac.jacobian(g, x)
+    assert autojac.last_report().trial is None and p.entry.layout_found is None and not p.entry.bounds_pending
+    assert p.entry.structure_open
     return p.entry
 
 
@@ -429,7 +435,7 @@ def test_a_closure_rebuilt_around_new_tensors_does_not_borrow_for_its_look(monke
     torch.testing.assert_close(autojac.jacobian(h, x), torch.autograd.functional.jacobian(h, x))
     assert autojac.plan(h, x).entry is entry
     assert entry.structure_open and entry.structure_share is None and entry.layout_found is None
-    assert any("the tensors `f` holds changed since the first call" in e for e in entry.events)
+    assert any("the tensors `f` holds changed since its Jacobian was read" in e for e in entry.events)
 
 
 def test_with_has_aux_the_same_function_holds_the_same_values_from_call_to_call(monkeypatch):
@@ -444,6 +450,7 @@ def test_with_has_aux_the_same_function_holds_the_same_values_from_call_to_call(
     autojac.jacobian(g, x, has_aux=True)
     monkeypatch.undo()
     entry = autojac.plan(g, x, has_aux=True).entry
+    autojac.jacobian(g, x, has_aux=True)  # reads the bounds
     assert entry.structure_open and entry.structure_share is not None
     share = entry.structure_share
     monkeypatch.setattr(later_calls, "_trace_estimate", lambda e: 0.9 * LOOK_PAYBACK_CALLS * e.chosen().best * (1 - share))
@@ -467,7 +474,7 @@ def test_a_dense_function_is_looked_at_once_and_stays_dense(monkeypatch):
         torch.testing.assert_close(autojac.jacobian(g, x), want)
     p = autojac.plan(g, x)
     assert p.problem.layout is None and entry.layout_found is None, str(p)
-    assert str(p).count("looked for on call 2") == 1 and "dense" in str(p).split("Structure:")[1]
+    assert str(p).count("looked for on call 3") == 1 and "dense" in str(p).split("Structure:")[1]
 
 
 def test_a_jacobian_the_first_call_found_dense_is_never_looked_at(monkeypatch):
@@ -483,6 +490,8 @@ def test_a_jacobian_the_first_call_found_dense_is_never_looked_at(monkeypatch):
     torch.testing.assert_close(autojac.jacobian(g, x), want)
     monkeypatch.undo()
     entry = autojac.plan(g, x).entry
+    assert entry.structure_open and entry.bounds_pending  # read by the second call
+    torch.testing.assert_close(autojac.jacobian(g, x), want)
     assert not entry.structure_open and "rows with 100 and columns with 100 nonzeros" in entry.structure
     entry.credit = 10.0
     for _ in range(5):

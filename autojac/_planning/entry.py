@@ -207,12 +207,15 @@ class PlanEntry:
         """What was decided about sparsity (found, colours, not looked for, and why)."""
         self.structure_open = False
         """Sparsity "auto", dense, and not looked for yet: a later call looks when the credit covers a trace."""
+        self.bounds_pending = False
+        """Structure open and its bounds not read yet: the next exploring call reads them off its Jacobian (NOTE:
+        [Structure bounds on the second call])."""
         self.structure_share: float | None = None
         """Where the first call's Jacobian looked sparse enough for a colouring to save most passes: the least
         share of the dense passes its sampled rows and columns allow; the look comes before any trial (NOTE:
         [Structure before trials])."""
         self.values_first = None
-        """The tensors `f` held on the first call of a promising plan (NOTE: [Structure before trials])."""
+        """The tensors `f` held on the call whose Jacobian made a plan promising (NOTE: [Structure before trials])."""
         self.layout_found = None
         """(layout, note): a pattern a later call found that pays; the next call makes the plan again with it."""
         self.dense_plan: PlanEntry | None = None

@@ -34,8 +34,7 @@ from .session import (MEASURE_WHEN_PRIOR_ABOVE, PRIOR_FACTOR, PROGRESS_AFTER_SEC
                       _planned_chunk, _record_failure, _sync, _trimming)
 from .sizing import Sizer
 from .structure import (DETECT_LIMIT, DETECT_SHARE, LOOKS_SPARSE, LOOP_TO_VMAP, MIN_PASSES, REAL_TRACE_BELOW,
-                        STRUCTURE_BYTES_PER_NONZERO, layout_for, might_pay, promising_share, sampled_bounds,
-                        too_dense_to_pay, worth_detecting)
+                        STRUCTURE_BYTES_PER_NONZERO, layout_for, might_pay, worth_detecting)
 
 CPU_TOUCH_BYTES_PER_THREAD_PER_SECOND = 12e9
 """An upper bound of how fast one CPU thread grows resident memory (touching new pages; 2x the fastest
@@ -286,7 +285,6 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         k, rows, batched = probed["rows"]
         look_now(rows, k, problem.row_passes * max(batched - vjp_seconds, 0.0) / max(k - 1, 1))
     failures: list[tuple[str, BaseException]] = []
-    read = None  # (a result, its blocks) as the safety net read them
     result = None
     prior = PRIOR_FACTOR * (graph_bytes + max(problem.in_bytes, problem.out_bytes))
     methods = _Restartable()(chain)
@@ -405,11 +403,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             if not (m.is_reference and adopted and problem.layout is None):  # compressed seeds: not torch's loop
                 w, reference = reference_for_check()
                 checkable = assembler.checkable(result)
-                checked = blocks_of(checkable, problem)
-                if checkable is result:
-                    read = (result, checked)  # the structure bounds read the same blocks (and their NumPy views)
                 verify.check(m.name, checkable, problem, call.references(problem, graph), w, reference,
-                             checked)
+                             blocks_of(checkable, problem))
                 call.verified = True
                 stats.checked_sizes.update(c.size for c in log.chunks)
             elif log.chunks and log.chunks[0].seconds:  # torch's loop: one row of it is one VJP
@@ -445,15 +440,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     entry.structure_open = (isinstance(options.sparsity, str) and not looked and problem.layout is None
                             and min(problem.n_in, problem.n_out) >= MIN_PASSES and not options.measures_nothing
                             and options.budget is None)
-    if entry.structure_open and result is not None:
-        bounds = sampled_bounds(read[1] if read is not None and read[0] is result else blocks_of(result, problem),
-                                problem)
-        dense = too_dense_to_pay(bounds, problem)  # a look could not pay: never taken
-        if dense:
-            entry.structure_open, entry.structure = False, dense
-        entry.structure_share = promising_share(bounds, problem)  # NOTE: [Structure before trials]
-        if entry.structure_share is not None:
-            entry.values_first = call.f.value_sources()
+    # NOTE: [Structure bounds on the second call]
+    entry.bounds_pending = entry.structure_open and result is not None
     if options.measures_nothing:  # mode, vectorize and chunk size given: nothing to choose, nothing to measure
         entry.settled = True
     if writes_captured:

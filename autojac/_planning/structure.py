@@ -253,7 +253,8 @@ def too_dense_to_pay(bounds: tuple[int, int] | None, problem: Problem) -> str:
 # exploration credit, once the credit covers a trace; trials of the other dense methods draw on the same credit.
 # Taken in the order they came, the trials spent the credit first: a per-sample MLP (256 x 640, block diagonal,
 # 4 row colours) ran dense at 1.9-2.0 ms after 10 calls and looked only after some 120, while its compressed run
-# takes 1.0-1.1 ms, far more than any dense method could save. So when the first call's own Jacobian says a
+# takes 1.0-1.1 ms, far more than any dense method could save. So when the plan's own Jacobian (read on its
+# second call: NOTE: [Structure bounds on the second call]) says a
 # colouring could need at most PROMISING of the dense passes (DENSE_SAMPLES rows and columns bound it from below;
 # zeros at this point are only a hint), no trial runs until the look has been taken, and the look may draw,
 # beyond the credit, on what that bound says it saves over LOOK_PAYBACK_CALLS calls (a look that finds nothing
