@@ -207,7 +207,9 @@ def jacobian(
         cost: then the torch.func engine goes first. Below 100 rows, with nodes
         the table does not know, the autograd engine's own run counts its loops,
         for later calls' order. If a method fails, the next: the other engine,
-        the loop, the other modes.
+        the loop, the other modes. A first call of 3 or 4 reverse rows runs
+        torch's own loop instead (it needs no check) and leaves that method to
+        the second call, which runs, measures and checks it.
         If that evaluation wrote in place into a tensor `f` captures (a counter,
         a running average that is not a module buffer), the plan settles on the
         method that worked: each call evaluates `f` once and nothing is explored.

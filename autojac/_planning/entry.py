@@ -289,6 +289,8 @@ class PlanEntry:
         if self.needs_reorder:
             self.reorder()
         inc = self.chosen()
+        if not inc.runs:
+            return None  # not run yet (NOTE: [Torch's loop for a first call of a few rows]): it runs first
         if not self.warm and (self.cold_trial or not self.loops_slow_incumbent()):
             return None  # its only run was a first call's (cold caches, first vmap of f): wait for a warm one
         trial = self._next_trial(inc)
