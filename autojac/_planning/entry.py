@@ -422,7 +422,12 @@ class PlanEntry:
         # cold for torch.func (its first calls on a function are its slowest), against the fastest of the other's
         # several (a dense tanh(W x): forward/vmap, 7.2 ms warm, took the plan back from forward-trick/vmap [func],
         # 5.7 ms warm, with a run of 5.84 ms, its best of three, against the other's one run of 6.31 ms).
-        below = choose.SWITCH_BELOW if self.warm and len(inc.runs) > 1 else choose.SWITCH_BELOW_COLD
+        # On the torch.func engine, until it has CONFIRM_RUNS runs (it warms up over its first few calls on a
+        # function): a grid residual's torch.func incumbent ran its first two calls in 2.12 and 3.24 ms, then
+        # 1.0-1.4 ms, and its repeat trick (0.87 ms, plus 0.62 ms of checks a call until shown batch-aware) took
+        # the plan at 0.97x of 2.12 ms and held it past call 10.
+        warm = self.warm and len(inc.runs) > (choose.CONFIRM_RUNS - 1 if inc.method.engine == "func" else 1)
+        below = choose.SWITCH_BELOW if warm else choose.SWITCH_BELOW_COLD
         if best is not None and inc.best is not None and best is not inc and best.cost < below * inc.cost:
             checks = (f" + {seconds_text(inc.extra)} of checks a call on new captured values" if inc.extra else "")
             self.events.append(f"switched from {inc.method.name} ({seconds_text(inc.best)}{checks}) to "
