@@ -278,7 +278,8 @@ def jacobian(
       run before the plan settles. Under a budget, forward modes are not tried when a zero tangent the size
       of the largest tensor `f` holds would not fit. A measured alternative whose
       fastest whole call beats the plan's method by over 3% replaces it (by
-      over 20% while that method has run only once, cold); one within
+      over 20% while that method has run only once, cold, or on the torch.func
+      engine fewer than 3 times); one within
       2x runs two more whole calls first (a first run is a cold one, or sliced, and
       torch.func warms up over two or more calls), and more, up to 6 in all, while
       its latest run is its fastest by over 10%; each waits for credit only if it
@@ -286,8 +287,9 @@ def jacobian(
       is one more alternative: a dense plan (64 passes or more, no budget given)
       whose first call did not look for it looks once the credit covers a trace,
       and the next call plans again with a pattern that halves the passes. If
-      the first call's Jacobian (every row and column up to 2^14 entries, else
-      16 sampled rows and columns) allows a
+      the plan's Jacobian, read by its second call (every row and column up to
+      2^14 entries, else 16 sampled rows and columns; no look or trial before
+      that), allows a
       colouring of at most 1/8 of the passes, the look comes before any trial
       and may also draw on what that bound saves over 5 calls (trials wait for
       it only while 10 more calls' share would let it be taken). The dense plan is
