@@ -896,3 +896,67 @@ def test_a_repeat_contenders_confirming_run_on_new_captured_values_is_checked():
     assert report.trial is not None and report.trial.startswith(repeat)
     torch.testing.assert_close(got, reference(f1, x))
     assert entry.stats[repeat].status == "failed"
+
+
+# --- a first call of a few rows on torch's loop ------------------------------------------------------
+
+def test_a_first_call_of_three_rows_runs_torchs_loop_and_the_second_checks_the_batched_method():
+    """NOTE: [Torch's loop for a first call of a few rows]: the first call pays no check (torch's own loop is the
+    reference); the rules' batched method, left unrun, is the plan's and is run and checked by the second call."""
+    W = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.2, -1.0], [2.0, 0.0, 1.5]], dtype=torch.float64)
+    f = lambda x: torch.tanh(W @ x) * x.sum()  # noqa: E731
+    x = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+    want = reference(f, x)
+    torch.testing.assert_close(autojac.jacobian(f, x), want)
+    first = autojac.last_report()
+    assert first.method == "reverse/loop" and not first.verified and first.evaluations == 1, first
+    p = autojac.plan(f, x)
+    assert p.name.startswith("reverse/vmap") and p.estimated_seconds is None, str(p)
+    assert any("torch's own loop (3 rows" in e for e in p.entry.events), p.entry.events
+    loop = next(c for c in p.candidates if c.name == "reverse/loop")
+    assert loop.status == "measured" and loop.runs == 1
+    torch.testing.assert_close(autojac.jacobian(f, x), want)
+    second = autojac.last_report()
+    assert second.method == p.name and second.verified and second.trial is None, second
+    assert autojac.plan(f, x).estimated_seconds is not None
+
+
+class _ScalarBackward(torch.autograd.Function):
+    """x^2 whose backward reads its cotangent's sign as a Python number: no batched backward can run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        sign = 1.0 if float(g.sum().item()) >= 0.0 else 1.0  # always 1: the read is what matters
+        return 2.0 * x * g * sign
+
+
+def test_a_batched_method_left_to_the_second_call_that_fails_there_falls_back_with_a_right_answer():
+    # The method the first call left to the second cannot run (a backward that reads a Python number from its
+    # cotangent), so it fails there, and the second call's answer comes from a method that works.
+    f = lambda x: _ScalarBackward.apply(x) + x[0] * x  # noqa: E731
+    x = torch.tensor([0.4, -1.2, 0.9], dtype=torch.float64)
+    want = reference(f, x)
+    torch.testing.assert_close(autojac.jacobian(f, x), want)
+    assert autojac.last_report().method == "reverse/loop"
+    torch.testing.assert_close(autojac.jacobian(f, x), want)
+    second = autojac.last_report()
+    p = autojac.plan(f, x)
+    failed = [c.name for c in p.candidates if c.status == "failed"]
+    assert "reverse/vmap [autograd]" in failed and second.method not in failed, (str(second), str(p))
+    for _ in range(3):
+        torch.testing.assert_close(autojac.jacobian(f, x), want)
+
+
+def test_five_rows_start_batched_and_checked():
+    W = torch.linspace(-1.0, 1.0, 25, dtype=torch.float64).reshape(5, 5)
+    f = lambda x: torch.tanh(W @ x)  # noqa: E731
+    x = torch.linspace(-0.5, 0.5, 5, dtype=torch.float64)
+    torch.testing.assert_close(autojac.jacobian(f, x), reference(f, x))
+    report = autojac.last_report()
+    assert report.method.startswith("reverse/vmap") and report.verified, report
