@@ -918,7 +918,7 @@ def test_a_first_call_of_three_rows_runs_torchs_loop_and_the_second_checks_the_b
     torch.testing.assert_close(autojac.jacobian(f, x), want)
     second = autojac.last_report()
     assert second.method == p.name and second.verified and second.trial is None, second
-    assert autojac.plan(f, x).estimated_seconds is not None
+    assert autojac.plan(f, x).estimated_seconds is not None, (str(second), str(autojac.plan(f, x)))
 
 
 class _ScalarBackward(torch.autograd.Function):
