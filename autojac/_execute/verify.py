@@ -57,8 +57,8 @@ def host_view(t: torch.Tensor) -> np.ndarray | None:
 class Blocks(list):
     """The result's (output, input) blocks as `blocks[i][j]`, each an (output size, input size) matrix, with
     their NumPy views (`views[i][j]`, None where `host_view` gives none) taken once for every reading of them:
-    the safety net's product, its row scales and the structure bounds each took a view of every block (3-9 us
-    apiece, 0.1 ms of a 2 x 2-block first call on the 2-core CPU)."""
+    the structure bounds' row and column counts each took a view of every block (3-9 us apiece on the 2-core
+    CPU), as the safety net's row scales do."""
 
     @functools.cached_property
     def views(self) -> list[list[np.ndarray | None]]:

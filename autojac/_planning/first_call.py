@@ -437,7 +437,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         _record_failure(entry, stats, failure, call, failures)
     if entry.incumbent is None:
         raise _no_method(call, failures)
-    if loop_first is not None and entry.incumbent == loop_first.name and chain[0] != loop_first:
+    if loop_first is not None and entry.incumbent == loop_first.name:
         head = entry.stats[chain[0].name]  # NOTE: [Torch's loop for a first call of a few rows]
         if not head.excluded and head.status == "untried":
             entry.stats[loop_first.name].status, head.status = "measured", "chosen"

@@ -33,7 +33,7 @@ import torch
 from .._core.errors import InputError
 from .._core.problem import Problem
 from .._execute.sparse import SparseLayout
-from .._execute.verify import host_view
+from .._execute.verify import Blocks, host_view
 from .._structure import Coloring, Pattern, color_columns, color_rows, color_symmetric, detect
 from .._structure.detect import TooDense, TooLong
 from .._structure.pattern import side_grids
@@ -214,7 +214,7 @@ tuple_inputs, per_sample_mlp and pde_residual, counting everything 0.11-0.21 ms;
 0.44-0.49 ms (bool reductions run at about 2 ns an entry; 2-core CPU). The bounds are then the true ones."""
 
 
-def sampled_bounds(blocks: list[list[torch.Tensor]], problem: Problem) -> tuple[int, int] | None:
+def sampled_bounds(blocks: Blocks, problem: Problem) -> tuple[int, int] | None:
     """(the most nonzeros in DENSE_SAMPLES evenly spaced rows, in as many columns; in every row and column up to
     COUNT_ALL_UP_TO entries) of a first call's dense Jacobian: lower bounds of a column and a row colouring's
     colours (a structural pattern holds every entry nonzero at some point). Columns are read only when the rows
@@ -224,7 +224,7 @@ def sampled_bounds(blocks: list[list[torch.Tensor]], problem: Problem) -> tuple[
     if problem.symmetric or any(b.layout != torch.strided for row in blocks for b in row):
         return None
     every = problem.n_in * problem.n_out <= COUNT_ALL_UP_TO
-    views = getattr(blocks, "views", None) if problem.inputs.device.type == "cpu" else None
+    views = blocks.views if problem.inputs.device.type == "cpu" else None
     with torch.no_grad():
         rows = _fullest(blocks, problem.out_sizes, along_rows=True, every=every, views=views)
         # Columns only where they can change a verdict: rows sparse enough make the Jacobian promising already.
