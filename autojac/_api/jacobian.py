@@ -260,8 +260,11 @@ def jacobian(
       first call's time) and every trial is charged all it cost beyond a plan's
       call. Trials wait for the plan's method's first warm call (the second),
       except behind torch.autograd's vmap when the first call counted it looping
-      over ops. When the credit covers a pessimistically priced first slice of
-      the next alternative, that call runs the alternative on that slice, projects
+      over ops. When the credit covers what the next alternative costs before its
+      first vector (0.5 ms of the trial's own, its evaluation of `f`, its first
+      run's check, a repeat method's checks) and a pessimistically priced first
+      slice (a batched method of at most 64 vectors: its whole run, less what it is
+      predicted to save), that call runs the alternative on that slice, projects
       its whole time, and either finishes the call with it or gives the rest to the
       plan's method. Alternatives are tried in order of predicted time (loops from
       the measured evaluation and VJP; vmap and repeat from the plan's own time,

@@ -63,6 +63,14 @@ INITIAL_CREDIT = 0.5
 """A new plan starts with this share of its first call's time as exploration credit."""
 PESSIMISM = 1.0
 """A trial's slice is charged as if the alternative took (1 + this) times the incumbent's time per vector."""
+WHOLE_UP_TO = 64
+"""A batched method with at most this many vectors to push is tried whole or not yet, never on a slice: one chunk
+holds them all, so a slice costs about as much as the whole run (its fixed costs) and projects poorly (a 2-row
+slice of the torch.func engine on an 8-row arm projected 1.31 ms, and cost 1.3 ms beyond the incumbent's 0.67 ms
+call; its whole runs took 0.74-0.81 ms)."""
+TRIAL_FIXED_SECONDS = 5e-4
+"""What a trial costs beyond its own work (NOTE: [What a trial costs before its first vector]): the trial's own
+machinery, taken from the suite's small problems (2-core CPU)."""
 
 FORWARD_PASS_COST = 2.0
 """Prior cost of a forward-mode pass against a reverse-mode one."""
@@ -305,13 +313,15 @@ class Trial:
 
 
 def slice_for(m: MethodId, incumbent: MethodId, incumbent_seconds: float, facts: Facts, credit: float,
-              fixed_seconds: float) -> int:
+              fixed_seconds: float, saving: float = 0.0) -> int:
     """The largest first slice (basis vectors) whose pessimistic charge the credit covers; 0 if none.
 
-    The charge of s vectors: the alternative's own fixed cost (an evaluation of
-    `f` it cannot share) plus, per vector, PESSIMISM times the incumbent's time
-    per vector if the slice is part of the answer (same mode), or 1 + PESSIMISM
-    times it if it is not (another mode: the incumbent still does all the work).
+    The charge of s vectors: the alternative's fixed costs (NOTE: [What a trial
+    costs before its first vector]) plus, per vector, PESSIMISM times the
+    incumbent's time per vector if the slice is part of the answer (same mode),
+    or 1 + PESSIMISM times it if it is not (another mode: the incumbent still
+    does all the work). A whole run's charge is lowered by `saving`, what it is
+    predicted to save against the incumbent's call.
     """
     n = m.passes(facts.n_in, facts.n_out)
     if n == 0:
@@ -319,12 +329,12 @@ def slice_for(m: MethodId, incumbent: MethodId, incumbent_seconds: float, facts:
     per_vector = incumbent_seconds / max(incumbent.passes(facts.n_in, facts.n_out), 1)
     weight = PESSIMISM if m.by_rows == incumbent.by_rows else 1 + PESSIMISM
     room = credit - fixed_seconds
-    if room <= 0:
-        return 0
-    if room >= n * weight * per_vector:
+    if room + saving >= n * weight * per_vector:
         return n
+    if room <= 0 or (m.vectorize != "loop" and n <= WHOLE_UP_TO):
+        return 0
     s = int(room / max(weight * per_vector, 1e-12))
-    smallest = 2 if (m.vectorize != "loop" and n >= 2) else 1
+    smallest = 2 if m.vectorize != "loop" else 1
     return min(n, s) if s >= smallest else 0
 
 

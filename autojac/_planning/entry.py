@@ -319,7 +319,7 @@ class PlanEntry:
             # Expected no slower than the incumbent's call, it runs on the next call whatever the credit (a trial
             # just charged may have left it in debt for many calls: the RK4 rollout's repeat trick, 8.2 against
             # 12.0 ms once confirmed, waited from call 3 to call 12 and the plan after 10 calls was 1.6x slower).
-            expected = s.best * s.sliced_share - inc.best
+            expected = s.best * s.sliced_share + s.extra - inc.best  # with a repeat method's checks
             if expected <= 0.0 or self.credit >= expected:
                 return choose.Trial(s.method, n)
             return None
@@ -331,7 +331,7 @@ class PlanEntry:
                      and s.prior is not None and s.prior + s.extra < choose.RETRY_PROJECTED * inc_cost]
             if retry:
                 s = min(retry, key=lambda s: s.prior)
-                if self.credit >= s.prior - inc_cost:
+                if self.credit >= s.prior + s.extra - inc_cost:
                     s.retried = True
                     return choose.Trial(s.method, s.method.passes(self.problem.col_passes, self.problem.row_passes))
                 return None
@@ -346,9 +346,39 @@ class PlanEntry:
         # method runs]).
         waiting.sort(key=lambda s: s.prior + s.extra if s.prior is not None else math.inf)
         s = waiting[0]
-        fixed = self.facts.eval_seconds or 0.0  # on a later call, the alternative evaluates `f` itself
-        slice_vectors = choose.slice_for(s.method, inc.method, inc.best, self.facts, self.credit, fixed)
+        # Predicted faster than the incumbent, a whole run of the incumbent's mode pays some of that back on this
+        # call (NOTE: [No warm wait behind a looping engine]: an alternative at half a looping incumbent's time).
+        saving = max(inc.best - s.prior, 0.0) if s.prior is not None and s.method.by_rows == inc.method.by_rows else 0.0
+        slice_vectors = choose.slice_for(s.method, inc.method, inc.best, self.facts, self.credit, self.trial_fixed(s),
+                                         saving)
         return choose.Trial(s.method, slice_vectors) if slice_vectors else None
+
+    # NOTE: [What a trial costs before its first vector]
+    # A trial's slice was priced as its vectors' share of the incumbent's time plus one evaluation of `f`. On
+    # small problems that is a fraction of what trials took: over the first 20 calls of the suite's sub-2 ms
+    # problems (a warm process, peers run before), first trials cost 1.4x to 5.6x an incumbent call beyond it
+    # (a torch.func slice of 2 rows on a 3 -> 3 map 1.16-1.6 ms against 0.29 ms; the repeat trick on a 2-layer
+    # MLP of two inputs 2.75-3.1 ms against 1.2 ms; forward mode on the robot arm 1.85 ms against 0.67 ms), on
+    # credits of 0.24-1.3 ms: the credit went 1.2-5 ms into debt, and exploration took 20-60% of those 20 calls
+    # against the documented 10%. What a slice did not count: its first run's check (reference products on its
+    # own graph, or an evaluation and a VJP of their own), a repeat method's check on two different rows or on
+    # new captured values, and the trial's own machinery (TRIAL_FIXED_SECONDS: set-up, the slice's projection,
+    # the incumbent taking over). A trial now starts once the credit covers those too; it is still charged what
+    # it took. A whole run of the incumbent's mode predicted faster than it counts what it is predicted to save on
+    # that call against those costs; a slice does not (a small slice of a batched method is mostly fixed cost).
+    def trial_fixed(self, s: MethodStats) -> float:
+        """What a trial of `s` is expected to cost before its first vector (NOTE: [What a trial costs before its
+        first vector])."""
+        eval_seconds = self.facts.eval_seconds or 0.0
+        vjp_seconds = self.facts.vjp_seconds or 0.0
+        fixed = choose.TRIAL_FIXED_SECONDS + eval_seconds  # on a later call, the alternative evaluates `f` itself
+        if not s.verified:  # its first run is checked: reference products on its own graph, or on a fresh one
+            fixed += vjp_seconds + (0.0 if s.method.on_plain_graph else eval_seconds)
+        if s.method.vectorize == "repeat":
+            # The check on new captured values (at its share of calls), and before a plan's first repeat run `f`
+            # on two different rows.
+            fixed += s.extra + (0.0 if self.batch_aware_checked else eval_seconds + vjp_seconds)
+        return fixed
 
     def loops_slow_incumbent(self) -> bool:
         """Whether the incumbent is torch.autograd's vmap and the first call counted it looping over ops (NOTE: [No
