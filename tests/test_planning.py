@@ -138,13 +138,14 @@ def test_the_engine_probe_orders_the_engines():
 def test_slices_are_what_the_credit_covers_pessimistically():
     inc = BY_NAME["reverse/vmap [func]"]
     rep = BY_NAME["reverse/repeat"]
-    # incumbent: 10 ms for 100 rows = 0.1 ms a row; same side: charged 1x per row, plus the evaluation
-    assert choose.slice_for(rep, inc, 0.01, FACTS, credit=0.003, fixed_seconds=0.001) == 20
-    assert choose.slice_for(rep, inc, 0.01, FACTS, credit=0.0011, fixed_seconds=0.001) == 0  # not even 2 rows
+    # incumbent: 10 ms for 100 rows = 0.1 ms a row; same side: charged 1x per row, plus its fixed costs
+    assert choose.slice_for(rep, inc, 0.01, FACTS, credit=0.004, fixed_seconds=0.001) == 30
+    assert choose.slice_for(rep, inc, 0.01, FACTS, credit=0.003, fixed_seconds=0.001) == 0  # not a quarter
     trick = BY_NAME["forward-trick/vmap [func]"]
     facts = Facts(n_in=100, n_out=100, eval_seconds=1e-3, vjp_seconds=1e-3)
     # another side: the slice is wasted work, charged twice
-    assert choose.slice_for(trick, inc, 0.01, facts, credit=0.003, fixed_seconds=0.001) == 10
+    assert choose.slice_for(trick, inc, 0.01, facts, credit=0.007, fixed_seconds=0.001) == 30
+    assert choose.slice_for(BY_NAME["forward-trick/loop"], inc, 0.01, facts, credit=0.003, fixed_seconds=0.001) == 10
     assert choose.slice_for(rep, inc, 0.01, FACTS, credit=1.0, fixed_seconds=0.0) == 100  # never beyond the basis
 
 
@@ -354,6 +355,16 @@ def test_a_small_basis_is_tried_whole_or_not_yet():
                             e.facts, 0.004, 0.0) == 4
     assert choose.slice_for(choose.BY_NAME["reverse/vmap [autograd]"], choose.BY_NAME["reverse/vmap [func]"], 0.008,
                             e.facts, 0.004, 0.0) == 0
+
+
+def test_a_batched_methods_slice_holds_a_quarter_of_its_vectors_or_waits():
+    # 100 rows at 0.1 ms a row: a slice of s rows of the same mode is charged s * 0.1 ms beyond its fixed costs.
+    facts = choose.Facts(100, 100, 1e-3, 1e-3)
+    vmap, repeat = choose.BY_NAME["reverse/vmap [func]"], choose.BY_NAME["reverse/repeat"]
+    assert choose.slice_for(repeat, vmap, 0.01, facts, 0.0024, 0.0) == 0  # 24 rows: too few to project from
+    assert choose.slice_for(repeat, vmap, 0.01, facts, 0.0025, 0.0) == 25
+    assert choose.slice_for(repeat, vmap, 0.01, facts, 0.0035, 0.001) == 25  # its fixed costs come first
+    assert choose.slice_for(repeat, vmap, 0.01, facts, 0.0095, 0.0, saving=0.001) == 100  # a whole run
 
 
 def test_a_sliced_first_run_is_confirmed_at_its_per_chunk_cost():

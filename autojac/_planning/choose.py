@@ -68,6 +68,10 @@ WHOLE_UP_TO = 64
 holds them all, so a slice costs about as much as the whole run (its fixed costs) and projects poorly (a 2-row
 slice of the torch.func engine on an 8-row arm projected 1.31 ms, and cost 1.3 ms beyond the incumbent's 0.67 ms
 call; its whole runs took 0.74-0.81 ms)."""
+SLICE_SHARE_MIN = 4
+"""A batched method's first slice holds at least 1/this of its vectors, or it waits: its projection scales the
+slice's chunk by the square root of the basis over the slice, and a small chunk is mostly fixed cost (2 of a
+transformer layer's 256 rows on the repeat trick projected 13.75 ms; its whole run took 5.6-7.1 ms)."""
 TRIAL_FIXED_SECONDS = 5e-4
 """What a trial costs beyond its own work (NOTE: [What a trial costs before its first vector]): the trial's own
 machinery, taken from the suite's small problems (2-core CPU)."""
@@ -334,7 +338,7 @@ def slice_for(m: MethodId, incumbent: MethodId, incumbent_seconds: float, facts:
     if room <= 0 or (m.vectorize != "loop" and n <= WHOLE_UP_TO):
         return 0
     s = int(room / max(weight * per_vector, 1e-12))
-    smallest = 2 if m.vectorize != "loop" else 1
+    smallest = 1 if m.vectorize == "loop" else -(-n // SLICE_SHARE_MIN)
     return min(n, s) if s >= smallest else 0
 
 
