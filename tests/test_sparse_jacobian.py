@@ -582,6 +582,47 @@ def test_a_closure_rebuilt_with_a_new_permutation_each_step_keeps_finding_its_pa
             assert not any("failed the check" in e for e in report.events), report
 
 
+def test_a_pattern_that_read_no_captured_values_is_not_checked_on_new_targets(monkeypatch):
+    # NOTE: [A pattern that read no captured values]: a residual minus a target rebuilt every step keeps its
+    # pattern whatever the target; a weight whose zeros made the pattern does not.
+    from autojac._structure.detect import detect
+
+    _forced_structure(monkeypatch)
+    x = t64(400)
+    targets = [t64(400, seed=10 + k) for k in range(5)]
+    assert not detect(lambda u: stencil(u) - targets[0], (x,)).reads_captured
+    weight = t64(400, seed=3) * (torch.arange(400, device=DEVICE) % 2)
+    assert detect(lambda u: stencil(u) * weight, (x,)).reads_captured  # its zeros were read
+    shift = 1.0
+    checked = []
+    for step, target in enumerate(targets):
+        f = lambda u, target=target: stencil(u) * shift - target  # noqa: E731
+        got = autojac.jacobian(f, x)
+        torch.testing.assert_close(got, torch.autograd.functional.jacobian(f, x), msg=f"step {step}")
+        report = autojac.last_report()
+        if autojac.plan(f, x).problem.layout is not None and not report.planned:
+            checked.append(report.verified)
+    assert checked and not any(checked[1:]), checked  # compressed, and not checked again for a new target
+    shift = 0.5  # a number `f` holds changed: checked again
+    f = lambda u, target=targets[0]: stencil(u) * shift - target  # noqa: E731
+    torch.testing.assert_close(autojac.jacobian(f, x), torch.autograd.functional.jacobian(f, x))
+    assert autojac.last_report().verified
+
+
+def test_a_pattern_passed_in_is_checked_on_new_captured_values():
+    # Found for `2 x` (diagonal, no captured value read), passed to gathers rebuilt around new permutations: the
+    # first is the identity and passes; every later one is checked, fails, and is computed densely.
+    x = t64(300)
+    identity = torch.arange(300, device=DEVICE)
+    pattern = autojac.sparsity(lambda u: u * 2.0, x)
+    assert not pattern.reads_captured
+    g = torch.Generator().manual_seed(7)
+    for step, perm in enumerate([identity] + [torch.randperm(300, generator=g).to(DEVICE) for _ in range(3)]):
+        f = _gather(perm)
+        torch.testing.assert_close(autojac.jacobian(f, x, sparsity=pattern), _permutation_jacobian(perm),
+                                   msg=f"step {step}")
+
+
 def _following_plan(monkeypatch, seed: int, count: int):
     """(x, permutations): a gather's plan made on the first permutation, whose pattern then failed on the
     second and was found again, so that the plan follows the values (NOTE: [A pattern found again])."""

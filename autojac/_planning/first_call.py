@@ -228,6 +228,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         # checked on every call until a trace on fake tensors confirms it.
         made.reverify = problem.layout is not None and (not problem.layout.pattern.valid_everywhere
                                                          or problem.layout.pattern.source == "user")
+        made.pattern_reads_captured = (problem.layout is None or made.reverify
+                                       or problem.layout.pattern.reads_captured)
         # A real trace the first call chose (not one a failed fake trace fell back to): confirmed later.
         made.confirm_trace = made.reverify and (
             (problem.layout.pattern.source == "real trace" and not problem.layout.pattern.notes)

@@ -136,20 +136,21 @@ tensors (NOTE: [A real trace first])."""
 # again, dense; on new captured values, with the pattern found again: NOTE: [A pattern found again]).
 
 
-def confirm_real_trace(f, xs, pattern: Pattern, max_seconds: float | None) -> str:
-    """Trace `f` on fake tensors; "" if that pattern (valid for every input of these shapes) lies within
-    `pattern`, a first call's real-trace one, else why not (NOTE: [A real trace first])."""
+def confirm_real_trace(f, xs, pattern: Pattern, max_seconds: float | None) -> tuple[str, bool]:
+    """Trace `f` on fake tensors: ("", whether that trace read the value of a tensor `f` holds) if its pattern
+    (valid for every input of these shapes) lies within `pattern`, a first call's real-trace one, else (why
+    not, True) (NOTE: [A real trace first]; NOTE: [A pattern that read no captured values])."""
     try:
         fake = detect(f, xs, trace="fake", max_nnz=pattern.nnz, max_seconds=max_seconds)
     except TooDense as more:
-        return f"the fake trace's pattern holds {more.nnz} nonzeros against {pattern.nnz}"
+        return f"the fake trace's pattern holds {more.nnz} nonzeros against {pattern.nnz}", True
     except Exception as exc:  # noqa: BLE001 - unconfirmed: every call stays checked
-        return f"the fake trace failed ({type(exc).__name__})"
+        return f"the fake trace failed ({type(exc).__name__})", True
     n_in = pattern.shape[1]
     if fake.nnz and not np.isin(fake.rows * n_in + fake.cols, pattern.rows * n_in + pattern.cols,
                                 assume_unique=True).all():
-        return f"the fake trace's pattern ({fake.nnz} nonzeros) reaches beyond it"
-    return ""
+        return f"the fake trace's pattern ({fake.nnz} nonzeros) reaches beyond it", True
+    return "", fake.reads_captured
 
 
 # NOTE: [Batch-aware at every point]
@@ -376,7 +377,9 @@ def user_pattern(mask: object, problem: Problem, who: str) -> Pattern:
         if mask.shape != shape:
             raise InputError(f"{who}: the `sparsity` pattern is {mask.shape[0]} x {mask.shape[1]}, but the Jacobian is "
                              f"{shape[0]} x {shape[1]}. Find it with `autojac.sparsity` on the same shapes.")
-        return mask
+        # Found for some function, perhaps another: checked on new captured values like any pattern you give
+        # (NOTE: [A pattern that read no captured values] holds for the function whose trace it was).
+        return mask if mask.reads_captured else dataclasses.replace(mask, reads_captured=True)
     if not isinstance(mask, torch.Tensor):
         raise InputError(f"{who}: `sparsity` must be 'auto', None, or a bool tensor marking the Jacobian's possible nonzeros, but got {type(mask).__name__}.")
     if mask.is_sparse or mask.layout != torch.strided:

@@ -85,7 +85,7 @@ def detect(f: Callable, xs: Sequence[torch.Tensor], *, trace: str = "auto", max_
     if max_nnz is not None and (nnz := D.count(joined)) > max_nnz:
         raise TooDense(nnz)
     full = D.materialize(joined, n_out, engine.n_in)
-    return Pattern.from_csr(full, valid_everywhere=tape.mode == "fake",
+    return Pattern.from_csr(full, valid_everywhere=tape.mode == "fake", reads_captured=engine.read_captured,
                             dense_ops=tuple(dict.fromkeys(engine.dense_ops)),
                             grids=(grids(tape, tape.output_metas), grids(tape, tape.input_metas)),
                             seconds=time.perf_counter() - start,

@@ -111,6 +111,9 @@ class Engine:
         self.detached: dict[int, int] = {}  # tensor id -> index of the op that detached it
         self.step = 0
         self.dense_ops: list[str] = []
+        self.read_captured = False
+        """Whether a rule read the value of a tensor `f` holds (a captured index, a weight's zeros, a mask made from
+        one): the pattern then holds for those values only (NOTE: [A pattern that read no captured values])."""
         self._views: dict[tuple, tuple[Deps, Deps]] = {}  # a view's sets, with the storage's sets they came from
         offset = 0
         for m in tape.input_metas:
@@ -133,6 +136,7 @@ class Engine:
 
     def _load(self, store: Store) -> None:
         exts, store.pending = store.pending, []
+        self.read_captured = True
         if self.tape.mode == "real":
             ext = exts[0]
             if ext.snapshot is not None:
@@ -180,6 +184,7 @@ class Engine:
         copied to the host for it); None when unknown. NOTE: [A dense constant is known before it is loaded]"""
         store = self.store(meta)
         if store.pending:
+            self.read_captured = True
             if len(store.pending) != 1:
                 return None
             ext = store.pending[0]

@@ -50,6 +50,9 @@ class Pattern:
     seconds: float = 0.0
     source: str = "user"  # "fake trace", "real trace" or "user"
     notes: tuple[str, ...] = ()
+    reads_captured: bool = True
+    """Whether finding it read the value of a tensor `f` holds (a captured index, a weight's zeros): then it holds
+    for those values only. False for a trace that read none (NOTE: [A pattern that read no captured values])."""
     grids: tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]] = ((), ())
     """Shapes the rows' and the columns' elements were seen in, row-major (the outputs', the inputs'): hints for
     the colourings' lattice search (NOTE: [Grids the trace saw]), never trusted: a colouring is checked on the
