@@ -224,10 +224,10 @@ class PlanEntry:
         self.reverify = False
         """Verify every call (a sparsity pattern valid at the first call's point only)."""
         self.confirm_trace = False
+        """A first call's real-trace pattern awaits a fake trace's confirmation (NOTE: [A real trace first])."""
         self.pattern_reads_captured = True
         """Whether the plan's pattern may depend on the values of tensors `f` holds: False once a trace on fake
         tensors that read none of them found it or confirmed it (NOTE: [A pattern that read no captured values])."""
-        """A first call's real-trace pattern awaits a fake trace's confirmation (NOTE: [A real trace first])."""
         self.values_seen = None
         """The tensors a sparsity pattern was last checked with (see NOTE: [Patterns and values])."""
         self.values_last = None
