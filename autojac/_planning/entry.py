@@ -360,8 +360,8 @@ class PlanEntry:
     # A trial's slice was priced as its vectors' share of the incumbent's time plus one evaluation of `f`. On
     # small problems that is a fraction of what trials took: over the first 20 calls of the suite's sub-2 ms
     # problems (a warm process, peers run before), first trials cost 1.4x to 5.6x an incumbent call beyond it
-    # (a torch.func slice of 2 rows on a 3 -> 3 map 1.16-1.6 ms against 0.29 ms; the repeat trick on a 2-layer
-    # MLP of two inputs 2.75-3.1 ms against 1.2 ms; forward mode on the robot arm 1.85 ms against 0.67 ms), on
+    # (a torch.func slice of 2 rows on a 3 -> 3 map 1.16-1.6 ms against 0.29 ms; the repeat trick on a gated layer
+    # of two inputs (128 each) 2.75-3.1 ms against 1.2 ms; forward mode on the robot arm 1.85 ms against 0.67 ms), on
     # credits of 0.24-1.3 ms: the credit went 1.2-5 ms into debt, and exploration took 20-60% of those 20 calls
     # against the documented 10%. What a slice did not count: its first run's check (reference products on its
     # own graph, or an evaluation and a VJP of their own), a repeat method's check on two different rows or on
