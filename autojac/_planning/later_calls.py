@@ -89,7 +89,7 @@ def _values_changed(call: Call, entry: PlanEntry, name: str | None = None) -> No
     if entry.problem.layout is None and not repeat:
         return
     now = call.f.value_sources()
-    if now != entry.values_seen and not (not repeat and _pattern_holds_for(entry, now)):
+    if now != entry.values_seen and (repeat or not _pattern_holds_for(entry, now)):
         if entry.follows_values and entry.problem.layout is not None:
             raise PatternFailed(None, entry.problem.layout)  # NOTE: [A pattern found again]
         # The call's Jacobian is checked (one plain evaluation and one VJP); the rows check is not made again:
@@ -106,10 +106,9 @@ def _values_changed(call: Call, entry: PlanEntry, name: str | None = None) -> No
 def _pattern_holds_for(entry: PlanEntry, now) -> bool:
     """Whether the plan's pattern holds for the values `now` without a check: found on fake tensors reading no
     value of a tensor `f` holds, with the same numbers and strings (NOTE: [A pattern that read no captured
-    values])."""
+    values]). A pattern checked on every call (`reverify`) is one that reads them."""
     seen = entry.values_seen
-    return (not entry.pattern_reads_captured and not entry.reverify and seen is not None
-            and now.plain == seen.plain)
+    return not entry.pattern_reads_captured and seen is not None and now.plain == seen.plain
 
 
 # NOTE: [A pattern that read no captured values]
@@ -249,10 +248,11 @@ def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float
         # spends it.
         wait = entry.structure_open and (entry.bounds_pending or (entry.structure_share is not None
                                                                  and _look_within_reach(entry, estimate)))
-        bounds = explore and entry.bounds_pending and not look and not confirm and not copies
+        free = explore and not look and not confirm and not copies  # no trace on this call
+        bounds = free and entry.bounds_pending
         if bounds:
             entry.bounds_pending = False  # read once, by this call
-        trial = entry.next_trial() if explore and not look and not confirm and not copies and not wait else None
+        trial = entry.next_trial() if free and not wait else None
     if look:
         _look_for_structure(call, entry)
     if confirm:
