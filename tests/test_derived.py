@@ -403,6 +403,41 @@ def test_batch_jacobian_bad_input():
         autojac.batch_jacobian(lambda a, b: a + b.sum(), (t64(3, 2), t64(4, 2)))
     with pytest.raises(autojac.InputTypeError, match="leading batch dimension 3"):
         autojac.batch_jacobian(lambda a: a.sum(), t64(3, 2))
+    # torch's own "only Tensors of floating point dtype can require gradients" came out of the first evaluation
+    with pytest.raises(autojac.InputTypeError, match="^batch_jacobian: input 0 must be a real floating-point"):
+        autojac.batch_jacobian(lambda a: a * 2, torch.arange(6, device=DEVICE).view(3, 2))
+    with pytest.raises(autojac.InputTypeError, match="^batch_jacobian: output 1 of `f` must be a real floating-point"):
+        autojac.batch_jacobian(lambda a: (a.sin(), (a > 0).long()), t64(3, 2))
+
+
+def test_errors_name_the_function_the_user_called():
+    # hessian and batch_jacobian compute through jacobian; their errors used to begin "jacobian:" and point
+    # at `help(autojac.jacobian)` and at plans of the wrong kind.
+    x, X = t64(4), t64(3, 4, seed=1)
+    with pytest.raises(autojac.InputError, match=r"^hessian: `chunk_size` must be a positive int"):
+        autojac.hessian(energy, x, chunk_size=0)
+    with pytest.raises(autojac.InputTypeError, match=r"^hessian: .*`vectorized`.*help\(autojac\.hessian\)"):
+        autojac.hessian(energy, x, vectorized=True)
+    with pytest.raises(autojac.MemoryBudgetError, match=r"^hessian: .* but the Hessian alone \(4 x 4\)"):
+        autojac.hessian(energy, x, memory_budget=16)
+    with pytest.raises(autojac.StrictError, match=r"^hessian: with strict=True"):
+        autojac.hessian(lambda t: 3 * t[0] + t[1], x, strict=True)  # a constant gradient
+    with pytest.raises(autojac.InputError, match=r"^batch_jacobian: `chunk_size` must be a positive int"):
+        autojac.batch_jacobian(torch.sin, X, chunk_size=-1)
+    with pytest.raises(autojac.MemoryBudgetError, match=r"^batch_jacobian: .* but the per-sample Jacobians alone"):
+        autojac.batch_jacobian(torch.sin, X, memory_budget=16)
+    with pytest.raises(autojac.PlanMismatchError, match=r'^batch_jacobian: .*kind="batch_jacobian"'):
+        autojac.batch_jacobian(torch.sin, X, plan=autojac.plan(torch.sin, x))
+
+
+def test_methods_failing_for_one_reason_are_named_together():
+    with pytest.raises(autojac.UnsupportedFunctionError) as info:
+        autojac.jacobian(lambda t: t - t.mean(0), t64(5), vectorize="repeat")
+    text = str(info.value)
+    assert text.startswith("jacobian: none of the allowed methods could differentiate `f`: "
+                           "reverse/repeat, forward/repeat, forward-trick/repeat: NotBatchAwareError")
+    assert text.count("NotBatchAwareError") == 1
+    assert "vectorize='vmap' or 'loop'" in text
 
 
 def test_torch_func_transforms_over_hessian_and_batch_jacobian():

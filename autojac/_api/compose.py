@@ -46,12 +46,13 @@ def outer_transform(xs: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
-def composed_jacobian(f: Callable, xs: Sequence[torch.Tensor], signature: Signature, mode: str, chunk_size: int | None):
+def composed_jacobian(f: Callable, xs: Sequence[torch.Tensor], signature: Signature, mode: str, chunk_size: int | None,
+                      who: str = "jacobian"):
     """The Jacobian by torch.func products that every outer transform can differentiate."""
     forward_allowed = not _forward_ad_active_here()
     if mode == "forward" and not forward_allowed:
         raise UnsupportedFunctionError(
-            "jacobian: mode='forward' cannot run inside forward-mode AD (torch.func.jvp/jacfwd, or an autojac "
+            f"{who}: mode='forward' cannot run inside forward-mode AD (torch.func.jvp/jacfwd, or an autojac "
             "forward pass): PyTorch supports one forward-AD level at a time. Use mode='reverse' or 'forward-trick'."
         )
 

@@ -32,7 +32,7 @@ from .._execute.verify import CHECK_BLOCK_BYTES
 from .._methods.base import rows_agree
 from .._planning.keys import describe_function
 from .compose import outer_transform
-from .jacobian import jacobian
+from .jacobian import _jacobian
 
 
 class _Gradient:
@@ -103,7 +103,7 @@ def hessian(
     """
     check_callable(f, "hessian")
     target, argnums = gradient_target(f, inputs, argnums, has_aux)
-    return jacobian(target, inputs, argnums=argnums, has_aux=has_aux, **options)
+    return _jacobian("hessian", target, inputs, argnums=argnums, has_aux=has_aux, **options)
 
 
 def gradient_target(f: Callable, inputs: Any, argnums, has_aux: bool) -> tuple[_Gradient, Any]:
@@ -302,6 +302,10 @@ def _check_batch_inputs(inputs, who: str) -> tuple[torch.Tensor, ...]:
         raise InputTypeError(f"{who}: `inputs` must be a tensor or a tuple of tensors with a leading batch dimension.")
     if any(x.dim() == 0 for x in xs) or len({x.shape[0] for x in xs}) != 1:
         raise InputError(f"{who}: every input needs the same leading batch dimension, but got shapes {[tuple(x.shape) for x in xs]}.")
+    for k, x in enumerate(xs):
+        if not x.dtype.is_floating_point:  # complex is not floating point
+            raise InputTypeError(f"{who}: input {k} must be a real floating-point tensor, but got dtype {x.dtype}; only "
+                                 "floating-point inputs have derivatives. Convert it with `.double()` or `.float()`.")
     return xs
 
 
@@ -482,6 +486,10 @@ def _shapes_and_independence(f: Callable, xs: tuple[torch.Tensor, ...], batch: i
     if not ys or any(not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != batch for y in ys):
         shapes = [tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__ for y in ys]
         raise InputTypeError(f"batch_jacobian: `f` must return tensors with the inputs' leading batch dimension {batch}, but it returned {shapes}.")
+    for k, y in enumerate(ys):
+        if not y.dtype.is_floating_point:
+            raise InputTypeError(f"batch_jacobian: output {k} of `f` must be a real floating-point tensor, but got dtype "
+                                 f"{y.dtype}. Return a float tensor (integer and complex outputs have no real Jacobian).")
     _check_independent(leaves, ys, batch)
     return [y.dim() - 1 for y in ys], sum(y[0].numel() for y in ys), tuple((tuple(y.shape), y.dtype) for y in ys)
 
@@ -517,7 +525,7 @@ def _batch(f: Callable, inputs, xs: tuple[torch.Tensor, ...], options: dict, tar
                 u = torch.zeros((), dtype=xs[0].dtype, device=xs[0].device)
             target_inputs = (*(target_inputs if type(inputs) is tuple else (target_inputs,)), u)
         try:
-            jac = jacobian(target, target_inputs, **options)
+            jac = _jacobian("batch_jacobian", target, target_inputs, **options)
         except _OutputsChanged:  # the verdict's shapes are stale: checked again, as on a first call
             _BATCH_FACTS.pop(recheck.key, None)
             return _batch(f, inputs, xs, options, target_mode)

@@ -324,15 +324,42 @@ def jacobian(
         tensor([[2., 0.],
                 [0., 4.]], dtype=torch.float64)
     """
-    refuse_unknown(unknown, "jacobian")
-    options = make_options("jacobian", mode=mode, vectorize=vectorize, chunk_size=chunk_size,
+    return _jacobian("jacobian", f, inputs, mode=mode, vectorize=vectorize, chunk_size=chunk_size,
+                     memory_budget=memory_budget, create_graph=create_graph, strict=strict, plan=plan, cache=cache,
+                     progress=progress, argnums=argnums, has_aux=has_aux, sparsity=sparsity, output=output, **unknown)
+
+
+def _jacobian(
+    who: str,
+    f: Callable,
+    inputs: Any,
+    *,
+    mode: str = "auto",
+    vectorize: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+    create_graph: bool = False,
+    strict: bool = False,
+    plan: Plan | None = None,
+    cache: bool = True,
+    progress: bool | None = None,
+    argnums: int | tuple[int, ...] | None = None,
+    has_aux: bool = False,
+    sparsity: object = "auto",
+    output: str = "dense",
+    **unknown: object,
+):
+    """`jacobian`, its errors named for `who`: "jacobian", or "hessian" / "batch_jacobian" for the Jacobians those
+    compute through it (the user called them, so their messages name them)."""
+    refuse_unknown(unknown, who)
+    options = make_options(who, mode=mode, vectorize=vectorize, chunk_size=chunk_size,
                            memory_budget=memory_budget, create_graph=create_graph, strict=strict,
                            cache=cache, progress=progress, sparsity=sparsity, output=output)
-    check_callable(f, "jacobian")
-    check_flag("jacobian", "has_aux", has_aux)
-    xs, signature, arguments = check_inputs(inputs, "jacobian", argnums)
+    check_callable(f, who)
+    check_flag(who, "has_aux", has_aux)
+    xs, signature, arguments = check_inputs(inputs, who, argnums)
     if plan is not None:
-        _check_plan(plan, signature, options)
+        _check_plan(plan, signature, options, who)
     function_key, modules = _describe(f, arguments, has_aux)
     transform = outer_transform(xs)
     if transform is None and not options.create_graph and _differentiated_from_outside(xs):
@@ -343,14 +370,14 @@ def jacobian(
     elif transform is None and options.cache:
         key = _key(function_key, signature, options, modules)
         entry = _cache.get(key)
-    recorder = AuxRecorder(f, "jacobian") if has_aux else None
+    recorder = AuxRecorder(f, who) if has_aux else None
     inference = torch.is_inference_mode_enabled()
     with (_user_call_state(xs) if inference else contextlib.nullcontext(xs)) as xs:
         evaluator = Evaluator(recorder or f, signature.device, modules, once=_evaluates_once(entry, plan) and not has_aux,
                               arguments=arguments, watch_captured=entry is None)
         if recorder is not None:
             recorder.evaluator = evaluator
-        call = session.Call(evaluator, xs, signature, options, "jacobian")
+        call = session.Call(evaluator, xs, signature, options, who)
         call.captures = (f, function_key, modules)
         if plan is not None and entry.function_key is not None and entry.function_key != function_key:
             # A plan made for another function: what was checked on that one says nothing about this one.
@@ -358,8 +385,9 @@ def jacobian(
         try:
             if transform is not None:  # NOTE: [Why composed calls take their own path]
                 if options.strict:
-                    session.check_strict(evaluate_plain(evaluator, xs, False), "jacobian")
-                result = composed_jacobian(evaluator, xs, signature, plan.mode if plan is not None else options.mode, chunk_size)
+                    session.check_strict(evaluate_plain(evaluator, xs, False), who)
+                result = composed_jacobian(evaluator, xs, signature, plan.mode if plan is not None else options.mode,
+                                           chunk_size, who)
             else:
                 result = _run(call, entry, key, plan)
             result = as_output(result, signature.sizes, options.output)
@@ -425,7 +453,7 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
                 _cache.put(key, entry)
             else:
                 if options.strict:
-                    session.check_strict(evaluate_plain(call.f, call.xs, False), "jacobian")
+                    session.check_strict(evaluate_plain(call.f, call.xs, False), call.who)
                 result = later.later_call(call, entry)
                 if entry.dense_plan is not None and key is not None:
                     back = later.judge_structure(entry)
@@ -439,7 +467,7 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
             _cache.put(key, entry)
     except session.OutputsChanged as exc:
         if plan is not None:
-            raise PlanMismatchError(f"jacobian: {exc}. Make a new plan with `autojac.plan(f, inputs)`.") from None
+            raise PlanMismatchError(f"{call.who}: {exc}. Make a new plan with {_plan_call(call.who)}.") from None
         logger.debug("%s: making a new plan", exc)
         if key is not None:
             _cache.pop(key)
@@ -469,16 +497,21 @@ def _loaded_entry(key, options: Options) -> PlanEntry | None:
         return None
 
 
-def _check_plan(plan: object, signature: Signature, options: Options) -> None:
+def _plan_call(who: str) -> str:
+    """How to make the plan that `who` takes back with `plan=`."""
+    return "`autojac.plan(f, inputs)`" if who == "jacobian" else f"`autojac.plan(f, inputs, kind=\"{who}\")`"
+
+
+def _check_plan(plan: object, signature: Signature, options: Options, who: str = "jacobian") -> None:
     if not isinstance(plan, Plan):
-        raise InputTypeError(f"jacobian: `plan` must be an autojac.Plan from `autojac.plan(...)`, but got {type(plan).__name__}.")
+        raise InputTypeError(f"{who}: `plan` must be an autojac.Plan from {_plan_call(who)}, but got {type(plan).__name__}.")
     if (options.mode, options.vectorize, options.chunk_size, options.budget) != ("auto", "auto", None, None):
-        raise InputError("jacobian: `plan` already fixes the method, chunk size and budget, but `mode`, `vectorize`, `chunk_size` or `memory_budget` was also given. Pass those to `autojac.plan(...)` instead.")
+        raise InputError(f"{who}: `plan` already fixes the method, chunk size and budget, but `mode`, `vectorize`, `chunk_size` or `memory_budget` was also given. Pass those to `autojac.plan(...)` instead.")
     if plan.entry is None:
-        raise InputError("jacobian: this `plan` holds no measurements (it was not made by `autojac.plan` or `autojac.tune`). Make one with `autojac.plan(f, inputs)`.")
+        raise InputError(f"{who}: this `plan` holds no measurements (it was not made by `autojac.plan` or `autojac.tune`). Make one with {_plan_call(who)}.")
     rows = plan.signature.mismatches(signature)
     if rows:
-        raise PlanMismatchError("jacobian: `plan` was made for other inputs; it cannot be reused here:\n  " + "\n  ".join(rows) + "\nMake a new plan with `autojac.plan(f, inputs)`.")
+        raise PlanMismatchError(f"{who}: `plan` was made for other inputs; it cannot be reused here:\n  " + "\n  ".join(rows) + f"\nMake a new plan with {_plan_call(who)}.")
 
 
 def plan(

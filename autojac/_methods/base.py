@@ -337,7 +337,7 @@ def check_batched_outputs(ys: Sequence[torch.Tensor], problem: Problem, k: int) 
     got = [tuple(y.shape) for y in ys]
     if got != expected:
         raise NotBatchAwareError(
-            f"jacobian: vectorize='repeat' needs `f` to map inputs with a leading batch dimension of {k} "
+            f"vectorize='repeat' needs `f` to map inputs with a leading batch dimension of {k} "
             f"to outputs of shapes {expected}, but got {got}. Use vectorize='vmap' or 'loop', "
             "or make `f` accept a batch."
         )

@@ -506,8 +506,9 @@ def _check_result_fits(call: Call, problem: Problem, budget: int, forward_bytes:
     0 when not measured) cannot fit; `hint`: say that a sparse output may fit where the dense one does not."""
     if problem.result_bytes + forward_bytes > budget:
         sparse = problem.layout is not None and problem.layout.output != "dense"
+        result = {"hessian": "the Hessian", "batch_jacobian": "the per-sample Jacobians"}.get(call.who, "the Jacobian")
         raise MemoryBudgetError(
-            f"{call.who}: the memory budget is {format_bytes(budget)}, but the Jacobian alone "
+            f"{call.who}: the memory budget is {format_bytes(budget)}, but {result} alone "
             f"({problem.n_out} x {problem.n_in}"
             + (f", {problem.layout.pattern.nnz} nonzeros as {problem.layout.output} blocks" if sparse else "")
             + f") takes {format_bytes(problem.result_bytes)}"

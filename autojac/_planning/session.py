@@ -343,23 +343,33 @@ def _no_method(call: Call, failures: list[tuple[str, BaseException]]) -> Excepti
             "or state it changes), and none of the allowed methods evaluates it only once. Use mode='reverse' "
             "or mode='forward-trick' with vectorize='vmap' or 'loop'.")
     name, last = failures[-1]
-    tried = "; ".join(f"{n}: {_first_line(e)}" for n, e in failures)
+    # Methods that failed for the same reason are named together (the three repeat methods refused by one
+    # batch-aware check read as one sentence, not three).
+    reasons: dict[str, list[str]] = {}
+    for n, e in failures:
+        reasons.setdefault(_first_line(e), []).append(n)
+    tried = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())
     if all(is_out_of_memory(e) for _, e in failures):
         error = MemoryBudgetError(
             f"{call.who}: {name} ran out of memory even one basis vector at a time ({tried}). Free memory, "
             "pass a `memory_budget` so autojac sizes chunks to fit, or use mode='reverse' when `f` has fewer "
             "outputs than inputs.")
     elif isinstance(last, UnsupportedFunctionError) and len(failures) == 1:
-        return last
+        if str(last).startswith(f"{call.who}:"):
+            return last
+        error = type(last)(f"{call.who}: {last}")  # a method's own refusal, named for the function called
     else:
-        advice = _advice(options) if len(failures) == 1 else "Every allowed method was tried."
+        # One method: what to try instead. Several: they were every method allowed, so the advice is the options'
+        # (vectorize='repeat' given: the repeat methods' need), or else that all were tried.
+        advice = _advice(options) if len(failures) == 1 or options.vectorize == "repeat" else "Every allowed method was tried."
         if isinstance(last, VerificationError):
             forward = name.startswith("forward/")
             advice = ("`f` gives different results on identical evaluations (a random generator of its own, or "
                       "state it changes)" + (", " + _FORWARD_DIFFERS if forward else "") + "; use mode='reverse', "
                       "or mode='forward-trick' with vectorize='vmap' or 'loop', which evaluate it once"
                       + (" and compute reverse mode's derivatives" if forward else "") + ".")
-        error = UnsupportedFunctionError(f"{call.who}: {name} could not differentiate `f`: {tried}. {advice}")
+        lead = f"{name} could not" if len(failures) == 1 else "none of the allowed methods could"
+        error = UnsupportedFunctionError(f"{call.who}: {lead} differentiate `f`: {tried}. {advice}")
     error.__cause__ = last
     return error
 
