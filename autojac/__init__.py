@@ -1,15 +1,12 @@
 """autojac: full Jacobians of PyTorch functions, by the fastest method that fits in memory."""
 
-from ._api.derived import batch_jacobian as batch_jacobian
-from ._api.derived import hessian as hessian
-from ._api.derived import sparsity as sparsity
+from ._api import derived as _derived
+from ._api import jacobian as _entry
 from ._api.jacobian import clear_cache as clear_cache
-from ._api.jacobian import jacobian as jacobian
 from ._api.jacobian import last_report as last_report
 from ._api.jacobian import load_plans as load_plans
-from ._api.jacobian import plan as plan
 from ._api.jacobian import save_plans as save_plans
-from ._api.jacobian import tune as tune
+from ._core.opaque import opaque as _opaque
 from ._core.errors import AutojacError as AutojacError
 from ._core.errors import InputError as InputError
 from ._core.errors import InputTypeError as InputTypeError
@@ -28,8 +25,16 @@ from ._core.warmup import first_call_code as _first_call_code
 from ._core.warmup import warm_up as _warm_up
 
 _warm_up()
-_first_call_code(jacobian, _forget_report)
+_first_call_code(_entry.jacobian, _forget_report)
 del _forget_report
+
+# Opaque to torch.compile (NOTE: [Opaque to torch.compile]).
+jacobian = _opaque(_entry.jacobian)
+hessian = _opaque(_derived.hessian)
+batch_jacobian = _opaque(_derived.batch_jacobian)
+sparsity = _opaque(_derived.sparsity)
+plan = _opaque(_entry.plan)
+tune = _opaque(_entry.tune)
 
 __version__ = "0.2.0.dev0"
 
