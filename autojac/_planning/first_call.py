@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from .._core.errors import MemoryBudgetError, UnsupportedFunctionError
+from .._core.errors import AutojacError, MemoryBudgetError, UnsupportedFunctionError
 from .._core.options import Options
 from .._core.problem import Problem
 from .._core.units import format_bytes, parse_budget
 from .._execute.layout import collector, seeds
-from .._execute.run import RunLog
+from .._execute.run import RunLog, is_out_of_memory
 from .._execute import verify
 from .._execute.verify import VerificationError, blocks_of, random_cotangents
 from .._measure.device import (allocated_bytes, free_memory, kept_by_libraries, total_bytes, untracked_margin,
@@ -149,7 +149,10 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     def reference_for_check():
         if "reference" not in checks:
             checks["w"] = random_cotangents(problem)
-            checks["reference"] = call.reference(problem, checks["w"], graph)
+            try:
+                checks["reference"] = call.reference(problem, checks["w"], graph)
+            except Exception as exc:
+                raise _no_reference(call, exc) from exc
         return checks["w"], checks["reference"]
 
     retained = 0  # what the reference VJP left allocated beyond its own tensors (CUDA)
@@ -499,6 +502,21 @@ class _Restartable:
 
     def restart(self, chain) -> None:
         self.chain, self.i = list(chain), 0
+
+
+def _no_reference(call: Call, failure: BaseException) -> BaseException:
+    """The safety net's reference VJP failed on the first evaluation's graph: no method could be checked, so none
+    may answer. Running out of memory and autojac's own errors stay as they are; anything else (a backward that
+    raises: a custom Function with forward formulas only, a reentrant `torch.utils.checkpoint`) is said plainly."""
+    if is_out_of_memory(failure) or isinstance(failure, AutojacError):
+        return failure
+    text = str(failure).strip()
+    return UnsupportedFunctionError(
+        f"{call.who}: autojac checks every result against a vector-Jacobian product of `f`, and `f`'s backward "
+        f"failed there ({type(failure).__name__}: {text.splitlines()[0].rstrip('.') if text else ''}). "
+        "autojac needs backward formulas for every op of `f` (custom autograd.Functions included; "
+        "torch.utils.checkpoint with use_reentrant=False); for a function with forward-mode formulas only, "
+        "use torch.func.jacfwd.")
 
 
 def _check_result_fits(call: Call, problem: Problem, budget: int, forward_bytes: int, hint: bool = False) -> None:
