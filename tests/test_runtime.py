@@ -278,39 +278,6 @@ def test_explicit_method_that_fails_says_what_to_do(monkeypatch):
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
-class _ForwardOnly(torch.autograd.Function):
-    """A custom Function with a forward-mode formula and no backward: autojac's check cannot run on it."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x.sin()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def jvp(ctx, t):
-        (x,) = ctx.saved_tensors
-        return x.cos() * t
-
-    @staticmethod
-    def backward(ctx, g):
-        raise NotImplementedError("no backward formula")
-
-
-@pytest.mark.parametrize("options", [{}, {"mode": "forward"}, {"mode": "forward", "vectorize": "loop"}])
-def test_a_function_without_backward_is_refused_with_what_to_use(options):
-    # Every result is checked against a VJP; with mode="forward" that reference's own failure escaped as the
-    # backward's NotImplementedError (a reentrant checkpoint's RuntimeError in every mode).
-    x = x8()
-    with pytest.raises(autojac.UnsupportedFunctionError, match="backward") as info:
-        autojac.jacobian(lambda t: 2 * _ForwardOnly.apply(t), x, **options)
-    assert "torch.func.jacfwd" in str(info.value) and "no backward formula" in str(info.value)
-
-
 def test_f_failing_later_with_its_own_error_propagates_unchanged():
     x = x8()
     g, state = _failing_on_demand()

@@ -28,6 +28,7 @@ from .._core.batched_gate import batched_backward
 from .._core.errors import InputError, InputTypeError, MemoryBudgetError, UnsupportedFunctionError
 from .._core.evaluation import Evaluator, evaluating, module_modes, rng_state
 from .._core.options import check_callable, refuse_unknown
+from .._execute.run import is_out_of_memory
 from .._execute.verify import CHECK_BLOCK_BYTES
 from .._methods.base import rows_agree
 from .._planning.keys import describe_function
@@ -625,8 +626,17 @@ def _check_independent(leaves: tuple[torch.Tensor, ...], ys: list[torch.Tensor],
                 grads = torch.autograd.grad(pairs, leaves, cotangents, allow_unused=True, retain_graph=True,
                                             is_grads_batched=True)
         except Exception:  # noqa: BLE001 - a backward torch cannot batch: one product at a time
-            rows = [torch.autograd.grad(pairs, leaves, [c[k] for c in cotangents], allow_unused=True, retain_graph=True)
-                    for k in range(len(masks))]
+            try:
+                rows = [torch.autograd.grad(pairs, leaves, [c[k] for c in cotangents], allow_unused=True,
+                                            retain_graph=True) for k in range(len(masks))]
+            except Exception as exc:  # noqa: BLE001 - said plainly: the check cannot run, so nothing may answer
+                if is_out_of_memory(exc):
+                    raise
+                raise UnsupportedFunctionError(
+                    f"batch_jacobian: samples are checked for independence with vector-Jacobian products of `f`, "
+                    f"and its backward failed ({type(exc).__name__}: {str(exc).strip()[:200]}). Give its custom "
+                    "autograd.Functions a backward, or take `jacobian(f, X)` of the whole batch (forward mode "
+                    "needs no backward).") from exc
             grads = tuple(None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(leaves)))
     for j, g in enumerate(grads):
         if g is None:

@@ -254,6 +254,9 @@ def jacobian(
         with the values, a call on new values plans again before computing.
       - The result is verified (see "Never silently wrong" in the README) before
         it is returned; a method that fails the check hands over to the next.
+        If `f`'s backward fails under the check's VJP (a custom Function with a
+        forward-mode formula only) and forward mode is allowed, the call plans
+        again in forward mode, checked by Jacobian-vector products instead.
     - Later calls run the plan's method (its chunk size from its measured memory
       line under a budget). While a plan is not settled, every call adds 10% of the
       plan's fastest call to an exploration credit (a new plan starts with half its

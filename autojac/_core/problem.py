@@ -68,6 +68,9 @@ class Problem:
     layout: object = None
     """How the Jacobian is pushed and collected: None for dense (one seed per basis vector), or a
     structured layout (`_execute/layout.py`: colour groups of a sparsity pattern)."""
+    tangent_checks: bool = False
+    """Whether the safety net checks J v against a forward-mode product instead of w^T J against a VJP: `f` has no
+    backward (NOTE: [Checks by tangents] in `_execute/verify.py`); then only forward mode computes it."""
 
     @property
     def row_passes(self) -> int:

@@ -90,12 +90,62 @@ def _matrix(block: torch.Tensor, m: int, n: int) -> torch.Tensor:
 
 
 def _vecmat(w: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """w @ matrix for a dense or sparse (COO) matrix."""
+    """w @ matrix for a dense or sparse (COO) matrix, in w's dtype (a check by tangents pairs an output's dtype
+    with blocks of the inputs' dtypes)."""
+    if matrix.dtype != w.dtype:
+        matrix = matrix.to(w.dtype)
     if matrix.layout == torch.strided:
         return w @ matrix
     rows, cols = matrix.coalesce().indices()
     out = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
     return out.index_add_(0, cols, matrix.values() * w[rows])
+
+
+# NOTE: [Checks by tangents]
+# The check needs a VJP of `f`, so an `f` whose backward fails (a custom autograd.Function with a forward-mode
+# formula and no backward) could not be answered at all, though forward mode computes its Jacobian (as
+# torch.func.jacfwd does). For such an `f` a first call whose reference VJP fails, with forward mode allowed,
+# plans again in forward mode with the problem's `tangent_checks` set: every check then compares J v, for a
+# random tangent v (one per input, from a private generator), with one plain forward-AD pass of `f` on dual
+# numbers, unbatched, on a fresh evaluation: the product torch's own forward loop is made of. It is the same
+# check on the transposed Jacobian (J v = (v^T J^T)^T): the blocks are transposed views and inputs and outputs
+# trade places, so the tolerance scaled by |v|^T |J^T| and the columns weighed alike where they differ widely
+# (NOTE: [Rows of very different sizes], for J^T) come unchanged.
+
+
+class _Transposed:
+    """A problem as the check of J^T sees it: inputs and outputs swapped (NOTE: [Checks by tangents])."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.n_in, self.n_out = problem.n_out, problem.n_in
+        self.in_sizes, self.out_sizes = problem.out_sizes, problem.in_sizes
+        self.out_shapes, self.out_dtypes = problem.inputs.shapes, problem.inputs.dtypes
+        # Each output's products sum blocks of every input's dtype: compared in the least precise of them all, at
+        # its tolerance (a float64 output of float32 work holds float32's rounding).
+        coarsest = [d for d in problem.inputs.dtypes if d.is_floating_point]
+        self.inputs = _Side(problem.inputs.device, tuple(
+            max([d, *coarsest], key=lambda t: torch.finfo(t).eps) if d.is_floating_point else d
+            for d in problem.out_dtypes))
+
+
+class _Side:
+    def __init__(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> None:
+        self.device, self.dtypes = device, dtypes
+
+
+def _transposed(blocks: Blocks) -> Blocks:
+    """J^T's blocks: `out[j][i]` is `blocks[i][j]` transposed (a view, or a sparse COO transpose)."""
+    if not blocks:
+        return Blocks()
+    def t(block: torch.Tensor) -> torch.Tensor:
+        return block.t() if block.layout == torch.strided else block.t().coalesce()
+    return Blocks([[t(blocks[i][j]) for i in range(len(blocks))] for j in range(len(blocks[0]))])
+
+
+def check_vectors(problem: Problem) -> tuple[torch.Tensor, ...]:
+    """The check's random vectors: cotangents (one per output), or with `tangent_checks` tangents (one per
+    input)."""
+    return random_cotangents(_Transposed(problem) if problem.tangent_checks else problem)
 
 
 def random_cotangents(problem: Problem) -> tuple[torch.Tensor, ...]:
@@ -114,7 +164,7 @@ def reference_product(ys: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], w:
 
 
 def check_against(name: str, result: object, w: Sequence[torch.Tensor], reference: Sequence, problem: Problem,
-                  blocks: Blocks | None = None) -> None:
+                  blocks: Blocks | None = None, product: str = "vector-Jacobian product", side: str = "input") -> None:
     """Raise VerificationError unless w^T J matches `reference` (see NOTE above); `blocks` are the result's
     `blocks_of`, where the caller has them.
 
@@ -172,7 +222,7 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
                 k = int(columns[bad.nonzero()[0, 0]])
                 raise VerificationError(
                     f"{name} gave a Jacobian whose product with a random vector disagrees with an "
-                    f"independent vector-Jacobian product (input {j}, element {k}: {float(got[k]):.6g} against "
+                    f"independent {product} ({side} {j}, element {k}: {float(got[k]):.6g} against "
                     f"{float(ref[k]):.6g}; {int(bad.sum())} of {size} elements differ)"
                 )
 
@@ -276,23 +326,20 @@ def _spread(dtypes: tuple[torch.dtype, ...]) -> float:
 def check(name: str, result: object, problem: Problem, reference_of, w: Sequence[torch.Tensor] | None = None,
           reference: Sequence | None = None, blocks: Blocks | None = None) -> None:
     """The safety net on a method's result: `check_against` with random cotangents (`w`, whose product
-    `reference` may be given), then `check_balanced`; `reference_of(w)` is w^T J by an independent product.
-    `blocks`: the result's `blocks_of`, if the caller has them."""
+    `reference` may be given), then once more with rows weighed alike where they differ widely; `reference_of(w)` is
+    w^T J by an independent product, or with the problem's `tangent_checks` J w for tangents w (NOTE: [Checks
+    by tangents]). `blocks`: the result's `blocks_of`, if the caller has them."""
     if w is None:
-        w = random_cotangents(problem)
+        w = check_vectors(problem)
     blocks = blocks_of(result, problem) if blocks is None else blocks
-    check_against(name, result, w, reference_of(w) if reference is None else reference, problem, blocks)
-    check_balanced(name, result, problem, reference_of, blocks)
-
-
-def check_balanced(name: str, result: object, problem: Problem, reference_of,
-                   blocks: Blocks | None = None) -> None:
-    """After `check_against` passed: once more with rows weighed alike, where their sizes differ widely
-    (NOTE: [Rows of very different sizes]); `reference_of(w)` is w^T J by an independent product."""
-    blocks = blocks_of(result, problem) if blocks is None else blocks
-    w = balanced_cotangents(result, problem, blocks)
-    if w is not None:
-        check_against(name, result, w, reference_of(w), problem, blocks)
+    words = {}
+    if problem.tangent_checks:  # the same check on J^T (NOTE: [Checks by tangents])
+        problem, blocks = _Transposed(problem), _transposed(blocks)
+        words = {"product": "Jacobian-vector product", "side": "output"}
+    check_against(name, result, w, reference_of(w) if reference is None else reference, problem, blocks, **words)
+    balanced = balanced_cotangents(result, problem, blocks)
+    if balanced is not None:
+        check_against(name, result, balanced, reference_of(balanced), problem, blocks, **words)
 
 
 def check_columns(name: str, columns: object, start: int, stop: int, result: object, problem: Problem) -> None:

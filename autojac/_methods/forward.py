@@ -14,7 +14,7 @@ from .base import (
 from .._core.problem import Problem
 
 
-def _dual_pass(f: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor],
+def dual_pass(f: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor],
                private: bool = False) -> tuple[tuple[torch.Tensor, ...], Parts]:
     """One forward-AD pass with dual numbers; returns the outputs and their tangents."""
     with forward_ad_lock, fwAD.dual_level():
@@ -32,7 +32,7 @@ class _ForwardOnInputs(Method):
         return BatchState(f, plain_inputs(xs, create_graph), problem, create_graph)
 
     def _single(self, state: BatchState, tangents: Sequence[torch.Tensor]) -> Parts:
-        return _dual_pass(state.f, state.xs, tangents)[1]
+        return dual_pass(state.f, state.xs, tangents)[1]
 
 
 @final
@@ -70,6 +70,6 @@ class ForwardRepeat(_ForwardOnInputs):
 
     def chunk(self, state: BatchState, basis: Sequence[torch.Tensor]) -> Parts:
         k = basis[0].shape[0]
-        ys, tangents = _dual_pass(state.f, batched_copies(state.xs, k), basis, private=True)
+        ys, tangents = dual_pass(state.f, batched_copies(state.xs, k), basis, private=True)
         check_batched_outputs(ys, state.problem, k)
         return tangents

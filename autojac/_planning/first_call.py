@@ -19,7 +19,7 @@ from .._core.units import format_bytes, parse_budget
 from .._execute.layout import collector, seeds
 from .._execute.run import RunLog, is_out_of_memory
 from .._execute import verify
-from .._execute.verify import VerificationError, blocks_of, random_cotangents
+from .._execute.verify import VerificationError, blocks_of, check_vectors
 from .._measure.device import (allocated_bytes, free_memory, kept_by_libraries, total_bytes, untracked_margin,
                                untracked_reserve)
 from .._measure.engine_loops import WALK_LIMIT, LoopProbe, backward_fallbacks
@@ -76,12 +76,33 @@ the same rollout on 64-element states (1965 nodes, 160 loops, 64 rows), 3.6 ms f
 
 # --- the first call --------------------------------------------------------------------------------
 
+class _NeedsTangents(Exception):
+    """Internal: the safety net's reference VJP failed, and forward mode may answer with checks by tangents."""
+
+
 def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[object, PlanEntry]:
     """Make a plan by computing the Jacobian (see NOTE: [Planning that pays for itself]); (result, entry).
 
     With `compute=False` (`plan(..., effort="estimate")`), stop after the first
-    evaluation: the entry holds the rules' choice and nothing measured.
+    evaluation: the entry holds the rules' choice and nothing measured. If `f`'s
+    backward fails under the check's VJP and forward mode is allowed, the plan is
+    made again in forward mode, checked by tangents (NOTE: [Checks by tangents]).
     """
+    try:
+        return _first_call(call, compute, layout_found)
+    except _NeedsTangents as need:
+        call.options = dataclasses.replace(call.options, mode="forward", sparsity=None)
+        call.tangent_checks, call.vjp_failure = True, need.__cause__
+        why = (f"`f`'s backward failed under the check's VJP ({_first_line(need.__cause__)}): planned again in "
+               "forward mode, checked by Jacobian-vector products")
+        call.events.append(why)
+        logger.debug(why)
+        result, entry = _first_call(call, compute, None)
+        entry.events.append(why)
+        return result, entry
+
+
+def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEntry]:
     options, device = call.options, call.device
     began = time.perf_counter()
     budget = parse_budget(options.budget, free_memory(device).free_bytes, call.who, total=total_bytes(device))
@@ -98,6 +119,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         out_dtypes=tuple(y.dtype for y in ys),
         out_spec=graph.out_spec,
         draws_random=call.f.draws_random,
+        tangent_checks=call.tangent_checks,
         symmetric=bool(getattr(call.captures[0], "jacobian_is_symmetric", False)),
     )
     graph_bytes = region.peak_bytes
@@ -148,11 +170,11 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
 
     def reference_for_check():
         if "reference" not in checks:
-            checks["w"] = random_cotangents(problem)
+            checks["w"] = check_vectors(problem)
             try:
                 checks["reference"] = call.reference(problem, checks["w"], graph)
             except Exception as exc:
-                raise _no_reference(call, exc) from exc
+                raise _no_reference(call, problem, exc) from exc
         return checks["w"], checks["reference"]
 
     retained = 0  # what the reference VJP left allocated beyond its own tensors (CUDA)
@@ -419,6 +441,8 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
             elif log.chunks and log.chunks[0].seconds:  # torch's loop: one row of it is one VJP
                 vjp_seconds = log.chunks[0].seconds / max(log.chunks[0].size, 1)
                 entry.facts = dataclasses.replace(entry.facts, vjp_seconds=vjp_seconds)
+        except _NeedsTangents:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure of a method is a reason to try the next
             failure = exc
         else:
@@ -504,19 +528,25 @@ class _Restartable:
         self.chain, self.i = list(chain), 0
 
 
-def _no_reference(call: Call, failure: BaseException) -> BaseException:
-    """The safety net's reference VJP failed on the first evaluation's graph: no method could be checked, so none
-    may answer. Running out of memory and autojac's own errors stay as they are; anything else (a backward that
-    raises: a custom Function with forward formulas only, a reentrant `torch.utils.checkpoint`) is said plainly."""
+def _no_reference(call: Call, problem: Problem, failure: BaseException) -> BaseException:
+    """The safety net's reference failed on the first evaluation: no method could be checked by it. Running out
+    of memory and autojac's own errors stay as they are. A VJP that failed where forward mode is allowed plans
+    again in forward mode, checked by tangents (NOTE: [Checks by tangents]); otherwise (a mode that needs the
+    backward, or forward-mode formulas that fail too: a reentrant `torch.utils.checkpoint`) it is said plainly."""
     if is_out_of_memory(failure) or isinstance(failure, AutojacError):
         return failure
-    text = str(failure).strip()
+    if not problem.tangent_checks and call.options.mode in ("auto", "forward"):
+        return _NeedsTangents()
+    if problem.tangent_checks:
+        return UnsupportedFunctionError(
+            f"{call.who}: `f` has neither a backward that works ({_first_line(call.vjp_failure)}) nor forward-mode "
+            f"formulas that do ({_first_line(failure)}), so no product of its derivatives can check a Jacobian. "
+            "Give its custom autograd.Functions a backward or a jvp (torch.utils.checkpoint: use_reentrant=False).")
     return UnsupportedFunctionError(
         f"{call.who}: autojac checks every result against a vector-Jacobian product of `f`, and `f`'s backward "
-        f"failed there ({type(failure).__name__}: {text.splitlines()[0].rstrip('.') if text else ''}). "
-        "autojac needs backward formulas for every op of `f` (custom autograd.Functions included; "
-        "torch.utils.checkpoint with use_reentrant=False); for a function with forward-mode formulas only, "
-        "use torch.func.jacfwd.")
+        f"failed there ({_first_line(failure)}). With mode={call.options.mode!r} every method needs it; "
+        "mode='forward' or 'auto' computes and checks the Jacobian with forward-mode formulas instead "
+        "(torch.utils.checkpoint: use_reentrant=False).")
 
 
 def _check_result_fits(call: Call, problem: Problem, budget: int, forward_bytes: int, hint: bool = False) -> None:

@@ -39,7 +39,8 @@ from .._execute.run import RunLog, is_out_of_memory, push
 from .._execute.verify import VerificationError, reference_product
 from .._measure.meter import PeakMeter
 from .._methods import METHODS
-from .._methods.base import PlainGraph, check_batch_aware, evaluate_plain
+from .._methods.base import PlainGraph, check_batch_aware, evaluate_plain, plain_inputs
+from .._methods.forward import dual_pass
 from .choose import MethodId
 from .cost_model import GROWTH, fitting_size, paying_cap, projected_seconds
 from .entry import PlanEntry
@@ -153,6 +154,9 @@ class Call:
         self.values_now = None
         self.recheck_seconds: float | None = None
         """What the check that `must_verify` asked for took (a repeat method's, on new captured values)."""
+        self.tangent_checks = False
+        """Plan with checks by tangents: `f`'s backward failed under the check's VJP (NOTE: [Checks by tangents])."""
+        self.vjp_failure: BaseException | None = None
 
     @property
     def meter(self) -> PeakMeter:
@@ -184,6 +188,8 @@ class Call:
         """`reference` for one check's products (the random one, and the balanced one where rows differ widely):
         on `graph` if given, else on one fresh plain evaluation of `f` that they share (a second evaluation
         for the balanced product was one more side effect of `f`, and its time)."""
+        if problem.tangent_checks:
+            return self._tangent_products(problem)
         held = [graph]
 
         def product(w):
@@ -191,6 +197,16 @@ class Call:
                 held[0] = evaluate_plain(self.f, self.xs, False)
                 self._check_shapes(held[0].ys, problem)
             return reference_product(held[0].ys, held[0].xs, w)
+        return product
+
+    def _tangent_products(self, problem: Problem):
+        """J v for tangents v (one per input), each by one plain forward-AD pass of `f` on dual numbers on a fresh
+        evaluation, unbatched: the check's reference where `f` has no backward (NOTE: [Checks by tangents])."""
+
+        def product(v):
+            ys, tangents = dual_pass(self.f, plain_inputs(self.xs, False), tuple(v))
+            self._check_shapes(ys, problem)
+            return tuple(None if t is None else t.detach() for t in tangents)
         return product
 
     def _check_shapes(self, ys, problem: Problem) -> None:
@@ -289,7 +305,9 @@ def _record_failure(entry: PlanEntry, stats, failure: BaseException, call: Call,
     elif isinstance(failure, VerificationError) and not stats.method.evaluates_once:
         if stats.method.vectorize == "repeat":
             _not_batch_aware(entry, failure)
-        else:
+        elif not entry.problem.tangent_checks:
+            # Checked by tangents, every method and the reference evaluate `f` anew in forward mode: a method that
+            # disagrees fails alone, and an `f` whose evaluations disagree fails them all.
             _evaluations_disagree(entry, forward=stats.method.mode == "forward")
     stats.status, stats.reason = "failed", _first_line(failure)
     failures.append((stats.method.name, failure))
@@ -362,7 +380,11 @@ def _no_method(call: Call, failures: list[tuple[str, BaseException]]) -> Excepti
         # One method: what to try instead. Several: they were every method allowed, so the advice is the options'
         # (vectorize='repeat' given: the repeat methods' need), or else that all were tried.
         advice = _advice(options) if len(failures) == 1 or options.vectorize == "repeat" else "Every allowed method was tried."
-        if isinstance(last, VerificationError):
+        if isinstance(last, VerificationError) and call.tangent_checks:
+            advice = ("`f` gives different results on identical evaluations (a random generator of its own, or "
+                      "state it changes), or torch.func's vmap disagrees with its forward-mode formulas; with no "
+                      "backward, autojac computes it only in forward mode.")
+        elif isinstance(last, VerificationError):
             forward = name.startswith("forward/")
             advice = ("`f` gives different results on identical evaluations (a random generator of its own, or "
                       "state it changes)" + (", " + _FORWARD_DIFFERS if forward else "") + "; use mode='reverse', "
