@@ -36,26 +36,12 @@ class ForwardOnlySin(torch.autograd.Function):
         raise NotImplementedError("no backward formula")
 
 
-class NoDerivatives(torch.autograd.Function):
+class NoDerivatives(ForwardOnlySin):
     """Neither a backward nor a jvp that works."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x.sin()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
     @staticmethod
     def jvp(ctx, t):
         raise NotImplementedError("no jvp formula")
-
-    @staticmethod
-    def backward(ctx, g):
-        raise NotImplementedError("no backward formula")
 
 
 W = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
