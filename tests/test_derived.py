@@ -406,6 +406,8 @@ def test_batch_jacobian_bad_input():
     # torch's own "only Tensors of floating point dtype can require gradients" came out of the first evaluation
     with pytest.raises(autojac.InputTypeError, match="^batch_jacobian: input 0 must be a real floating-point"):
         autojac.batch_jacobian(lambda a: a * 2, torch.arange(6, device=DEVICE).view(3, 2))
+    with pytest.raises(autojac.InputTypeError, match="torch.view_as_real"):
+        autojac.batch_jacobian(lambda a: a * 2, torch.randn(3, 2, dtype=torch.complex128, device=DEVICE))
     with pytest.raises(autojac.InputTypeError, match="^batch_jacobian: output 1 of `f` must be a real floating-point"):
         autojac.batch_jacobian(lambda a: (a.sin(), (a > 0).long()), t64(3, 2))
 

@@ -132,7 +132,7 @@ def test_the_check_by_tangents_weighs_small_columns_alike():
     wrong[:, 3] *= 1.1
     # The random tangents alone miss it ...
     v = verify.check_vectors(problem)
-    transposed = verify._Transposed(problem)
+    transposed = verify._Transposed(problem, torch.float64)
     verify.check_against("wrong", wrong, v, products(v), transposed, verify._transposed(verify.blocks_of(wrong, problem)))
     # ... the check as a whole does not.
     with pytest.raises(verify.VerificationError, match="Jacobian-vector product"):
@@ -155,3 +155,57 @@ def test_batch_jacobian_says_its_independence_check_needs_a_backward():
     X = torch.randn(4, 5, dtype=torch.float64, device=DEVICE)
     with pytest.raises(autojac.UnsupportedFunctionError, match="independence with vector-Jacobian products"):
         autojac.batch_jacobian(lambda t: ForwardOnlySin.apply(t) * 2, X)
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("factor, size", [(1.001, 1.0), (-1.0, 1e6), (2.0, 1e6)])
+def test_inputs_of_other_dtypes_are_checked_apart(monkeypatch, low, factor, size):
+    # One product summed every input's blocks and was compared in the coarsest dtype: a float64 input's columns
+    # were judged at float16's tolerance (6%), and past 65504 both sides were inf, judged nowhere.
+    a = torch.randn(4, device=DEVICE).to(low)
+    b = torch.randn(6, dtype=torch.float64, device=DEVICE)
+
+    def f(a, b):
+        return size * ForwardOnlySin.apply(b) + a.double().sum(-1, keepdim=True)
+    real = forward_methods.ForwardVmap.chunk
+
+    def wrong(self, state, basis):  # the float64 input's columns (the last 6 of 10) off by `factor`
+        parts = real(self, state, basis)
+        k, start = basis[0].shape[0], 10 - basis[0].shape[0]
+        rows = torch.tensor([factor if start + r >= 4 else 1.0 for r in range(k)], dtype=torch.float64,
+                            device=DEVICE)
+        return tuple(p * rows.to(p.dtype).view(-1, *([1] * (p.dim() - 1))) for p in parts)
+    monkeypatch.setattr(forward_methods.ForwardVmap, "chunk", wrong)
+    got = autojac.jacobian(f, (a, b), mode="forward")
+    want = torch_forward_jacobian(f, (a, b))
+    torch.testing.assert_close(got[1], want[1].to(got[1].dtype))
+    assert autojac.last_report().method != "forward/vmap"
+
+
+def test_a_loaded_plan_keeps_its_checks_by_tangents(tmp_path):
+    x = x5()
+    autojac.jacobian(g, x)
+    assert autojac.save_plans(tmp_path / "plans.json") == 1
+    autojac.clear_cache()
+    assert autojac.load_plans(tmp_path / "plans.json") == 1
+    for _ in range(3):
+        torch.testing.assert_close(autojac.jacobian(g, x), torch_forward_jacobian(g, x))
+    assert autojac.plan(g, x).problem.tangent_checks
+
+
+def test_a_plan_made_before_its_check_failed_is_made_again():
+    # An estimate runs no check, nor does a first call that starts on torch's own loop: the VJP fails later.
+    x = torch.randn(3, dtype=torch.float64, device=DEVICE)
+    h = lambda t: ForwardOnlySin.apply(t) * t.flip(0)  # noqa: E731
+    estimate = autojac.plan(h, x, effort="estimate")
+    assert not estimate.problem.tangent_checks
+    for _ in range(3):
+        torch.testing.assert_close(autojac.jacobian(h, x), torch_forward_jacobian(h, x))
+    assert autojac.plan(h, x).problem.tangent_checks
+    with pytest.raises(autojac.PlanMismatchError, match="Make a new plan"):
+        autojac.jacobian(h, x, plan=estimate)
+
+
+def test_strict_says_it_needs_a_backward():
+    with pytest.raises(autojac.UnsupportedFunctionError, match="Pass strict=False"):
+        autojac.jacobian(g, x5(), strict=True)

@@ -304,7 +304,11 @@ def _check_batch_inputs(inputs, who: str) -> tuple[torch.Tensor, ...]:
     if any(x.dim() == 0 for x in xs) or len({x.shape[0] for x in xs}) != 1:
         raise InputError(f"{who}: every input needs the same leading batch dimension, but got shapes {[tuple(x.shape) for x in xs]}.")
     for k, x in enumerate(xs):
-        if not x.dtype.is_floating_point:  # complex is not floating point
+        if x.is_complex():
+            raise InputTypeError(f"{who}: input {k} must be a real floating-point tensor, but got dtype {x.dtype}; "
+                                 "complex Jacobians are not supported. Split it into real and imaginary parts "
+                                 "with `torch.view_as_real`.")
+        if not x.dtype.is_floating_point:
             raise InputTypeError(f"{who}: input {k} must be a real floating-point tensor, but got dtype {x.dtype}; only "
                                  "floating-point inputs have derivatives. Convert it with `.double()` or `.float()`.")
     return xs

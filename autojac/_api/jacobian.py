@@ -472,16 +472,31 @@ def _run(call: session.Call, entry: PlanEntry | None, key, plan: Plan | None):
         if plan is not None:
             raise PlanMismatchError(f"{call.who}: {exc}. Make a new plan with {_plan_call(call.who)}.") from None
         logger.debug("%s: making a new plan", exc)
-        if key is not None:
-            _cache.pop(key)
-        result, entry = first.first_call(call)
-        planned = True
-        if key is not None:
-            _cache.put(key, entry)
+        result, entry, planned = _plan_again(call, key)
+    except session.NeedsTangents as exc:
+        # A plan made before its check's VJP failed (an estimate, a loaded plan, a torch loop first): made again,
+        # in forward mode checked by tangents (NOTE: [Checks by tangents]).
+        if plan is not None:
+            raise PlanMismatchError(
+                f"{call.who}: `f`'s backward fails ({session._first_line(exc.__cause__)}), and this plan was made "
+                f"before autojac knew it: its method is checked by a VJP. Make a new plan with "
+                f"{_plan_call(call.who)}, which computes and checks it in forward mode.") from None
+        logger.debug("the check's VJP failed: making a new plan")
+        result, entry, planned = _plan_again(call, key)
     if entry is not None and entry.function_key is None:
         entry.function_key = call.captures[1]
     _finish(call, time.perf_counter() - began, planned)
     return result
+
+
+def _plan_again(call: session.Call, key) -> tuple[object, PlanEntry, bool]:
+    """Drop the cached plan and make a new one, as a first call: (result, entry, planned)."""
+    if key is not None:
+        _cache.pop(key)
+    result, entry = first.first_call(call)
+    if key is not None:
+        _cache.put(key, entry)
+    return result, entry, True
 
 
 def _loaded_entry(key, options: Options) -> PlanEntry | None:
@@ -638,6 +653,10 @@ def _plan(who: str, f, inputs, effort: str, time_limit, argnums, has_aux, raw: d
                     later.tune(call, entry, time_limit)
             except session.PatternFailed as exc:  # NOTE: [Patterns and values]
                 _, entry = first.after_pattern_failed(call, exc.failure, later=True, layout=exc.layout)
+                if effort == "exhaustive":
+                    later.tune(call, entry, time_limit)
+            except session.NeedsTangents:  # NOTE: [Checks by tangents]: a plan made before its VJP failed
+                _, entry = first.first_call(call)
                 if effort == "exhaustive":
                     later.tune(call, entry, time_limit)
         finally:

@@ -89,16 +89,16 @@ def _matrix(block: torch.Tensor, m: int, n: int) -> torch.Tensor:
     return torch.sparse_coo_tensor(torch.stack([flat // n, flat % n]), block.values(), (m, n), is_coalesced=True, check_invariants=False)
 
 
-def _vecmat(w: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """w @ matrix for a dense or sparse (COO) matrix, in w's dtype (a check by tangents pairs an output's dtype
-    with blocks of the inputs' dtypes)."""
-    if matrix.dtype != w.dtype:
-        matrix = matrix.to(w.dtype)
+def _vecmat(w: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w @ matrix for a dense or sparse (COO) matrix, computed in the matrix's dtype and given in `dtype` (a check
+    by tangents pairs an output's dtype with blocks of an input's: NOTE: [Checks by tangents])."""
+    if w.dtype != matrix.dtype:
+        w = w.to(matrix.dtype)
     if matrix.layout == torch.strided:
-        return w @ matrix
+        return (w @ matrix).to(dtype)
     rows, cols = matrix.coalesce().indices()
     out = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
-    return out.index_add_(0, cols, matrix.values() * w[rows])
+    return out.index_add_(0, cols, matrix.values() * w[rows]).to(dtype)
 
 
 # NOTE: [Checks by tangents]
@@ -110,21 +110,23 @@ def _vecmat(w: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
 # numbers, unbatched, on a fresh evaluation: the product torch's own forward loop is made of. It is the same
 # check on the transposed Jacobian (J v = (v^T J^T)^T): the blocks are transposed views and inputs and outputs
 # trade places, so the tolerance scaled by |v|^T |J^T| and the columns weighed alike where they differ widely
-# (NOTE: [Rows of very different sizes], for J^T) come unchanged.
+# (NOTE: [Rows of very different sizes], for J^T) come unchanged. Inputs of different dtypes are checked apart,
+# one product per dtype with the other inputs' tangents zero: an output's product summed blocks of every input,
+# and compared in the coarsest dtype it put a float64 input's columns under float16's tolerance (6% of the
+# terms) and its large entries past float16's range (inf, judged nowhere), so a wrong Jacobian passed. Each
+# product is computed in its blocks' dtype and compared in the coarser of that and the output's.
 
 
 class _Transposed:
-    """A problem as the check of J^T sees it: inputs and outputs swapped (NOTE: [Checks by tangents])."""
+    """A problem as the check of J^T sees it: inputs and outputs swapped, each output compared in the coarser of
+    its dtype and `dtype`, the dtype of the inputs whose tangents this check uses (NOTE: [Checks by tangents])."""
 
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: Problem, dtype: torch.dtype) -> None:
         self.n_in, self.n_out = problem.n_out, problem.n_in
         self.in_sizes, self.out_sizes = problem.out_sizes, problem.in_sizes
         self.out_shapes, self.out_dtypes = problem.inputs.shapes, problem.inputs.dtypes
-        # Each output's products sum blocks of every input's dtype: compared in the least precise of them all, at
-        # its tolerance (a float64 output of float32 work holds float32's rounding).
-        coarsest = [d for d in problem.inputs.dtypes if d.is_floating_point]
         self.inputs = _Side(problem.inputs.device, tuple(
-            max([d, *coarsest], key=lambda t: torch.finfo(t).eps) if d.is_floating_point else d
+            max((d, dtype), key=lambda t: torch.finfo(t).eps) if d.is_floating_point else d
             for d in problem.out_dtypes))
 
 
@@ -145,7 +147,19 @@ def _transposed(blocks: Blocks) -> Blocks:
 def check_vectors(problem: Problem) -> tuple[torch.Tensor, ...]:
     """The check's random vectors: cotangents (one per output), or with `tangent_checks` tangents (one per
     input)."""
-    return random_cotangents(_Transposed(problem) if problem.tangent_checks else problem)
+    return random_cotangents(_Transposed(problem, torch.float64) if problem.tangent_checks else problem)
+
+
+def _by_dtype(problem: Problem) -> list[tuple[torch.dtype, list[int]]]:
+    """The inputs grouped by dtype, in order of first appearance."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, d in enumerate(problem.inputs.dtypes):
+        groups.setdefault(d, []).append(i)
+    return list(groups.items())
+
+
+def _only(vectors: Sequence[torch.Tensor], members: list[int]) -> tuple[torch.Tensor | None, ...]:
+    return tuple(v if i in members else None for i, v in enumerate(vectors))
 
 
 def random_cotangents(problem: Problem) -> tuple[torch.Tensor, ...]:
@@ -180,9 +194,10 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
     with torch.no_grad():
         for j, size in enumerate(problem.in_sizes):
             dtype = problem.inputs.dtypes[j]
-            got = _vecmat(w[0].reshape(-1).to(dtype), blocks[0][j])
-            for i in range(1, len(w)):
-                got = got + _vecmat(w[i].reshape(-1).to(dtype), blocks[i][j])
+            got = torch.zeros(size, dtype=dtype, device=device)
+            for i, wi in enumerate(w):
+                if wi is not None:  # None: a tangent left out of this check (NOTE: [Checks by tangents])
+                    got += _vecmat(wi.reshape(-1), blocks[i][j], dtype)
             if reference[j] is None:
                 ref = torch.zeros(size, dtype=dtype, device=device)
             else:
@@ -211,12 +226,14 @@ def check_against(name: str, result: object, w: Sequence[torch.Tensor], referenc
             rows = max([1] + [int(b[j].shape[0]) for b in blocks])
             step = max(1, CHECK_BLOCK_BYTES // (rows * dtype.itemsize))
             for i, wi in enumerate(w):
-                block, wa = blocks[i][j], wi.reshape(-1).to(dtype).abs()
+                if wi is None:
+                    continue
+                block, wa = blocks[i][j], wi.reshape(-1).abs()
                 if block.layout != torch.strided:  # |w|^T |J| over the nonzeros at once: a copy of them, no more
-                    scale += _vecmat(wa, block.abs())[columns]
+                    scale += _vecmat(wa, block.abs(), dtype)[columns]
                     continue
                 for lo in range(0, columns.numel(), step):
-                    scale[lo:lo + step] += _vecmat(wa, block.index_select(1, columns[lo:lo + step]).abs())
+                    scale[lo:lo + step] += _vecmat(wa, block.index_select(1, columns[lo:lo + step]).abs(), dtype)
             bad = ~(difference[columns] <= tolerance * (scale + ref[columns].abs()) + torch.finfo(dtype).tiny)
             if bool(bad.any()):
                 k = int(columns[bad.nonzero()[0, 0]])
@@ -329,17 +346,29 @@ def check(name: str, result: object, problem: Problem, reference_of, w: Sequence
     `reference` may be given), then once more with rows weighed alike where they differ widely; `reference_of(w)` is
     w^T J by an independent product, or with the problem's `tangent_checks` J w for tangents w (NOTE: [Checks
     by tangents]). `blocks`: the result's `blocks_of`, if the caller has them."""
-    if w is None:
-        w = check_vectors(problem)
     blocks = blocks_of(result, problem) if blocks is None else blocks
-    words = {}
-    if problem.tangent_checks:  # the same check on J^T (NOTE: [Checks by tangents])
-        problem, blocks = _Transposed(problem), _transposed(blocks)
-        words = {"product": "Jacobian-vector product", "side": "output"}
-    check_against(name, result, w, reference_of(w) if reference is None else reference, problem, blocks, **words)
-    balanced = balanced_cotangents(result, problem, blocks)
-    if balanced is not None:
-        check_against(name, result, balanced, reference_of(balanced), problem, blocks, **words)
+    if not problem.tangent_checks:
+        w = random_cotangents(problem) if w is None else w
+        check_against(name, result, w, reference_of(w) if reference is None else reference, problem, blocks)
+        balanced = balanced_cotangents(result, problem, blocks)
+        if balanced is not None:
+            check_against(name, result, balanced, reference_of(balanced), problem, blocks)
+        return
+    # The same check on J^T, one product per input dtype (NOTE: [Checks by tangents]).
+    transposed, words = _transposed(blocks), {"product": "Jacobian-vector product", "side": "output"}
+    groups = _by_dtype(problem)
+    for dtype, members in groups:
+        seen = _Transposed(problem, dtype)
+        if len(groups) == 1 and w is not None:
+            v, ref = w, (reference_of(w) if reference is None else reference)
+        else:
+            v = _only(check_vectors(problem), members)
+            ref = reference_of(v)
+        check_against(name, result, v, ref, seen, transposed, **words)
+        balanced = balanced_cotangents(result, seen, transposed)
+        if balanced is not None:
+            balanced = _only(balanced, members)
+            check_against(name, result, balanced, reference_of(balanced), seen, transposed, **words)
 
 
 def check_columns(name: str, columns: object, start: int, stop: int, result: object, problem: Problem) -> None:

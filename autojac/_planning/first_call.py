@@ -29,7 +29,7 @@ from .choose import Facts, MethodId
 from .entry import PlanEntry
 from .keys import largest_captured_bytes
 from .plan import seconds_text
-from .session import (MEASURE_WHEN_PRIOR_ABOVE, PRIOR_FACTOR, PROGRESS_AFTER_SECONDS, Call, Progress, _batch_aware_once,
+from .session import (MEASURE_WHEN_PRIOR_ABOVE, NeedsTangents, PRIOR_FACTOR, PROGRESS_AFTER_SECONDS, Call, Progress, _batch_aware_once,
                       _check_outputs_unchanged, check_strict, _first_line, _learn, logger, _method, _no_method,
                       _planned_chunk, _record_failure, _sync, _trimming)
 from .sizing import Sizer
@@ -76,10 +76,6 @@ the same rollout on 64-element states (1965 nodes, 160 loops, 64 rows), 3.6 ms f
 
 # --- the first call --------------------------------------------------------------------------------
 
-class _NeedsTangents(Exception):
-    """Internal: the safety net's reference VJP failed, and forward mode may answer with checks by tangents."""
-
-
 def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[object, PlanEntry]:
     """Make a plan by computing the Jacobian (see NOTE: [Planning that pays for itself]); (result, entry).
 
@@ -90,7 +86,7 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     """
     try:
         return _first_call(call, compute, layout_found)
-    except _NeedsTangents as need:
+    except NeedsTangents as need:
         call.options = dataclasses.replace(call.options, mode="forward", sparsity=None)
         call.tangent_checks, call.vjp_failure = True, need.__cause__
         why = (f"`f`'s backward failed under the check's VJP ({_first_line(need.__cause__)}): planned again in "
@@ -155,6 +151,14 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
         # NOTE: [The sum trick's copies fold into the batch]: `batch_jacobian`'s functions, repeat trick asked for.
         candidates = [m for m in candidates if m.vectorize != "repeat"]
         chain = [m for m in chain if m.vectorize != "repeat"]
+    if not chain and call.tangent_checks:
+        raise UnsupportedFunctionError(
+            f"{call.who}: `f` has no backward ({_first_line(call.vjp_failure)}), so only forward mode can "
+            f"compute its Jacobian, and forward mode evaluates `f` more than once; but `f` "
+            + ("writes in place into a tensor it captures" if writes_captured else "draws random numbers (dropout "
+               "in training mode, torch.randn)")
+            + ", so those evaluations would not be of one function. Put such modules in eval() mode, keep that "
+            "state outside `f`, or give its custom autograd.Functions a backward.")
     if not chain:
         raise UnsupportedFunctionError(
             f"{call.who}: `f` draws random numbers (dropout in training mode, torch.randn), and "
@@ -173,6 +177,8 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
             checks["w"] = check_vectors(problem)
             try:
                 checks["reference"] = call.reference(problem, checks["w"], graph)
+            except NeedsTangents:
+                raise
             except Exception as exc:
                 raise _no_reference(call, problem, exc) from exc
         return checks["w"], checks["reference"]
@@ -441,7 +447,7 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
             elif log.chunks and log.chunks[0].seconds:  # torch's loop: one row of it is one VJP
                 vjp_seconds = log.chunks[0].seconds / max(log.chunks[0].size, 1)
                 entry.facts = dataclasses.replace(entry.facts, vjp_seconds=vjp_seconds)
-        except _NeedsTangents:
+        except NeedsTangents:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure of a method is a reason to try the next
             failure = exc
@@ -530,13 +536,11 @@ class _Restartable:
 
 def _no_reference(call: Call, problem: Problem, failure: BaseException) -> BaseException:
     """The safety net's reference failed on the first evaluation: no method could be checked by it. Running out
-    of memory and autojac's own errors stay as they are. A VJP that failed where forward mode is allowed plans
-    again in forward mode, checked by tangents (NOTE: [Checks by tangents]); otherwise (a mode that needs the
-    backward, or forward-mode formulas that fail too: a reentrant `torch.utils.checkpoint`) it is said plainly."""
+    of memory and autojac's own errors stay as they are (a VJP that failed where forward mode is allowed raised
+    `NeedsTangents` instead: NOTE: [Checks by tangents]); otherwise (a mode that needs the backward, or
+    forward-mode formulas that fail too: a reentrant `torch.utils.checkpoint`) it is said plainly."""
     if is_out_of_memory(failure) or isinstance(failure, AutojacError):
         return failure
-    if not problem.tangent_checks and call.options.mode in ("auto", "forward"):
-        return _NeedsTangents()
     if problem.tangent_checks:
         return UnsupportedFunctionError(
             f"{call.who}: `f` has neither a backward that works ({_first_line(call.vjp_failure)}) nor forward-mode "

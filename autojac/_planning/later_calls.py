@@ -20,7 +20,7 @@ from .cost_model import n_chunks
 from .entry import RUNS_KEPT, PlanEntry
 from .first_call import _find_layout
 from .plan import seconds_text
-from .session import (MEASURE_WHEN_PRIOR_ABOVE, PRIOR_FACTOR, PROGRESS_AFTER_SECONDS, Call, OutputsChanged,
+from .session import (MEASURE_WHEN_PRIOR_ABOVE, PRIOR_FACTOR, PROGRESS_AFTER_SECONDS, Call, NeedsTangents, OutputsChanged,
                       PatternFailed, Progress, _batch_aware_once, _check_outputs_unchanged, _learn, logger, _no_method,
                       _planned_chunk, _record_failure, _sync, _trimming)
 from .sizing import Sizer
@@ -214,6 +214,7 @@ def _confirm_copies(call: Call, entry: PlanEntry, allowed: float) -> None:
 def later_call(call: Call, entry: PlanEntry, explore: bool = True, credit: float | None = None) -> object:
     """Run a plan: its incumbent, or (while exploring, credit permitting) a trial of the next alternative."""
     began = time.perf_counter()
+    call.tangent_checks = entry.problem.tangent_checks  # for the words of an error (NOTE: [Checks by tangents])
     _values_changed(call, entry)
     if explore:
         _watch_values(call, entry)
@@ -400,6 +401,7 @@ def judge_structure(entry: PlanEntry) -> PlanEntry | None:
 
 def fixed_call(call: Call, entry: PlanEntry, name: str, chunk_size: int) -> object:
     """`jacobian(plan=...)`: exactly that method and chunk size, no exploration (fallbacks only on failure)."""
+    call.tangent_checks = entry.problem.tangent_checks
     _values_changed(call, entry, name)
     result = _incumbent(call, entry, timed=False, first=name, chunk_size=chunk_size)
     _values_checked(call, entry)
@@ -497,7 +499,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                 sizes = [c.size for c in log.chunks]
                 if stats.unchecked_sizes(sizes):  # a repeat method's chunks, halved after running out of memory
                     _check_run(call, problem, done, stats, state, assembler, result, sizes)
-        except OutputsChanged:
+        except (OutputsChanged, NeedsTangents):
             raise
         except Exception as exc:  # noqa: BLE001
             failure = exc
@@ -552,7 +554,7 @@ def _incumbent(call: Call, entry: PlanEntry, timed: bool, first: str | None = No
                     _check_run(call, problem, name, stats, state, assembler, result, sizes)
                     if for_values:
                         call.recheck_seconds = time.perf_counter() - checking
-        except OutputsChanged:
+        except (OutputsChanged, NeedsTangents):
             raise
         except Exception as exc:  # noqa: BLE001
             failure = exc
@@ -682,7 +684,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
                 sizes = [c.size for c in log.chunks]
                 if _needs_check(call, entry, stats, sizes):  # as the plan's own calls: NOTE: [A confirming run]
                     _check_run(call, problem, m.name, stats, state, assembler, result, sizes)
-    except OutputsChanged:
+    except (OutputsChanged, NeedsTangents):
         raise
     except Exception as exc:  # noqa: BLE001
         failure = exc

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._core.errors import MemoryBudgetError, NotBatchAwareError, UnsupportedFunctionError
+from .._core.errors import AutojacError, MemoryBudgetError, NotBatchAwareError, UnsupportedFunctionError
 from .._core.options import Options
 from .._core.problem import Problem, Signature
 from .._execute.assemble import Assembler
@@ -196,7 +196,13 @@ class Call:
             if held[0] is None:
                 held[0] = evaluate_plain(self.f, self.xs, False)
                 self._check_shapes(held[0].ys, problem)
-            return reference_product(held[0].ys, held[0].xs, w)
+            try:
+                return reference_product(held[0].ys, held[0].xs, w)
+            except Exception as exc:
+                if (is_out_of_memory(exc) or isinstance(exc, AutojacError)
+                        or self.options.mode not in ("auto", "forward")):
+                    raise
+                raise NeedsTangents() from exc  # `f`'s backward failed: NOTE: [Checks by tangents]
         return product
 
     def _tangent_products(self, problem: Problem):
@@ -204,7 +210,9 @@ class Call:
         evaluation, unbatched: the check's reference where `f` has no backward (NOTE: [Checks by tangents])."""
 
         def product(v):
-            ys, tangents = dual_pass(self.f, plain_inputs(self.xs, False), tuple(v))
+            xs = plain_inputs(self.xs, False)
+            v = tuple(torch.zeros_like(x) if t is None else t for x, t in zip(xs, v))  # None: left out of this check
+            ys, tangents = dual_pass(self.f, xs, v)
             self._check_shapes(ys, problem)
             return tuple(None if t is None else t.detach() for t in tangents)
         return product
@@ -244,6 +252,11 @@ class PatternFailed(Exception):
         super().__init__(str(failure) if failure is not None else "the tensors `f` holds changed")
         self.failure = failure
         self.layout = layout
+
+
+class NeedsTangents(Exception):
+    """Internal: the check's reference VJP failed (`f` has no backward) where forward mode may answer: the call
+    plans again in forward mode, checked by tangents (NOTE: [Checks by tangents])."""
 
 
 class OutputsChanged(Exception):
@@ -355,6 +368,12 @@ def _evaluations_disagree(entry: PlanEntry, forward: bool = False) -> None:
 
 def _no_method(call: Call, failures: list[tuple[str, BaseException]]) -> Exception:
     options = call.options
+    if not failures and call.tangent_checks:
+        return UnsupportedFunctionError(
+            f"{call.who}: `f` gives different results on identical evaluations (a random generator of its own, "
+            "or state it changes), and with no backward only forward mode can compute its Jacobian, which "
+            "evaluates it more than once. Keep that state outside `f`, or give its custom autograd.Functions a "
+            "backward.")
     if not failures:
         return UnsupportedFunctionError(
             f"{call.who}: `f` gives different results on identical evaluations (a random generator of its own, "
@@ -413,10 +432,18 @@ def check_strict(graph: PlainGraph, who: str) -> None:
     from .._core.errors import StrictError
 
     for i, y in enumerate(graph.ys):
-        reached = (
-            torch.autograd.grad(y, graph.xs, torch.ones_like(y), retain_graph=True, allow_unused=True)
-            if y.requires_grad else (None,) * len(graph.xs)
-        )
+        try:
+            reached = (
+                torch.autograd.grad(y, graph.xs, torch.ones_like(y), retain_graph=True, allow_unused=True)
+                if y.requires_grad else (None,) * len(graph.xs)
+            )
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
+            raise UnsupportedFunctionError(
+                f"{who}: strict=True finds outputs independent of an input with a backward pass of `f`, and its "
+                f"backward failed ({_first_line(exc)}). Pass strict=False (blocks of zeros for independent "
+                "outputs), which also computes a function without a backward in forward mode.") from exc
         for j, g in enumerate(reached):
             if g is None:
                 raise StrictError(f"{who}: with strict=True every output must depend on every input, but output {i} is independent of input {j}. Pass strict=False to get zeros for that block.")

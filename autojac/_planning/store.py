@@ -9,6 +9,8 @@ method to start with, and that method is verified on its first use as any other.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import platform
@@ -61,6 +63,7 @@ def record(stable_key: str, entry: PlanEntry) -> dict | None:
             "device": str(p.inputs.device), "in_spec": pytree.dumps(p.inputs.spec),
             "out_shapes": [list(s) for s in p.out_shapes], "out_dtypes": [str(d) for d in p.out_dtypes],
             "out_spec": pytree.dumps(p.out_spec), "draws_random": p.draws_random,
+            "tangent_checks": p.tangent_checks,
         },
         "budget_bytes": entry.budget_bytes, "fixed_bytes": entry.fixed_bytes,
         "facts": {"eval_seconds": entry.facts.eval_seconds, "vjp_seconds": entry.facts.vjp_seconds,
@@ -80,7 +83,9 @@ def entry_from(data: dict, options: Options) -> PlanEntry:
     signature = Signature(tuple(tuple(s) for s in p["in_shapes"]), tuple(_dtype(d) for d in p["in_dtypes"]),
                           torch.device(p["device"]), pytree.loads(p["in_spec"]))
     problem = Problem(signature, tuple(tuple(s) for s in p["out_shapes"]), tuple(_dtype(d) for d in p["out_dtypes"]),
-                      pytree.loads(p["out_spec"]), p["draws_random"])
+                      pytree.loads(p["out_spec"]), p["draws_random"], tangent_checks=bool(p.get("tangent_checks")))
+    if problem.tangent_checks:  # forward mode only, no structure, as the plan was made (NOTE: [Checks by tangents])
+        options = dataclasses.replace(options, mode="forward", sparsity=None)
     facts = Facts(problem.col_passes, problem.row_passes, data["facts"]["eval_seconds"], data["facts"]["vjp_seconds"],
                   data["facts"].get("autograd_loops"))
     methods = [BY_NAME[name] for name in data["methods"]]
