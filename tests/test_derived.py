@@ -599,3 +599,15 @@ def test_a_hessian_through_a_once_differentiable_backward_is_refused_not_wrong()
     for _ in range(2):  # a new closure each call: refused every time, not only when first walked
         with pytest.raises(autojac.UnsupportedFunctionError, match="_CubeOnce.*once_differentiable"):
             autojac.hessian(lambda t: (_CubeOnce.apply(t @ W) * t).sum(), x)
+
+
+def test_a_jacobian_to_differentiate_through_a_once_differentiable_backward_is_refused():
+    W = t64(4, 4, seed=5)
+    x = t64(4)
+    once = lambda t: _CubeOnce.apply(t @ W) * t  # noqa: E731
+    plain = autojac.jacobian(once, x)  # first derivatives are right
+    torch.testing.assert_close(plain, torch.func.jacrev(lambda t: ((t @ W) ** 3) * t)(x))
+    with pytest.raises(autojac.UnsupportedFunctionError, match="create_graph=True.*_CubeOnce"):
+        autojac.jacobian(once, x, create_graph=True)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="_CubeOnce"):  # nested: the inner one builds its graph
+        autojac.jacobian(lambda y: autojac.jacobian(once, y).sum(0), x)

@@ -34,7 +34,7 @@ from .._methods.base import rows_agree
 from .._planning.keys import describe_function
 from .compose import outer_transform
 from .jacobian import _jacobian
-from .once import checked, mark_checked, once_differentiable_functions
+from .._core.once import checked, mark_checked, once_differentiable_functions
 
 
 class _Gradient:

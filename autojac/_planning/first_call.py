@@ -13,6 +13,7 @@ import time
 import torch
 
 from .._core.errors import AutojacError, MemoryBudgetError, UnsupportedFunctionError
+from .._core.once import once_differentiable_functions
 from .._core.options import Options
 from .._core.problem import Problem
 from .._core.units import format_bytes, parse_budget
@@ -109,6 +110,15 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
     with region:
         graph = evaluate_plain(call.f, call.xs, options.create_graph)
     ys = graph.ys
+    if options.create_graph:  # NOTE: [Second derivatives through @once_differentiable], once per plan
+        once = sorted({name for y in ys if y.grad_fn is not None for name in once_differentiable_functions(y)})
+        if once:
+            raise UnsupportedFunctionError(
+                f"{call.who}: create_graph=True asks for a Jacobian to differentiate again, but `f` uses "
+                f"{', '.join(once)}, a custom autograd.Function whose backward is @once_differentiable: torch "
+                "computes that backward without a graph, so derivatives of the Jacobian would miss every term it "
+                "contributes (torch's own functions return them without a word). Write its backward with "
+                "differentiable torch ops and drop @once_differentiable, or do not differentiate the Jacobian.")
     problem = Problem(
         inputs=call.signature,
         out_shapes=tuple(tuple(y.shape) for y in ys),

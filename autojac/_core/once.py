@@ -10,7 +10,10 @@ the same graph. So `hessian` walks the graph of `f`'s evaluation inside the grad
 custom Functions as generated ones whose backward holds the user's class in its closure) and refuses an `f`
 with such a Function. Once per function key (code, captured shapes, argnums, has_aux) in a process: the walk
 costs about a microsecond a node, and a plan of that key only ever evaluates the same code. An `f` that takes
-such a Function only on some branch is walked where it first ran.
+such a Function only on some branch is walked where it first ran. `jacobian(..., create_graph=True)`, which
+asks for a Jacobian to differentiate again (and a Jacobian taken inside an `f` autojac differentiates, which
+builds its graph: NOTE: [A Jacobian inside f]), has the same hole: its first call walks the graph of its plain
+evaluation and refuses.
 """
 
 from __future__ import annotations
