@@ -611,3 +611,17 @@ def test_a_jacobian_to_differentiate_through_a_once_differentiable_backward_is_r
         autojac.jacobian(once, x, create_graph=True)
     with pytest.raises(autojac.UnsupportedFunctionError, match="_CubeOnce"):  # nested: the inner one builds its graph
         autojac.jacobian(lambda y: autojac.jacobian(once, y).sum(0), x)
+
+
+def test_a_hessian_through_a_non_reentrant_checkpoint_says_which_route_works():
+    from torch.utils.checkpoint import checkpoint
+    W = t64(4, 4, seed=5)
+    body = lambda t: torch.tanh(t @ W) * t  # noqa: E731
+    f = lambda t: checkpoint(body, t, use_reentrant=False).sum()  # noqa: E731
+    x = t64(4)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="saved-tensor hooks") as info:
+        autojac.hessian(f, x)
+    assert "torch.autograd.grad(f(x), x, create_graph=True)" in str(info.value)
+    # ... and that route is right
+    got = autojac.jacobian(lambda t: torch.autograd.grad(f(t), t, create_graph=True)[0], x)
+    torch.testing.assert_close(got, torch.func.hessian(lambda t: body(t).sum())(x))

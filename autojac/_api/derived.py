@@ -77,6 +77,14 @@ class _Gradient:
         try:
             return torch.func.grad(self._scalar, argnums=self.argnums, has_aux=self.has_aux)(*args)
         except RuntimeError as exc:
+            if "saved tensor hooks" in str(exc):
+                # torch.func refuses saved-tensor hooks (torch.utils.checkpoint with use_reentrant=False, CPU
+                # offloading of activations): say so, with the autograd route that does take them.
+                raise UnsupportedFunctionError(
+                    "hessian: `f` uses saved-tensor hooks (torch.utils.checkpoint with use_reentrant=False, "
+                    "activation offloading), which torch.func.grad, the gradient autojac's Hessians differentiate, "
+                    "refuses. Take the Jacobian of an autograd gradient instead: `autojac.jacobian(lambda x: "
+                    "torch.autograd.grad(f(x), x, create_graph=True)[0], x)`.") from exc
             if "mutate a captured Tensor" not in str(exc):
                 raise
             # torch.func refuses an `f` that writes a tensor it holds (a step counter, a running statistic, a

@@ -551,6 +551,13 @@ def _no_reference(call: Call, problem: Problem, failure: BaseException) -> BaseE
     forward-mode formulas that fail too: a reentrant `torch.utils.checkpoint`) it is said plainly."""
     if is_out_of_memory(failure) or isinstance(failure, AutojacError):
         return failure
+    if problem.tangent_checks and call.who == "hessian":  # the function differentiated is `f`'s gradient
+        return UnsupportedFunctionError(
+            f"hessian: torch cannot differentiate `f`'s gradient: its backward has no derivative "
+            f"({_first_line(call.vjp_failure)}) and its forward-mode formulas fail ({_first_line(failure)}). Fused "
+            "kernels do this (scaled_dot_product_attention's flash and memory-efficient backends: select the math "
+            "backend with torch.nn.attention.sdpa_kernel), as do custom autograd.Functions with a backward that "
+            "is not itself differentiable.")
     if problem.tangent_checks:
         return UnsupportedFunctionError(
             f"{call.who}: `f` has neither a backward that works ({_first_line(call.vjp_failure)}) nor forward-mode "
