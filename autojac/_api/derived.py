@@ -34,7 +34,7 @@ from .._methods.base import rows_agree
 from .._planning.keys import describe_function
 from .compose import outer_transform
 from .jacobian import _jacobian
-from .._core.once import checked, mark_checked, once_differentiable_functions
+from .._core.once import once_differentiable_functions
 
 
 class _Gradient:
@@ -43,11 +43,11 @@ class _Gradient:
     jacobian_is_symmetric = True
     """Its Jacobian (in the same arguments) is a Hessian: sparse plans may use symmetry."""
 
-    def __init__(self, f: Callable, argnums: int | tuple[int, ...], has_aux: bool, walk_key=None) -> None:
+    def __init__(self, f: Callable, argnums: int | tuple[int, ...], has_aux: bool) -> None:
         self.f, self.argnums, self.has_aux = f, argnums, has_aux
-        self.walk_key = walk_key
-        """Walk `f`'s graph for @once_differentiable Functions on the next evaluation (NOTE: [Second derivatives
-        through @once_differentiable]), then remember this key as checked; None: checked already."""
+        self.walk = True
+        """Walk `f`'s graph for @once_differentiable Functions on this call's first evaluation (NOTE: [Second
+        derivatives through @once_differentiable])."""
 
     def __autojac_key__(self, sign) -> tuple:
         return (sign(self.f), self.argnums, self.has_aux)
@@ -60,8 +60,8 @@ class _Gradient:
             raise InputTypeError(f"hessian: `f` must return a scalar (a tensor of one element), but it returned {shape}. "
                                  "For a vector-valued `f`, take `jacobian` of `jacobian(..., create_graph=True)`.")
         value = value.reshape(())
-        if self.walk_key is not None and isinstance(value, torch.Tensor) and value.grad_fn is not None:
-            names = once_differentiable_functions(value)
+        if self.walk and value.grad_fn is not None:
+            names = once_differentiable_functions([value])
             if names:
                 raise UnsupportedFunctionError(
                     f"hessian: `f` uses {', '.join(names)}, a custom autograd.Function whose backward is "
@@ -69,8 +69,7 @@ class _Gradient:
                     "would miss every term that backward contributes (torch.autograd.functional.hessian returns "
                     "such a Hessian without a word). Write its backward with differentiable torch ops and drop "
                     "@once_differentiable.")
-            mark_checked(self.walk_key)
-            self.walk_key = None
+            self.walk = False
         return (value, aux) if self.has_aux else value
 
     def __call__(self, *args: Any) -> Any:
@@ -133,11 +132,9 @@ def hessian(
 def gradient_target(f: Callable, inputs: Any, argnums, has_aux: bool) -> tuple[_Gradient, Any]:
     """(the gradient function whose Jacobian is the Hessian, the argnums `jacobian` gets)."""
     as_args = type(inputs) is tuple
-    key = (describe_function(f)[0], argnums, has_aux)
-    walk = None if checked(key) else key  # NOTE: [Second derivatives through @once_differentiable]
     if argnums is None:
-        return _Gradient(f, tuple(range(len(inputs))) if as_args else 0, has_aux, walk), None
-    return _Gradient(f, argnums, has_aux, walk), argnums
+        return _Gradient(f, tuple(range(len(inputs))) if as_args else 0, has_aux), None
+    return _Gradient(f, argnums, has_aux), argnums
 
 
 class _OutputsChanged(Exception):

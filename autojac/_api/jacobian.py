@@ -527,6 +527,10 @@ def _check_plan(plan: object, signature: Signature, options: Options, who: str =
         raise InputError(f"{who}: `plan` already fixes the method, chunk size and budget, but `mode`, `vectorize`, `chunk_size` or `memory_budget` was also given. Pass those to `autojac.plan(...)` instead.")
     if plan.entry is None:
         raise InputError(f"{who}: this `plan` holds no measurements (it was not made by `autojac.plan` or `autojac.tune`). Make one with {_plan_call(who)}.")
+    if options.create_graph and not plan.entry.options.create_graph:
+        # Its first call did not look for what a Jacobian to differentiate needs (NOTE: [Second derivatives
+        # through @once_differentiable]).
+        raise PlanMismatchError(f"{who}: `plan` was made without create_graph=True, which this call asks for. Make one with `autojac.plan(f, inputs, create_graph=True{'' if who == 'jacobian' else f', kind={who!r}'})`.")
     rows = plan.signature.mismatches(signature)
     if rows:
         raise PlanMismatchError(f"{who}: `plan` was made for other inputs; it cannot be reused here:\n  " + "\n  ".join(rows) + f"\nMake a new plan with {_plan_call(who)}.")

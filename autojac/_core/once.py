@@ -6,68 +6,106 @@ through it only when the gradient coming in requires grad. A gradient taken with
 scalar starts from a seed that does not, so it holds that backward's result as a constant, and the Hessian
 loses every term through it without a word: a cube's Hessian came out off by 60 on entries of about 50, as
 `torch.autograd.functional.hessian` returns it too. The safety net cannot see it: its reference VJP runs on
-the same graph. So `hessian` walks the graph of `f`'s evaluation inside the gradient (torch.func.grad runs
-custom Functions as generated ones whose backward holds the user's class in its closure) and refuses an `f`
-with such a Function. Once per function key (code, captured shapes, argnums, has_aux) in a process: the walk
-costs about a microsecond a node, and a plan of that key only ever evaluates the same code. An `f` that takes
-such a Function only on some branch is walked where it first ran. `jacobian(..., create_graph=True)`, which
-asks for a Jacobian to differentiate again (and a Jacobian taken inside an `f` autojac differentiates, which
-builds its graph: NOTE: [A Jacobian inside f]), has the same hole: its first call walks the graph of its plain
-evaluation and refuses.
+the same graph. So `hessian` walks the graph of `f`'s evaluation inside the gradient on every call (a verdict
+kept per function missed branches on shapes or values, swapped globals and submodules, `eval()`: each gave a
+wrong Hessian; the walk costs about a microsecond a node, against the gradient's several), and
+`jacobian(..., create_graph=True)`, which asks for a Jacobian to differentiate again (also a Jacobian taken
+inside an `f` autojac differentiates: NOTE: [A Jacobian inside f]), walks its first call's plain evaluation
+(its plans refuse `plan=` calls made without `create_graph`). Both refuse an `f` with such a Function on a
+path from the output to an input (one only on a parameter's path is differentiated once: right). A backward is
+recognized through decorators above `@once_differentiable` (`functools.wraps`' `__wrapped__` chain, as
+`torch.amp.custom_bwd` keeps it), and under torch.func by the user's class its generated Function holds.
+Limits: graphs beyond WALK_LIMIT nodes are walked that far; a create_graph plan's later calls are not walked
+again (a global swapped for a once-differentiable Function after the first call is not seen); inside a
+torch.func transform nothing is walked (torch's own `jacrev(jacrev(f))` returns the same values there).
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
 
 _ONCE_CODE = once_differentiable(lambda ctx: None).__code__
-WALK_LIMIT = 100_000
+WALK_LIMIT = 1_000_000
 """Nodes walked at most (a longer graph is walked that far)."""
 
-_checked: set = set()
-_lock = threading.Lock()
 
-
-def checked(key) -> bool:
-    with _lock:
-        return key in _checked
-
-
-def mark_checked(key) -> None:
-    with _lock:
-        if len(_checked) > 4096:
-            _checked.clear()
-        _checked.add(key)
-
-
-def once_differentiable_functions(y: torch.Tensor) -> list[str]:
-    """Names of the custom Functions in `y`'s graph whose backward is `@once_differentiable`."""
-    found: list[str] = []
-    seen, stack = set(), [y.grad_fn]
+def once_differentiable_functions(ys: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] | None = None) -> list[str]:
+    """Names of the custom Functions in the graphs of `ys` whose backward is `@once_differentiable`; with
+    `inputs`, only those on a path to one of them."""
+    roots = [y.grad_fn for y in ys if isinstance(y, torch.Tensor) and y.grad_fn is not None]
+    if not roots:
+        return []
+    targets = None
+    if inputs is not None:
+        targets = {id(x.grad_fn) for x in inputs if x.grad_fn is not None}
+        leaves = {id(x) for x in inputs if x.grad_fn is None}
+    order, children, seen, stack = [], {}, set(), list(roots)
     while stack and len(seen) < WALK_LIMIT:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or id(node) in seen:
             continue
-        seen.add(node)
+        seen.add(id(node))
+        order.append(node)
+        kids = [fn for fn, _ in node.next_functions if fn is not None]
+        children[id(node)] = kids
+        stack.extend(kids)
+    reaches: dict[int, bool] = {}
+    if targets is not None:
+        # Reverse of a DFS preorder is not a topological order for a DAG: iterate to a fixed point, cheaply, by
+        # resolving children before parents with an explicit post-order pass.
+        for node in _post_order(roots, children):
+            own = id(node) in targets or (type(node).__name__ == "AccumulateGrad"
+                                          and id(getattr(node, "variable", None)) in leaves)
+            reaches[id(node)] = own or any(reaches.get(id(k), False) for k in children.get(id(node), ()))
+    found: list[str] = []
+    for node in order:
+        if targets is not None and not reaches.get(id(node), False):
+            continue
         cls = _user_class(getattr(node, "_forward_cls", None))
-        if cls is not None and getattr(cls.backward, "__code__", None) is _ONCE_CODE and cls.__name__ not in found:
+        if cls is not None and _is_once(getattr(cls, "backward", None)) and cls.__name__ not in found:
             found.append(cls.__name__)
-        stack.extend(fn for fn, _ in node.next_functions)
     return found
 
 
+def _post_order(roots, children) -> list:
+    """The walked nodes, every node after all its children."""
+    out, done, stack = [], set(), [(r, False) for r in roots]
+    while stack:
+        node, expanded = stack.pop()
+        if id(node) in done:
+            continue
+        if expanded:
+            done.add(id(node))
+            out.append(node)
+            continue
+        stack.append((node, True))
+        stack.extend((k, False) for k in children.get(id(node), ()) if id(k) not in done)
+    return out
+
+
+def _is_once(fn) -> bool:
+    """Whether `fn`, or a function it wraps (`__wrapped__`), is `once_differentiable`'s wrapper."""
+    for _ in range(16):
+        if fn is None:
+            return False
+        if getattr(fn, "__code__", None) is _ONCE_CODE:
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
 def _user_class(cls):
-    """The user's Function behind a graph node's class: itself, or the one torch.func generated a Function for."""
+    """The user's Function behind a graph node's class: itself, or the one torch.func generated a Function for
+    (its backward holds it as `autograd_function`)."""
     if cls is None:
         return None
-    for cell in getattr(cls.backward, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, type) and issubclass(value, torch.autograd.Function) and value is not cls:
+    backward = getattr(cls, "backward", None)
+    code = getattr(backward, "__code__", None)
+    if code is not None and "autograd_function" in code.co_freevars and backward.__closure__:
+        value = backward.__closure__[code.co_freevars.index("autograd_function")].cell_contents
+        if isinstance(value, type) and issubclass(value, torch.autograd.Function):
             return value
     return cls

@@ -111,7 +111,7 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
         graph = evaluate_plain(call.f, call.xs, options.create_graph)
     ys = graph.ys
     if options.create_graph:  # NOTE: [Second derivatives through @once_differentiable], once per plan
-        once = sorted({name for y in ys if y.grad_fn is not None for name in once_differentiable_functions(y)})
+        once = once_differentiable_functions(ys, graph.xs)
         if once:
             raise UnsupportedFunctionError(
                 f"{call.who}: create_graph=True asks for a Jacobian to differentiate again, but `f` uses "
