@@ -15,6 +15,15 @@ inside an `f` autojac differentiates: NOTE: [A Jacobian inside f]), walks its fi
 path from the output to an input (one only on a parameter's path is differentiated once: right). A backward is
 recognized through decorators above `@once_differentiable` (`functools.wraps`' `__wrapped__` chain, as
 `torch.amp.custom_bwd` keeps it), and under torch.func by the user's class its generated Function holds.
+The same walk finds the custom Functions on an input's path: under `create_graph=True`, torch.autograd's batched
+backward (`is_grads_batched`, the reverse/vmap [autograd] method, and torch.autograd.functional.jacobian with
+vectorize=True) gave a Jacobian whose own derivatives were wrong (7.4 off on a cube's) wherever a Function's
+backward applies another Function that saves the incoming gradient (the usual way to write a twice
+differentiable custom op), while torch's loop and the repeat trick were right, and the check only sees the
+Jacobian's values. The forward-trick (vmap or loop) was wrong (0.95 off) where a backward applies a
+`@once_differentiable` Function, which the forward graph does not show: it runs that Function's backward for
+the first derivatives, so their graph misses its terms. So a create_graph plan of an `f` with custom Functions
+leaves both out (torch's own loop, the repeat trick and native forward mode remain).
 Limits: graphs beyond WALK_LIMIT nodes are walked that far; a create_graph plan's later calls are not walked
 again (a global swapped for a once-differentiable Function after the first call is not seen); inside a
 torch.func transform nothing is walked (torch's own `jacrev(jacrev(f))` returns the same values there).
@@ -35,9 +44,16 @@ WALK_LIMIT = 1_000_000
 def once_differentiable_functions(ys: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] | None = None) -> list[str]:
     """Names of the custom Functions in the graphs of `ys` whose backward is `@once_differentiable`; with
     `inputs`, only those on a path to one of them."""
+    return custom_functions(ys, inputs)[0]
+
+
+def custom_functions(ys: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] | None = None
+                     ) -> tuple[list[str], list[str]]:
+    """(the custom Functions in the graphs of `ys` whose backward is `@once_differentiable`, every custom
+    Function there), by name; with `inputs`, only those on a path to one of them."""
     roots = [y.grad_fn for y in ys if isinstance(y, torch.Tensor) and y.grad_fn is not None]
     if not roots:
-        return []
+        return [], []
     targets = None
     if inputs is not None:
         targets = {id(x.grad_fn) for x in inputs if x.grad_fn is not None}
@@ -60,14 +76,19 @@ def once_differentiable_functions(ys: Sequence[torch.Tensor], inputs: Sequence[t
             own = id(node) in targets or (type(node).__name__ == "AccumulateGrad"
                                           and id(getattr(node, "variable", None)) in leaves)
             reaches[id(node)] = own or any(reaches.get(id(k), False) for k in children.get(id(node), ()))
-    found: list[str] = []
+    once: list[str] = []
+    custom: list[str] = []
     for node in order:
         if targets is not None and not reaches.get(id(node), False):
             continue
         cls = _user_class(getattr(node, "_forward_cls", None))
-        if cls is not None and _is_once(getattr(cls, "backward", None)) and cls.__name__ not in found:
-            found.append(cls.__name__)
-    return found
+        if cls is None:
+            continue
+        if cls.__name__ not in custom:
+            custom.append(cls.__name__)
+        if _is_once(getattr(cls, "backward", None)) and cls.__name__ not in once:
+            once.append(cls.__name__)
+    return once, custom
 
 
 def _post_order(roots, children) -> list:

@@ -13,7 +13,7 @@ import time
 import torch
 
 from .._core.errors import AutojacError, MemoryBudgetError, UnsupportedFunctionError
-from .._core.once import once_differentiable_functions
+from .._core.once import custom_functions
 from .._core.options import Options
 from .._core.problem import Problem
 from .._core.units import format_bytes, parse_budget
@@ -110,8 +110,9 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
     with region:
         graph = evaluate_plain(call.f, call.xs, options.create_graph)
     ys = graph.ys
+    custom: list[str] = []
     if options.create_graph:  # NOTE: [Second derivatives through @once_differentiable], once per plan
-        once = once_differentiable_functions(ys, graph.xs)
+        once, custom = custom_functions(ys, graph.xs)
         if once:
             raise UnsupportedFunctionError(
                 f"{call.who}: create_graph=True asks for a Jacobian to differentiate again, but `f` uses "
@@ -157,6 +158,18 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
     once_only = problem.draws_random or writes_captured
     candidates = choose.allowed(options, False)
     chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
+    if custom:  # NOTE: [Second derivatives through @once_differentiable]: graphs these methods build can be wrong
+        def unsafe(m) -> bool:
+            return m.mode == "forward-trick" or (m.mode, m.vectorize, m.engine) == ("reverse", "vmap", "autograd")
+        candidates = [m for m in candidates if not unsafe(m)]
+        if chain and not [m for m in chain if not unsafe(m)]:
+            raise UnsupportedFunctionError(
+                f"{call.who}: create_graph=True and `f` uses custom autograd.Functions ({', '.join(custom)}): "
+                "through them torch.autograd's batched backward and the double-VJP trick can build a Jacobian "
+                "whose own derivatives are wrong, which no check sees, so those methods are not used, and "
+                f"mode={options.mode!r}, vectorize={options.vectorize!r} leaves no other. Use mode='reverse' "
+                "with vectorize='loop' or 'repeat', or 'auto'.")
+        chain = [m for m in chain if not unsafe(m)]
     if options.vectorize == "auto" and getattr(call.f.f, "__autojac_repeat_on_request__", False):
         # NOTE: [The sum trick's copies fold into the batch]: `batch_jacobian`'s functions, repeat trick asked for.
         candidates = [m for m in candidates if m.vectorize != "repeat"]
