@@ -708,3 +708,42 @@ def test_a_jacobian_to_differentiate_is_right_through_custom_functions_in_a_back
             not autojac.last_report().method.startswith("forward-trick")
     with pytest.raises(autojac.UnsupportedFunctionError, match="create_graph=True and `f` uses custom"):
         autojac.jacobian(f, x.clone().requires_grad_(), create_graph=True, mode="forward-trick")
+
+
+class _CubeOnceVjp(_Cube):
+    """`vjp`, torch's alias of `backward`, written once-differentiable."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def vjp(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+    backward = torch.autograd.Function.backward
+
+
+def test_once_differentiable_is_seen_on_vjp_and_through_a_nested_plan():
+    W, x = t64(4, 4, seed=5), t64(4)
+    with pytest.raises(autojac.UnsupportedFunctionError, match="_CubeOnceVjp"):
+        autojac.hessian(lambda t: (_CubeOnceVjp.apply(t @ W) * t).sum(), x)
+    inner = lambda t: _CubeOnce.apply(t @ W) * t  # noqa: E731
+    p = autojac.plan(inner, x)  # made without create_graph, which a Jacobian inside `f` turns on
+    with pytest.raises(autojac.PlanMismatchError, match="create_graph=True"):
+        autojac.jacobian(lambda t: autojac.jacobian(inner, t, plan=p).sum(0), x, mode="reverse", vectorize="loop")
+
+
+def test_walking_a_deep_graph_does_not_break_its_deletion():
+    # Walking a node gives it a Python wrapper, which takes it out of torch's iterative deletion: a 50,000-op
+    # chain walked whole segfaulted when freed (NOTE: [Second derivatives through @once_differentiable]).
+    import subprocess
+    import sys
+    code = ("import torch, autojac\n"
+            "def deep(t):\n"
+            "    for _ in range(50000):\n"
+            "        t = t * 1.0001\n"
+            "    return (t ** 2).sum()\n"
+            "H = autojac.hessian(deep, torch.ones(2, dtype=torch.float64), mode='reverse', vectorize='loop')\n"
+            "print(float(H[0, 0]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert abs(float(done.stdout.strip()) - 2 * 1.0001 ** 100000) < 1e-6

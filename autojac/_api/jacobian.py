@@ -361,12 +361,12 @@ def _jacobian(
     check_callable(f, who)
     check_flag(who, "has_aux", has_aux)
     xs, signature, arguments = check_inputs(inputs, who, argnums)
-    if plan is not None:
-        _check_plan(plan, signature, options, who)
     function_key, modules = _describe(f, arguments, has_aux)
     transform = outer_transform(xs)
     if transform is None and not options.create_graph and _differentiated_from_outside(xs):
         options = dataclasses.replace(options, create_graph=True)  # NOTE: [A Jacobian inside f]
+    if plan is not None:  # after the line above: a plan must have been made for the create_graph this call runs
+        _check_plan(plan, signature, options, who)
     key = entry = None
     if plan is not None:
         entry = plan.entry

@@ -23,9 +23,12 @@ differentiable custom op), while torch's loop and the repeat trick were right, a
 Jacobian's values. The forward-trick (vmap or loop) was wrong (0.95 off) where a backward applies a
 `@once_differentiable` Function, which the forward graph does not show: it runs that Function's backward for
 the first derivatives, so their graph misses its terms. So a create_graph plan of an `f` with custom Functions
-leaves both out (torch's own loop, the repeat trick and native forward mode remain).
+on an input's path (or a graph past WALK_LIMIT, not walked to its end) leaves both out: torch's own loop, the
+repeat trick, torch.func's vmap and native forward mode remain. Plain torch ops keep every method: their double
+backward formulas are torch's own.
 Limits: graphs beyond WALK_LIMIT nodes are walked that far; a create_graph plan's later calls are not walked
-again (a global swapped for a once-differentiable Function after the first call is not seen); inside a
+again, and a first call sees only the forward graph (a custom Function reached by a branch on values later,
+swapped in for a global after the first call, or applied by a tensor hook in the backward, is not seen); inside a
 torch.func transform nothing is walked (torch's own `jacrev(jacrev(f))` returns the same values there).
 """
 
@@ -37,8 +40,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 _ONCE_CODE = once_differentiable(lambda ctx: None).__code__
-WALK_LIMIT = 1_000_000
-"""Nodes walked at most (a longer graph is walked that far)."""
+WALK_LIMIT = 20_000
+"""Nodes walked at most (a longer graph is walked that far). Each node walked gets a Python wrapper, which takes
+it out of torch's iterative deletion of a graph: freeing a chain of some 40,000 walked nodes then recursed past
+the C stack (a segfault), as 20,000 do not (the limit `backward_fallbacks` walks to as well)."""
 
 
 def once_differentiable_functions(ys: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] | None = None) -> list[str]:
@@ -86,8 +91,10 @@ def custom_functions(ys: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] 
             continue
         if cls.__name__ not in custom:
             custom.append(cls.__name__)
-        if _is_once(getattr(cls, "backward", None)) and cls.__name__ not in once:
+        if _once_backward(cls) and cls.__name__ not in once:
             once.append(cls.__name__)
+    if stack:  # not walked to its end: whatever lies beyond counts as custom
+        custom.append(f"whatever lies past the first {WALK_LIMIT} nodes of its graph")
     return once, custom
 
 
@@ -126,7 +133,19 @@ def _user_class(cls):
     backward = getattr(cls, "backward", None)
     code = getattr(backward, "__code__", None)
     if code is not None and "autograd_function" in code.co_freevars and backward.__closure__:
-        value = backward.__closure__[code.co_freevars.index("autograd_function")].cell_contents
+        try:
+            value = backward.__closure__[code.co_freevars.index("autograd_function")].cell_contents
+        except ValueError:  # an empty cell
+            return cls
         if isinstance(value, type) and issubclass(value, torch.autograd.Function):
             return value
     return cls
+
+
+def _once_backward(cls) -> bool:
+    """Whether the backward torch runs for `cls` is `@once_differentiable`: `backward`, or `vjp` where the class
+    overrides that alias instead."""
+    vjp = getattr(cls, "vjp", None)
+    overridden = vjp is not None and getattr(vjp, "__func__", vjp) is not getattr(
+        torch.autograd.Function.vjp, "__func__", torch.autograd.Function.vjp)
+    return _is_once(getattr(cls, "backward", None)) or (overridden and _is_once(vjp))

@@ -168,7 +168,7 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
                 "through them torch.autograd's batched backward and the double-VJP trick can build a Jacobian "
                 "whose own derivatives are wrong, which no check sees, so those methods are not used, and "
                 f"mode={options.mode!r}, vectorize={options.vectorize!r} leaves no other. Use mode='reverse' "
-                "with vectorize='loop' or 'repeat', or 'auto'.")
+                "(vectorize 'vmap', 'loop' or 'repeat'), mode='forward', or 'auto'.")
         chain = [m for m in chain if not unsafe(m)]
     if options.vectorize == "auto" and getattr(call.f.f, "__autojac_repeat_on_request__", False):
         # NOTE: [The sum trick's copies fold into the batch]: `batch_jacobian`'s functions, repeat trick asked for.
