@@ -747,3 +747,24 @@ def test_walking_a_deep_graph_does_not_break_its_deletion():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert abs(float(done.stdout.strip()) - 2 * 1.0001 ** 100000) < 1e-6
+
+
+def test_a_custom_function_a_later_call_reaches_fails_the_methods_that_would_build_a_wrong_graph():
+    # The first call saw no custom Function (its plan keeps torch.autograd's batched backward); a branch on values
+    # reaches one later: that method fails on the call's own graph, and the next one answers (derivatives 36 off
+    # before).
+    W, x = t64(4, 4, seed=5), t64(4)
+    branch = {"custom": False}
+
+    def f(t):
+        u = t @ W
+        return (_CubeThroughTimes.apply(u) if branch["custom"] else u ** 3) * t
+
+    want_f = lambda t: (t @ W) ** 3 * t  # noqa: E731
+    y = x.clone().requires_grad_()
+    want = torch.autograd.grad(torch.func.jacrev(want_f)(y).diagonal().sum(), y)[0]
+    for call in range(6):
+        branch["custom"] = call >= 3
+        xx = x.clone().requires_grad_()
+        J = autojac.jacobian(f, xx, create_graph=True, mode="reverse")
+        torch.testing.assert_close(torch.autograd.grad(J.diagonal().sum(), xx)[0], want)

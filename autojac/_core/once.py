@@ -27,8 +27,10 @@ on an input's path (or a graph past WALK_LIMIT, not walked to its end) leaves bo
 repeat trick, torch.func's vmap and native forward mode remain. Plain torch ops keep every method: their double
 backward formulas are torch's own.
 Limits: graphs beyond WALK_LIMIT nodes are walked that far; a create_graph plan's later calls are not walked
-again, and a first call sees only the forward graph (a custom Function reached by a branch on values later,
-swapped in for a global after the first call, or applied by a tensor hook in the backward, is not seen); inside a
+again for once-differentiable Functions, and a first call sees only the forward graph (one reached by a branch
+on values later, swapped in for a global after the first call, or applied by a tensor hook in the backward, is
+not seen); a later call of those two methods walks its plain evaluation for any custom Function and, finding
+one, fails the method so that the next one answers; inside a
 torch.func transform nothing is walked (torch's own `jacrev(jacrev(f))` returns the same values there).
 """
 
@@ -149,3 +151,9 @@ def _once_backward(cls) -> bool:
     overridden = vjp is not None and getattr(vjp, "__func__", vjp) is not getattr(
         torch.autograd.Function.vjp, "__func__", torch.autograd.Function.vjp)
     return _is_once(getattr(cls, "backward", None)) or (overridden and _is_once(vjp))
+
+
+def unsafe_under_create_graph(m) -> bool:
+    """Whether method `m` can build a Jacobian whose own derivatives are wrong through custom Functions: torch.autograd's
+    batched backward, and the forward-trick (NOTE: [Second derivatives through @once_differentiable])."""
+    return m.mode == "forward-trick" or (m.mode, m.vectorize, m.engine) == ("reverse", "vmap", "autograd")

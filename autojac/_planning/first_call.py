@@ -13,7 +13,7 @@ import time
 import torch
 
 from .._core.errors import AutojacError, MemoryBudgetError, UnsupportedFunctionError
-from .._core.once import custom_functions
+from .._core.once import custom_functions, unsafe_under_create_graph
 from .._core.options import Options
 from .._core.problem import Problem
 from .._core.units import format_bytes, parse_budget
@@ -159,8 +159,7 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
     candidates = choose.allowed(options, False)
     chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     if custom:  # NOTE: [Second derivatives through @once_differentiable]: graphs these methods build can be wrong
-        def unsafe(m) -> bool:
-            return m.mode == "forward-trick" or (m.mode, m.vectorize, m.engine) == ("reverse", "vmap", "autograd")
+        unsafe = unsafe_under_create_graph
         candidates = [m for m in candidates if not unsafe(m)]
         if chain and not [m for m in chain if not unsafe(m)]:
             raise UnsupportedFunctionError(

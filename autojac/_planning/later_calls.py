@@ -17,6 +17,8 @@ from .._methods.base import PlainGraph, grad_mode
 from . import choose
 from .choose import MethodId
 from .cost_model import n_chunks
+from .._core.errors import UnsupportedFunctionError
+from .._core.once import custom_functions, unsafe_under_create_graph
 from .entry import RUNS_KEPT, PlanEntry
 from .first_call import _find_layout
 from .plan import seconds_text
@@ -436,10 +438,28 @@ def _ready_chunk(call: Call, entry: PlanEntry, timed: bool, first: str | None, c
     return name, k
 
 
+def _graph_unsafe(call: Call, m: MethodId, state) -> None:
+    """NOTE: [Second derivatives through @once_differentiable]: under create_graph, torch.autograd's batched backward
+    and the forward-trick can build a Jacobian whose own derivatives are wrong through custom Functions, which a
+    create_graph plan leaves out only where its first call saw one. A later call that meets one (a branch on values
+    the first call did not take) fails such a method, on its plain evaluation's graph, and the next one answers."""
+    if not call.options.create_graph or not unsafe_under_create_graph(m):
+        return
+    ys, xs = getattr(state, "ys", None), getattr(state, "xs", None)
+    if ys is None or xs is None:
+        return
+    _, custom = custom_functions(ys, xs)
+    if custom:
+        raise UnsupportedFunctionError(
+            f"{m.name}: under create_graph=True this call's `f` uses custom autograd.Functions ({', '.join(custom)}), "
+            "through which this method can build a Jacobian whose own derivatives are wrong")
+
+
 def _run_whole(call: Call, m: MethodId, problem: Problem, sizer, timed: bool, progress: Progress | None = None):
     """Run `m` on the whole basis: (assembler, result, log, state). Timed, the run and its assembly are the
     call's `work_seconds` (the method's own time, as its stats keep it)."""
     assembler, log, _, seconds, state = call.run(m, problem, sizer, progress=progress)
+    _graph_unsafe(call, m, state)
     if not timed:
         return assembler, assembler.result(), log, state
     result, collecting = call.collect(assembler)
@@ -678,6 +698,7 @@ def _trial(call: Call, entry: PlanEntry, trial: choose.Trial) -> object:
     try:
         with grad_mode(call.options.create_graph):
             assembler, log, position, seconds, state = call.run(m, problem, sizer, after_chunk=after_first)
+            _graph_unsafe(call, m, state)
             if position == n:
                 result, collecting = call.collect(assembler)
                 seconds += collecting
