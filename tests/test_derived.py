@@ -768,3 +768,18 @@ def test_a_custom_function_a_later_call_reaches_fails_the_methods_that_would_bui
         xx = x.clone().requires_grad_()
         J = autojac.jacobian(f, xx, create_graph=True, mode="reverse")
         torch.testing.assert_close(torch.autograd.grad(J.diagonal().sum(), xx)[0], want)
+
+
+def test_a_once_differentiable_function_a_later_call_reaches_is_refused_under_create_graph():
+    W, x = t64(4, 4, seed=5), t64(4)
+    branch = {"once": False}
+
+    def f(t):
+        u = t @ W
+        return (_CubeOnce.apply(u) if branch["once"] else u ** 3) * t
+
+    for call in range(3):
+        autojac.jacobian(f, x.clone().requires_grad_(), create_graph=True, mode="reverse", vectorize="loop")
+    branch["once"] = True
+    with pytest.raises(autojac.UnsupportedFunctionError, match="_CubeOnce"):
+        autojac.jacobian(f, x.clone().requires_grad_(), create_graph=True, mode="reverse", vectorize="loop")

@@ -442,14 +442,19 @@ def _graph_unsafe(call: Call, m: MethodId, state) -> None:
     """NOTE: [Second derivatives through @once_differentiable]: under create_graph, torch.autograd's batched backward
     and the forward-trick can build a Jacobian whose own derivatives are wrong through custom Functions, which a
     create_graph plan leaves out only where its first call saw one. A later call that meets one (a branch on values
-    the first call did not take) fails such a method, on its plain evaluation's graph, and the next one answers."""
-    if not call.options.create_graph or not unsafe_under_create_graph(m):
+    the first call did not take) fails such a method, on its plain evaluation's graph, and the next one answers;
+    one that meets a @once_differentiable Function fails every method (no graph can hold its terms)."""
+    if not call.options.create_graph:
         return
     ys, xs = getattr(state, "ys", None), getattr(state, "xs", None)
     if ys is None or xs is None:
         return
-    _, custom = custom_functions(ys, xs)
-    if custom:
+    once, custom = custom_functions(ys, xs)
+    if once:  # every method's graph misses that backward's terms: refused, as on a first call
+        raise UnsupportedFunctionError(
+            f"{m.name}: create_graph=True asks for a Jacobian to differentiate again, but this call's `f` uses "
+            f"{', '.join(once)}, a custom autograd.Function whose backward is @once_differentiable")
+    if custom and unsafe_under_create_graph(m):
         raise UnsupportedFunctionError(
             f"{m.name}: under create_graph=True this call's `f` uses custom autograd.Functions ({', '.join(custom)}), "
             "through which this method can build a Jacobian whose own derivatives are wrong")
