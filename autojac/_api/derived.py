@@ -27,6 +27,7 @@ from .._core import pytree
 from .._core.batched_gate import batched_backward
 from .._core.errors import InputError, InputTypeError, MemoryBudgetError, UnsupportedFunctionError
 from .._core.evaluation import Evaluator, evaluating, module_modes, rng_state
+from .._core.once import once_differentiable_functions
 from .._core.options import check_callable, refuse_unknown
 from .._execute.run import is_out_of_memory
 from .._execute.verify import CHECK_BLOCK_BYTES
@@ -34,7 +35,6 @@ from .._methods.base import rows_agree
 from .._planning.keys import describe_function
 from .compose import outer_transform
 from .jacobian import _jacobian
-from .._core.once import once_differentiable_functions
 
 
 class _Gradient:

@@ -26,12 +26,13 @@ the first derivatives, so their graph misses its terms. So a create_graph plan o
 on an input's path (or a graph past WALK_LIMIT, not walked to its end) leaves both out: torch's own loop, the
 repeat trick, torch.func's vmap and native forward mode remain. Plain torch ops keep every method: their double
 backward formulas are torch's own.
-Limits: graphs beyond WALK_LIMIT nodes are walked that far; a create_graph plan's later calls are not walked
-again for once-differentiable Functions, and a first call sees only the forward graph (one reached by a branch
-on values later, swapped in for a global after the first call, or applied by a tensor hook in the backward, is
-not seen); a later call of those two methods walks its plain evaluation for any custom Function and, finding
-one, fails the method so that the next one answers; inside a
-torch.func transform nothing is walked (torch's own `jacrev(jacrev(f))` returns the same values there).
+A later create_graph call walks its own plain evaluation too (a branch on values can reach a Function the
+first call did not see): a once-differentiable Function there is refused whatever the method, and any custom
+Function fails those two methods, so that the next one answers. Limits: graphs beyond WALK_LIMIT nodes are
+walked that far; a method that keeps no plain evaluation (torch.func's engine, native forward mode) is not
+walked on later calls, and a Function a tensor hook applies in the backward is never seen (hooks cannot be read
+off the graph); inside a torch.func transform nothing is walked (torch's own `jacrev(jacrev(f))` returns the
+same values there).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from torch.autograd.function import once_differentiable
 
 _ONCE_CODE = once_differentiable(lambda ctx: None).__code__
 WALK_LIMIT = 20_000
-"""Nodes walked at most (a longer graph is walked that far). Each node walked gets a Python wrapper, which takes
-it out of torch's iterative deletion of a graph: freeing a chain of some 40,000 walked nodes then recursed past
-the C stack (a segfault), as 20,000 do not (the limit `backward_fallbacks` walks to as well)."""
+"""Nodes any walk of an autograd graph visits at most (this one, and `backward_fallbacks`'s): a longer graph is
+walked that far. Each node walked gets a Python wrapper, which takes it out of torch's iterative deletion of a
+graph: freeing a chain of some 40,000 walked nodes then recursed past the C stack (a segfault), as 20,000 do not."""
 
 
 def once_differentiable_functions(ys: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] | None = None) -> list[str]:
@@ -77,8 +78,7 @@ def custom_functions(ys: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] 
         stack.extend(kids)
     reaches: dict[int, bool] = {}
     if targets is not None:
-        # Reverse of a DFS preorder is not a topological order for a DAG: iterate to a fixed point, cheaply, by
-        # resolving children before parents with an explicit post-order pass.
+        # A DFS preorder reversed is not a topological order of a DAG: a post-order settles every child first.
         for node in _post_order(roots, children):
             own = id(node) in targets or (type(node).__name__ == "AccumulateGrad"
                                           and id(getattr(node, "variable", None)) in leaves)
@@ -157,3 +157,15 @@ def unsafe_under_create_graph(m) -> bool:
     """Whether method `m` can build a Jacobian whose own derivatives are wrong through custom Functions: torch.autograd's
     batched backward, and the forward-trick (NOTE: [Second derivatives through @once_differentiable])."""
     return m.mode == "forward-trick" or (m.mode, m.vectorize, m.engine) == ("reverse", "vmap", "autograd")
+
+
+def create_graph_once_error(who: str, names: Sequence[str]):
+    """The refusal of a create_graph call whose `f` uses @once_differentiable Functions on an input's path."""
+    from .errors import UnsupportedFunctionError
+
+    return UnsupportedFunctionError(
+        f"{who}: create_graph=True asks for a Jacobian to differentiate again, but `f` uses {', '.join(names)}, a "
+        "custom autograd.Function whose backward is @once_differentiable: torch computes that backward without a "
+        "graph, so derivatives of the Jacobian would miss every term it contributes (torch's own functions return "
+        "them without a word). Write its backward with differentiable torch ops and drop @once_differentiable, or "
+        "do not differentiate the Jacobian.")

@@ -46,6 +46,7 @@ import warnings
 import torch
 
 from .._core.batched_gate import close_probe, open_probe
+from .._core.once import WALK_LIMIT  # one bound for every walk of an autograd graph: see its docstring
 from .fallback_table import FALLBACKS
 
 _LOCK = threading.Lock()
@@ -151,10 +152,6 @@ class LoopProbe:
                     close_probe()
                 finally:
                     _LOCK.release()
-
-
-WALK_LIMIT = 20000
-"""Nodes `backward_fallbacks` walks at most (about 1 us each); a larger graph is left unread."""
 
 
 class GraphLoops:

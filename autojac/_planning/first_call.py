@@ -13,7 +13,7 @@ import time
 import torch
 
 from .._core.errors import AutojacError, MemoryBudgetError, UnsupportedFunctionError
-from .._core.once import custom_functions, unsafe_under_create_graph
+from .._core.once import create_graph_once_error, custom_functions, unsafe_under_create_graph
 from .._core.options import Options
 from .._core.problem import Problem
 from .._core.units import format_bytes, parse_budget
@@ -114,12 +114,7 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
     if options.create_graph:  # NOTE: [Second derivatives through @once_differentiable], once per plan
         once, custom = custom_functions(ys, graph.xs)
         if once:
-            raise UnsupportedFunctionError(
-                f"{call.who}: create_graph=True asks for a Jacobian to differentiate again, but `f` uses "
-                f"{', '.join(once)}, a custom autograd.Function whose backward is @once_differentiable: torch "
-                "computes that backward without a graph, so derivatives of the Jacobian would miss every term it "
-                "contributes (torch's own functions return them without a word). Write its backward with "
-                "differentiable torch ops and drop @once_differentiable, or do not differentiate the Jacobian.")
+            raise create_graph_once_error(call.who, once)
     problem = Problem(
         inputs=call.signature,
         out_shapes=tuple(tuple(y.shape) for y in ys),

@@ -18,7 +18,7 @@ from . import choose
 from .choose import MethodId
 from .cost_model import n_chunks
 from .._core.errors import UnsupportedFunctionError
-from .._core.once import custom_functions, unsafe_under_create_graph
+from .._core.once import create_graph_once_error, custom_functions, unsafe_under_create_graph
 from .entry import RUNS_KEPT, PlanEntry
 from .first_call import _find_layout
 from .plan import seconds_text
@@ -451,9 +451,7 @@ def _graph_unsafe(call: Call, m: MethodId, state) -> None:
         return
     once, custom = custom_functions(ys, xs)
     if once:  # every method's graph misses that backward's terms: refused, as on a first call
-        raise UnsupportedFunctionError(
-            f"{m.name}: create_graph=True asks for a Jacobian to differentiate again, but this call's `f` uses "
-            f"{', '.join(once)}, a custom autograd.Function whose backward is @once_differentiable")
+        raise create_graph_once_error(call.who, once)
     if custom and unsafe_under_create_graph(m):
         raise UnsupportedFunctionError(
             f"{m.name}: under create_graph=True this call's `f` uses custom autograd.Functions ({', '.join(custom)}), "
