@@ -36,31 +36,12 @@ have to carry thread-local grad and inference modes over). Pages the writes woul
 have reached are then at most as many as those they reach, and with transparent huge
 pages (numpy asks for them from 4 MiB) a huge page is zeroed whole at its first touch
 anyway. Measured on the 2-core CPU only.
-
-NOTE: [Faulting a result's pages while its values are computed]
-Those page faults need nothing but the result's shape and the pages its writes
-reach, both known before a structured run computes a single product. So a run
-whose result would be faulted ahead (above) has it made on autojac's own worker
-thread while the run computes its colours' products, and takes it at the end
-(`Ahead`); a first call starts it as soon as the pattern is found, while the
-pattern is coloured. The page faults and the products then share the cores
-instead of following each other: the 2-D Brusselator's warm call 3.15 -> 2.53 ms
-and its first call 9.2 -> 8.4 ms (medians of 10 alternating processes, 2-core
-CPU). Not done where it would change what is measured or asked for: a run whose
-memory is measured (the result's pages would count as the run's; a result already
-started is finished before such a run), one torch thread (`torch.set_num_threads(1)`
-asks for one core), and CUDA. The worker is one thread, made on first use and
-again in a forked child. A result started and never taken is dropped with its
-layout's first call (`first_call` forgets it), never held by a cached plan.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -100,75 +81,6 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
             and touched_pages >= FAULT_FROM_SHARE * (nbytes / PAGE_BYTES)):
         fault_pages(out)
     return out
-
-
-class Ahead:
-    """A zero-filled result being made while the caller computes what goes into it; `take()` gives it (waiting
-    for it if need be). NOTE: [Faulting a result's pages while its values are computed]."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 touched_pages: int | None) -> None:
-        self._args = (shape, dtype, device, touched_pages)
-        self._future: Future | None = None
-        self._made: torch.Tensor | None = None
-        if _faults_ahead(shape, dtype, device, touched_pages):
-            self._future = _submit(_faulted, shape, dtype)
-
-    def made_for(self, dtype: torch.dtype, device: torch.device) -> bool:
-        return self._args[1] == dtype and self._args[2] == device
-
-    def finish(self) -> None:
-        """Wait until the result is made (its pages mapped), now rather than at `take`."""
-        self._made = self.take()
-
-    def take(self) -> torch.Tensor:
-        if self._made is not None:
-            made, self._made = self._made, None
-            return made
-        if self._future is not None:
-            future, self._future = self._future, None
-            try:
-                return future.result()
-            except Exception:  # noqa: BLE001 - the worker could not make it (memory): made here, as it would be
-                pass
-        return zeros(*self._args)
-
-
-def _faults_ahead(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                  touched_pages: int | None) -> bool:
-    nbytes = math.prod(shape) * dtype.itemsize
-    return (device.type == "cpu" and touched_pages is not None and nbytes >= FAULT_FROM_BYTES
-            and touched_pages >= FAULT_FROM_SHARE * (nbytes / PAGE_BYTES) and dtype in _NUMPY
-            and PAGE_BYTES % dtype.itemsize == 0 and torch.get_num_threads() >= 2)
-
-
-def _faulted(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    out = torch.from_numpy(np.zeros(shape, dtype=_NUMPY[dtype]))
-    fault_pages(out)
-    return out
-
-
-_worker: ThreadPoolExecutor | None = None
-_worker_lock = threading.Lock()
-
-
-def _submit(fn, *args) -> Future:
-    """Run `fn(*args)` on autojac's page-faulting thread, made on first use."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autojac-pages")
-        return _worker.submit(fn, *args)
-
-
-def _forget_worker() -> None:
-    """In a forked child: the parent's thread does not exist there (and the lock may have been held)."""
-    global _worker, _worker_lock
-    _worker, _worker_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_worker)
 
 
 def fault_pages(out: torch.Tensor) -> None:

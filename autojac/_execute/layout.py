@@ -22,9 +22,8 @@ def seeds(problem: Problem, by_rows: bool, start: int, stop: int):
     return basis_chunk(start, stop, problem.inputs.shapes, problem.in_sizes, problem.inputs.dtypes, problem.inputs.device)
 
 
-def collector(problem: Problem, by_rows: bool, measured: bool = False):
-    """What the products of the seeds are written into; its `result()` is the Jacobian. `measured`: the run's
-    memory is measured (a structured result is then not made while it runs)."""
+def collector(problem: Problem, by_rows: bool):
+    """What the products of the seeds are written into; its `result()` is the Jacobian."""
     if problem.layout is not None:
-        return problem.layout.collector(problem, by_rows, measured)
+        return problem.layout.collector(problem, by_rows)
     return Assembler(problem, by_rows=by_rows)

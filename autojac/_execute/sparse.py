@@ -11,7 +11,6 @@ sparse tensors that never hold the zeros.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -20,15 +19,10 @@ from torch.utils import _pytree
 from .._core.csr import csr_tensor, to_csr
 from .._core.problem import Problem
 from .._core.pytree import nest
-from .._core.zeros import Ahead
 from .._structure import Coloring, Decompressor, Pattern
-from .._structure.compress import DenseWrites
 
 OUTPUTS = ("dense", "sparse", "csr")
 
-
-
-_TAKING = threading.Lock()
 
 AT_ONE_POINT = "; valid at this point only, verified on every call"
 """How a layout's description ends when its pattern holds at the first call's point only."""
@@ -37,16 +31,11 @@ AT_ONE_POINT = "; valid at this point only, verified on every call"
 class SparseLayout:
     """A pattern with its row and column colourings; `output` is "dense", "sparse" (COO) or "csr"."""
 
-    def __init__(self, pattern: Pattern, rows: Coloring, columns: Coloring, output: str = "dense",
-                 writes: DenseWrites | None = None, ahead: Ahead | None = None) -> None:
-        """`writes`: the pattern's `DenseWrites` if made already; `ahead`: a dense result started from them, for
-        the first run to take (`take_ahead`)."""
+    def __init__(self, pattern: Pattern, rows: Coloring, columns: Coloring, output: str = "dense") -> None:
         self.pattern, self.rows, self.columns, self.output = pattern, rows, columns, output
         self.row_passes = rows.n_colors
         self.col_passes = columns.n_colors
-        writes = writes or DenseWrites(pattern)
-        self._decompressors = {True: Decompressor(pattern, rows, writes), False: Decompressor(pattern, columns, writes)}
-        self._ahead = ahead
+        self._decompressors = {True: Decompressor(pattern, rows), False: Decompressor(pattern, columns)}
         self._colors: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
     def describe(self) -> str:
@@ -88,27 +77,8 @@ class SparseLayout:
             offset += size
         return tuple(out)
 
-    def take_ahead(self, dtype: torch.dtype, device: torch.device, measured: bool = False) -> Ahead | None:
-        """The dense result started with the layout (once, if made for this dtype and device), else one started
-        now; None for a sparse output. A `measured` run starts none, and has one started before finished now:
-        the run's memory is not to include the result's pages (NOTE: [Faulting a result's pages while its
-        values are computed])."""
-        if self.output != "dense":
-            return None
-        with _TAKING:  # one taker, even for calls in several threads
-            ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.made_for(dtype, device):
-            if measured:
-                ahead.finish()
-            return ahead
-        return None if measured else self._decompressors[True].writes.ahead(dtype, device)
-
-    def forget_ahead(self) -> None:
-        """Drop a dense result started with the layout and not taken (a cached layout must not hold one)."""
-        self._ahead = None
-
-    def collector(self, problem: Problem, by_rows: bool, measured: bool = False) -> SparseCollector:
-        return SparseCollector(self, problem, by_rows, measured)
+    def collector(self, problem: Problem, by_rows: bool) -> SparseCollector:
+        return SparseCollector(self, problem, by_rows)
 
     def products_bytes(self, problem: Problem, by_rows: bool | None = None) -> int:
         """The stacked products of every colour on one side (what `SparseCollector` holds); None: the smaller side."""
@@ -132,11 +102,6 @@ class SparseLayout:
         return self.products_bytes(problem) + 2 * nnz * _itemsize(problem) + indices
 
 
-def products_dtype(problem: Problem) -> torch.dtype:
-    """The stacked products' dtype: the promoted dtype of every input and output."""
-    return functools.reduce(torch.promote_types, (*problem.inputs.dtypes, *problem.out_dtypes))
-
-
 def _itemsize(problem: Problem) -> int:
     """Bytes of one element of the stacked products (the promoted dtype of every input and output)."""
     return max(dt.itemsize for dt in (*problem.inputs.dtypes, *problem.out_dtypes))
@@ -145,14 +110,13 @@ def _itemsize(problem: Problem) -> int:
 class SparseCollector:
     """Stacks the products of every colour, then decompresses them in one gather."""
 
-    def __init__(self, layout: SparseLayout, problem: Problem, by_rows: bool, measured: bool = False) -> None:
+    def __init__(self, layout: SparseLayout, problem: Problem, by_rows: bool) -> None:
         self.layout, self.problem, self.by_rows = layout, problem, by_rows
         n_colors = layout.row_passes if by_rows else layout.col_passes
         self.n_other = problem.n_in if by_rows else problem.n_out
-        dtype = products_dtype(problem)
+        dtype = functools.reduce(torch.promote_types, (*problem.inputs.dtypes, *problem.out_dtypes))
         self.products = torch.zeros(n_colors, self.n_other, dtype=dtype, device=problem.inputs.device)
         self.values: torch.Tensor | None = None  # a dense result's nonzeros, for `checkable`
-        self._ahead = layout.take_ahead(dtype, self.products.device, measured)
 
     def add(self, start: int, stop: int, parts: Sequence[torch.Tensor | None]) -> None:
         k = stop - start
@@ -170,8 +134,7 @@ class SparseCollector:
         values = decompressor.decompress(self.products)
         if layout.output == "dense":
             self.values = values
-            full = decompressor.to_dense(values, ahead=self._ahead)
-            self._ahead = None
+            full = decompressor.to_dense(values)
             blocks = _blocks(full, p, lambda block, j: block.to(p.inputs.dtypes[j]).contiguous())
         else:
             blocks = _sparse_blocks(values, layout, p)

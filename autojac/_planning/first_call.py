@@ -88,7 +88,6 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
     try:
         return _first_call(call, compute, layout_found)
     except NeedsTangents as need:
-        _forget_results_ahead(call)
         call.options = dataclasses.replace(call.options, mode="forward", sparsity=None)
         call.tangent_checks, call.vjp_failure = True, need.__cause__
         why = (f"`f`'s backward failed under the check's VJP ({_first_line(need.__cause__)}): planned again in "
@@ -98,15 +97,6 @@ def first_call(call: Call, compute: bool = True, layout_found=None) -> tuple[obj
         result, entry = _first_call(call, compute, None)
         entry.events.append(why)
         return result, entry
-    finally:
-        _forget_results_ahead(call)
-
-
-def _forget_results_ahead(call: Call) -> None:
-    """A layout this call found keeps no dense result its run did not take (plans are cached)."""
-    for layout in call.layouts_found:
-        layout.forget_ahead()
-    call.layouts_found.clear()
 
 
 def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEntry]:
@@ -265,7 +255,7 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
             structure_pending = might_pay(problem, min(region.seconds, vjp_seconds), vjp_seconds)
             note = "" if structure_pending else "not looked for: the dense Jacobian is too short to pay for a trace"
         else:
-            layout, note = _find_layout(call, problem, run_now=compute)
+            layout, note = _find_layout(call, problem)
             problem = dataclasses.replace(problem, layout=layout)
             chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
 
@@ -312,8 +302,7 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
                 and worth_detecting(projected, min(region.seconds, vjp_seconds), share)):
             return
         structure_pending, looked = False, True
-        layout, note = _find_layout(call, problem, DETECT_LIMIT * projected, _first_trace(problem, region.seconds),
-                                    run_now=True)
+        layout, note = _find_layout(call, problem, DETECT_LIMIT * projected, _first_trace(problem, region.seconds))
         entry.structure = note
         if layout is not None:  # the probe's dense rows, if any, are not colour products
             probed.clear()
@@ -442,7 +431,7 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
                 looked = True
                 # Detection is stopped past DETECT_LIMIT times the projected dense Jacobian (see there why).
                 layout, note = _find_layout(call, problem, DETECT_LIMIT * verdict["projected"],
-                                            _first_trace(problem, region.seconds), run_now=True)
+                                            _first_trace(problem, region.seconds))
                 entry.structure = note
                 if layout is not None:  # start again with one seed per colour (the dense slice is not reused)
                     problem = dataclasses.replace(problem, layout=layout)
@@ -610,17 +599,11 @@ def _check_result_fits(call: Call, problem: Problem, budget: int, forward_bytes:
 
 
 def _find_layout(call: Call, problem: Problem, max_seconds: float | None = None, trace: str = "auto",
-                 max_nnz: int | None = None, run_now: bool = False):
-    """Detect (or take the user's) pattern and colour it, outside the evaluations anyone sees. `run_now`: this
-    call runs the layout next (a first call's), so its dense result is started while the pattern is coloured;
-    `first_call` drops what its run did not take."""
+                 max_nnz: int | None = None):
+    """Detect (or take the user's) pattern and colour it, outside the evaluations anyone sees."""
     xs = tuple(x.detach() for x in call.xs)
-    layout, note = call.f.isolated(lambda raw: layout_for(raw, xs, problem, call.options.sparsity,
-                                                          call.options.output, call.who, max_seconds, trace,
-                                                          max_nnz, start_result=run_now))
-    if layout is not None and run_now:
-        call.layouts_found.append(layout)
-    return layout, note
+    return call.f.isolated(lambda raw: layout_for(raw, xs, problem, call.options.sparsity, call.options.output,
+                                                  call.who, max_seconds, trace, max_nnz))
 
 
 def _first_trace(problem: Problem, eval_seconds: float) -> str:

@@ -157,7 +157,6 @@ class Call:
         self.tangent_checks = False
         """Plan with checks by tangents: `f`'s backward failed under the check's VJP (NOTE: [Checks by tangents])."""
         self.vjp_failure: BaseException | None = None
-        self.layouts_found: list = []  # layouts this call's first call found, holding a result started ahead
 
     @property
     def meter(self) -> PeakMeter:
@@ -232,7 +231,7 @@ class Call:
         began = time.perf_counter()
         if state is None:
             state = method.prepare(self.f, self.xs, problem, self.options.create_graph)
-        assembler = assembler or collector(problem, m.by_rows, sizer.measured)
+        assembler = assembler or collector(problem, m.by_rows)
         position = push(method, state, assembler, problem, start, stop, sizer, log,
                         self.meter if sizer.measured else None, None if progress is None else progress.update,
                         after_chunk)

@@ -32,8 +32,7 @@ import torch
 
 from .._core.errors import InputError
 from .._core.problem import Problem
-from .._execute.sparse import SparseLayout, products_dtype
-from .._structure.compress import DenseWrites
+from .._execute.sparse import SparseLayout
 from .._execute.verify import Blocks, host_view
 from .._structure import Coloring, Pattern, color_columns, color_rows, color_symmetric, detect
 from .._structure.detect import TooDense, TooLong
@@ -396,10 +395,8 @@ def user_pattern(mask: object, problem: Problem, who: str) -> Pattern:
 
 def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,
                max_seconds: float | None = None, trace: str = "auto",
-               max_nnz: int | None = None, start_result: bool = False) -> tuple[SparseLayout | None, str]:
-    """(the layout to use, or None for dense; a note for the plan). With `start_result`, the caller runs the
-    layout at once: a dense result's zeros are started while the pattern is coloured (NOTE: [Faulting a result's
-    pages while its values are computed]), for the first run to take. Detection may take `max_seconds` at most;
+               max_nnz: int | None = None) -> tuple[SparseLayout | None, str]:
+    """(the layout to use, or None for dense; a note for the plan). Detection may take `max_seconds` at most;
     `trace` as in `detect` (a first call's cheap `f` is traced on its real values: NOTE: [A real trace first]).
     With `max_nnz` (NOTE: [Structure first when only a sparse result fits]) the dense Jacobian cannot be
     made at all: a pattern of at most that many nonzeros is used however many colours it needs."""
@@ -440,15 +437,12 @@ def layout_for(f, xs, problem: Problem, sparsity: object, output: str, who: str,
         if fewest > SAVES * dense_passes:
             return None, (f"pattern found ({pattern.nnz} nonzeros) but at least {math.ceil(fewest)} colours "
                           f"against {dense_passes} dense passes: dense")
-    writes = DenseWrites(pattern)
-    ahead = (writes.ahead(products_dtype(problem), problem.inputs.device)
-             if start_result and output == "dense" else None)
     rows, columns = colorings(pattern, problem.symmetric)
     compressed = min(rows.n_colors, columns.n_colors)
     if isinstance(sparsity, str) and compressed > SAVES * dense_passes and not must:
         return None, (f"pattern found ({pattern.nnz} nonzeros) but {compressed} colours against {dense_passes} "
                       "dense passes: dense")
-    layout = SparseLayout(pattern, rows, columns, output, writes, ahead)
+    layout = SparseLayout(pattern, rows, columns, output)
     return layout, layout.describe()
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .._core.csr import csr_tensor
-from .._core.zeros import Ahead, pages_touched, zeros
+from .._core.zeros import pages_touched, zeros
 from .coloring import Coloring
 from .pattern import Pattern
 
@@ -42,40 +42,10 @@ def seeds(coloring: Coloring, start: int, stop: int, shapes: Sequence[Sequence[i
     return tuple(out)
 
 
-class DenseWrites:
-    """Where a pattern's values go in a dense (n_out * n_in) result, and the pages they reach (CPU): the same for
-    every colouring of the pattern."""
-
-    def __init__(self, pattern: Pattern) -> None:
-        self.pattern = pattern
-        self._flat: dict[torch.device, torch.Tensor] = {}  # row * n_in + col, once per device
-        self._pages: dict[int, int] = {}  # per item size
-
-    def where(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int | None]:
-        """(the flat positions of the pattern's nonzeros (row-major) on `device`; the pages they reach on the
-        CPU, else None)."""
-        flat = self._flat.get(device)
-        if flat is None:
-            rows, cols = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (self.pattern.rows, self.pattern.cols))
-            flat = self._flat[device] = rows * self.pattern.shape[1] + cols
-        pages = None
-        if device.type == "cpu":
-            pages = self._pages.get(dtype.itemsize)
-            if pages is None:
-                pages = self._pages[dtype.itemsize] = pages_touched(flat, dtype.itemsize)
-        return flat, pages
-
-    def ahead(self, dtype: torch.dtype, device: torch.device) -> Ahead:
-        """The zeros of a dense result, started now (NOTE: [Faulting a result's pages while its values are
-        computed]) for `Decompressor.to_dense(..., ahead=)` to take."""
-        n_out, n_in = self.pattern.shape
-        return Ahead((n_out * n_in,), dtype, device, self.where(dtype, device)[1])
-
-
 class Decompressor:
     """Recovers the pattern's nonzero values from the stacked compressed products with one gather."""
 
-    def __init__(self, pattern: Pattern, coloring: Coloring, writes: DenseWrites | None = None) -> None:
+    def __init__(self, pattern: Pattern, coloring: Coloring) -> None:
         n_out, n_in = pattern.shape
         rows, cols = pattern.rows, pattern.cols
         if coloring.side == "column":
@@ -105,7 +75,8 @@ class Decompressor:
         self._rows = torch.from_numpy(rows.copy())
         self._cols = torch.from_numpy(cols.copy())
         self._pairs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.writes = writes or DenseWrites(pattern)
+        self._flat: dict[torch.device, torch.Tensor] = {}  # row * n_in + col: where a dense result is written
+        self._pages: dict[int, int] = {}  # pages a dense result's writes reach, per item size (CPU)
 
     def pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The pattern's (row, column) indices (int64, row-major order) on `device`, copied there once."""
@@ -130,14 +101,21 @@ class Decompressor:
         return products.reshape(-1).index_select(0, self.index(products.device))
 
     def to_dense(self, values: torch.Tensor, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, ahead: Ahead | None = None) -> torch.Tensor:
-        """The (n_out, n_in) dense Jacobian with `values` at the pattern's positions and zeros elsewhere; `ahead`
-        (`self.writes.ahead` with this dtype and device): the zeros to write into."""
+                 device: torch.device | str | None = None) -> torch.Tensor:
+        """The (n_out, n_in) dense Jacobian with `values` at the pattern's positions and zeros elsewhere."""
         device = torch.device(device) if device is not None else values.device
         n_out, n_in = self.pattern.shape
         dtype = dtype or values.dtype
-        flat, pages = self.writes.where(dtype, device)
-        out = ahead.take() if ahead is not None else zeros((n_out * n_in,), dtype, device, touched_pages=pages)
+        flat = self._flat.get(device)
+        if flat is None:  # once per device, not on every call
+            rows, cols = self.pairs(device)
+            flat = self._flat[device] = rows * n_in + cols
+        pages = None
+        if device.type == "cpu":
+            pages = self._pages.get(dtype.itemsize)
+            if pages is None:
+                pages = self._pages[dtype.itemsize] = pages_touched(flat, dtype.itemsize)
+        out = zeros((n_out * n_in,), dtype, device, touched_pages=pages)
         out.index_copy_(0, flat, values.to(device=device, dtype=out.dtype))
         return out.view(n_out, n_in)
 
