@@ -115,3 +115,21 @@ def test_a_reverse_run_whose_vjp_holds_much_is_still_measured(monkeypatch):
 
     r = _reverse_vmap_report(f, torch.randn(48, dtype=torch.float64) / 4)
     assert len(r.chunk_sizes) > 1 and r.chunk_sizes[0] <= -(-48 // first_call.STRUCTURE_SLICES), r
+
+
+def test_a_reverse_run_with_a_large_result_is_bounded_by_the_reference_vjp_too(monkeypatch):
+    # 32 rows of 262144 columns (a 64 MiB result) from an evaluation that waits 2 ms and holds one copy of x: its
+    # time bounded the run at 3 GB, over a quarter of an 8 GiB room. The reference VJP used to be measured only
+    # where the evaluation took 4x what touching the result could (11 ms here), so the run was split into 4 + 28
+    # rows, each chunk measured: a parameter-dict MLP's first call (256 rows, 0.3-0.7 ms evaluations) 3.5 -> 12-17
+    # ms, the heap trimmed twice. Measuring the VJP, which runs anyway, costs one region: one chunk.
+    if PeakMeter("cpu").kind == "none":
+        pytest.skip("no peak counter here: chunks are never measured")
+    _free(monkeypatch, 8)
+
+    def f(x):
+        time.sleep(0.002)
+        return (x.reshape(32, -1) ** 2).sum(1)
+
+    r = _reverse_vmap_report(f, torch.randn(32 * 8192, dtype=torch.float64))
+    assert r.chunk_sizes == (32,), r

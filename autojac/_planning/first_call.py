@@ -205,9 +205,13 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
     if chain and (chain[0].is_reference or loop_first is not None) and not options.strict:
         vjp_seconds = region.seconds  # a VJP costs about an evaluation: only a bound for long runs, refined below
     else:
+        # NOTE: [A reverse run's memory bounded by one VJP's]: not where a look for structure may make the run
+        # one of a few colours, unless the evaluation is slow next to touching the dense result.
+        may_look = isinstance(options.sparsity, str) and might_pay(problem, region.seconds, region.seconds)
         measure_vjp = (not measured_forward and device.type == "cpu" and call.meter.kind != "none"
                        and _reverse_vmap(chain[0])
-                       and region.seconds >= TRIM_TOUCH_FACTOR * problem.result_bytes / _touchable_bytes(1.0)
+                       and (not may_look
+                            or region.seconds >= TRIM_TOUCH_FACTOR * problem.result_bytes / _touchable_bytes(1.0))
                        and chain[0].passes(problem.col_passes, problem.row_passes) * bound_prior
                        > MEASURE_WHEN_PRIOR_ABOVE * max(budget - problem.result_bytes, 0))
         with torch.enable_grad():
@@ -917,9 +921,13 @@ def _reverse_vmap(m: MethodId) -> bool:
 # make); the smaller bound decides, with MEASURE_WHEN_PRIOR_ABOVE's factor 4 of the room for what it misses.
 # Forward and repeat runs evaluate `f` in their own way: a VJP says nothing of them. The trim has a cost beyond
 # its own: what the call allocates next, the result first, is touched afresh instead of reusing resident pages
-# (a grid residual's 20 MB dense result: first calls 9 -> 14 ms). A split costs about one more batched backward,
-# so the VJP is measured only where the evaluation takes TRIM_TOUCH_FACTOR times what touching the result's
-# pages could (at the fastest touch rate: the real one is 2-4x slower).
+# (the suite's pde_residual large, a 20 MB dense result of 5 colours: first calls 4.9 -> 6.2 ms). Where a look
+# for structure may follow (its run then has a few colours, which need no measuring), the VJP is measured only
+# where the evaluation takes TRIM_TOUCH_FACTOR times what touching the result's pages could (at the fastest
+# touch rate: the real one is 2-4x slower). Elsewhere it is measured wherever the run would otherwise be: the
+# split it replaces trims the heap too, once a chunk, and adds a chunk. A parameter-dict MLP (256 rows,
+# 0.3-0.7 ms evaluations, whose time-bound is over the line from 0.25 ms) was split on most first calls after
+# other work had left free heap to trim: 12-17 ms against 3.5-5 ms in one chunk (jacrev: 1.7-2.6 ms).
 TRIM_TOUCH_FACTOR = 4.0
 
 
