@@ -206,8 +206,12 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
         vjp_seconds = region.seconds  # a VJP costs about an evaluation: only a bound for long runs, refined below
     else:
         # NOTE: [A reverse run's memory bounded by one VJP's]: not where a look for structure may make the run
-        # one of a few colours, unless the evaluation is slow next to touching the dense result.
-        may_look = isinstance(options.sparsity, str) and might_pay(problem, region.seconds, region.seconds)
+        # one of a few colours, unless the evaluation is slow next to touching the dense result. A pattern given
+        # or already found is certain; otherwise `might_pay` is read with the VJP, not timed yet, at
+        # MAY_LOOK_VJP evaluations, so that most looks it later allows find the heap untrimmed.
+        may_look = options.sparsity is not None and (
+            not isinstance(options.sparsity, str) or layout_found is not None or structure_first
+            or might_pay(problem, region.seconds, MAY_LOOK_VJP * region.seconds))
         measure_vjp = (not measured_forward and device.type == "cpu" and call.meter.kind != "none"
                        and _reverse_vmap(chain[0])
                        and (not may_look
@@ -929,6 +933,11 @@ def _reverse_vmap(m: MethodId) -> bool:
 # 0.3-0.7 ms evaluations, whose time-bound is over the line from 0.25 ms) was split on most first calls after
 # other work had left free heap to trim: 12-17 ms against 3.5-5 ms in one chunk (jacrev: 1.7-2.6 ms).
 TRIM_TOUCH_FACTOR = 4.0
+MAY_LOOK_VJP = 2.0
+"""A VJP is taken at this many evaluations where a first call guesses, before timing it, whether a look for
+structure may follow (a VJP is usually 1.5-3 evaluations). Higher, the guess says yes for runs that will not
+look: at 4, a parameter-dict MLP's 256 rows (0.5 ms evaluations) were split again to learn their memory (1 of 9
+first calls in one process, 0 of 9 at 2). A look the guess missed costs the trim before the dense result, once."""
 
 
 def _long_run_first_chunk(n: int, vjp_seconds: float) -> int | None:
