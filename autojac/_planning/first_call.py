@@ -930,7 +930,7 @@ def _reverse_vmap(m: MethodId) -> bool:
 # where the evaluation takes TRIM_TOUCH_FACTOR times what touching the result's pages could (at the fastest
 # touch rate: the real one is 2-4x slower). Elsewhere it is measured wherever the run would otherwise be: the
 # split it replaces trims the heap too, once a chunk, and adds a chunk. A parameter-dict MLP (256 rows,
-# 0.3-0.7 ms evaluations, whose time-bound is over the line from 0.25 ms) was split on most first calls after
+# 0.3-0.7 ms evaluations, whose time-bound is over the line from 0.25 ms) was split on 1-8 of 9 first calls after
 # other work had left free heap to trim: 12-17 ms against 3.5-5 ms in one chunk (jacrev: 1.7-2.6 ms).
 TRIM_TOUCH_FACTOR = 4.0
 MAY_LOOK_VJP = 2.0
