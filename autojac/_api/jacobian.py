@@ -515,9 +515,10 @@ def _loaded_entry(key, options: Options) -> PlanEntry | None:
         return None
 
 
-def _plan_call(who: str) -> str:
-    """How to make the plan that `who` takes back with `plan=`."""
-    return "`autojac.plan(f, inputs)`" if who == "jacobian" else f"`autojac.plan(f, inputs, kind=\"{who}\")`"
+def _plan_call(who: str, *options: str) -> str:
+    """How to make the plan that `who` takes back with `plan=` (with `options`, such as "create_graph=True")."""
+    arguments = ["f", "inputs", *options] + ([] if who == "jacobian" else [f'kind="{who}"'])
+    return f"`autojac.plan({', '.join(arguments)})`"
 
 
 def _check_plan(plan: object, signature: Signature, options: Options, who: str = "jacobian") -> None:
@@ -530,7 +531,7 @@ def _check_plan(plan: object, signature: Signature, options: Options, who: str =
     if options.create_graph and not plan.entry.options.create_graph:
         # Its first call did not look for what a Jacobian to differentiate needs (NOTE: [Second derivatives
         # through @once_differentiable]).
-        raise PlanMismatchError(f"{who}: `plan` was made without create_graph=True, which this call asks for. Make one with `autojac.plan(f, inputs, create_graph=True{'' if who == 'jacobian' else f', kind={who!r}'})`.")
+        raise PlanMismatchError(f"{who}: `plan` was made without create_graph=True, which this call asks for. Make one with {_plan_call(who, 'create_graph=True')}.")
     rows = plan.signature.mismatches(signature)
     if rows:
         raise PlanMismatchError(f"{who}: `plan` was made for other inputs; it cannot be reused here:\n  " + "\n  ".join(rows) + f"\nMake a new plan with {_plan_call(who)}.")

@@ -66,16 +66,7 @@ def custom_functions(ys: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] 
     if inputs is not None:
         targets = {id(x.grad_fn) for x in inputs if x.grad_fn is not None}
         leaves = {id(x) for x in inputs if x.grad_fn is None}
-    order, children, seen, stack = [], {}, set(), list(roots)
-    while stack and len(seen) < WALK_LIMIT:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        order.append(node)
-        kids = [fn for fn, _ in node.next_functions if fn is not None]
-        children[id(node)] = kids
-        stack.extend(kids)
+    order, children, complete = walk(roots)
     reaches: dict[int, bool] = {}
     if targets is not None:
         # A DFS preorder reversed is not a topological order of a DAG: a post-order settles every child first.
@@ -95,9 +86,28 @@ def custom_functions(ys: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] 
             custom.append(cls.__name__)
         if _once_backward(cls) and cls.__name__ not in once:
             once.append(cls.__name__)
-    if stack:  # not walked to its end: whatever lies beyond counts as custom
+    if not complete:  # whatever lies beyond counts as custom
         custom.append(f"whatever lies past the first {WALK_LIMIT} nodes of its graph")
     return once, custom
+
+
+def walk(roots) -> tuple[list, dict[int, list], bool]:
+    """The nodes of the autograd graph below `roots` (grad_fn nodes), at most WALK_LIMIT of them, depth first:
+    (the nodes in the order visited, each visited node's children by id, whether the graph was walked to its
+    end)."""
+    order, children, seen, stack = [], {}, set(), [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        if len(seen) >= WALK_LIMIT:
+            return order, children, False
+        seen.add(id(node))
+        order.append(node)
+        kids = [fn for fn, _ in node.next_functions if fn is not None]
+        children[id(node)] = kids
+        stack.extend(kids)
+    return order, children, True
 
 
 def _post_order(roots, children) -> list:

@@ -357,14 +357,12 @@ def check(name: str, result: object, problem: Problem, reference_of, w: Sequence
     # The same check on J^T, one product per input dtype (NOTE: [Checks by tangents]).
     transposed, words = _transposed(blocks), {"product": "Jacobian-vector product", "side": "output"}
     groups = _by_dtype(problem)
-    vectors = w if len(groups) == 1 and w is not None else check_vectors(problem)
+    single = len(groups) == 1  # one product, on the tangents given if any; else one per dtype, drawn here
+    vectors = w if single and w is not None else check_vectors(problem)
     for dtype, members in groups:
         seen = _Transposed(problem, dtype)
-        if len(groups) == 1 and w is not None:
-            v, ref = w, (reference_of(w) if reference is None else reference)
-        else:
-            v = _only(vectors, members)
-            ref = reference_of(v)
+        v = vectors if single else _only(vectors, members)
+        ref = reference if v is w and reference is not None else reference_of(v)
         check_against(name, result, v, ref, seen, transposed, **words)
         balanced = balanced_cotangents(result, seen, transposed)
         if balanced is not None:

@@ -46,7 +46,7 @@ import warnings
 import torch
 
 from .._core.batched_gate import close_probe, open_probe
-from .._core.once import WALK_LIMIT  # one bound for every walk of an autograd graph: see its docstring
+from .._core.once import walk  # one walk, one bound (WALK_LIMIT), for every autograd graph
 from .fallback_table import FALLBACKS
 
 _LOCK = threading.Lock()
@@ -178,19 +178,13 @@ def backward_fallbacks(ys) -> GraphLoops | None:
 
 
 def _walk(ys) -> GraphLoops | None:
-    seen: set = set()
-    stack = [y.grad_fn for y in ys if y is not None and y.grad_fn is not None]
+    nodes, _, complete = walk([y.grad_fn for y in ys if y is not None])
+    if not complete:
+        return None
     kinds: dict[str, int] = {}
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        if len(seen) >= WALK_LIMIT:
-            return None
-        seen.add(node)
+    for node in nodes:
         name = type(node).__name__
         kinds[name] = kinds.get(name, 0) + 1
-        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
     loops = {k: c * FALLBACKS[k] for k, c in kinds.items() if FALLBACKS.get(k)}
     unknown = sorted(k for k in kinds if k not in FALLBACKS and k != "AccumulateGrad")
-    return GraphLoops(sum(loops.values()), len(seen), sorted(loops, key=lambda k: -loops[k]), unknown)
+    return GraphLoops(sum(loops.values()), len(nodes), sorted(loops, key=lambda k: -loops[k]), unknown)

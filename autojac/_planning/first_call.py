@@ -13,7 +13,7 @@ import time
 import torch
 
 from .._core.errors import AutojacError, MemoryBudgetError, UnsupportedFunctionError
-from .._core.once import create_graph_once_error, custom_functions, unsafe_under_create_graph
+from .._core.once import WALK_LIMIT, create_graph_once_error, custom_functions, unsafe_under_create_graph
 from .._core.options import Options
 from .._core.problem import Problem
 from .._core.units import format_bytes, parse_budget
@@ -23,7 +23,7 @@ from .._execute import verify
 from .._execute.verify import VerificationError, blocks_of, check_vectors
 from .._measure.device import (allocated_bytes, free_memory, kept_by_libraries, total_bytes, untracked_margin,
                                untracked_reserve)
-from .._measure.engine_loops import WALK_LIMIT, LoopProbe, backward_fallbacks
+from .._measure.engine_loops import LoopProbe, backward_fallbacks
 from .._methods.base import PlainGraph, evaluate_plain, grad_mode, vjp
 from . import choose
 from .choose import Facts, MethodId
@@ -154,16 +154,16 @@ def _first_call(call: Call, compute: bool, layout_found) -> tuple[object, PlanEn
     candidates = choose.allowed(options, False)
     chain = choose.first_chain(options, problem.col_passes, problem.row_passes, once_only)
     if custom:  # NOTE: [Second derivatives through @once_differentiable]: graphs these methods build can be wrong
-        unsafe = unsafe_under_create_graph
-        candidates = [m for m in candidates if not unsafe(m)]
-        if chain and not [m for m in chain if not unsafe(m)]:
+        candidates = [m for m in candidates if not unsafe_under_create_graph(m)]
+        safe = [m for m in chain if not unsafe_under_create_graph(m)]
+        if chain and not safe:
             raise UnsupportedFunctionError(
                 f"{call.who}: create_graph=True and `f` uses custom autograd.Functions ({', '.join(custom)}): "
                 "through them torch.autograd's batched backward and the double-VJP trick can build a Jacobian "
                 "whose own derivatives are wrong, which no check sees, so those methods are not used, and "
                 f"mode={options.mode!r}, vectorize={options.vectorize!r} leaves no other. Use mode='reverse' "
                 "(vectorize 'vmap', 'loop' or 'repeat'), mode='forward', or 'auto'.")
-        chain = [m for m in chain if not unsafe(m)]
+        chain = safe
     if options.vectorize == "auto" and getattr(call.f.f, "__autojac_repeat_on_request__", False):
         # NOTE: [The sum trick's copies fold into the batch]: `batch_jacobian`'s functions, repeat trick asked for.
         candidates = [m for m in candidates if m.vectorize != "repeat"]

@@ -366,19 +366,17 @@ def _evaluations_disagree(entry: PlanEntry, forward: bool = False) -> None:
             s.status, s.reason = "not tried", s.excluded
 
 
+_DIFFERS = "`f` gives different results on identical evaluations (a random generator of its own, or state it changes)"
+
+
 def _no_method(call: Call, failures: list[tuple[str, BaseException]]) -> Exception:
     options = call.options
-    if not failures and call.tangent_checks:
-        return UnsupportedFunctionError(
-            f"{call.who}: `f` gives different results on identical evaluations (a random generator of its own, "
-            "or state it changes), and with no backward only forward mode can compute its Jacobian, which "
-            "evaluates it more than once. Keep that state outside `f`, or give its custom autograd.Functions a "
-            "backward.")
     if not failures:
-        return UnsupportedFunctionError(
-            f"{call.who}: `f` gives different results on identical evaluations (a random generator of its own, "
-            "or state it changes), and none of the allowed methods evaluates it only once. Use mode='reverse' "
-            "or mode='forward-trick' with vectorize='vmap' or 'loop'.")
+        return UnsupportedFunctionError(f"{call.who}: {_DIFFERS}, and " + (
+            "with no backward only forward mode can compute its Jacobian, which evaluates it more than once. Keep "
+            "that state outside `f`, or give its custom autograd.Functions a backward." if call.tangent_checks else
+            "none of the allowed methods evaluates it only once. Use mode='reverse' or mode='forward-trick' with "
+            "vectorize='vmap' or 'loop'."))
     name, last = failures[-1]
     # Methods that failed for the same reason are named together (the three repeat methods refused by one
     # batch-aware check read as one sentence, not three).
@@ -400,13 +398,11 @@ def _no_method(call: Call, failures: list[tuple[str, BaseException]]) -> Excepti
         # (vectorize='repeat' given: the repeat methods' need), or else that all were tried.
         advice = _advice(options) if len(failures) == 1 or options.vectorize == "repeat" else "Every allowed method was tried."
         if isinstance(last, VerificationError) and call.tangent_checks:
-            advice = ("`f` gives different results on identical evaluations (a random generator of its own, or "
-                      "state it changes), or torch.func's vmap disagrees with its forward-mode formulas; with no "
-                      "backward, autojac computes it only in forward mode.")
+            advice = (f"{_DIFFERS}, or torch.func's vmap disagrees with its forward-mode formulas; with no backward, "
+                      "autojac computes it only in forward mode.")
         elif isinstance(last, VerificationError):
             forward = name.startswith("forward/")
-            advice = ("`f` gives different results on identical evaluations (a random generator of its own, or "
-                      "state it changes)" + (", " + _FORWARD_DIFFERS if forward else "") + "; use mode='reverse', "
+            advice = (_DIFFERS + (", " + _FORWARD_DIFFERS if forward else "") + "; use mode='reverse', "
                       "or mode='forward-trick' with vectorize='vmap' or 'loop', which evaluate it once"
                       + (" and compute reverse mode's derivatives" if forward else "") + ".")
         lead = f"{name} could not" if len(failures) == 1 else "none of the allowed methods could"

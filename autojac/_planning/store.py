@@ -10,7 +10,6 @@ method to start with, and that method is verified on its first use as any other.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import platform
